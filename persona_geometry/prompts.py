@@ -1,0 +1,131 @@
+"""Prompts: every persona paired with every question, rendered with the model's chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from persona_geometry._validation import check_unique_names, invalid
+from persona_geometry.personas import Persona, PersonaSet
+from persona_geometry.provenance import stable_hash
+
+__all__ = ["Prompt", "PromptSet", "render_prompts", "chat_messages", "chat_template_of"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prompt:
+    """One rendered prompt: the persona's system turn, one user question, the generation header."""
+
+    persona: str
+    question_index: int
+    text: str
+    input_ids: tuple[int, ...] = field(repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        """The prompt's length in tokens."""
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSet:
+    """All ``persona × question`` prompts, persona-major: prompt ``(p, q)`` sits at ``p * Q + q``."""
+
+    personas: PersonaSet
+    questions: tuple[str, ...]
+    prompts: tuple[Prompt, ...] = field(repr=False)
+    chat_template_hash: str
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> Prompt:
+        return self.prompts[index]
+
+    def at(self, persona: str, question_index: int) -> Prompt:
+        """Returns the prompt of ``persona`` on question ``question_index``."""
+        return self.prompts[self.personas.index(persona) * len(self.questions) + question_index]
+
+    def n_tokens(self) -> list[list[int]]:
+        """Returns the token counts as a ``[persona][question]`` nested list."""
+        q = len(self.questions)
+        return [[p.n_tokens for p in self.prompts[i * q : (i + 1) * q]] for i in range(len(self.personas))]
+
+    def content_hash(self) -> str:
+        """Returns a stable hash of every prompt's token ids (what the model actually sees)."""
+        return stable_hash([list(p.input_ids) for p in self.prompts])
+
+
+def chat_messages(persona: Persona, question: str) -> list[dict[str, str]]:
+    """Returns the chat messages for a persona asked one question: system turn, user turn."""
+    return [
+        {"role": "system", "content": persona.system_prompt},
+        {"role": "user", "content": question},
+    ]
+
+
+def chat_template_of(tokenizer: Any, chat_template: str | None = None, *, func: str = "render_prompts") -> str:
+    """Returns the chat template to render with: the one passed, else the tokenizer's own.
+
+    Raises:
+        ValueError: If neither is available.
+    """
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # Some tokenizers keep several named templates.
+        template = template.get("default")
+    if not template:
+        invalid(
+            "chat_template",
+            func,
+            "a Jinja chat template string when the tokenizer has none (pass chat_template=...)",
+            chat_template,
+        )
+    return template
+
+
+def render_prompts(
+    tokenizer: Any,
+    personas: PersonaSet | Sequence[Persona],
+    questions: Sequence[str],
+    *,
+    chat_template: str | None = None,
+) -> PromptSet:
+    """Returns every ``persona × question`` prompt rendered with the chat template, and tokenised.
+
+    Each prompt is the system message, the user message and the generation prompt
+    (``add_generation_prompt=True``), so its last token is the one right before the model
+    would start its answer. Token ids come from tokenising the rendered text without adding
+    special tokens again (the template already holds any BOS), exactly as
+    ``apply_chat_template(tokenize=True)`` does.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        personas: The personas, in order.
+        questions: The user questions, in order.
+        chat_template: A Jinja template to use instead of the tokenizer's own.
+
+    Raises:
+        ValueError: If there are no personas or questions, names or questions repeat, or no chat
+            template is available.
+    """
+    personas = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
+    questions = tuple(check_unique_names(list(questions), "questions", "render_prompts"))
+    template = chat_template_of(tokenizer, chat_template)
+    prompts = []
+    for persona in personas:
+        for qi, question in enumerate(questions):
+            text = tokenizer.apply_chat_template(
+                chat_messages(persona, question),
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompts.append(Prompt(persona=persona.name, question_index=qi, text=text, input_ids=tuple(ids)))
+    return PromptSet(
+        personas=personas,
+        questions=questions,
+        prompts=tuple(prompts),
+        chat_template_hash=stable_hash(template),
+    )
