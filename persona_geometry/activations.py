@@ -1,0 +1,158 @@
+"""``ActivationSet``: last-token activations of every ``persona × question`` prompt, per layer.
+
+A thin, labelled wrapper over a dict of tensors, one per hook point, each shaped
+``[persona, question, layer, d_model]``. Layer ``l`` is the output of transformer block ``l``
+(``blocks.{l}.hook_resid_post``), never Hugging Face's post-final-norm last hidden state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from persona_geometry._validation import check_unique_names, invalid
+from persona_geometry.personas import PersonaSet
+
+__all__ = ["ActivationSet", "HOOK_POINTS"]
+
+# Hook points per block, in TransformerLens naming (`blocks.{l}.hook_<name>`).
+HOOK_POINTS: tuple[str, ...] = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
+
+
+class ActivationSet(Mapping[str, Tensor]):
+    """Last-token activations at every requested layer, keyed by hook point.
+
+    ``acts["resid_post"]`` is a ``Float[Tensor, "persona question layer d_model"]``; the
+    ``layer`` axis holds the blocks listed in ``acts.layers`` (all blocks by default).
+
+    Args:
+        activations: Hook name (see ``HOOK_POINTS``) to tensor ``[persona, question, layer, d_model]``.
+        personas: The personas along the first axis.
+        questions: The questions along the second axis.
+        layers: The block indices along the third axis.
+        n_tokens: Prompt length in tokens, ``[persona, question]``.
+        manifest: Provenance (model id and revision, dtype, engine, template and prompt hashes,
+            package versions). Stored with the tensors; compared before a cached set is reused.
+    """
+
+    def __init__(
+        self,
+        activations: Mapping[str, Float[Tensor, "persona question layer d_model"]],
+        *,
+        personas: PersonaSet,
+        questions: Sequence[str],
+        layers: Sequence[int],
+        n_tokens: Int[Tensor, "persona question"],
+        manifest: Mapping[str, Any] | None = None,
+    ):
+        if not activations:
+            invalid("activations", "ActivationSet", "a non-empty mapping of hook name to tensor", dict(activations))
+        self.personas = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
+        self.questions = tuple(check_unique_names(list(questions), "questions", "ActivationSet"))
+        self.layers = tuple(int(layer) for layer in layers)
+        self.n_tokens = torch.as_tensor(n_tokens, dtype=torch.long)
+        self.manifest = dict(manifest or {})
+        expected = (len(self.personas), len(self.questions), len(self.layers))
+        self._acts: dict[str, Tensor] = {}
+        for hook, tensor in activations.items():
+            if hook not in HOOK_POINTS:
+                invalid("activations", "ActivationSet", f"keyed by hook names in {list(HOOK_POINTS)}", hook)
+            if tuple(tensor.shape[:3]) != expected or tensor.ndim != 4:
+                invalid(
+                    "activations",
+                    "ActivationSet",
+                    f"tensors shaped [persona={expected[0]}, question={expected[1]}, layer={expected[2]}, d_model]",
+                    f"{hook}: {tuple(tensor.shape)}",
+                )
+            self._acts[hook] = tensor
+        if tuple(self.n_tokens.shape) != expected[:2]:
+            invalid("n_tokens", "ActivationSet", f"shaped [persona={expected[0]}, question={expected[1]}]", tuple(self.n_tokens.shape))
+
+    # Mapping interface -------------------------------------------------------------------------
+    def __getitem__(self, hook: str) -> Float[Tensor, "persona question layer d_model"]:
+        try:
+            return self._acts[hook]
+        except KeyError:
+            invalid("hook", "ActivationSet.__getitem__", f"one of the stored hooks {list(self._acts)}", hook)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._acts)
+
+    def __len__(self) -> int:
+        return len(self._acts)
+
+    def __repr__(self) -> str:
+        shapes = {k: tuple(v.shape) for k, v in self._acts.items()}
+        return f"ActivationSet(model={self.manifest.get('model_id')!r}, hooks={shapes}, dtype={self.dtype})"
+
+    # Labels -------------------------------------------------------------------------------------
+    @property
+    def hooks(self) -> list[str]:
+        """The stored hook points, e.g. ``["resid_post"]``."""
+        return list(self._acts)
+
+    @property
+    def d_model(self) -> int:
+        """The residual stream width."""
+        return next(iter(self._acts.values())).shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored tensors."""
+        return next(iter(self._acts.values())).dtype
+
+    def layer_position(self, layer: int, *, func: str = "ActivationSet.layer_position") -> int:
+        """Returns where block ``layer`` sits on the layer axis (negative counts from the end)."""
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            invalid("layer", func, f"one of the stored layers {list(self.layers)}", layer, exc=TypeError)
+        if layer < 0 and -len(self.layers) <= layer:
+            return len(self.layers) + layer
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            invalid("layer", func, f"one of the stored layers {list(self.layers)}", layer)
+
+    # Transformations ---------------------------------------------------------------------------
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ActivationSet:
+        """Returns a copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
+        return self._replace({k: v.to(device=device, dtype=dtype) for k, v in self._acts.items()})
+
+    def select(
+        self,
+        *,
+        personas: Sequence[str] | None = None,
+        questions: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
+        hooks: Sequence[str] | None = None,
+    ) -> ActivationSet:
+        """Returns the subset with these persona names, question positions, layers and hooks."""
+        p_idx = [self.personas.index(n, param="personas", func="ActivationSet.select") for n in personas] if personas is not None else list(range(len(self.personas)))
+        q_idx = list(questions) if questions is not None else list(range(len(self.questions)))
+        for q in q_idx:
+            if not 0 <= q < len(self.questions):
+                invalid("questions", "ActivationSet.select", f"question positions in [0, {len(self.questions) - 1}]", q)
+        l_idx = [self.layer_position(layer, func="ActivationSet.select") for layer in layers] if layers is not None else list(range(len(self.layers)))
+        hooks = list(hooks) if hooks is not None else self.hooks
+        acts = {h: self[h][p_idx][:, q_idx][:, :, l_idx] for h in hooks}
+        return ActivationSet(
+            acts,
+            personas=PersonaSet(self.personas[i] for i in p_idx),
+            questions=[self.questions[i] for i in q_idx],
+            layers=[self.layers[i] for i in l_idx],
+            n_tokens=self.n_tokens[p_idx][:, q_idx],
+            manifest=self.manifest,
+        )
+
+    def _replace(self, acts: Mapping[str, Tensor]) -> ActivationSet:
+        return ActivationSet(
+            acts,
+            personas=self.personas,
+            questions=self.questions,
+            layers=self.layers,
+            n_tokens=self.n_tokens,
+            manifest=self.manifest,
+        )
