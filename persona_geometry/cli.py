@@ -41,14 +41,126 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 # --- sweep ------------------------------------------------------------------------------------
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="per-layer correlations of cosine with the source rate")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "sweep",
+        help="per-layer correlations of cosine with the source rate",
+        description=(
+            "Per-layer Pearson/Spearman of cosine vs source rate from a CSV table, with Bonferroni/Holm "
+            "correction, bootstrap CIs, the strongest layer and a max-over-layers permutation test. "
+            "TABLE is long (one row per persona and layer: --persona, --layer, --cosine columns, with "
+            "--k/--n repeated on every row) or wide (one row per persona, one column per layer named "
+            "12, layer_12, L12 or cos_12). Writes the per-layer table (--csv, --json) and optionally "
+            "a Markdown table and the sweep figure."
+        ),
+    )
+    p.add_argument("table", help="CSV file, long or wide (see above)")
+    p.add_argument("--k", help="column of marker counts per persona (rate = k/n)")
+    p.add_argument("--n", help="column of completions per persona")
+    p.add_argument("--rate", help="column of rates in [0, 1], instead of --k/--n")
+    p.add_argument("--persona", default="persona", help="column of persona names (default: persona)")
+    p.add_argument("--layout", choices=("auto", "long", "wide"), default="auto", help="table layout (default: auto, long when --layer and --cosine columns exist)")
+    p.add_argument("--layer", default="layer", help="long layout: column of layer indices (default: layer)")
+    p.add_argument("--cosine", default="cosine", help="long layout: column of cosines (default: cosine)")
+    p.add_argument("--exclude", type=_names, default=[], metavar="NAME,NAME", help="personas to drop before computing")
+    p.add_argument("--reference", help="reference persona (cosine 1 by construction); the sweep is also run without it")
+    p.add_argument("--primary-layer", type=int, help="layer declared in advance, reported as the primary result")
+    p.add_argument("--statistic", choices=("spearman", "pearson"), default="spearman", help="statistic that picks the strongest layer (default: spearman)")
+    p.add_argument("--permutations", type=int, default=10_000, help="permutations of the max-over-layers test (default: 10000; 0 skips)")
+    p.add_argument("--bootstrap", type=int, default=2_000, help="bootstrap resamples for the CIs (default: 2000; 0 skips)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of permutations and bootstrap (default: 0)")
+    p.add_argument("--csv", metavar="OUT.csv", help="write the per-layer table as CSV")
+    p.add_argument("--json", metavar="OUT.json", help="write the sweep as JSON (per-layer rows, best/primary layer, provenance)")
+    p.add_argument("--markdown", metavar="OUT.md", help="write the per-layer table as Markdown")
+    p.add_argument("--figure", metavar="OUT.html", help="write the sweep curve (.html offline; .png/.pdf need the figures extra)")
+    p.set_defaults(func=_run_sweep)
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from persona_geometry.analysis.report import sweep_table
+
+    result = sweep_table(
+        args.table,
+        persona=args.persona,
+        k=args.k,
+        n=args.n,
+        rate=args.rate,
+        layout=args.layout,
+        layer=args.layer,
+        cosine=args.cosine,
+        exclude=args.exclude,
+        reference=args.reference,
+        primary_layer=args.primary_layer,
+        statistic=args.statistic,
+        n_permutations=args.permutations,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        csv_path=args.csv,
+        json_path=args.json,
+        markdown_path=args.markdown,
+        figure_path=args.figure,
+    )
+    print(result.summary())
+    return 0
 
 
 # --- analyze ----------------------------------------------------------------------------------
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="robustness statistics at one layer, from a CSV table")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "analyze",
+        help="robustness statistics at one layer, from a CSV table",
+        description=(
+            "Robustness statistics of source rate vs a per-persona geometry column (one row per persona): "
+            "OLS with prediction intervals for held-out personas, leave-one-out coverage, Cook's distance, "
+            "partial Spearman with VIF, within-category fits and Wilson intervals. The JSON follows the "
+            "schema in persona_geometry.analysis.SCHEMA."
+        ),
+    )
+    p.add_argument("table", help="CSV file, one row per persona (or per persona and seed with --seed-column)")
+    p.add_argument("--x", required=True, metavar="COLUMN", help="column of the geometry measure (e.g. cosine at one layer)")
+    p.add_argument("--k", metavar="COLUMN", help="column of marker counts (rate = k/n)")
+    p.add_argument("--n", metavar="COLUMN", help="column of completions")
+    p.add_argument("--rate", metavar="COLUMN", help="column of rates in [0, 1], instead of --k/--n (no Wilson intervals)")
+    p.add_argument("--persona", default="persona", metavar="COLUMN", help="column of persona names (default: persona)")
+    p.add_argument("--category", metavar="COLUMN", help="column of categories, for within-category fits")
+    p.add_argument("--covariate", metavar="COLUMN", help="covariate of the partial Spearman (default: log_n_tokens, or log of n_tokens, when present)")
+    p.add_argument("--holdout", type=_names, default=[], metavar="NAME,NAME", help="personas held out of the fit and predicted")
+    p.add_argument("--reference", metavar="NAME", help="reference persona; fits without it are reported too")
+    p.add_argument("--exclude-reference", action="store_true", help="drop the reference persona from everything")
+    p.add_argument("--seed-column", metavar="COLUMN", help="column of seeds: a persona's rows are pooled (counts add)")
+    p.add_argument("--layer", type=int, help="the layer the x column comes from (for the report)")
+    p.add_argument("--json", metavar="OUT", help="write the statistics as JSON")
+    p.add_argument("--markdown", metavar="OUT", help="write the Markdown report")
+    p.add_argument("--figure", metavar="OUT.html", help="write the hero scatter (.html offline; .png/.pdf need the figures extra)")
+    p.set_defaults(func=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from persona_geometry.analysis.report import analyze_table
+
+    result = analyze_table(
+        args.table,
+        x=args.x,
+        k=args.k,
+        n=args.n,
+        rate=args.rate,
+        persona=args.persona,
+        category=args.category,
+        covariate=args.covariate,
+        holdout=args.holdout,
+        reference=args.reference,
+        exclude_reference=args.exclude_reference,
+        seed=args.seed_column,
+        layer=args.layer,
+        json_path=args.json,
+        markdown_path=args.markdown,
+        figure_path=args.figure,
+    )
+    print(result.summary())
+    return 0
 
 
 # --- make-data --------------------------------------------------------------------------------
