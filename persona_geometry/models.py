@@ -156,7 +156,7 @@ def weights_fingerprint(folder: str | os.PathLike[str], *, include_mtime: bool =
     """Returns a cheap hash identifying the weight files in ``folder`` without reading them all.
 
     It covers each weight file's name, size and (by default) modification time, the JSON
-    header of safetensors files (tensor names, dtypes, shapes, offsets), 16 sampled 4 KiB
+    header of safetensors files (tensor names, dtypes, shapes, offsets), 64 sampled 4 KiB
     blocks of content, and ``config.json``. Two different fine-tunes of one architecture
     differ in their sampled bytes; a re-saved copy differs in its mtime, which errs towards
     recomputing, never towards reusing.
@@ -174,8 +174,9 @@ def weights_fingerprint(folder: str | os.PathLike[str], *, include_mtime: bool =
             if p.suffix == ".safetensors" and st.st_size >= 8:
                 n = int.from_bytes(f.read(8), "little")
                 h.update(f.read(min(n, 100_000_000)))
-            for i in range(16):
-                f.seek(st.st_size * i // 16)
+            # 64 blocks spread over the file, the last one flush with its end.
+            for i in range(64):
+                f.seek(max(0, min(st.st_size * i // 63, st.st_size - 4096)))
                 h.update(f.read(4096))
     return h.hexdigest()[:16]
 
