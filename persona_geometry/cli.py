@@ -67,7 +67,41 @@ def _run_study(args: argparse.Namespace) -> int:
 # --- extract ----------------------------------------------------------------------------------
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="cache last-token activations for personas × questions")
-    p.set_defaults(func=_not_yet)
+    p.add_argument("--model", required=True, help="a local model folder or a Hugging Face id (from the local cache when offline)")
+    p.add_argument("--personas", help="a YAML/JSON file of personas (default: the 12 built-in ones)")
+    p.add_argument("--questions", help="a file of questions (default: the 20 built-in probe questions)")
+    p.add_argument("--hooks", nargs="+", default=["resid_post"], help="hook points (default: resid_post)")
+    p.add_argument("--layers", nargs="+", type=int, help="block indices (default: all)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--engine", choices=["hf", "transformer_lens"], default="hf")
+    p.add_argument("--adapter", help="a peft (LoRA) adapter folder to merge into the model")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="most padded tokens per batch")
+    p.add_argument("--cache-dir", help="content-addressed cache folder (resumes interrupted runs)")
+    p.add_argument("--out", required=True, help="folder to write the activations to")
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.models import load_model
+    from persona_geometry.personas import PersonaSet
+    from persona_geometry.questions import load_questions
+
+    handle = load_model(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    acts = extract_activations(
+        handle,
+        PersonaSet.load(args.personas) if args.personas else None,
+        load_questions(args.questions) if args.questions else None,
+        hooks=args.hooks,
+        layers=args.layers,
+        engine=args.engine,
+        batch_tokens=args.batch_tokens,
+        cache_dir=args.cache_dir,
+    )
+    out = acts.save(args.out)
+    log.info("wrote %s to %s", acts, out)
+    return 0
 
 
 # --- sweep ------------------------------------------------------------------------------------
