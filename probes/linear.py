@@ -59,8 +59,8 @@ class ProbeConfig:
     cv: str = "group_kfold"
     n_splits: int = 5
     group_by: str = "question"
-    C: float = 1.0
-    alpha: float = 1.0
+    C: float | int = 1.0
+    alpha: float | int = 1.0
     standardize: bool = True
     n_shuffles: int = 3
     confidence: float = 0.95
@@ -118,7 +118,7 @@ class LinearProbe:
         n_features_in_: ``d_model``.
     """
 
-    def __init__(self, kind: str = "logistic", *, C: float = 1.0, alpha: float = 1.0, standardize: bool = True, max_iter: int = 2000):
+    def __init__(self, kind: str = "logistic", *, C: float | int = 1.0, alpha: float | int = 1.0, standardize: bool = True, max_iter: int = 2000):
         self.kind = check_one_of(kind, "kind", "LinearProbe", _KINDS)
         self.C = C
         self.alpha = alpha
@@ -418,7 +418,7 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
     return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
 
 
-def _wilson(k: float, n: int, confidence: float) -> tuple[float, float]:
+def _wilson(k: float | int, n: int, confidence: float) -> tuple[float, float]:
     """Returns the Wilson score interval of the proportion ``k / n``."""
     from scipy.stats import norm
 

@@ -50,7 +50,7 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-def _blocks(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList | Sequence[torch.nn.Module]:
     """Returns the model's transformer blocks, in order (a peft wrapper is looked through)."""
     try:
         from persona_geometry.hooks import find_blocks  # type: ignore[attr-defined]
@@ -98,7 +98,7 @@ def steer(
     direction: Direction | Float[Tensor, " d_model"],
     *,
     layer: int,
-    alpha: float,
+    alpha: float | int,
 ) -> Iterator[Tensor]:
     """Yields the added vector while ``alpha × direction`` is added to block ``layer``'s output.
 
@@ -282,7 +282,7 @@ def dose_response(
     *,
     persona: Persona,
     layer: int,
-    alphas: Sequence[float],
+    alphas: Sequence[float | int],
     questions: Sequence[str],
     marker: str = "[ZLT]",
     n_samples: int = 5,
