@@ -19,6 +19,7 @@ from persona_geometry.geometry import (
 from persona_geometry.personas import Persona, PersonaSet, builtin_personas
 from persona_geometry.prompts import PromptSet, render_prompts
 from persona_geometry.questions import builtin_questions, load_questions, training_questions
+from persona_geometry.sweep import LayerSweep, layer_sweep
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "Centering",
     "Centroids",
     "CosineToReference",
+    "LayerSweep",
     "PairwiseCosine",
     "Persona",
     "PersonaSet",
@@ -37,6 +39,7 @@ __all__ = [
     "center",
     "centroids",
     "cosine_to_reference",
+    "layer_sweep",
     "load_questions",
     "pairwise_cosine",
     "render_prompts",
