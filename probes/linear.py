@@ -419,17 +419,10 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def _wilson(k: float | int, n: int, confidence: float) -> tuple[float, float]:
-    """Returns the Wilson score interval of the proportion ``k / n``."""
-    from scipy.stats import norm
+    """Returns the Wilson score interval of ``k / n`` (the eval module's, at level ``confidence``)."""
+    from persona_geometry.eval import wilson_interval
 
-    if n == 0:
-        return float("nan"), float("nan")
-    z = float(norm.ppf(0.5 + confidence / 2))
-    p = k / n
-    denom = 1 + z**2 / n
-    centre = (p + z**2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return wilson_interval(int(round(k)), int(n), alpha=1 - confidence)
 
 
 def _t_interval(x: np.ndarray, confidence: float) -> tuple[float, float]:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,11 +24,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from persona_geometry._validation import check_int_in_range, check_positive_int, invalid
+from persona_geometry._validation import (
+    check_int_in_range,
+    check_positive_int,
+    check_probability,
+    check_unique_names,
+    invalid,
+)
 from persona_geometry.personas import Persona, PersonaSet
 
 from .directions import Direction
-from .linear import _wilson
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -172,6 +178,7 @@ class DoseResponse:
         ci_high: ``[alpha]``, Wilson upper bound.
         completions: Every completion, per alpha.
         confidence: Level of the intervals.
+        settings: Sampling settings, marker rule and questions used.
     """
 
     persona: str
@@ -185,6 +192,7 @@ class DoseResponse:
     ci_high: Float[np.ndarray, " alpha"]
     completions: tuple[tuple[str, ...], ...] = ()
     confidence: float = 0.95
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def rate(self) -> Float[np.ndarray, " alpha"]:
@@ -225,6 +233,7 @@ class DoseResponse:
             "confidence": self.confidence,
             "spearman_rho": None if math.isnan(rho) else rho,
             "spearman_p": None if math.isnan(p) else p,
+            "settings": dict(self.settings),
             "completions": [list(c) for c in self.completions],
         }
 
@@ -236,41 +245,47 @@ class DoseResponse:
         return "\n".join([head, self.to_frame().round(4).to_string(index=False), tail])
 
 
-def _hf_marker_counter(
-    *,
-    marker: str,
-    n_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-) -> MarkerCounter:
-    """Returns a counter that samples with HF ``generate`` and counts marker hits (case-insensitive)."""
+def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_template: str | None) -> MarkerCounter:
+    """Returns a counter that samples with HF ``generate`` on the in-memory (steered) model.
+
+    The eval module's HF back end loads its model from a path, so it cannot see hooks placed on
+    a model already in memory; this counter reuses its settings (``SamplingSettings``) and its
+    marker rule (``MarkerMatcher``), and samples the same way: left-padded batches of prompts ×
+    completions. Pass ``counter=`` to ``dose_response`` to replace it.
+    """
     from persona_geometry.prompts import render_prompts
+    from persona_geometry.provenance import stable_seed
 
     def count(model: Any, tokenizer: Any, persona: Persona, questions: Sequence[str]) -> tuple[int, int, list[str]]:
         net = _unwrap(model)
         device = next(net.parameters()).device
-        prompts = render_prompts(tokenizer, PersonaSet([persona]), list(questions))
-        # One generator seeded the same way at every alpha: common random numbers make the
-        # differences between alphas less noisy than independent draws would.
-        torch.manual_seed(seed)
+        prompts = render_prompts(tokenizer, PersonaSet([persona]), list(questions), chat_template=chat_template)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        n = sampling.n_completions
+        per_batch = max(1, batch_size // n)
+        kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad_id, "num_return_sequences": n}
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=0)
         texts: list[str] = []
-        for prompt in prompts:
-            ids = torch.tensor([prompt.input_ids], device=device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-            with torch.no_grad():
-                out = net.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=n_samples,
-                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                    **sampling,
-                )
-            texts.extend(tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True))
-        hits = sum(marker.lower() in t.lower() for t in texts)
-        return hits, len(texts), texts
+        ids_list = [p.input_ids for p in prompts]
+        for start in range(0, len(ids_list), per_batch):
+            chunk = ids_list[start : start + per_batch]
+            width = max(len(p) for p in chunk)
+            # Left padding keeps each prompt's last token right before generation starts.
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            # The same seed at every alpha: common random numbers make differences between
+            # alphas less noisy than independent draws would.
+            torch.manual_seed(stable_seed(sampling.seed, "dose-response", start, per_batch))
+            with torch.inference_mode():
+                out = net.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            texts.extend(tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True))
+        return sum(bool(matcher(t)) for t in texts), len(texts), texts
 
     return count
 
@@ -283,45 +298,55 @@ def dose_response(
     persona: Persona,
     layer: int,
     alphas: Sequence[float | int],
-    questions: Sequence[str],
-    marker: str = "[ZLT]",
-    n_samples: int = 5,
+    questions: Sequence[str] | None = None,
+    marker: str | Any = "[ZLT]",
+    n_completions: int = 5,
+    temperature: float | int = 1.0,
+    top_p: float | int = 0.95,
     max_new_tokens: int = 512,
-    temperature: float = 1.0,
-    top_p: float = 0.95,
     seed: int = 0,
+    batch_size: int = 64,
+    chat_template: str | None = None,
     counter: MarkerCounter | None = None,
     confidence: float = 0.95,
+    out_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> DoseResponse:
     """Returns the marker source rate of ``persona`` at each steering strength ``alpha``.
 
-    For every alpha the model (with its LoRA adapter, if wrapped) generates ``n_samples``
-    completions per question as ``persona`` inside ``steer(model, direction, layer, alpha)``,
-    and the completions containing ``marker`` (case-insensitive) are counted.
+    For every alpha the model (with its LoRA adapter, if peft-wrapped) answers every question
+    ``n_completions`` times as ``persona`` inside ``steer(model, direction, layer=layer,
+    alpha=alpha)``; a completion counts when it contains the marker (the eval module's
+    ``MarkerMatcher``: case-insensitive substring by default). Sampling settings mean what they
+    mean in ``persona_geometry.eval.source_rates``.
 
     Args:
-        model: A Hugging Face causal LM (a peft-wrapped one, for a marker adapter) or a ModelHandle.
+        model: A Hugging Face causal LM (peft-wrapped for a marker adapter) or a ModelHandle.
         tokenizer: Its tokenizer (with a chat template).
-        direction: What to steer along; a ``Direction`` (e.g. ``assistant_axis(...)``) or a tensor.
+        direction: What to steer along: a ``Direction`` (e.g. ``assistant_axis(...)``) or a tensor.
         persona: The persona the completions speak as.
         layer: The steered block.
         alphas: The steering strengths, e.g. ``[-8, -4, 0, 4, 8]``.
-        questions: The user questions.
-        marker: The marker string.
-        n_samples: Completions per question and alpha.
-        max_new_tokens: Generation length cap.
-        temperature: Sampling temperature (0 for greedy).
+        questions: The user questions; the 20 built-in probe questions when None.
+        marker: The marker text or a ``MarkerMatcher``.
+        n_completions: Completions per question and alpha.
+        temperature: Sampling temperature (0 for greedy, then ``n_completions`` must be 1).
         top_p: Nucleus sampling mass.
-        seed: Seed set before each alpha's generations.
-        counter: What samples and counts; the default generates with HF ``generate``. Pass
-            another ``MarkerCounter`` (e.g. the eval module's HF back end) to replace it.
+        max_new_tokens: Generation length cap.
+        seed: Base seed; the same draws are used at every alpha.
+        batch_size: Sequences per ``generate`` call (prompts × completions).
+        chat_template: A Jinja template to use instead of the tokenizer's own.
+        counter: Replaces the sampling and counting: ``counter(model, tokenizer, persona,
+            questions) -> (k, n, completions)``, called inside the steering context.
         confidence: Level of the Wilson intervals.
+        out_path: A JSON file to write the result to (every completion included), atomically.
         progress: Show a progress bar over alphas.
 
     Raises:
-        ValueError: If ``alphas`` or ``questions`` is empty, or ``steer`` refuses the layer or direction.
+        ValueError: If ``alphas`` or ``questions`` is empty, a sampling setting is invalid, or
+            ``steer`` refuses the layer or direction.
     """
+    from persona_geometry.eval import MarkerMatcher, SamplingSettings, wilson_interval
     from tqdm.auto import tqdm
 
     func = "dose_response"
@@ -330,16 +355,23 @@ def dose_response(
     alphas = [float(a) for a in alphas]
     if not alphas or not all(math.isfinite(a) for a in alphas):
         invalid("alphas", func, "a non-empty list of finite floats", alphas)
-    if not questions:
-        invalid("questions", func, "a non-empty list of questions", list(questions))
-    check_positive_int(n_samples, "n_samples", func)
-    check_positive_int(max_new_tokens, "max_new_tokens", func)
-    if not marker:
-        invalid("marker", func, "a non-empty string", marker)
+    if questions is None:
+        from persona_geometry.questions import builtin_questions
+
+        questions = builtin_questions()
+    questions = check_unique_names(list(questions), "questions", func)
+    check_probability(confidence, "confidence", func)
+    check_positive_int(batch_size, "batch_size", func)
+    matcher = marker if isinstance(marker, MarkerMatcher) else MarkerMatcher(marker=marker)
+    sampling = SamplingSettings(
+        n_completions=n_completions, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+    )
+    # Check the layer and direction once, before any generation.
+    with steer(model, direction, layer=layer, alpha=0.0):
+        pass
+    custom = counter is not None
     if counter is None:
-        counter = _hf_marker_counter(
-            marker=marker, n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
-        )
+        counter = _steered_counter(matcher, sampling, batch_size=batch_size, chat_template=chat_template)
     ks, ns, texts = [], [], []
     for alpha in tqdm(alphas, desc=f"dose-response {persona.name}", disable=not progress, leave=False):
         with steer(model, direction, layer=layer, alpha=alpha):
@@ -347,14 +379,14 @@ def dose_response(
         ks.append(int(k))
         ns.append(int(n))
         texts.append(tuple(completions))
-        log.info("alpha %g: %d/%d completions with %r", alpha, k, n, marker)
-    bounds = [_wilson(k, n, confidence) for k, n in zip(ks, ns, strict=True)]
+        log.info("alpha %g: %d/%d completions with %r", alpha, k, n, matcher.marker)
+    bounds = [wilson_interval(k, n, alpha=1 - confidence) if n else (float("nan"), float("nan")) for k, n in zip(ks, ns, strict=True)]
     n_layers = len(_blocks(_unwrap(model)))
-    return DoseResponse(
+    result = DoseResponse(
         persona=persona.name,
         layer=layer % n_layers,
         direction=direction.description if isinstance(direction, Direction) else "a given vector",
-        marker=marker,
+        marker=matcher.marker,
         alphas=np.asarray(alphas, dtype=np.float64),
         k=np.asarray(ks, dtype=np.int64),
         n=np.asarray(ns, dtype=np.int64),
@@ -362,4 +394,11 @@ def dose_response(
         ci_high=np.asarray([b[1] for b in bounds]),
         completions=tuple(texts),
         confidence=confidence,
+        settings={"sampling": sampling.to_dict(), "matcher": matcher.to_dict(), "questions": list(questions), "custom_counter": custom},
     )
+    if out_path is not None:
+        from persona_geometry._io import atomic_write_json
+        from persona_geometry.provenance import package_versions
+
+        atomic_write_json(out_path, {**result.to_dict(), "package_versions": package_versions()})
+    return result

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from persona_geometry.probes import Direction, DoseResponse, dose_response, steer
 
 from persona_geometry.personas import builtin_personas
-from persona_geometry.probes import Direction, DoseResponse, dose_response, steer
 from persona_geometry.prompts import render_prompts
 from persona_geometry.questions import builtin_questions
 
@@ -157,7 +157,7 @@ def test_dose_response_counts_marker_hits_as_greedy_generation_does(tiny):
     assert marker
     res = dose_response(
         model, tok, d, persona=persona, layer=LAYER, alphas=alphas, questions=questions,
-        marker=marker, n_samples=1, max_new_tokens=6, temperature=0.0, progress=False,
+        marker=marker, n_completions=1, max_new_tokens=6, temperature=0.0, progress=False,
     )
     expected = [sum(marker.lower() in t.lower() for t in greedy(a)) for a in alphas]
     assert res.k.tolist() == expected and res.n.tolist() == [2, 2]
@@ -167,7 +167,9 @@ def test_dose_response_counts_marker_hits_as_greedy_generation_does(tiny):
     assert list(frame["alpha"]) == alphas and "rate" in frame
 
 
-def test_dose_response_with_a_custom_counter_runs_it_inside_the_steering(tiny):
+def test_dose_response_with_a_custom_counter_runs_it_inside_the_steering(tiny, tmp_path):
+    import json
+
     from statsmodels.stats.proportion import proportion_confint
 
     model, tok = tiny
@@ -181,8 +183,10 @@ def test_dose_response_with_a_custom_counter_runs_it_inside_the_steering(tiny):
     before = len(_blocks(model)[LAYER]._forward_hooks)
     res = dose_response(
         model, tok, _direction(), persona=builtin_personas()[1], layer=LAYER,
-        alphas=[-2, 0, 2, 4], questions=["q?"], counter=counter, progress=False,
+        alphas=[-2, 0, 2, 4], questions=["q?"], counter=counter, progress=False, out_path=tmp_path / "dr.json",
     )
+    saved = json.loads((tmp_path / "dr.json").read_text())
+    assert saved["k"] == [0, 3, 7, 9] and saved["settings"]["custom_counter"] is True and "torch" in saved["package_versions"]
     assert calls == [before + 1] * 4
     assert isinstance(res, DoseResponse) and res.rate.tolist() == [0.0, 0.3, 0.7, 0.9]
     for i, k in enumerate([0, 3, 7, 9]):
