@@ -438,10 +438,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise UsageError(f"'{args.command}' is not available in this build yet")
-
-
 _SUBCOMMANDS = (
     _add_run,
     _add_extract,
