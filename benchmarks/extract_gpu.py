@@ -277,6 +277,14 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int) -> None:
             lambda: extract_activations(handle, personas, questions, progress=False), reps=reps
         )
         outs["toolkit"] = acts["resid_post"].float().reshape(len(texts), n_layers, -1)
+        # The same engine without the shared-prefix KV cache: every prompt in full.
+        times["toolkit_full_prompts"], peaks["toolkit_full_prompts"], full = timed(
+            lambda: extract_activations(handle, personas, questions, share_prefix=False, progress=False), reps=reps
+        )
+        outs["toolkit_full_prompts"] = full["resid_post"].float().reshape(len(texts), n_layers, -1)
+        t0 = time.perf_counter()
+        render_prompts(tokenizer, personas, questions)
+        result["render_prompts_s"] = time.perf_counter() - t0
     if "hf" not in skip:
         times["hf_hidden_states"], peaks["hf_hidden_states"], outs["hf_hidden_states"] = timed(
             lambda: hf_hidden_states_one_batch(model, tokenizer, texts), reps=reps
@@ -312,8 +320,9 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int) -> None:
         # bf16 agreement with the one-at-a-time reference (batching changes bf16 rounding).
         if "one_at_a_time" in outs:
             ref = outs["one_at_a_time"]
-            rel = (outs["toolkit"] - ref).norm() / ref.norm()
-            result["bf16_rel_diff_vs_one_at_a_time"] = rel.item()
+            for name in ("toolkit", "toolkit_full_prompts"):
+                rel = (outs[name] - ref).norm() / ref.norm()
+                result[f"bf16_rel_diff_vs_one_at_a_time_{name}"] = rel.item()
 
 
 def fp32_check(workdir: Path) -> float:
@@ -331,6 +340,7 @@ def fp32_check(workdir: Path) -> float:
     handle = load_model(str(path), device=DEVICE, dtype="float32")
     personas, questions = builtin_personas(), builtin_questions()
     acts = extract_activations(handle, personas, questions, progress=False)["resid_post"]
+    full = extract_activations(handle, personas, questions, share_prefix=False, progress=False)["resid_post"]
     prompts = render_prompts(handle.tokenizer, personas, questions)
     worst = 0.0
     model = handle.model
@@ -342,8 +352,8 @@ def fp32_check(workdir: Path) -> float:
                 ids = torch.tensor([p.input_ids], device=DEVICE)
                 hs = model(ids, output_hidden_states=True).hidden_states
                 ref = torch.stack([h[0, -1] for h in hs[1:-1]] + [captured["last"]]).cpu()
-                got = acts[k // len(questions), k % len(questions)]
-                worst = max(worst, (got.float() - ref.float()).abs().max().item())
+                for got in (acts[k // len(questions), k % len(questions)], full[k // len(questions), k % len(questions)]):
+                    worst = max(worst, (got.float() - ref.float()).abs().max().item())
     finally:
         last.remove()
     return worst
@@ -351,7 +361,7 @@ def fp32_check(workdir: Path) -> float:
 
 def print_table(result: dict) -> None:
     print("\nmethod               time (s)   peak GiB   speedup of toolkit")
-    for name in ("toolkit", "hf_hidden_states", "transformer_lens", "one_at_a_time"):
+    for name in ("toolkit", "toolkit_full_prompts", "hf_hidden_states", "transformer_lens", "one_at_a_time"):
         if f"{name}_s" in result:
             sp = result.get(f"speedup_vs_{name}", 1.0 if name == "toolkit" else float("nan"))
             print(f"{name:20s} {result[f'{name}_s']:8.3f}   {result['peak_mem_gb'][name]:8.1f}   {sp:6.2f}x")
