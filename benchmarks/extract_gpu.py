@@ -192,6 +192,7 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated variants to skip: hf,tl,one,toolkit")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="check the script on the CPU with a tiny shape")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one toolkit call")
     args = parser.parse_args()
     global DEVICE, QWEN7B
     if args.smoke:
@@ -211,7 +212,7 @@ def main() -> int:
     print(f"GEMM bf16: {result['gemm_tflops']:.0f} TFLOP/s", flush=True)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pg-bench-"))
-    measure_7b(result, workdir, skip, args.reps)
+    measure_7b(result, workdir, skip, args.reps, args.profile)
     _reset_peak()
 
     result["max_abs_diff_fp32"] = fp32_check(workdir)
@@ -223,7 +224,7 @@ def main() -> int:
     return 0
 
 
-def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int) -> None:
+def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, profile: bool = False) -> None:
     """Builds the 7B-shaped checkpoint, loads it, and times every variant into ``result``."""
     from persona_geometry import (
         builtin_personas,
@@ -285,6 +286,16 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int) -> None:
         t0 = time.perf_counter()
         render_prompts(tokenizer, personas, questions)
         result["render_prompts_s"] = time.perf_counter() - t0
+        if profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            extract_activations(handle, personas, questions, progress=False)
+            _sync()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     if "hf" not in skip:
         times["hf_hidden_states"], peaks["hf_hidden_states"], outs["hf_hidden_states"] = timed(
             lambda: hf_hidden_states_one_batch(model, tokenizer, texts), reps=reps

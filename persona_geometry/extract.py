@@ -243,23 +243,25 @@ def extract_activations(
     try:
         with run as forward:
             for chunk in _plan_chunks(ids, done, chunk_prompts):
-                out = _run_chunk(forward, ids, chunk, batch_tokens, max_batch_size, model_device, bar)
+                order, out = _run_chunk(forward, ids, chunk, batch_tokens, max_batch_size, model_device, bar)
                 if partial is not None:
-                    partial.write(chunk, out)
+                    partial.write(order, out)
                 else:
-                    results.append((chunk, out))
+                    results.append((order, out))
     finally:
         bar.close()
 
     if partial is not None:
         flat = partial.assemble(len(ids), hooks)
+    elif len(results) == 1:
+        flat = results[0][1]  # one chunk of every prompt, already in prompt order
     else:
         flat = {}
         for hook in hooks:
             first = results[0][1][hook]
             flat[hook] = torch.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
-            for chunk, out in results:
-                flat[hook][torch.as_tensor(chunk)] = out[hook]
+            for order, out in results:
+                flat[hook][torch.as_tensor(order)] = out[hook]
     P, Q = len(personas), len(questions)
     acts = ActivationSet(
         {hook: t.reshape(P, Q, *t.shape[1:]) for hook, t in flat.items()},
@@ -354,30 +356,27 @@ def _run_chunk(
     max_batch_size: int | None,
     device: torch.device,
     bar: Any,
-) -> dict[str, Float[Tensor, "prompt layer d_model"]]:
-    """Returns ``{hook: [prompt, layer, d_model]}`` on the CPU for the prompts of one chunk, in chunk order."""
-    host: dict[str, Tensor] = {}
-    pinned = device.type == "cuda"
+) -> tuple[list[int], dict[str, Float[Tensor, "prompt layer d_model"]]]:
+    """Returns the chunk's prompt positions in ascending order and ``{hook: [prompt, layer, d_model]}`` on the CPU, in that order.
+
+    Each batch's rows are scattered into a per-chunk buffer on the model's device, and the
+    buffer crosses to the host once: one large copy instead of a pinned staging buffer and a
+    host-side scatter per batch. Rows come back in prompt order, so a run that fits one chunk
+    needs no reordering at all.
+    """
+    order = sorted(chunk)
+    row_of = {prompt: row for row, prompt in enumerate(order)}
+    buffers: dict[str, Tensor] = {}
     for batch in plan_batches([len(ids[i]) for i in chunk], batch_tokens, max_batch_size):
-        out = forward([ids[chunk[j]] for j in batch])
-        index = torch.as_tensor(batch)
+        prompts = [chunk[j] for j in batch]
+        out = forward([ids[i] for i in prompts])
+        rows = torch.as_tensor([row_of[i] for i in prompts], device=device)
         for hook, t in out.items():
-            if hook not in host:
-                host[hook] = torch.empty((len(chunk), *t.shape[1:]), dtype=t.dtype, pin_memory=pinned)
-            if pinned and _is_contiguous_run(batch):
-                # Batches of a length-sorted chunk are contiguous runs: copy straight into the
-                # pinned buffer without waiting, so the GPU moves on to the next batch.
-                host[hook][batch[0] : batch[0] + len(batch)].copy_(t, non_blocking=True)
-            else:
-                host[hook][index] = t.to("cpu")
+            if hook not in buffers:
+                buffers[hook] = torch.empty((len(chunk), *t.shape[1:]), dtype=t.dtype, device=t.device)
+            buffers[hook].index_copy_(0, rows, t)
         bar.update(len(batch))
-    if pinned:
-        torch.cuda.synchronize(device)
-    return host
-
-
-def _is_contiguous_run(batch: list[int]) -> bool:
-    return batch == list(range(batch[0], batch[0] + len(batch)))
+    return order, {hook: t.to("cpu") for hook, t in buffers.items()}
 
 
 def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

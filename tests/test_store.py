@@ -152,7 +152,7 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_tensor(qwen, tmp_path
     assert not list(partial.glob(".*.tmp"))  # no half-written file
     with ForwardCounter(qwen) as counter:
         resumed = extract_activations(qwen, PERSONAS, QUESTIONS, cache_dir=tmp_path, **kw)
-    assert counter.calls == 4  # only the two remaining chunks ran
+    assert counter.calls == 1 + 4  # the shared-prefix pass, then only the two remaining chunks
     assert torch.equal(resumed["resid_post"], uninterrupted["resid_post"])
     assert not partial.exists() and (tmp_path / resumed.manifest["cache_key"]).is_dir()
 
