@@ -90,6 +90,8 @@ Rates are fractions in [0, 1]; NaN is written as null. Keys:
   rates {persona: rate}, x {persona: value}, k {persona: k}, n {persona: n} (k/n null if absent)
   categories {persona: category}
   reference                 the reference persona or null
+  excluded [persona]        personas dropped before anything was computed (the reference with
+                            --exclude-reference)
   without_reference {n, pearson {r, p}, spearman {rho, p}, fit {slope, intercept, r2, n, slope_p}}
                             when the reference was among the analysed personas; else null
   alpha                     1 - level of the prediction and Wilson intervals (0.05)
@@ -472,7 +474,12 @@ def wilson_interval(k: PerPersona, n: PerPersona, *, alpha: float = 0.05) -> tup
     names = [str(i) for i in range(k_arr.size)]
     check_counts(k_arr.ravel(), n_arr.ravel(), names, "wilson_interval")
     lo, hi = proportion_confint(k_arr, n_arr, alpha=check_probability(alpha, "alpha", "wilson_interval"), method="wilson")
-    return np.clip(np.asarray(lo, float), 0.0, 1.0), np.clip(np.asarray(hi, float), 0.0, 1.0)
+    # The bounds are exactly 0 at k = 0 and 1 at k = n; rounding can leave them a hair off
+    # (3e-18), which would put k / n outside its own interval.
+    p = k_arr / n_arr
+    lo = np.where(k_arr == 0, 0.0, np.minimum(np.clip(np.asarray(lo, float), 0.0, 1.0), p))
+    hi = np.where(k_arr == n_arr, 1.0, np.maximum(np.clip(np.asarray(hi, float), 0.0, 1.0), p))
+    return lo, hi
 
 
 def partial_spearman(x: np.ndarray, y: np.ndarray, covariate: np.ndarray) -> tuple[float, float]:

@@ -42,7 +42,7 @@ def standardize(a: np.ndarray, axis: int = 0) -> np.ndarray:
         return np.where(norm > 1e-12 * scale * math.sqrt(a.shape[axis]), c / norm, np.nan)
 
 
-def p_from_r(r: np.ndarray | float, df: np.ndarray | float) -> np.ndarray:
+def p_from_r(r: np.ndarray | float | np.floating, df: np.ndarray | int | float | np.number) -> np.ndarray:
     """Returns the two-sided p-value of correlation ``r`` with ``df`` degrees of freedom."""
     r = np.clip(np.asarray(r, dtype=np.float64), -1.0, 1.0)
     df = np.asarray(df, dtype=np.float64)
