@@ -488,8 +488,10 @@ def _resample_ranks(ws: np.ndarray, first: np.ndarray, last: np.ndarray, tied: n
     the expanded resample. Columns flagged in ``tied`` (``[column]``) have equal values, which
     share the average rank of their whole run (``first``/``last``: ``[column, persona]``).
     """
-    cum = np.cumsum(ws, axis=-1)
-    ranks = cum - 0.5 * ws + 0.5
+    ranks = np.cumsum(ws, axis=-1)
+    cum = ranks.copy() if tied.any() else ranks
+    ranks -= 0.5 * ws
+    ranks += 0.5
     for j in np.flatnonzero(tied):
         before = (cum[:, j] - ws[:, j])[:, first[j]]
         total = cum[:, j][:, last[j]] - before
@@ -529,11 +531,12 @@ def _bootstrap(x: np.ndarray, y: np.ndarray, n_bootstrap: int, rng: np.random.Ge
             out_r.append(_safe_corr(cov, vx, vy, np.abs(xc).max(axis=0) + np.abs(yc).max()))
             # Spearman: ranks within each resample, in each layer's sorted order.
             ws = w[:, order]  # [chunk, layer, persona sorted by x]
-            rx = _resample_ranks(ws, first, last, tied) - mid
+            rx = _resample_ranks(ws, first, last, tied)
+            rx -= mid
             ry = (_resample_ranks(w[:, y_order], y_first, y_last, y_tied)[:, 0] - mid)[:, y_inverse]
-            ry_sorted = ry[:, order]
-            cov = (ws * rx * ry_sorted).sum(axis=-1) / p
-            vx = (ws * rx * rx).sum(axis=-1) / p
+            ws *= rx  # ws now holds w * rank(x), centred; einsum avoids further temporaries
+            cov = np.einsum("clp,clp->cl", ws, ry[:, order]) / p
+            vx = np.einsum("clp,clp->cl", ws, rx) / p
             vy = (w * ry * ry).sum(axis=-1, keepdims=True) / p
             out_rho.append(_safe_corr(cov, vx, vy, float(p)))
             bar.update(w.shape[0])
