@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep_cpu.json"))
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.personas, args.layers))
     y = rng.uniform(size=args.personas)
@@ -83,7 +84,9 @@ def main() -> None:
             "logical_cpus": os.cpu_count(),
             "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "platform": platform.platform(),
-            "note": "shared development container (other jobs running); times are the best of repeats",
+            "load_average_1_5_15_min_before": [round(v, 2) for v in load_before],
+            "load_average_1_5_15_min_after": [round(v, 2) for v in os.getloadavg()],
+            "note": "shared 2-core development container (other jobs running); times are the best of repeats",
         },
         "package_versions": package_versions(),
     }

@@ -48,6 +48,9 @@ STATISTICS = ("spearman", "pearson")
 # Elements per chunk of permutation / bootstrap work: bounds memory to tens of MB whatever
 # the number of personas, layers or resamples.
 _CHUNK_ELEMENTS = 1 << 22
+# The bootstrap streams several [chunk, layer, persona] temporaries; keeping each near 1 MB
+# (cache-sized) measured twice as fast as 32 MB blocks on a 2-core EPYC.
+_BOOT_CHUNK_ELEMENTS = 1 << 17
 # Two maxima that are equal in exact arithmetic may differ in the last bits after different
 # summation orders; count them as ties (``>=``), as the permutation p-value requires.
 _TIE_TOL = 1e-10
@@ -519,7 +522,7 @@ def _bootstrap(x: np.ndarray, y: np.ndarray, n_bootstrap: int, rng: np.random.Ge
     y_tied = np.array([bool((np.diff(y[y_order][0]) == 0).any())])
     y_inverse = np.argsort(y_order[0])
     mid = (p + 1) / 2.0
-    chunk = max(1, _CHUNK_ELEMENTS // (p * n_layers))
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // (p * n_layers))
     out_r, out_rho = [], []
     with tqdm(total=n_bootstrap, desc="bootstrap", unit="resample", disable=None, leave=False) as bar:
         for w in _bootstrap_counts(p, n_bootstrap, chunk, rng):
