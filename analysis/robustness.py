@@ -532,7 +532,7 @@ def _prediction_intervals(res: Any, x_new: np.ndarray, alpha: float) -> pd.DataF
 
 # --- the analysis -----------------------------------------------------------------------------
 def robustness_at_layer(
-    x: Float[np.ndarray, " persona"] | Sequence[float] | CosineToReference | Mapping[str, float] | Any,
+    x: CosineToReference | PerPersona,
     y: PerPersona = None,
     *,
     k: PerPersona = None,

@@ -297,3 +297,22 @@ def test_held_out_fit_needs_three_personas_and_nan_rates_are_rejected():
     rate[1] = math.nan
     with pytest.raises(ValueError, match="NaN"):
         robustness_at_layer(x, rate, personas=names)
+
+
+def test_rates_without_counts_have_no_wilson_and_cosine_to_reference_input():
+    import torch
+
+    from persona_geometry.geometry import CosineToReference
+
+    names, x, k, n, cats, _ = _study(P=6)
+    rate = k / n
+    table = pd.DataFrame({"persona": names, "cos": x, "rate": rate})
+    res = analyze(table, x="cos", rate="rate")
+    d = res.to_dict()
+    assert d["wilson"] == {} and d["k"] is None and d["rates"]["p2"] == pytest.approx(rate[2])
+    values = torch.tensor(np.column_stack([x, -x]))
+    cos = CosineToReference(values=values, personas=tuple(names), categories=tuple(cats[:6]), layers=(3, 9), reference="p0", centered_on=None)
+    at9 = robustness_at_layer(cos, rate, layer=9)
+    assert at9.layer == 9 and at9.reference == "p0" and at9.categories == tuple(cats[:6])
+    assert at9.correlation.pearson_r == pytest.approx(-stats.pearsonr(x, rate).statistic, abs=1e-12)
+    assert at9.without_reference.n == 5
