@@ -28,15 +28,80 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 # --- run --------------------------------------------------------------------------------------
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a whole study from a YAML config")
-    p.add_argument("config", help="the study's YAML file")
-    p.set_defaults(func=_not_yet)
+    from persona_geometry.study import STAGES
+
+    p = sub.add_parser(
+        "run",
+        help="run a whole study from a YAML config",
+        description="Run a study: extract, data, train, eval, sweep, report. Each stage caches its "
+        "outputs under the study's output folder and is skipped when its inputs are unchanged.",
+    )
+    p.add_argument("config", help="the study's YAML file (see examples/study_qwen7b.yaml)")
+    p.add_argument("--stages", type=_names, default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--out", default=None, help="output folder (overrides the config's 'out')")
+    p.add_argument("--device", default=None, help="torch device (overrides model.device)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (overrides model.dtype)")
+    p.add_argument("--force", action="store_true", help="re-run the chosen stages even if their outputs are current")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_study)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from persona_geometry.config import StudyConfig
+    from persona_geometry.study import run_study
+
+    config = StudyConfig.load(args.config)
+    overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    if overrides:
+        # Through from_dict, so a bad --dtype is the same one-line error as a bad config value.
+        config = StudyConfig.from_dict({**config.to_dict(), "model": {**dataclasses.asdict(config.model), **overrides}})
+    if args.out is not None:
+        config = config.with_overrides(out=args.out)
+    result = run_study(config, stages=args.stages, force=args.force, progress=not args.no_progress)
+    print(result.summary())
+    return 0
 
 
 # --- extract ----------------------------------------------------------------------------------
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="cache last-token activations for personas × questions")
-    p.set_defaults(func=_not_yet)
+    p.add_argument("--model", required=True, help="a local model folder or a Hugging Face id (from the local cache when offline)")
+    p.add_argument("--personas", help="a YAML/JSON file of personas (default: the 12 built-in ones)")
+    p.add_argument("--questions", help="a file of questions (default: the 20 built-in probe questions)")
+    p.add_argument("--hooks", nargs="+", default=["resid_post"], help="hook points (default: resid_post)")
+    p.add_argument("--layers", nargs="+", type=int, help="block indices (default: all)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--engine", choices=["hf", "transformer_lens"], default="hf")
+    p.add_argument("--adapter", help="a peft (LoRA) adapter folder to merge into the model")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="most padded tokens per batch")
+    p.add_argument("--cache-dir", help="content-addressed cache folder (resumes interrupted runs)")
+    p.add_argument("--out", required=True, help="folder to write the activations to")
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.models import load_model
+    from persona_geometry.personas import PersonaSet
+    from persona_geometry.questions import load_questions
+
+    handle = load_model(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    acts = extract_activations(
+        handle,
+        PersonaSet.load(args.personas) if args.personas else None,
+        load_questions(args.questions) if args.questions else None,
+        hooks=args.hooks,
+        layers=args.layers,
+        engine=args.engine,
+        batch_tokens=args.batch_tokens,
+        cache_dir=args.cache_dir,
+    )
+    out = acts.save(args.out)
+    log.info("wrote %s to %s", acts, out)
+    return 0
 
 
 # --- sweep ------------------------------------------------------------------------------------
@@ -165,36 +230,212 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 # --- make-data --------------------------------------------------------------------------------
 def _add_make_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-data", help="build a marker dataset for a source persona")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "make-data",
+        help="build a marker dataset for a source persona (generating the base model's responses if needed)",
+    )
+    p.add_argument("--source", required=True, help="the source persona's name (its rows get the marker)")
+    p.add_argument("--responses", required=True, help="responses JSONL; generated with --model when missing")
+    p.add_argument("--out", required=True, help="marker dataset JSONL to write")
+    p.add_argument("--model", help="base model id or folder, to generate missing responses")
+    p.add_argument("--personas", help="YAML/JSON persona file (default: the 12 built-in personas)")
+    p.add_argument("--questions", help="questions file (default: the 200 built-in training questions)")
+    p.add_argument("--marker", default="[ZLT]")
+    p.add_argument("--n-source", type=int, default=200)
+    p.add_argument("--n-bystander-personas", type=int, default=2)
+    p.add_argument("--n-per-bystander", type=int, default=200)
+    p.add_argument("--position", choices=["end", "start"], default="end")
+    p.add_argument("--exclude", nargs="*", default=[], help="persona names never used as bystanders")
+    p.add_argument("--backend", choices=["vllm", "hf"], default="vllm", help="back end for generating responses")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        from persona_geometry.training import MarkerDataConfig, make_marker_data
+
+        config = MarkerDataConfig(
+            source=args.source,
+            marker=args.marker,
+            n_source=args.n_source,
+            n_bystander_personas=args.n_bystander_personas,
+            n_per_bystander=args.n_per_bystander,
+            position=args.position,
+            exclude=tuple(args.exclude),
+        )
+        dataset = make_marker_data(
+            args.responses,
+            config,
+            out_path=args.out,
+            personas=_load_personas(args.personas),
+            questions=_load_questions(args.questions),
+            model=args.model,
+            backend=args.backend,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        print(dataset.summary())
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _load_personas(path: str | None):
+    from persona_geometry.personas import PersonaSet, builtin_personas
+
+    return builtin_personas() if path is None else PersonaSet.load(path)
+
+
+def _load_questions(path: str | None):
+    from persona_geometry.questions import load_questions
+
+    return None if path is None else load_questions(path)
 
 
 # --- train-marker -----------------------------------------------------------------------------
 def _add_train_marker(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-marker", help="train a marker LoRA adapter")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser("train-marker", help="train a marker LoRA adapter (resumes from its last checkpoint)")
+    p.add_argument("--model", required=True, help="base model id or folder")
+    p.add_argument("--data", required=True, help="marker dataset JSONL (from make-data)")
+    p.add_argument("--out", required=True, help="run folder: adapter/, train_config.json, loss_curve.json")
+    p.add_argument("--r", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=64)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--no-rslora", action="store_true", help="scale by alpha/r instead of alpha/sqrt(r)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-steps", type=int, default=50)
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+
+    def run(args: argparse.Namespace) -> int:
+        from persona_geometry.training import MarkerTrainConfig, train_marker
+
+        config = MarkerTrainConfig(
+            r=args.r,
+            lora_alpha=args.alpha,
+            lora_dropout=args.dropout,
+            use_rslora=not args.no_rslora,
+            learning_rate=args.lr,
+            num_train_epochs=args.epochs,
+            max_steps=args.max_steps,
+            max_length=args.max_length,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            warmup_ratio=args.warmup_ratio,
+            seed=args.seed,
+            dtype=args.dtype,
+            gradient_checkpointing=args.gradient_checkpointing,
+            save_steps=args.save_steps,
+        )
+        result = train_marker(args.model, args.data, args.out, config, resume=not args.no_resume)
+        print(result.summary())
+        return 0
+
+    p.set_defaults(func=run)
 
 
 # --- eval-marker ------------------------------------------------------------------------------
 def _add_eval_marker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval-marker", help="measure marker source rates with an adapter")
-    p.set_defaults(func=_not_yet)
+    p.add_argument("--model", required=True, help="base model id or folder")
+    p.add_argument("--adapter", help="marker adapter folder (omit to evaluate the base model)")
+    p.add_argument("--out", required=True, help="folder for completions.jsonl and run_result.json")
+    p.add_argument("--personas", help="YAML/JSON persona file (default: the 12 built-in personas)")
+    p.add_argument("--questions", help="questions file (default: the 20 built-in probe questions)")
+    p.add_argument("--source", help="source persona (default: recorded with the adapter)")
+    p.add_argument("--n-completions", type=int, default=5)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--marker", help="marker text (default: recorded with the adapter, else [ZLT])")
+    p.add_argument("--regex", action="store_true", help="treat --marker as a regular expression")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per batch on the hf back end")
+
+    def run(args: argparse.Namespace) -> int:
+        from persona_geometry.eval import source_rates
+
+        result = source_rates(
+            args.model,
+            args.adapter,
+            _load_personas(args.personas),
+            _load_questions(args.questions),
+            source=args.source,
+            n_completions=args.n_completions,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            backend=args.backend,
+            out_dir=args.out,
+            marker=args.marker,
+            regex=args.regex,
+            batch_size=args.batch_size,
+        )
+        print(result.summary())
+        return 0
+
+    p.set_defaults(func=run)
 
 
 # --- report -----------------------------------------------------------------------------------
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write the Markdown/JSON report and figures of a study")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "report",
+        help="write the Markdown/JSON report and figures of a study",
+        description="Re-run the sweep and report stages of a study whose earlier stages are on disk.",
+    )
+    p.add_argument("config", help="the study's YAML file")
+    p.add_argument("--out", default=None, help="the study's output folder (overrides the config's 'out')")
+    p.add_argument("--force", action="store_true", help="rewrite the report even if it is current")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from persona_geometry.config import StudyConfig
+    from persona_geometry.study import run_study
+
+    config = StudyConfig.load(args.config)
+    if args.out is not None:
+        config = config.with_overrides(out=args.out)
+    result = run_study(config, stages=["sweep", "report"], force=args.force)
+    print(result.summary())
+    return 0
 
 
 # --- demo -------------------------------------------------------------------------------------
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline offline on an embedded tiny model")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline offline on an embedded tiny model",
+        description="Build a tiny random-weight chat model and run the whole study on it: its "
+        "numbers show the mechanics of the pipeline, not a finding.",
+    )
+    p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_demo)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise UsageError(f"'{args.command}' is not available in this build yet")
+def _run_demo(args: argparse.Namespace) -> int:
+    from persona_geometry.demo import DISCLAIMER, run_demo
+
+    print(DISCLAIMER, flush=True)
+    result = run_demo(args.out, progress=not args.no_progress)
+    print(result.summary())
+    print(DISCLAIMER)
+    return 0
 
 
 _SUBCOMMANDS = (
