@@ -27,6 +27,7 @@ from jaxtyping import Float
 
 from persona_geometry._correlation import (
     PerPersona,
+    clip_r,
     correlation_dict,
     json_float,
     p_from_r,
@@ -496,11 +497,13 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, covariate: np.ndarray) -> tup
     sx, sy = standardize(res_x), standardize(res_y)
     if np.isnan(sx).any() or np.isnan(sy).any():
         return math.nan, math.nan
-    rho = float(np.clip(sx @ sy, -1.0, 1.0))
+    rho = float(clip_r(sx @ sy))
     return rho, float(p_from_r(rho, len(x) - 3))
 
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> Correlation:
+    if len(x) < 3:  # two points always sit on a line: no correlation to report
+        return Correlation(n=len(x), pearson_r=math.nan, pearson_p=math.nan, spearman_rho=math.nan, spearman_p=math.nan)
     r, pr = pearson(x, y)
     rho, prho = spearman(x, y)
     return Correlation(n=len(x), pearson_r=r, pearson_p=pr, spearman_rho=rho, spearman_p=prho)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from persona_geometry._correlation import (
     PerPersona,
     bonferroni,
+    clip_r,
     holm,
     json_float,
     p_from_r,
@@ -368,8 +369,8 @@ def _sweep(
         invalid("cosine", func, "values that vary across personas at every layer", f"a constant cosine at layers {constant}")
     xr, yr = standardize(rank(x, 0), 0), standardize(rank(y))
 
-    r = np.clip(xs.T @ ys, -1.0, 1.0)
-    rho = np.clip(xr.T @ yr, -1.0, 1.0)
+    r = clip_r(xs.T @ ys)
+    rho = clip_r(xr.T @ yr)
     pr, prho = p_from_r(r, n_p - 2), p_from_r(rho, n_p - 2)
 
     ss_perm, ss_boot = np.random.SeedSequence(seed).spawn(2)

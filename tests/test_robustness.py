@@ -316,3 +316,9 @@ def test_rates_without_counts_have_no_wilson_and_cosine_to_reference_input():
     assert at9.layer == 9 and at9.reference == "p0" and at9.categories == tuple(cats[:6])
     assert at9.correlation.pearson_r == pytest.approx(-stats.pearsonr(x, rate).statistic, abs=1e-12)
     assert at9.without_reference.n == 5
+
+
+def test_without_most_influential_at_three_personas_reports_no_correlation():
+    res = robustness_at_layer([0.1, 0.2, 0.5], [0.0, 0.1, 0.3], personas=["a", "b", "c"])
+    d = res.to_dict()["without_most_influential"]
+    assert d["n"] == 2 and d["pearson"] == {"r": None, "p": None} and d["spearman"] == {"rho": None, "p": None}

@@ -258,3 +258,11 @@ def test_permutation_p_values_lie_in_zero_one(P, L, B, seed):
     assert 0 < s.max_statistic_p <= 1
     assert ((s.p_maxt > 0) & (s.p_maxt <= 1)).all()
     assert s.max_statistic_p >= 1 / (1 + B)
+
+
+def test_perfect_correlation_at_three_personas_matches_scipy_exactly():
+    x = np.array([[0.1, 0.3], [0.2, 0.1], [0.5, 0.2]])
+    y = np.array([0.0, 0.1, 0.3])
+    s = layer_sweep(x, y, n_permutations=0, n_bootstrap=0)
+    sr = stats.spearmanr(x[:, 0], y)
+    assert (s.spearman_rho[0], s.spearman_p[0]) == (sr.statistic, sr.pvalue) == (1.0, 0.0)
