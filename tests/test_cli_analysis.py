@@ -129,3 +129,23 @@ def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["sweep", str(path), "--k", "k", "--n", "n"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "layer columns matching" in err
+
+
+def test_sweep_wide_layer_column_names_and_custom_pattern(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    cos = rng.normal(size=(6, 2))
+    rate = rng.uniform(size=6)
+    base = {"persona": [f"p{i}" for i in range(6)], "rate": rate}
+    path = tmp_path / "w.csv"
+    pd.DataFrame({**base, "cos_l3": cos[:, 0], "cos_l11": cos[:, 1]}).to_csv(path, index=False)
+    assert main(["sweep", str(path), "--rate", "rate", "--permutations", "0", "--bootstrap", "0", "--json", str(tmp_path / "a.json")]) == 0
+    d = json.loads((tmp_path / "a.json").read_text())
+    assert d["layers"] == [3, 11]
+    assert d["per_layer"][1]["pearson"]["r"] == pytest.approx(stats.pearsonr(cos[:, 1], rate).statistic, abs=1e-12)
+    pd.DataFrame({**base, "act_5": cos[:, 0], "act_9": cos[:, 1]}).to_csv(path, index=False)
+    argv = ["sweep", str(path), "--rate", "rate", "--layer-columns", r"^act_(\d+)$", "--permutations", "0", "--bootstrap", "0", "--csv", str(tmp_path / "b.csv")]
+    assert main(argv) == 0
+    assert list(pd.read_csv(tmp_path / "b.csv").layer) == [5, 9]
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--rate", "rate", "--layer-columns", "act_("]) == 2
+    assert "regular expression" in capsys.readouterr().err
