@@ -388,4 +388,7 @@ def sweep_table(
         from persona_geometry.analysis.figures import sweep_curve, write_figure
 
         write_figure(sweep_curve(result), figure_path)
+    for kind, path in (("csv", csv_path), ("json", json_path), ("markdown", markdown_path), ("figure", figure_path)):
+        if path is not None:
+            log.info("wrote %s %s", kind, path)
     return result

@@ -608,7 +608,8 @@ def robustness_at_layer(
     for h in holdout:
         if h not in names:
             invalid("holdout", func, f"persona names in the table {names}", h)
-    check_unique_names(holdout, "holdout", func) if holdout else None
+    if holdout:
+        check_unique_names(holdout, "holdout", func)
     if reference is not None and reference not in names:
         invalid("reference", func, f"a persona name in the table {names}", reference)
     excluded: tuple[str, ...] = ()

@@ -323,6 +323,7 @@ def layer_sweep(
 
     keep = [i for i, name in enumerate(names) if name not in excluded]
     kept = tuple(names[i] for i in keep)
+    log.info("layer sweep: %d personas x %d layers, %d permutations, %d bootstrap resamples", len(keep), len(layer_labels), n_permutations, n_bootstrap)
     settings = dict(
         layers=tuple(layer_labels),
         statistic=statistic,
