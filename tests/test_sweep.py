@@ -58,7 +58,7 @@ def test_primary_layer_is_reported_whatever_the_sweep_finds():
     frame = s.to_frame()
     assert frame.loc[frame.is_primary, "layer"].tolist() == [1]
     assert frame.loc[frame.is_best, "layer"].tolist() == [13]
-    assert "Primary (pre-declared) layer 1" in s.summary()
+    assert s.summary().splitlines()[1].startswith("Primary result, layer 1 (declared in advance)")
 
 
 def test_bootstrap_intervals_match_an_explicit_resampling_loop():
