@@ -222,6 +222,7 @@ def write_figure(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     suffix = path.suffix.lower().lstrip(".")
     if suffix in ("html", "htm"):
+        log.info("writing self-contained figure %s", path)
         return atomic_write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
     if suffix not in _STATIC_FORMATS:
         invalid("path", "write_figure", f"a file ending in .html or one of {['.' + s for s in _STATIC_FORMATS]}", str(path))

@@ -39,8 +39,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Wide sweep tables name layer columns "12", "layer_12", "layer12", "L12", "cos_12" or "cosine_12".
-LAYER_COLUMN_PATTERN = r"^(?:layer_?|L|cos(?:ine)?_?)?(\d+)$"
+# Wide sweep tables name layer columns "12", "layer_12", "layer12", "L12", "cos_12", "cos_l12" or
+# "cosine_layer_12"; the first group is the layer index.
+LAYER_COLUMN_PATTERN = r"^(?:layer_?|[lL]|cos(?:ine)?_?(?:[lL](?:ayer)?_?)?)?(\d+)$"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -297,7 +298,12 @@ def read_sweep_table(
     else:
         if frame[persona].duplicated().any():
             invalid("table", func, "one row per persona in a wide table", f"{frame.loc[frame[persona].duplicated(), persona].tolist()} more than once")
-        pattern = re.compile(layer_pattern)
+        try:
+            pattern = re.compile(layer_pattern)
+        except re.error as e:
+            raise ValueError(f"The 'layer_pattern' parameter of {func} must be a regular expression with one group. Got {layer_pattern!r} ({e}) instead.") from e
+        if pattern.groups != 1:
+            invalid("layer_pattern", func, "a regular expression with exactly one group (the layer index)", layer_pattern)
         layer_cols = {c: int(m.group(1)) for c in frame.columns if (m := pattern.match(str(c)))}
         if not layer_cols:
             invalid("table", func, f"layer columns matching {layer_pattern!r} (or a long table with {layer!r} and {cosine!r})", list(map(str, frame.columns)))
@@ -327,6 +333,7 @@ def sweep_table(
     layout: str = "auto",
     layer: str = "layer",
     cosine: str = "cosine",
+    layer_pattern: str = LAYER_COLUMN_PATTERN,
     exclude: Sequence[str] | None = None,
     reference: str | None = None,
     primary_layer: int | None = None,
@@ -344,7 +351,9 @@ def sweep_table(
     The CSV is ``LayerSweep.to_frame()`` (one row per layer); the JSON is ``LayerSweep.to_dict()``
     plus ``provenance``; the figure is the sweep curve.
     """
-    wide, values = read_sweep_table(table, persona=persona, k=k, n=n, rate=rate, layout=layout, layer=layer, cosine=cosine)
+    wide, values = read_sweep_table(
+        table, persona=persona, k=k, n=n, rate=rate, layout=layout, layer=layer, cosine=cosine, layer_pattern=layer_pattern
+    )
     result = layer_sweep(
         wide.to_numpy(),
         values["y"],
@@ -361,7 +370,8 @@ def sweep_table(
         seed=seed,
     )
     arguments = dict(
-        persona=persona, k=k, n=n, rate=rate, layout=layout, layer=layer, cosine=cosine, exclude=list(exclude or []),
+        persona=persona, k=k, n=n, rate=rate, layout=layout, layer=layer, cosine=cosine, layer_pattern=layer_pattern,
+        exclude=list(exclude or []),
         reference=reference, primary_layer=primary_layer, statistic=statistic, n_permutations=n_permutations,
         n_bootstrap=n_bootstrap, seed=seed,
     )  # fmt: skip
@@ -378,4 +388,7 @@ def sweep_table(
         from persona_geometry.analysis.figures import sweep_curve, write_figure
 
         write_figure(sweep_curve(result), figure_path)
+    for kind, path in (("csv", csv_path), ("json", json_path), ("markdown", markdown_path), ("figure", figure_path)):
+        if path is not None:
+            log.info("wrote %s %s", kind, path)
     return result

@@ -27,6 +27,7 @@ from jaxtyping import Float
 
 from persona_geometry._correlation import (
     PerPersona,
+    clip_r,
     correlation_dict,
     json_float,
     p_from_r,
@@ -90,6 +91,8 @@ Rates are fractions in [0, 1]; NaN is written as null. Keys:
   rates {persona: rate}, x {persona: value}, k {persona: k}, n {persona: n} (k/n null if absent)
   categories {persona: category}
   reference                 the reference persona or null
+  excluded [persona]        personas dropped before anything was computed (the reference with
+                            --exclude-reference)
   without_reference {n, pearson {r, p}, spearman {rho, p}, fit {slope, intercept, r2, n, slope_p}}
                             when the reference was among the analysed personas; else null
   alpha                     1 - level of the prediction and Wilson intervals (0.05)
@@ -472,7 +475,12 @@ def wilson_interval(k: PerPersona, n: PerPersona, *, alpha: float = 0.05) -> tup
     names = [str(i) for i in range(k_arr.size)]
     check_counts(k_arr.ravel(), n_arr.ravel(), names, "wilson_interval")
     lo, hi = proportion_confint(k_arr, n_arr, alpha=check_probability(alpha, "alpha", "wilson_interval"), method="wilson")
-    return np.clip(np.asarray(lo, float), 0.0, 1.0), np.clip(np.asarray(hi, float), 0.0, 1.0)
+    # The bounds are exactly 0 at k = 0 and 1 at k = n; rounding can leave them a hair off
+    # (3e-18), which would put k / n outside its own interval.
+    p = k_arr / n_arr
+    lo = np.where(k_arr == 0, 0.0, np.minimum(np.clip(np.asarray(lo, float), 0.0, 1.0), p))
+    hi = np.where(k_arr == n_arr, 1.0, np.maximum(np.clip(np.asarray(hi, float), 0.0, 1.0), p))
+    return lo, hi
 
 
 def partial_spearman(x: np.ndarray, y: np.ndarray, covariate: np.ndarray) -> tuple[float, float]:
@@ -489,11 +497,13 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, covariate: np.ndarray) -> tup
     sx, sy = standardize(res_x), standardize(res_y)
     if np.isnan(sx).any() or np.isnan(sy).any():
         return math.nan, math.nan
-    rho = float(np.clip(sx @ sy, -1.0, 1.0))
+    rho = float(clip_r(sx @ sy))
     return rho, float(p_from_r(rho, len(x) - 3))
 
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> Correlation:
+    if len(x) < 3:  # two points always sit on a line: no correlation to report
+        return Correlation(n=len(x), pearson_r=math.nan, pearson_p=math.nan, spearman_rho=math.nan, spearman_p=math.nan)
     r, pr = pearson(x, y)
     rho, prho = spearman(x, y)
     return Correlation(n=len(x), pearson_r=r, pearson_p=pr, spearman_rho=rho, spearman_p=prho)
@@ -525,7 +535,7 @@ def _prediction_intervals(res: Any, x_new: np.ndarray, alpha: float) -> pd.DataF
 
 # --- the analysis -----------------------------------------------------------------------------
 def robustness_at_layer(
-    x: Float[np.ndarray, " persona"] | Sequence[float] | CosineToReference | Mapping[str, float] | Any,
+    x: CosineToReference | PerPersona,
     y: PerPersona = None,
     *,
     k: PerPersona = None,
@@ -598,7 +608,8 @@ def robustness_at_layer(
     for h in holdout:
         if h not in names:
             invalid("holdout", func, f"persona names in the table {names}", h)
-    check_unique_names(holdout, "holdout", func) if holdout else None
+    if holdout:
+        check_unique_names(holdout, "holdout", func)
     if reference is not None and reference not in names:
         invalid("reference", func, f"a persona name in the table {names}", reference)
     excluded: tuple[str, ...] = ()

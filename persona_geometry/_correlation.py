@@ -42,7 +42,17 @@ def standardize(a: np.ndarray, axis: int = 0) -> np.ndarray:
         return np.where(norm > 1e-12 * scale * math.sqrt(a.shape[axis]), c / norm, np.nan)
 
 
-def p_from_r(r: np.ndarray | float, df: np.ndarray | float) -> np.ndarray:
+def clip_r(r: np.ndarray | float) -> np.ndarray:
+    """Returns ``r`` clipped to [-1, 1], with values within 1e-12 of ±1 set to exactly ±1.
+
+    A perfect (rank) correlation computed in floating point lands at 1 - 2e-16, whose p-value
+    would be ~1e-8 at n = 3 instead of 0; scipy returns exactly ±1 there, and so does this.
+    """
+    r = np.clip(np.asarray(r, dtype=np.float64), -1.0, 1.0)
+    return np.where(np.abs(r) > 1.0 - 1e-12, np.sign(r), r)
+
+
+def p_from_r(r: np.ndarray | float | np.floating, df: np.ndarray | int | float | np.number) -> np.ndarray:
     """Returns the two-sided p-value of correlation ``r`` with ``df`` degrees of freedom."""
     r = np.clip(np.asarray(r, dtype=np.float64), -1.0, 1.0)
     df = np.asarray(df, dtype=np.float64)
@@ -56,7 +66,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     xs, ys = standardize(np.asarray(x, float)), standardize(np.asarray(y, float))
     if np.isnan(xs).any() or np.isnan(ys).any():
         return math.nan, math.nan
-    r = max(-1.0, min(1.0, float(xs @ ys)))
+    r = float(clip_r(xs @ ys))
     return r, float(p_from_r(r, len(x) - 2))
 
 

@@ -114,7 +114,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
             "correction, bootstrap CIs, the strongest layer and a max-over-layers permutation test. "
             "TABLE is long (one row per persona and layer: --persona, --layer, --cosine columns, with "
             "--k/--n repeated on every row) or wide (one row per persona, one column per layer named "
-            "12, layer_12, L12 or cos_12). Writes the per-layer table (--csv, --json) and optionally "
+            "12, layer_12, L12, cos_12 or cos_l12; see --layer-columns). Writes the per-layer table (--csv, --json) and optionally "
             "a Markdown table and the sweep figure."
         ),
     )
@@ -126,6 +126,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", choices=("auto", "long", "wide"), default="auto", help="table layout (default: auto, long when --layer and --cosine columns exist)")
     p.add_argument("--layer", default="layer", help="long layout: column of layer indices (default: layer)")
     p.add_argument("--cosine", default="cosine", help="long layout: column of cosines (default: cosine)")
+    p.add_argument(
+        "--layer-columns",
+        metavar="REGEX",
+        help="wide layout: regular expression whose one group is the layer index "
+        "(default matches 12, layer_12, L12, cos_12, cos_l12, cosine_layer_12)",
+    )
     p.add_argument("--exclude", type=_names, default=[], metavar="NAME,NAME", help="personas to drop before computing")
     p.add_argument("--reference", help="reference persona (cosine 1 by construction); the sweep is also run without it")
     p.add_argument("--primary-layer", type=int, help="layer declared in advance, reported as the primary result")
@@ -156,6 +162,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         layout=args.layout,
         layer=args.layer,
         cosine=args.cosine,
+        **({"layer_pattern": args.layer_columns} if args.layer_columns else {}),
         exclude=args.exclude,
         reference=args.reference,
         primary_layer=args.primary_layer,
