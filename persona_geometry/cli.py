@@ -28,15 +28,80 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 # --- run --------------------------------------------------------------------------------------
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a whole study from a YAML config")
-    p.add_argument("config", help="the study's YAML file")
-    p.set_defaults(func=_not_yet)
+    from persona_geometry.study import STAGES
+
+    p = sub.add_parser(
+        "run",
+        help="run a whole study from a YAML config",
+        description="Run a study: extract, data, train, eval, sweep, report. Each stage caches its "
+        "outputs under the study's output folder and is skipped when its inputs are unchanged.",
+    )
+    p.add_argument("config", help="the study's YAML file (see examples/study_qwen7b.yaml)")
+    p.add_argument("--stages", type=_names, default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--out", default=None, help="output folder (overrides the config's 'out')")
+    p.add_argument("--device", default=None, help="torch device (overrides model.device)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (overrides model.dtype)")
+    p.add_argument("--force", action="store_true", help="re-run the chosen stages even if their outputs are current")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_study)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from persona_geometry.config import StudyConfig
+    from persona_geometry.study import run_study
+
+    config = StudyConfig.load(args.config)
+    overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    if overrides:
+        # Through from_dict, so a bad --dtype is the same one-line error as a bad config value.
+        config = StudyConfig.from_dict({**config.to_dict(), "model": {**dataclasses.asdict(config.model), **overrides}})
+    if args.out is not None:
+        config = config.with_overrides(out=args.out)
+    result = run_study(config, stages=args.stages, force=args.force, progress=not args.no_progress)
+    print(result.summary())
+    return 0
 
 
 # --- extract ----------------------------------------------------------------------------------
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="cache last-token activations for personas × questions")
-    p.set_defaults(func=_not_yet)
+    p.add_argument("--model", required=True, help="a local model folder or a Hugging Face id (from the local cache when offline)")
+    p.add_argument("--personas", help="a YAML/JSON file of personas (default: the 12 built-in ones)")
+    p.add_argument("--questions", help="a file of questions (default: the 20 built-in probe questions)")
+    p.add_argument("--hooks", nargs="+", default=["resid_post"], help="hook points (default: resid_post)")
+    p.add_argument("--layers", nargs="+", type=int, help="block indices (default: all)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--engine", choices=["hf", "transformer_lens"], default="hf")
+    p.add_argument("--adapter", help="a peft (LoRA) adapter folder to merge into the model")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="most padded tokens per batch")
+    p.add_argument("--cache-dir", help="content-addressed cache folder (resumes interrupted runs)")
+    p.add_argument("--out", required=True, help="folder to write the activations to")
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.models import load_model
+    from persona_geometry.personas import PersonaSet
+    from persona_geometry.questions import load_questions
+
+    handle = load_model(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    acts = extract_activations(
+        handle,
+        PersonaSet.load(args.personas) if args.personas else None,
+        load_questions(args.questions) if args.questions else None,
+        hooks=args.hooks,
+        layers=args.layers,
+        engine=args.engine,
+        batch_tokens=args.batch_tokens,
+        cache_dir=args.cache_dir,
+    )
+    out = acts.save(args.out)
+    log.info("wrote %s to %s", acts, out)
+    return 0
 
 
 # --- sweep ------------------------------------------------------------------------------------
@@ -327,18 +392,50 @@ def _add_eval_marker(sub: argparse._SubParsersAction) -> None:
 
 # --- report -----------------------------------------------------------------------------------
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write the Markdown/JSON report and figures of a study")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "report",
+        help="write the Markdown/JSON report and figures of a study",
+        description="Re-run the sweep and report stages of a study whose earlier stages are on disk.",
+    )
+    p.add_argument("config", help="the study's YAML file")
+    p.add_argument("--out", default=None, help="the study's output folder (overrides the config's 'out')")
+    p.add_argument("--force", action="store_true", help="rewrite the report even if it is current")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from persona_geometry.config import StudyConfig
+    from persona_geometry.study import run_study
+
+    config = StudyConfig.load(args.config)
+    if args.out is not None:
+        config = config.with_overrides(out=args.out)
+    result = run_study(config, stages=["sweep", "report"], force=args.force)
+    print(result.summary())
+    return 0
 
 
 # --- demo -------------------------------------------------------------------------------------
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline offline on an embedded tiny model")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline offline on an embedded tiny model",
+        description="Build a tiny random-weight chat model and run the whole study on it: its "
+        "numbers show the mechanics of the pipeline, not a finding.",
+    )
+    p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_demo)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise UsageError(f"'{args.command}' is not available in this build yet")
+def _run_demo(args: argparse.Namespace) -> int:
+    from persona_geometry.demo import DISCLAIMER, run_demo
+
+    print(DISCLAIMER, flush=True)
+    result = run_demo(args.out, progress=not args.no_progress)
+    print(result.summary())
+    print(DISCLAIMER)
+    return 0
 
 
 _SUBCOMMANDS = (
