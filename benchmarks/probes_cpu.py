@@ -6,9 +6,10 @@ Measured: ``probe_layers`` for persona identity (logistic) and for a per-persona
 (ridge), default ``ProbeConfig`` (5 question-grouped folds, 3 shuffled-label runs), and the
 directions/projection path (``mean_difference``, ``assistant_axis``, ``project`` per prompt).
 
-Usage::
+Usage (single-threaded BLAS: on a busy 2-core machine multi-threaded BLAS oversubscribes the
+cores and ran 14× slower, 70 s instead of 5 s for two layers)::
 
-    python benchmarks/probes_cpu.py --out benchmarks/results/probes_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/probes_cpu.py --out benchmarks/results/probes_cpu.json
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from persona_geometry.probes import ProbeConfig, assistant_axis, mean_difference, probe_layers, project
+    from persona_geometry.probes import (
+        ProbeConfig,
+        assistant_axis,
+        mean_difference,
+        probe_layers,
+        project,
+    )
 
     acts = _acts(args.personas, args.questions, args.layers, args.d_model)
     config = ProbeConfig()
@@ -71,6 +78,7 @@ def main() -> None:
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "note": "2 shared CPU cores (other jobs running), no GPU",
         },
         "workload": {
