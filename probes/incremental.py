@@ -9,6 +9,7 @@ centering and cosines with another centering set, with no model at all.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -185,7 +186,8 @@ def extend(
 
     Args:
         acts: The cached activations.
-        model: The ``ModelHandle`` (from ``load_model``) the cache was made with.
+        model: The ``ModelHandle`` (from ``load_model``) the cache was made with, or its folder or
+            id (then loaded once, in the cached dtype).
         personas: Personas to add; none may already be cached.
         questions: Questions to add; none may already be cached.
         chat_template: The template override the cache was made with, if any.
@@ -219,6 +221,12 @@ def extend(
             invalid(key, func, "left out (the cached set's are used)", extract_kwargs[key])
     if chat_template is not None:
         extract_kwargs["chat_template"] = chat_template
+    if isinstance(model, str | os.PathLike):
+        from persona_geometry.models import load_model
+
+        # Loaded once for both parts, in the cached set's dtype.
+        model = load_model(model, dtype=acts.manifest.get("dtype"), device=extract_kwargs.pop("device", None))
+        extract_kwargs.pop("dtype", None)
     _check_same_source(acts.manifest, _model_identity(model, chat_template), "model", func)
 
     kwargs = {"hooks": tuple(acts.hooks), "layers": list(acts.layers), **extract_kwargs}
