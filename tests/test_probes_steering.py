@@ -152,17 +152,18 @@ def test_dose_response_counts_marker_hits_as_greedy_generation_does(tiny):
             texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         return texts
 
-    plain = greedy(0.0)
+    texts = {a: greedy(a) for a in alphas}
+    plain = texts[0.0]
     marker = plain[0].strip()[:3].upper()  # case-insensitive match of what alpha=0 writes
     assert marker
     res = dose_response(
         model, tok, d, persona=persona, layer=LAYER, alphas=alphas, questions=questions,
         marker=marker, n_completions=1, max_new_tokens=6, temperature=0.0, progress=False,
     )
-    expected = [sum(marker.lower() in t.lower() for t in greedy(a)) for a in alphas]
+    expected = [sum(marker.lower() in t.lower() for t in texts[a]) for a in alphas]
     assert res.k.tolist() == expected and res.n.tolist() == [2, 2]
     assert res.k[0] >= 1
-    assert [list(c) for c in res.completions] == [plain, greedy(30.0)]
+    assert [list(c) for c in res.completions] == [texts[a] for a in alphas]
     frame = res.to_frame()
     assert list(frame["alpha"]) == alphas and "rate" in frame
 
