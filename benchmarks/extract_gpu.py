@@ -47,24 +47,54 @@ QWEN7B = dict(
 )
 
 
+# The smoke mode (--smoke) runs the same code on the CPU with a tiny shape, to check the
+# script before spending GPU time; its numbers mean nothing.
+DEVICE = "cuda"
+TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+
 def _sync() -> None:
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _allocated() -> int:
+    return torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+
+
+def _peak() -> int:
+    return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+
+
+def _reset_peak() -> None:
+    if DEVICE == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def gemm_tflops(n: int = 8192, reps: int = 20) -> float:
     """Returns the median bf16 matmul rate (TFLOP/s) of an n×n×n product on random data."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
         _sync()
-        times.append(start.elapsed_time(end) / 1e3)
+        t0 = time.perf_counter()
+        a @ b
+        _sync()
+        times.append(time.perf_counter() - t0)
     del a, b
     return 2 * n**3 / statistics.median(times) / 1e12
 
@@ -76,10 +106,8 @@ def timed(fn, *, warmup: int = 1, reps: int = 3) -> tuple[float, float, object]:
         out = fn()
         _sync()
     del out
-    gc.collect()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
+    base = _allocated()
     times = []
     for _ in range(reps):
         _sync()
@@ -87,7 +115,7 @@ def timed(fn, *, warmup: int = 1, reps: int = 3) -> tuple[float, float, object]:
         out = fn()
         _sync()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated()
+    peak = _peak()
     return statistics.median(times), (peak - base) / 2**30, out
 
 
@@ -100,13 +128,12 @@ def build_checkpoint(path: Path, config_kwargs: dict, vocab_size: int) -> None:
     tokenizer = _train_tokenizer(vocab_size)
     config = Qwen2Config(**config_kwargs, torch_dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    _reset_peak()
 
 
 def non_embedding_params(model) -> int:
@@ -117,7 +144,7 @@ def non_embedding_params(model) -> int:
 
 def hf_hidden_states_one_batch(model, tokenizer, texts):
     """Baseline 2: one left-padded batch with output_hidden_states=True; keeps the last token."""
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(DEVICE)
     with torch.inference_mode():
         out = model(**enc, output_hidden_states=True)
     # hidden_states[l + 1] is block l's output, except the last entry (post final norm).
@@ -137,7 +164,7 @@ def one_at_a_time(model, tokenizer, texts, layers):
     try:
         with torch.inference_mode():
             for text in texts:
-                ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to("cuda")
+                ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(DEVICE)
                 captured.clear()
                 model.model(**ids)
                 rows.append(torch.cat(captured, dim=0).float().cpu())
@@ -150,7 +177,7 @@ def one_at_a_time(model, tokenizer, texts, layers):
 def transformer_lens_run_with_cache(bridge, tokenizer, texts, n_layers):
     """Baseline 3: TransformerBridge.run_with_cache, one left-padded batch, names_filter on resid_post."""
     names = {f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)}
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(DEVICE)
     with torch.inference_mode():
         _, cache = bridge.run_with_cache(
             enc["input_ids"], attention_mask=enc["attention_mask"], names_filter=lambda n: n in names
@@ -164,25 +191,48 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="where the random checkpoint is written")
     parser.add_argument("--skip", default="", help="comma-separated variants to skip: hf,tl,one,toolkit")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="check the script on the CPU with a tiny shape")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("extract_gpu.py needs a CUDA device", file=sys.stderr)
+    global DEVICE, QWEN7B
+    if args.smoke:
+        DEVICE, QWEN7B = "cpu", TINY
+    elif not torch.cuda.is_available():
+        print("extract_gpu.py needs a CUDA device (or --smoke)", file=sys.stderr)
         return 2
     skip = set(filter(None, args.skip.split(",")))
-
-    from persona_geometry import builtin_personas, builtin_questions, extract_activations, load_model, render_prompts
-
     result: dict = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test, numbers meaningless)",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "workload": "Qwen2.5-7B-Instruct shape, random bf16 weights; 12 personas x 20 questions; resid_post, 28 layers, last token",
     }
     print(f"device: {result['device']}", flush=True)
-    result["gemm_tflops"] = gemm_tflops()
+    result["gemm_tflops"] = gemm_tflops(8192 if DEVICE == "cuda" else 256)
     print(f"GEMM bf16: {result['gemm_tflops']:.0f} TFLOP/s", flush=True)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pg-bench-"))
+    measure_7b(result, workdir, skip, args.reps)
+    _reset_peak()
+
+    result["max_abs_diff_fp32"] = fp32_check(workdir)
+    print(json.dumps(result, indent=2), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    return 0
+
+
+def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int) -> None:
+    """Builds the 7B-shaped checkpoint, loads it, and times every variant into ``result``."""
+    from persona_geometry import (
+        builtin_personas,
+        builtin_questions,
+        extract_activations,
+        load_model,
+        render_prompts,
+    )
+
     ckpt = workdir / "qwen7b-random"
     t0 = time.perf_counter()
     build_checkpoint(ckpt, QWEN7B, vocab_size=4096)
@@ -192,7 +242,7 @@ def main() -> int:
     # Model load: safetensors -> GPU, bf16. Page cache is warm after the write; say so.
     _sync()
     t0 = time.perf_counter()
-    handle = load_model(str(ckpt), device="cuda", dtype="bfloat16")
+    handle = load_model(str(ckpt), device=DEVICE, dtype="bfloat16")
     _sync()
     load_s = time.perf_counter() - t0
     result["load_s"] = load_s
@@ -200,7 +250,7 @@ def main() -> int:
     result["load_note"] = "files were just written, so they come from the page cache, not disk"
     model, tokenizer = handle.model, handle.tokenizer
     tokenizer.padding_side = "left"
-    weights_gib = torch.cuda.memory_allocated() / 2**30
+    weights_gib = _allocated() / 2**30
     result["weights_gib"] = weights_gib
 
     personas, questions = builtin_personas(), builtin_questions()
@@ -210,8 +260,9 @@ def main() -> int:
     result["n_prompts"] = len(texts)
     result["real_tokens"] = n_tokens
     # Tokens once each persona's shared system block is counted once (what a prefix cache computes).
-    prefix = [os.path.commonprefix([list(p.input_ids) for p in prompts.prompts[i * 20 : (i + 1) * 20]]) for i in range(12)]
-    result["unique_tokens"] = n_tokens - sum(len(pre) * 19 for pre in prefix)
+    q = len(questions)
+    prefix = [os.path.commonprefix([list(p.input_ids) for p in prompts.prompts[i * q : (i + 1) * q]]) for i in range(len(personas))]
+    result["unique_tokens"] = n_tokens - sum(len(pre) * (q - 1) for pre in prefix)
     params = non_embedding_params(model)
     result["non_embedding_params"] = params
     result["ideal_s"] = 2 * params * n_tokens / (result["gemm_tflops"] * 1e12)
@@ -219,15 +270,16 @@ def main() -> int:
     print(f"{len(texts)} prompts, {n_tokens} tokens ({result['unique_tokens']} unique); ideal {result['ideal_s']:.3f}s", flush=True)
 
     layers = model.model.layers
+    n_layers = len(layers)
     times, peaks, outs = {}, {}, {}
     if "toolkit" not in skip:
         times["toolkit"], peaks["toolkit"], acts = timed(
-            lambda: extract_activations(handle, personas, questions, progress=False), reps=args.reps
+            lambda: extract_activations(handle, personas, questions, progress=False), reps=reps
         )
-        outs["toolkit"] = acts["resid_post"].float().reshape(len(texts), 28, -1)
+        outs["toolkit"] = acts["resid_post"].float().reshape(len(texts), n_layers, -1)
     if "hf" not in skip:
         times["hf_hidden_states"], peaks["hf_hidden_states"], outs["hf_hidden_states"] = timed(
-            lambda: hf_hidden_states_one_batch(model, tokenizer, texts), reps=args.reps
+            lambda: hf_hidden_states_one_batch(model, tokenizer, texts), reps=reps
         )
     if "one" not in skip:
         times["one_at_a_time"], peaks["one_at_a_time"], outs["one_at_a_time"] = timed(
@@ -239,7 +291,7 @@ def main() -> int:
 
             bridge = TransformerBridge.boot_transformers(str(ckpt), hf_model=model, tokenizer=tokenizer)
             times["transformer_lens"], peaks["transformer_lens"], outs["transformer_lens"] = timed(
-                lambda: transformer_lens_run_with_cache(bridge, tokenizer, texts, 28), reps=args.reps
+                lambda: transformer_lens_run_with_cache(bridge, tokenizer, texts, n_layers), reps=reps
             )
             del bridge
         except Exception as e:  # Reported, not fatal: the other numbers still stand.
@@ -262,26 +314,21 @@ def main() -> int:
             ref = outs["one_at_a_time"]
             rel = (outs["toolkit"] - ref).norm() / ref.norm()
             result["bf16_rel_diff_vs_one_at_a_time"] = rel.item()
-    del model, handle
-    gc.collect()
-    torch.cuda.empty_cache()
-
-    result["max_abs_diff_fp32"] = fp32_check(workdir)
-    print(json.dumps(result, indent=2), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(result)
-    return 0
 
 
 def fp32_check(workdir: Path) -> float:
     """Returns the max abs difference, fp32 on the GPU, between the toolkit and one-at-a-time HF."""
-    from persona_geometry import builtin_personas, builtin_questions, extract_activations, load_model, render_prompts
+    from persona_geometry import (
+        builtin_personas,
+        builtin_questions,
+        extract_activations,
+        load_model,
+        render_prompts,
+    )
     from persona_geometry.tiny import TinyModelSpec, build_tiny_model
 
     path = build_tiny_model(workdir / "tiny", TinyModelSpec(num_hidden_layers=4))
-    handle = load_model(str(path), device="cuda", dtype="float32")
+    handle = load_model(str(path), device=DEVICE, dtype="float32")
     personas, questions = builtin_personas(), builtin_questions()
     acts = extract_activations(handle, personas, questions, progress=False)["resid_post"]
     prompts = render_prompts(handle.tokenizer, personas, questions)
@@ -292,7 +339,7 @@ def fp32_check(workdir: Path) -> float:
     try:
         with torch.inference_mode():
             for k, p in enumerate(prompts.prompts):
-                ids = torch.tensor([p.input_ids], device="cuda")
+                ids = torch.tensor([p.input_ids], device=DEVICE)
                 hs = model(ids, output_hidden_states=True).hidden_states
                 ref = torch.stack([h[0, -1] for h in hs[1:-1]] + [captured["last"]]).cpu()
                 got = acts[k // len(questions), k % len(questions)]
