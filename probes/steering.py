@@ -253,7 +253,18 @@ def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_templ
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         n = sampling.n_completions
         per_batch = max(1, batch_size // n)
-        kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad_id, "num_return_sequences": n}
+        # Stop at the end of the assistant turn: the model's own EOS ids and the tokenizer's
+        # (e.g. <|im_end|>), so text after the turn never counts toward the marker.
+        eos = getattr(getattr(net, "generation_config", None), "eos_token_id", None)
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(tokenizer.eos_token_id)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_new_tokens,
+            "pad_token_id": pad_id,
+            "eos_token_id": eos_ids or None,
+            "num_return_sequences": n,
+        }
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
