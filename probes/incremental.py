@@ -9,6 +9,7 @@ centering and cosines with another centering set, with no model at all.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,20 +30,18 @@ __all__ = ["extend", "recenter", "concat_personas", "concat_questions"]
 
 log = logging.getLogger(__name__)
 
-# Manifest entries that must agree for two activation sets to be comparable: same weights,
-# same numerics, same prompt rendering. Only keys both manifests carry are compared.
+# Manifest entries (as ``extract_activations`` writes them) that must agree for two activation
+# sets to be comparable: same weights, same numerics, same prompt rendering. The device is not
+# among them (CPU and GPU float32 agree to ~1e-6). Only keys both manifests carry are compared.
 _IDENTITY_KEYS = (
     "model_id",
     "revision",
-    "model_revision",
+    "weights_id",
     "adapter",
-    "adapter_id",
     "dtype",
     "engine",
-    "chat_template_hash",
-    "template_hash",
-    "d_model",
     "n_layers",
+    "chat_template_hash",
 )
 
 
@@ -58,27 +57,45 @@ def _check_same_source(old: Mapping[str, Any], new: Mapping[str, Any], param: st
 
 
 def _model_identity(model: Any, chat_template: str | None) -> dict[str, Any]:
-    """Returns what can be known about ``model`` before running it, under manifest key names."""
+    """Returns the handle's identity under manifest key names, known before running the model."""
     from persona_geometry.prompts import chat_template_of
     from persona_geometry.provenance import stable_hash
 
     out: dict[str, Any] = {}
-    net = getattr(model, "model", model)
-    for key in ("model_id", "revision"):
-        value = getattr(model, key, None)
-        if isinstance(value, str):
-            out[key] = value
-    if "model_id" not in out:
-        name = getattr(getattr(net, "config", None), "_name_or_path", None)
-        if isinstance(name, str) and name:
-            out["model_id"] = name
+    provenance = getattr(model, "provenance", None)
+    if callable(provenance):
+        out.update({k: v for k, v in provenance().items() if k in _IDENTITY_KEYS})
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
-        try:
-            out["chat_template_hash"] = stable_hash(chat_template_of(tokenizer, chat_template, func="extend"))
-        except ValueError:
-            pass
+        out["chat_template_hash"] = stable_hash(chat_template_of(tokenizer, chat_template, func="extend"))
     return out
+
+
+def _extended_manifest(acts: ActivationSet, model: Any, chat_template: str | None, parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Returns the cached manifest with the content hashes of the grown set.
+
+    The hashes are those a full extraction of the union would record, so the extended set's
+    cache key is that extraction's: it can be stored in, and found from, the same cache.
+    """
+    from persona_geometry.prompts import render_prompts
+    from persona_geometry.provenance import stable_hash
+
+    manifest = dict(acts.manifest)
+    tokenizer = getattr(model, "tokenizer", None)
+    manifest["persona_hash"] = acts.personas.content_hash()
+    manifest["question_hash"] = stable_hash(list(acts.questions))
+    manifest["n_prompts"] = len(acts.personas) * len(acts.questions)
+    if tokenizer is not None:
+        prompts = render_prompts(tokenizer, acts.personas, acts.questions, chat_template=chat_template)
+        manifest["prompt_ids_hash"] = prompts.content_hash()
+    if "cache_key" in manifest:
+        from persona_geometry.store import KEY_FIELDS, cache_key
+
+        if all(k in manifest for k in KEY_FIELDS):
+            manifest["extended_from"] = acts.manifest.get("extended_from", acts.manifest["cache_key"])
+            manifest["cache_key"] = cache_key(manifest)
+    manifest["extensions"] = [*acts.manifest.get("extensions", []), *({"cache_key": p.get("cache_key"), "created": p.get("created"), "n_prompts": p.get("n_prompts")} for p in parts)]
+    return manifest
 
 
 def _as_personas(personas: Sequence[Persona] | PersonaSet | None) -> list[Persona]:
@@ -169,7 +186,8 @@ def extend(
 
     Args:
         acts: The cached activations.
-        model: The ``ModelHandle`` the cache was made with (what ``extract_activations`` takes).
+        model: The ``ModelHandle`` (from ``load_model``) the cache was made with, or its folder or
+            id (then loaded once, in the cached dtype).
         personas: Personas to add; none may already be cached.
         questions: Questions to add; none may already be cached.
         chat_template: The template override the cache was made with, if any.
@@ -203,22 +221,41 @@ def extend(
             invalid(key, func, "left out (the cached set's are used)", extract_kwargs[key])
     if chat_template is not None:
         extract_kwargs["chat_template"] = chat_template
+    if isinstance(model, str | os.PathLike):
+        from persona_geometry.models import load_model
+
+        # Loaded once for both parts, in the cached set's dtype.
+        model = load_model(model, dtype=acts.manifest.get("dtype"), device=extract_kwargs.pop("device", None))
+        extract_kwargs.pop("dtype", None)
     _check_same_source(acts.manifest, _model_identity(model, chat_template), "model", func)
 
     kwargs = {"hooks": tuple(acts.hooks), "layers": list(acts.layers), **extract_kwargs}
+    for key in ("engine", "layer_template"):
+        if acts.manifest.get(key) is not None and key not in kwargs:
+            kwargs[key] = acts.manifest[key]
     out = acts
+    parts = []
     if new_questions:
         log.info("extracting %d cached personas × %d new questions", len(acts.personas), len(new_questions))
         part = extract_activations(model, acts.personas, new_questions, **kwargs)
         _check_same_source(acts.manifest, part.manifest, "model", func)
         out = concat_questions(out, part)
+        parts.append(part.manifest)
     if new_personas:
         all_questions = [*acts.questions, *new_questions]
         log.info("extracting %d new personas × %d questions", len(new_personas), len(all_questions))
         part = extract_activations(model, PersonaSet(new_personas), all_questions, **kwargs)
         _check_same_source(acts.manifest, part.manifest, "model", func)
         out = concat_personas(out, part)
-    return out
+        parts.append(part.manifest)
+    return ActivationSet(
+        {h: out[h] for h in out.hooks},
+        personas=out.personas,
+        questions=out.questions,
+        layers=out.layers,
+        n_tokens=out.n_tokens,
+        manifest=_extended_manifest(out, model, chat_template, parts),
+    )
 
 
 def recenter(

@@ -56,30 +56,17 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList | Sequence[torch.nn.Module]:
-    """Returns the model's transformer blocks, in order (a peft wrapper is looked through)."""
+def _blocks(model: torch.nn.Module, layer_template: str | None = None) -> Sequence[torch.nn.Module]:
+    """Returns the model's decoder blocks, in order, looking through a peft wrapper."""
+    from persona_geometry.hooks import find_layers
+
+    # A PeftModel forwards to the wrapped model, whose blocks (LoRA layers injected in place)
+    # are the ones its forward runs; the layer templates are written for that model.
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     try:
-        from persona_geometry.hooks import find_blocks  # type: ignore[attr-defined]
-    except ImportError:
-        find_blocks = None
-    if find_blocks is not None:
-        return find_blocks(model)
-    n = _n_layers(model)
-    # The outermost ModuleList with one entry per layer is the block stack: `model.layers` in
-    # Llama/Qwen, `transformer.h` in GPT-2, `base_model.model.model.layers` under peft.
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and (n is None or len(module) == n):
-            return module
-    invalid("model", "steer", "a transformer with a ModuleList of blocks (e.g. model.layers)", type(model).__name__, exc=TypeError)
-
-
-def _n_layers(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
+        return find_layers(base, layer_template)[1]
+    except ValueError as e:
+        raise ValueError(str(e).replace("find_layers", "steer")) from e
 
 
 def _width(model: torch.nn.Module) -> int:
@@ -105,6 +92,7 @@ def steer(
     *,
     layer: int,
     alpha: float | int,
+    layer_template: str | None = None,
 ) -> Iterator[Tensor]:
     """Yields the added vector while ``alpha × direction`` is added to block ``layer``'s output.
 
@@ -118,6 +106,8 @@ def steer(
         layer: The block whose output (``blocks.{layer}.hook_resid_post``) is shifted;
             negative counts from the end.
         alpha: The multiplier; 0 leaves the model's outputs unchanged.
+        layer_template: Path of the decoder blocks, e.g. ``"model.layers.{num}"``, for models the
+            built-in templates (``persona_geometry.hooks.LAYER_TEMPLATES``) miss.
 
     Raises:
         ValueError: If ``layer`` is out of range, the direction has another width than the model
@@ -125,7 +115,7 @@ def steer(
     """
     func = "steer"
     net = _unwrap(model)
-    blocks = _blocks(net)
+    blocks = _blocks(net, layer_template)
     n = len(blocks)
     layer = check_int_in_range(layer, "layer", func, -n, n - 1) % n
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
@@ -263,7 +253,18 @@ def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_templ
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         n = sampling.n_completions
         per_batch = max(1, batch_size // n)
-        kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad_id, "num_return_sequences": n}
+        # Stop at the end of the assistant turn: the model's own EOS ids and the tokenizer's
+        # (e.g. <|im_end|>), so text after the turn never counts toward the marker.
+        eos = getattr(getattr(net, "generation_config", None), "eos_token_id", None)
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(tokenizer.eos_token_id)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_new_tokens,
+            "pad_token_id": pad_id,
+            "eos_token_id": eos_ids or None,
+            "num_return_sequences": n,
+        }
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from persona_geometry.probes import concat_personas, concat_questions, recenter
+from persona_geometry.probes import concat_personas, concat_questions, extend, recenter
 
 from persona_geometry.activations import ActivationSet
 from persona_geometry.geometry import center, centroids, cosine_to_reference
@@ -74,3 +74,67 @@ def test_concat_personas_and_questions_keep_labels_aligned():
         concat_personas(a, _acts(seed=3, personas=slice(5, 8))[0])
     with pytest.raises(ValueError, match=r"'b' parameter of concat_questions must produce activations from the same model.*dtype: cached 'float64' vs 'bfloat16'"):
         concat_questions(a, _acts(seed=2, manifest={"model_id": "tiny/test", "dtype": "bfloat16"})[0])
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen_path):
+    from persona_geometry.models import load_model
+
+    return load_model(tiny_qwen_path, dtype="float32", device="cpu")
+
+
+def test_extend_equals_a_full_extraction_running_only_the_new_prompts(qwen, tmp_path, monkeypatch):
+    import persona_geometry.extract as extract_mod
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.questions import builtin_questions
+
+    ps, qs = builtin_personas(), builtin_questions()
+    cached = extract_activations(qwen, ps[:3], qs[:3], progress=False)
+    run = []
+    real = extract_mod.extract_activations
+
+    def counting(model, personas, questions, **kw):
+        run.append((list(personas.names), list(questions)))
+        return real(model, personas, questions, **kw)
+
+    monkeypatch.setattr(extract_mod, "extract_activations", counting)
+    grown = extend(cached, qwen, personas=list(ps[3:5]), questions=qs[3:5], progress=False)
+    monkeypatch.undo()
+    # Cached personas on the new questions, new personas on every question: 6 + 10 prompts, not 25.
+    assert run == [(ps.names[:3], qs[3:5]), (ps.names[3:5], qs[:5])]
+
+    full = extract_activations(qwen, ps[:5], qs[:5], progress=False)
+    assert grown.personas.names == full.personas.names and grown.questions == full.questions
+    torch.testing.assert_close(grown["resid_post"], full["resid_post"], atol=1e-5, rtol=0)
+    assert torch.equal(grown.n_tokens, full.n_tokens)
+    # Same content hashes as the full extraction: same cache key.
+    for key in ("persona_hash", "question_hash", "prompt_ids_hash", "cache_key"):
+        assert grown.manifest[key] == full.manifest[key], key
+    assert grown.manifest["extended_from"] == cached.manifest["cache_key"]
+    back = ActivationSet.load(grown.save(tmp_path / "grown"))
+    torch.testing.assert_close(back["resid_post"], grown["resid_post"])
+
+
+def test_extend_refuses_another_model_dtype_or_template(qwen, tiny_llama_path):
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.models import load_model
+    from persona_geometry.questions import builtin_questions
+
+    ps, qs = builtin_personas(), builtin_questions()
+    cached = extract_activations(qwen, ps[:2], qs[:2], progress=False)
+    new = [ps[5]]
+    llama = load_model(tiny_llama_path, dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match=r"'model' parameter of extend must produce activations from the same model.*model_id"):
+        extend(cached, llama, personas=new, progress=False)
+    bf16 = load_model(qwen.path, dtype="bfloat16", device="cpu")
+    with pytest.raises(ValueError, match=r"'model' parameter of extend.*dtype: cached 'float32' vs 'bfloat16'"):
+        extend(cached, bf16, personas=new, progress=False)
+    other_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    with pytest.raises(ValueError, match=r"'model' parameter of extend.*chat_template_hash"):
+        extend(cached, qwen, personas=new, chat_template=other_template, progress=False)
+    with pytest.raises(ValueError, match=r"'personas' parameter of extend must be personas not already in the cached set"):
+        extend(cached, qwen, personas=[ps[0]], progress=False)
+    with pytest.raises(ValueError, match=r"'questions' parameter of extend must be questions not already in the cached set"):
+        extend(cached, qwen, questions=[qs[1]], progress=False)
+    with pytest.raises(ValueError, match=r"'personas' parameter of extend must be a non-empty list"):
+        extend(cached, qwen, progress=False)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from persona_geometry.probes import Direction, DoseResponse, dose_response, steer
+from persona_geometry.probes import Direction, DoseResponse, assistant_axis, dose_response, steer
 
 from persona_geometry.personas import builtin_personas
 from persona_geometry.prompts import render_prompts
@@ -152,17 +152,18 @@ def test_dose_response_counts_marker_hits_as_greedy_generation_does(tiny):
             texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         return texts
 
-    plain = greedy(0.0)
+    texts = {a: greedy(a) for a in alphas}
+    plain = texts[0.0]
     marker = plain[0].strip()[:3].upper()  # case-insensitive match of what alpha=0 writes
     assert marker
     res = dose_response(
         model, tok, d, persona=persona, layer=LAYER, alphas=alphas, questions=questions,
         marker=marker, n_completions=1, max_new_tokens=6, temperature=0.0, progress=False,
     )
-    expected = [sum(marker.lower() in t.lower() for t in greedy(a)) for a in alphas]
+    expected = [sum(marker.lower() in t.lower() for t in texts[a]) for a in alphas]
     assert res.k.tolist() == expected and res.n.tolist() == [2, 2]
     assert res.k[0] >= 1
-    assert [list(c) for c in res.completions] == [plain, greedy(30.0)]
+    assert [list(c) for c in res.completions] == [texts[a] for a in alphas]
     frame = res.to_frame()
     assert list(frame["alpha"]) == alphas and "rate" in frame
 
@@ -199,3 +200,21 @@ def test_dose_response_with_a_custom_counter_runs_it_inside_the_steering(tiny, t
     with pytest.raises(ValueError, match="'alphas' parameter of dose_response"):
         dose_response(model, tok, _direction(), persona=builtin_personas()[1], layer=LAYER, alphas=[], questions=["q?"], counter=counter)
     np.testing.assert_array_equal(res.alphas, [-2.0, 0.0, 2.0, 4.0])
+
+
+def test_extraction_inside_steer_sees_the_shift_on_a_model_handle(tiny_qwen_path):
+    # End to end with the core pieces: a direction from extracted activations, steering a
+    # ModelHandle, and the extractor's own block hooks as the second reference.
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.models import load_model
+
+    handle = load_model(tiny_qwen_path, dtype="float32", device="cpu")
+    ps, qs = builtin_personas()[:4], builtin_questions()[:2]
+    acts = extract_activations(handle, ps, qs, progress=False)
+    axis = assistant_axis(acts)
+    with steer(handle, axis, layer=2, alpha=-4.0):
+        steered = extract_activations(handle, ps, qs, progress=False)
+    x, y = acts["resid_post"], steered["resid_post"]
+    torch.testing.assert_close(x[:, :, :2], y[:, :, :2], atol=1e-5, rtol=0)  # blocks 0 and 1 untouched
+    torch.testing.assert_close(y[:, :, 2] - x[:, :, 2], (-4.0 * axis.at(2)).expand_as(x[:, :, 2]).float(), atol=1e-5, rtol=0)
+    assert (y[:, :, 3] - x[:, :, 3]).abs().max() > 1e-3
