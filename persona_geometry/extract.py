@@ -230,11 +230,11 @@ def extract_activations(
 
     if engine == "hf":
         run = _hf_engine(model, layer_list, hooks, layer_template, shared, batch_tokens)
-        model_device = model.device
     else:
         run = _tl_engine(bridge if bridge is not None else _bridge_from_handle(model), layer_list, hooks, n_layers)
-        model_device = torch.device(identity["device"])
 
+    # What a batch's token budget counts: the tokens it computes (the suffix, with a shared prefix).
+    costs = [len(x) for x in ids] if shared is None else [len(x) - len(shared.prefix_for(x)) for x in ids]
     done = partial.done() if partial is not None else set()
     results: list[tuple[list[int], dict[str, Tensor]]] = []
     from tqdm.auto import tqdm
@@ -243,7 +243,7 @@ def extract_activations(
     try:
         with run as forward:
             for chunk in _plan_chunks(ids, done, chunk_prompts):
-                order, out = _run_chunk(forward, ids, chunk, batch_tokens, max_batch_size, model_device, bar)
+                order, out = _run_chunk(forward, ids, costs, chunk, batch_tokens, max_batch_size, bar)
                 if partial is not None:
                     partial.write(order, out)
                 else:
@@ -351,10 +351,10 @@ def _plan_chunks(ids: Sequence[Sequence[int]], done: set[int], chunk_prompts: in
 def _run_chunk(
     forward: BatchFn,
     ids: Sequence[Sequence[int]],
+    costs: Sequence[int],
     chunk: list[int],
     batch_tokens: int,
     max_batch_size: int | None,
-    device: torch.device,
     bar: Any,
 ) -> tuple[list[int], dict[str, Float[Tensor, "prompt layer d_model"]]]:
     """Returns the chunk's prompt positions in ascending order and ``{hook: [prompt, layer, d_model]}`` on the CPU, in that order.
@@ -367,14 +367,14 @@ def _run_chunk(
     order = sorted(chunk)
     row_of = {prompt: row for row, prompt in enumerate(order)}
     buffers: dict[str, Tensor] = {}
-    for batch in plan_batches([len(ids[i]) for i in chunk], batch_tokens, max_batch_size):
+    for batch in plan_batches([costs[i] for i in chunk], batch_tokens, max_batch_size):
         prompts = [chunk[j] for j in batch]
         out = forward([ids[i] for i in prompts])
-        rows = torch.as_tensor([row_of[i] for i in prompts], device=device)
+        rows = torch.as_tensor([row_of[i] for i in prompts])
         for hook, t in out.items():
             if hook not in buffers:
                 buffers[hook] = torch.empty((len(chunk), *t.shape[1:]), dtype=t.dtype, device=t.device)
-            buffers[hook].index_copy_(0, rows, t)
+            buffers[hook].index_copy_(0, rows.to(t.device), t)
         bar.update(len(batch))
     return order, {hook: t.to("cpu") for hook, t in buffers.items()}
 
