@@ -22,7 +22,7 @@ import datetime as _dt
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -148,9 +148,9 @@ def extract_activations(
         elif not isinstance(model, ModelHandle):
             invalid("model", _FUNC, "a ModelHandle, a model folder or id, or a TransformerBridge", type(model).__name__, exc=TypeError)
         elif dtype is not None or device is not None:
-            invalid("dtype", _FUNC, "None when model is an already loaded ModelHandle (pass them to load_model)", dtype or device)
+            invalid("dtype" if dtype is not None else "device", _FUNC, "None when model is an already loaded ModelHandle (pass it to load_model)", dtype if dtype is not None else device)
     elif dtype is not None or device is not None:
-        invalid("dtype", _FUNC, "None when model is a TransformerBridge", dtype or device)
+        invalid("dtype" if dtype is not None else "device", _FUNC, "None when model is a TransformerBridge", dtype if dtype is not None else device)
     engine = engine or ("transformer_lens" if bridge is not None else "hf")
     if bridge is not None and engine != "transformer_lens":
         invalid("engine", _FUNC, "'transformer_lens' when model is a TransformerBridge", engine)
@@ -184,10 +184,14 @@ def extract_activations(
         template_path, blocks = find_layers(model.model, layer_template)
         n_layers = len(blocks)
         identity = model.provenance()
+        if not identity["weights_id"]:  # A hand-made handle: identify the weights by their values.
+            identity["weights_id"] = f"params:{model_fingerprint(model.model)}"
     layer_list = check_layers(layers, n_layers, _FUNC)
 
+    from persona_geometry.store import FORMAT_VERSION, PartialRun, cache_key, load_cached
+
     manifest: dict[str, Any] = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         **identity,
         "engine": engine,
         "hooks": list(hooks),
@@ -204,8 +208,6 @@ def extract_activations(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "package_versions": package_versions(),
     }
-    from persona_geometry.store import PartialRun, cache_key, load_cached
-
     manifest["cache_key"] = cache_key(manifest)
     partial = None
     if cache_dir is not None:
@@ -215,22 +217,22 @@ def extract_activations(
             return cached
         partial = PartialRun(cache_dir, manifest)
 
+    ids = [p.input_ids for p in prompts]
+    done = partial.done() if partial is not None else set()
+    chunks = _plan_chunks(ids, done, chunk_prompts)
+    results: list[tuple[list[int], dict[str, Tensor]]] = []
     if engine == "hf":
         run = _hf_engine(model, layer_list, hooks, layer_template)
         model_device = model.device
-    else:
+    elif chunks:
         run = _tl_engine(bridge if bridge is not None else _bridge_from_handle(model), layer_list, hooks, n_layers)
         model_device = torch.device(identity["device"])
-
-    ids = [p.input_ids for p in prompts]
-    done = partial.done() if partial is not None else set()
-    results: list[tuple[list[int], dict[str, Tensor]]] = []
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(ids), initial=len(done), unit="prompt", desc=f"extract ({engine})", disable=not progress)
     try:
-        with run as forward:
-            for chunk in _plan_chunks(ids, done, chunk_prompts):
+        with run if chunks else nullcontext() as forward:
+            for chunk in chunks:
                 out = _run_chunk(forward, ids, chunk, batch_tokens, max_batch_size, model_device, bar)
                 if partial is not None:
                     partial.write(chunk, out)
