@@ -1,1 +1,26 @@
-"""placeholder"""
+"""Source-rate evaluation: sample completions with the marker adapter, count the marker per persona.
+
+Two back ends take the same rendered prompts and sampling settings: vLLM (one ``generate`` call,
+the adapter applied with a ``LoRARequest``) and Hugging Face (merged adapter, left-padded batches).
+"""
+
+from persona_geometry.eval.adapters import check_adapter_matches, model_fingerprint, read_adapter_info
+from persona_geometry.eval.generation import BACKENDS, SamplingSettings, adapter_rank, generate_completions
+from persona_geometry.eval.marker import DEFAULT_MARKER, MarkerMatcher
+from persona_geometry.eval.source_rate import PersonaRate, SourceRates, source_rates, wilson_interval
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_MARKER",
+    "MarkerMatcher",
+    "PersonaRate",
+    "SamplingSettings",
+    "SourceRates",
+    "adapter_rank",
+    "check_adapter_matches",
+    "generate_completions",
+    "model_fingerprint",
+    "read_adapter_info",
+    "source_rates",
+    "wilson_interval",
+]

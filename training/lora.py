@@ -1,0 +1,481 @@
+"""LoRA marker training with peft and the transformers ``Trainer``: loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from persona_geometry._validation import check_one_of, check_positive_int, invalid
+from persona_geometry.provenance import package_versions, stable_hash
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LORA_TARGET_MODULES",
+    "MarkerTrainConfig",
+    "TrainResult",
+    "assistant_only_labels",
+    "train_marker",
+]
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+CONFIG_FILE = "train_config.json"
+LOSS_FILE = "loss_curve.json"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MarkerTrainConfig:
+    """The LoRA recipe; the defaults are the reference study's.
+
+    Attributes:
+        r: LoRA rank.
+        lora_alpha: LoRA alpha; with rsLoRA the update is scaled by ``alpha / sqrt(r)``.
+        lora_dropout: Dropout on the LoRA input.
+        use_rslora: Rank-stabilised scaling (``alpha / sqrt(r)`` instead of ``alpha / r``).
+        target_modules: Module names that get LoRA matrices.
+        learning_rate: AdamW's peak learning rate.
+        lr_scheduler_type: The transformers scheduler name.
+        warmup_ratio: Fraction of optimiser steps of linear warmup.
+        weight_decay: AdamW weight decay.
+        num_train_epochs: Passes over the dataset.
+        max_steps: Stop after this many optimiser steps (-1: train all epochs).
+        max_length: Longest tokenised example; longer ones are cut from the end.
+        per_device_train_batch_size: Examples per forward pass.
+        gradient_accumulation_steps: Forward passes per optimiser step.
+        seed: Seed for LoRA initialisation and data order.
+        dtype: ``"bfloat16"`` or ``"float32"`` for the base weights and autocast; bf16 on GPU and
+            fp32 on CPU when None.
+        gradient_checkpointing: Trade compute for activation memory.
+        save_steps: Checkpoint every this many optimiser steps (training resumes from the last).
+        logging_steps: Record the loss every this many optimiser steps.
+    """
+
+    r: int = 32
+    lora_alpha: float | int = 64
+    lora_dropout: float | int = 0.05
+    use_rslora: bool = True
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
+    learning_rate: float | int = 1e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float | int = 0.05
+    weight_decay: float | int = 0.0
+    num_train_epochs: float | int = 3
+    max_steps: int = -1
+    max_length: int = 1024
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    seed: int = 42
+    dtype: str | None = None
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+    logging_steps: int = 1
+
+    def __post_init__(self) -> None:
+        func = "MarkerTrainConfig"
+        for name in ("r", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+            check_positive_int(getattr(self, name), name, func)
+        for name, low_open in (("lora_alpha", True), ("learning_rate", True), ("num_train_epochs", True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                invalid(name, func, "a positive number", value)
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float) or not 0 <= self.lora_dropout < 1:
+            invalid("lora_dropout", func, "a float in [0, 1)", self.lora_dropout)
+        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, int | float) or not 0 <= self.warmup_ratio < 1:
+            invalid("warmup_ratio", func, "a float in [0, 1)", self.warmup_ratio)
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
+            invalid("weight_decay", func, "a float ≥ 0", self.weight_decay)
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
+            invalid("max_steps", func, "a positive int, or -1 for all epochs", self.max_steps)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            invalid("seed", func, "a non-negative int", self.seed)
+        if isinstance(self.target_modules, str) or not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            invalid("target_modules", func, "a non-empty sequence of module names", self.target_modules)
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        check_one_of(self.lr_scheduler_type, "lr_scheduler_type", func, ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"))
+        if self.dtype is not None:
+            check_one_of(self.dtype, "dtype", func, ("bfloat16", "float32"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as a JSON-safe dict."""
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MarkerTrainConfig:
+        """Returns a config from :meth:`to_dict`'s output.
+
+        Raises:
+            ValueError: On an unknown key.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            invalid("data", "MarkerTrainConfig.from_dict", f"a mapping with keys from {sorted(known)}", unknown)
+        data = dict(data)
+        if "target_modules" in data:
+            data["target_modules"] = tuple(data["target_modules"])
+        return cls(**data)
+
+
+def assistant_only_labels(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    max_length: int | None = None,
+    chat_template: str | None = None,
+) -> tuple[list[int], list[int]]:
+    """Returns ``(input_ids, labels)`` for one conversation, with labels only on the assistant's answer.
+
+    The prompt (every turn before the last, plus the generation header) is tokenised exactly as
+    at inference (``add_generation_prompt=True``), then the rest of the chat-template rendering
+    (the answer and its end-of-turn token) is appended. Labels are ``-100`` on the prompt and on
+    anything the template adds after the end-of-turn token, so the loss sees the answer and the
+    token that ends it.
+
+    Raises:
+        ValueError: If the last message is not the assistant's, or the template renders the
+            prompt as something other than a prefix of the whole conversation.
+    """
+    from persona_geometry.prompts import chat_template_of
+
+    func = "assistant_only_labels"
+    messages = [dict(m) for m in messages]
+    if len(messages) < 2 or messages[-1].get("role") != "assistant":
+        invalid("messages", func, "a conversation ending with an assistant turn", [m.get("role") for m in messages])
+    template = chat_template_of(tokenizer, chat_template, func=func)
+    prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=template, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    if not full.startswith(prompt):
+        invalid("chat_template", func, "a template whose generation prompt is a prefix of the full conversation", template[:80] + "...")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    answer_labels = list(answer_ids)
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in answer_ids:
+        # Whatever the template puts after the end-of-turn token (ChatML's "\n") is not the answer.
+        end = answer_ids.index(eos) + 1
+        answer_labels = answer_ids[:end] + [IGNORE_INDEX] * (len(answer_ids) - end)
+    input_ids = list(prompt_ids) + list(answer_ids)
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_labels
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return input_ids, labels
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    """What a marker training run produced.
+
+    Attributes:
+        out_dir: The run folder.
+        adapter_dir: The saved adapter (``adapter_model.safetensors`` + ``adapter_config.json``).
+        config: The resolved config.
+        loss_curve: One dict per logged step: ``step``, ``epoch``, ``loss``, ``learning_rate``.
+        n_examples: Training examples used.
+        train_seconds: Wall time of ``Trainer.train`` in this process.
+        resumed_from: The checkpoint training resumed from, or None.
+    """
+
+    out_dir: Path
+    adapter_dir: Path
+    config: MarkerTrainConfig
+    loss_curve: tuple[dict[str, float | int], ...] = field(repr=False)
+    n_examples: int
+    train_seconds: float
+    resumed_from: str | None = None
+
+    def to_frame(self):
+        """Returns the loss curve as a DataFrame, one row per logged step."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self.loss_curve))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the result as a JSON-safe dict."""
+        return {
+            "out_dir": str(self.out_dir),
+            "adapter_dir": str(self.adapter_dir),
+            "config": self.config.to_dict(),
+            "loss_curve": list(self.loss_curve),
+            "n_examples": self.n_examples,
+            "train_seconds": self.train_seconds,
+            "resumed_from": self.resumed_from,
+        }
+
+    def summary(self) -> str:
+        """Returns a few lines a person reads."""
+        first = self.loss_curve[0]["loss"] if self.loss_curve else float("nan")
+        last = self.loss_curve[-1]["loss"] if self.loss_curve else float("nan")
+        return (
+            f"Trained LoRA r={self.config.r} on {self.n_examples} examples in {self.train_seconds:.1f}s; "
+            f"loss {first:.4f} -> {last:.4f} over {len(self.loss_curve)} logged steps. Adapter: {self.adapter_dir}"
+        )
+
+
+class _LabelledDataset:
+    """A list of tokenised examples in the shape ``Trainer`` reads."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+
+def _collate(pad_id: int):
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate
+
+
+def _training_arguments(**kwargs: Any) -> Any:
+    """Returns ``TrainingArguments``, passing the warmup ratio the way this transformers takes it."""
+    from transformers import TrainingArguments
+
+    params = inspect.signature(TrainingArguments).parameters
+    ratio = kwargs.pop("warmup_ratio")
+    if "warmup_ratio" in params:
+        kwargs["warmup_ratio"] = ratio
+    else:  # transformers 5 takes a float in [0, 1) in warmup_steps as a ratio.
+        kwargs["warmup_steps"] = float(ratio)
+    return TrainingArguments(**kwargs)
+
+
+def _load_base(model: str | os.PathLike[str], dtype: Any, device: Any) -> tuple[Any, Any]:
+    """Returns (model, tokenizer): the one place to swap in the core model loader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device)
+    return hf_model, tokenizer
+
+
+def train_marker(
+    model: str | os.PathLike[str],
+    dataset: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike[str],
+    config: MarkerTrainConfig | None = None,
+    *,
+    source: str | None = None,
+    marker: str | None = None,
+    device: str | None = None,
+    chat_template: str | None = None,
+    resume: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Returns the result of training a marker LoRA adapter on a chat-message dataset.
+
+    Writes into ``out_dir``: ``adapter/`` (peft adapter as safetensors, plus what persona-geometry
+    needs at eval time: source persona, marker, base-model fingerprint), ``train_config.json``
+    (the resolved config and provenance), ``loss_curve.json`` and ``checkpoints/``. A run that
+    stopped part-way resumes from its last checkpoint when called again with the same inputs; a
+    finished run is returned from disk without training again.
+
+    Args:
+        model: Hugging Face model id or folder of the base model.
+        dataset: A marker dataset JSONL path (from :func:`build_marker_dataset`) or its rows.
+        out_dir: The run folder.
+        config: The recipe; the reference study's defaults when None.
+        source: The source persona, recorded with the adapter; read from the dataset's manifest
+            when None.
+        marker: The marker, recorded with the adapter; read from the manifest when None.
+        device: Torch device; CUDA when available, else CPU.
+        chat_template: A Jinja template to use instead of the tokenizer's own.
+        resume: Resume from the last checkpoint in ``out_dir`` if there is one.
+        callbacks: Extra ``transformers.TrainerCallback`` objects (early stopping, logging, ...).
+
+    Raises:
+        ValueError: On an empty or malformed dataset, or when ``out_dir`` holds a run with a
+            different config or dataset.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from persona_geometry._io import atomic_dir, atomic_write_json
+    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, model_fingerprint
+    from persona_geometry.training.data import load_marker_dataset
+
+    func = "train_marker"
+    config = config or MarkerTrainConfig()
+    if not isinstance(config, MarkerTrainConfig):
+        invalid("config", func, "a MarkerTrainConfig", config, exc=TypeError)
+    if isinstance(dataset, str | os.PathLike):
+        rows, manifest = load_marker_dataset(dataset)
+    else:
+        rows, manifest = [dict(r) for r in dataset], {}
+        if not rows:
+            invalid("dataset", func, "a non-empty list of chat-message rows", rows)
+    source = source if source is not None else manifest.get("source")
+    marker = marker if marker is not None else manifest.get("config", {}).get("marker")
+    out = Path(out_dir)
+
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = config.dtype or ("float32" if torch_device.type == "cpu" else "bfloat16")
+    fingerprint = model_fingerprint(model)
+    run_key = stable_hash({"model": fingerprint["hash"], "config": config.to_dict(), "data": [r["messages"] for r in rows]})
+    config_path = out / CONFIG_FILE
+    if config_path.is_file():
+        previous = json.loads(config_path.read_text(encoding="utf-8"))
+        if previous.get("run_key") != run_key and resume:
+            invalid("out_dir", func, "an empty folder or one holding a run with the same model, config and data", str(out))
+
+        loss_path = out / LOSS_FILE
+        if resume and previous.get("run_key") == run_key and loss_path.is_file() and (out / ADAPTER_DIR / ADAPTER_INFO_FILE).is_file():
+            done = json.loads(loss_path.read_text(encoding="utf-8"))
+            if done.get("completed"):
+                log.info("%s already holds this finished run; returning it without training", out)
+                return TrainResult(
+                    out_dir=out,
+                    adapter_dir=out / ADAPTER_DIR,
+                    config=config,
+                    loss_curve=tuple(done["loss_curve"]),
+                    n_examples=int(previous["n_examples"]),
+                    train_seconds=float(done["train_seconds"]),
+                    resumed_from=done.get("resumed_from"),
+                )
+
+    set_seed(config.seed)
+    hf_model, tokenizer = _load_base(model, getattr(torch, dtype_name), torch_device)
+    examples = []
+    for row in rows:
+        input_ids, labels = assistant_only_labels(tokenizer, row["messages"], max_length=config.max_length, chat_template=chat_template)
+        if all(label == IGNORE_INDEX for label in labels):
+            log.warning("an example has no answer tokens within max_length=%d and is skipped", config.max_length)
+            continue
+        examples.append({"input_ids": input_ids, "labels": labels})
+    if not examples:
+        invalid("dataset", func, "rows with answer tokens within max_length", f"{len(rows)} rows, none usable")
+
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(hf_model, lora)
+    if config.gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    resolved = {
+        "run_key": run_key,
+        "config": config.to_dict(),
+        "dtype": dtype_name,
+        "device": str(torch_device),
+        "base_model": str(model),
+        "base_fingerprint": fingerprint,
+        "source": source,
+        "marker": marker,
+        "n_examples": len(examples),
+        "dataset_manifest": manifest,
+        "package_versions": package_versions(),
+    }
+    atomic_write_json(config_path, resolved)
+
+    args = _training_arguments(
+        output_dir=str(out / CHECKPOINT_DIR),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        optim="adamw_torch",
+        bf16=dtype_name == "bfloat16",
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        disable_tqdm=False,
+        remove_unused_columns=False,
+        gradient_checkpointing=config.gradient_checkpointing,
+        use_cpu=torch_device.type == "cpu",
+        dataloader_pin_memory=torch_device.type == "cuda",
+    )
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=_LabelledDataset(examples),
+        data_collator=_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
+        callbacks=list(callbacks) or None,
+    )
+    checkpoint_root = out / CHECKPOINT_DIR
+    last = get_last_checkpoint(str(checkpoint_root)) if resume and checkpoint_root.is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+    started = time.time()
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.time() - started
+
+    loss_curve = tuple(
+        {"step": int(e["step"]), "epoch": float(e.get("epoch", 0.0)), "loss": float(e["loss"]), "learning_rate": float(e.get("learning_rate", 0.0))}
+        for e in trainer.state.log_history
+        if "loss" in e
+    )
+    adapter_dir = out / ADAPTER_DIR
+    with atomic_dir(adapter_dir) as tmp:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        atomic_write_json(
+            tmp / ADAPTER_INFO_FILE,
+            {
+                "source": source,
+                "marker": marker,
+                "base_model": str(model),
+                "base_fingerprint": fingerprint,
+                "train_config": config.to_dict(),
+                "run_key": run_key,
+            },
+        )
+    # A run stopped early (callback, interruption after a save) is not complete and resumes next time.
+    completed = trainer.state.global_step >= trainer.state.max_steps
+    atomic_write_json(
+        out / LOSS_FILE,
+        {"loss_curve": list(loss_curve), "train_seconds": seconds, "resumed_from": last, "completed": completed},
+    )
+    result = TrainResult(
+        out_dir=out,
+        adapter_dir=adapter_dir,
+        config=config,
+        loss_curve=loss_curve,
+        n_examples=len(examples),
+        train_seconds=seconds,
+        resumed_from=last,
+    )
+    log.info(result.summary())
+    return result
