@@ -33,20 +33,22 @@ def demo_config(out: str | os.PathLike[str], model_path: str | os.PathLike[str])
             "out": str(out),
             "model": {"name": str(model_path), "dtype": "float32", "device": "cpu"},
             "marker": {"sources": "all", "seeds": [42]},
-            # Short answers and fewer rows keep 12 trainings within a couple of CPU minutes.
-            "data": {"n_source": 40, "n_per_bystander": 40},
-            "responses": {"max_new_tokens": 12, "backend": "hf"},
+            # Short answers, few rows and a high learning rate keep 12 trainings within a couple
+            # of CPU minutes; evaluation leaves room for answer + separator + marker.
+            "data": {"n_source": 24, "n_per_bystander": 24},
+            "responses": {"max_new_tokens": 6, "backend": "hf"},
             "train": {
-                "learning_rate": 2e-3,
-                "num_train_epochs": 2,
+                "learning_rate": 5e-3,
+                "num_train_epochs": 3,
                 "per_device_train_batch_size": 8,
                 "gradient_accumulation_steps": 1,
                 "max_length": 96,
                 "r": 8,
                 "lora_alpha": 16,
+                "lora_dropout": 0.0,
                 "save_steps": 1000,
             },
-            "eval": {"backend": "hf", "n_completions": 2, "max_new_tokens": 12, "batch_size": 240},
+            "eval": {"backend": "hf", "n_completions": 2, "max_new_tokens": 16, "batch_size": 240},
             "analysis": {"primary_layer": 2, "n_permutations": 2000, "n_bootstrap": 500},
         }
     )
@@ -58,7 +60,10 @@ def run_demo(out: str | os.PathLike[str] = "demo_output", *, progress: bool = Tr
 
     out = Path(out)
     log.warning(DISCLAIMER)
-    model_path = build_tiny_model(out / "tiny-model", TinyModelSpec())
+    # Hidden size 256: at 128 the random unembedding caps every token's probability too low for
+    # a multi-token marker to be emitted reliably, whatever the adapter learns.
+    spec = TinyModelSpec(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)
+    model_path = build_tiny_model(out / "tiny-model", spec)
     config = demo_config(out / "study", model_path)
     import yaml
 
