@@ -258,6 +258,12 @@ def _generate_vllm(
         rank = adapter_rank(adapter)
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank))
         lora_request = LoRARequest("marker", 1, str(Path(adapter).resolve()))
+    import torch
+
+    if not torch.cuda.is_available():
+        # On CPU, vLLM's default executor spawns a worker process per engine (tens of seconds
+        # each on a small machine); one in-process worker does the same work.
+        kwargs["distributed_executor_backend"] = "uni"
     kwargs.update(vllm_kwargs)
     llm = LLM(**kwargs)
     n = sampling.n_completions
