@@ -86,7 +86,7 @@ class MarkerTrainConfig:
         func = "MarkerTrainConfig"
         for name in ("r", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
             check_positive_int(getattr(self, name), name, func)
-        for name, low_open in (("lora_alpha", True), ("learning_rate", True), ("num_train_epochs", True)):
+        for name in ("lora_alpha", "learning_rate", "num_train_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 invalid(name, func, "a positive number", value)
@@ -318,12 +318,12 @@ def train_marker(
     """
     import torch
     from peft import LoraConfig, get_peft_model
+    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, model_fingerprint
+    from persona_geometry.training.data import load_marker_dataset
     from transformers import Trainer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from persona_geometry._io import atomic_dir, atomic_write_json
-    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, model_fingerprint
-    from persona_geometry.training.data import load_marker_dataset
 
     func = "train_marker"
     config = config or MarkerTrainConfig()
