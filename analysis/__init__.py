@@ -1,1 +1,68 @@
-"""placeholder"""
+"""Regression and robustness statistics, pairwise leakage, reports and figures.
+
+Imported as ``persona_geometry.analysis``. The JSON schema of ``persona-geometry analyze`` is
+``SCHEMA`` (also ``Robustness.to_dict``).
+"""
+
+from persona_geometry.analysis.figures import (
+    cosine_heatmap,
+    hero_scatter,
+    sweep_curve,
+    write_figure,
+)
+from persona_geometry.analysis.leakage import LeakageCorrelation, leakage_correlation
+from persona_geometry.analysis.report import (
+    analyze_table,
+    read_sweep_table,
+    robustness_markdown,
+    sweep_markdown,
+    sweep_table,
+    write_analysis,
+)
+from persona_geometry.analysis.robustness import (
+    SCHEMA,
+    CategoryFit,
+    Correlation,
+    HoldoutPrediction,
+    Influence,
+    LinearFit,
+    LooCoverage,
+    PartialSpearman,
+    PooledCounts,
+    Robustness,
+    analyze,
+    partial_spearman,
+    pool_seeds,
+    robustness_at_layer,
+    wilson_interval,
+)
+
+__all__ = [
+    "SCHEMA",
+    "CategoryFit",
+    "Correlation",
+    "HoldoutPrediction",
+    "Influence",
+    "LeakageCorrelation",
+    "LinearFit",
+    "LooCoverage",
+    "PartialSpearman",
+    "PooledCounts",
+    "Robustness",
+    "analyze",
+    "analyze_table",
+    "cosine_heatmap",
+    "hero_scatter",
+    "leakage_correlation",
+    "partial_spearman",
+    "pool_seeds",
+    "read_sweep_table",
+    "robustness_at_layer",
+    "robustness_markdown",
+    "sweep_curve",
+    "sweep_markdown",
+    "sweep_table",
+    "wilson_interval",
+    "write_analysis",
+    "write_figure",
+]

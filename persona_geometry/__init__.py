@@ -6,6 +6,7 @@ Face, except HF's last entry, which has the final norm applied and is never used
 """
 
 from persona_geometry.activations import HOOK_POINTS, ActivationSet
+from persona_geometry.extract import extract_activations
 from persona_geometry.geometry import (
     Centering,
     Centroids,
@@ -16,9 +17,12 @@ from persona_geometry.geometry import (
     cosine_to_reference,
     pairwise_cosine,
 )
+from persona_geometry.hooks import hook_name
+from persona_geometry.models import ModelHandle, load_model
 from persona_geometry.personas import Persona, PersonaSet, builtin_personas
 from persona_geometry.prompts import PromptSet, render_prompts
 from persona_geometry.questions import builtin_questions, load_questions, training_questions
+from persona_geometry.sweep import LayerSweep, layer_sweep
 
 __version__ = "0.1.0"
 
@@ -28,6 +32,8 @@ __all__ = [
     "Centering",
     "Centroids",
     "CosineToReference",
+    "LayerSweep",
+    "ModelHandle",
     "PairwiseCosine",
     "Persona",
     "PersonaSet",
@@ -37,6 +43,10 @@ __all__ = [
     "center",
     "centroids",
     "cosine_to_reference",
+    "extract_activations",
+    "hook_name",
+    "layer_sweep",
+    "load_model",
     "load_questions",
     "pairwise_cosine",
     "render_prompts",

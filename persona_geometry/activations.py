@@ -7,7 +7,9 @@ A thin, labelled wrapper over a dict of tensors, one per hook point, each shaped
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,6 +148,20 @@ class ActivationSet(Mapping[str, Tensor]):
             n_tokens=self.n_tokens[p_idx][:, q_idx],
             manifest=self.manifest,
         )
+
+    # Storage ------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the set to the folder ``path`` (safetensors + JSON manifest) atomically; returns it."""
+        from persona_geometry.store import save_activations
+
+        return save_activations(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
+        """Returns the set stored in the folder ``path``; reads safetensors and JSON, never unpickles."""
+        from persona_geometry.store import load_activations
+
+        return load_activations(path, device=device)
 
     def _replace(self, acts: Mapping[str, Tensor]) -> ActivationSet:
         return ActivationSet(

@@ -28,27 +28,211 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 # --- run --------------------------------------------------------------------------------------
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a whole study from a YAML config")
-    p.add_argument("config", help="the study's YAML file")
-    p.set_defaults(func=_not_yet)
+    from persona_geometry.study import STAGES
+
+    p = sub.add_parser(
+        "run",
+        help="run a whole study from a YAML config",
+        description="Run a study: extract, data, train, eval, sweep, report. Each stage caches its "
+        "outputs under the study's output folder and is skipped when its inputs are unchanged.",
+    )
+    p.add_argument("config", help="the study's YAML file (see examples/study_qwen7b.yaml)")
+    p.add_argument("--stages", type=_names, default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--out", default=None, help="output folder (overrides the config's 'out')")
+    p.add_argument("--device", default=None, help="torch device (overrides model.device)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (overrides model.dtype)")
+    p.add_argument("--force", action="store_true", help="re-run the chosen stages even if their outputs are current")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_study)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from persona_geometry.config import StudyConfig
+    from persona_geometry.study import run_study
+
+    config = StudyConfig.load(args.config)
+    overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    if overrides:
+        # Through from_dict, so a bad --dtype is the same one-line error as a bad config value.
+        config = StudyConfig.from_dict({**config.to_dict(), "model": {**dataclasses.asdict(config.model), **overrides}})
+    if args.out is not None:
+        config = config.with_overrides(out=args.out)
+    result = run_study(config, stages=args.stages, force=args.force, progress=not args.no_progress)
+    print(result.summary())
+    return 0
 
 
 # --- extract ----------------------------------------------------------------------------------
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="cache last-token activations for personas × questions")
-    p.set_defaults(func=_not_yet)
+    p.add_argument("--model", required=True, help="a local model folder or a Hugging Face id (from the local cache when offline)")
+    p.add_argument("--personas", help="a YAML/JSON file of personas (default: the 12 built-in ones)")
+    p.add_argument("--questions", help="a file of questions (default: the 20 built-in probe questions)")
+    p.add_argument("--hooks", nargs="+", default=["resid_post"], help="hook points (default: resid_post)")
+    p.add_argument("--layers", nargs="+", type=int, help="block indices (default: all)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--engine", choices=["hf", "transformer_lens"], default="hf")
+    p.add_argument("--adapter", help="a peft (LoRA) adapter folder to merge into the model")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="most padded tokens per batch")
+    p.add_argument("--cache-dir", help="content-addressed cache folder (resumes interrupted runs)")
+    p.add_argument("--out", required=True, help="folder to write the activations to")
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.models import load_model
+    from persona_geometry.personas import PersonaSet
+    from persona_geometry.questions import load_questions
+
+    handle = load_model(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    acts = extract_activations(
+        handle,
+        PersonaSet.load(args.personas) if args.personas else None,
+        load_questions(args.questions) if args.questions else None,
+        hooks=args.hooks,
+        layers=args.layers,
+        engine=args.engine,
+        batch_tokens=args.batch_tokens,
+        cache_dir=args.cache_dir,
+    )
+    out = acts.save(args.out)
+    log.info("wrote %s to %s", acts, out)
+    return 0
 
 
 # --- sweep ------------------------------------------------------------------------------------
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="per-layer correlations of cosine with the source rate")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "sweep",
+        help="per-layer correlations of cosine with the source rate",
+        description=(
+            "Per-layer Pearson/Spearman of cosine vs source rate from a CSV table, with Bonferroni/Holm "
+            "correction, bootstrap CIs, the strongest layer and a max-over-layers permutation test. "
+            "TABLE is long (one row per persona and layer: --persona, --layer, --cosine columns, with "
+            "--k/--n repeated on every row) or wide (one row per persona, one column per layer named "
+            "12, layer_12, L12, cos_12 or cos_l12; see --layer-columns). Writes the per-layer table (--csv, --json) and optionally "
+            "a Markdown table and the sweep figure."
+        ),
+    )
+    p.add_argument("table", help="CSV file, long or wide (see above)")
+    p.add_argument("--k", help="column of marker counts per persona (rate = k/n)")
+    p.add_argument("--n", help="column of completions per persona")
+    p.add_argument("--rate", help="column of rates in [0, 1], instead of --k/--n")
+    p.add_argument("--persona", default="persona", help="column of persona names (default: persona)")
+    p.add_argument("--layout", choices=("auto", "long", "wide"), default="auto", help="table layout (default: auto, long when --layer and --cosine columns exist)")
+    p.add_argument("--layer", default="layer", help="long layout: column of layer indices (default: layer)")
+    p.add_argument("--cosine", default="cosine", help="long layout: column of cosines (default: cosine)")
+    p.add_argument(
+        "--layer-columns",
+        metavar="REGEX",
+        help="wide layout: regular expression whose one group is the layer index "
+        "(default matches 12, layer_12, L12, cos_12, cos_l12, cosine_layer_12)",
+    )
+    p.add_argument("--exclude", type=_names, default=[], metavar="NAME,NAME", help="personas to drop before computing")
+    p.add_argument("--reference", help="reference persona (cosine 1 by construction); the sweep is also run without it")
+    p.add_argument("--primary-layer", type=int, help="layer declared in advance, reported as the primary result")
+    p.add_argument("--statistic", choices=("spearman", "pearson"), default="spearman", help="statistic that picks the strongest layer (default: spearman)")
+    p.add_argument("--permutations", type=int, default=10_000, help="permutations of the max-over-layers test (default: 10000; 0 skips)")
+    p.add_argument("--bootstrap", type=int, default=2_000, help="bootstrap resamples for the CIs (default: 2000; 0 skips)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of permutations and bootstrap (default: 0)")
+    p.add_argument("--csv", metavar="OUT.csv", help="write the per-layer table as CSV")
+    p.add_argument("--json", metavar="OUT.json", help="write the sweep as JSON (per-layer rows, best/primary layer, provenance)")
+    p.add_argument("--markdown", metavar="OUT.md", help="write the per-layer table as Markdown")
+    p.add_argument("--figure", metavar="OUT.html", help="write the sweep curve (.html offline; .png/.pdf need the figures extra)")
+    p.set_defaults(func=_run_sweep)
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from persona_geometry.analysis.report import sweep_table
+
+    result = sweep_table(
+        args.table,
+        persona=args.persona,
+        k=args.k,
+        n=args.n,
+        rate=args.rate,
+        layout=args.layout,
+        layer=args.layer,
+        cosine=args.cosine,
+        **({"layer_pattern": args.layer_columns} if args.layer_columns else {}),
+        exclude=args.exclude,
+        reference=args.reference,
+        primary_layer=args.primary_layer,
+        statistic=args.statistic,
+        n_permutations=args.permutations,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        csv_path=args.csv,
+        json_path=args.json,
+        markdown_path=args.markdown,
+        figure_path=args.figure,
+    )
+    print(result.summary())
+    return 0
 
 
 # --- analyze ----------------------------------------------------------------------------------
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="robustness statistics at one layer, from a CSV table")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "analyze",
+        help="robustness statistics at one layer, from a CSV table",
+        description=(
+            "Robustness statistics of source rate vs a per-persona geometry column (one row per persona): "
+            "OLS with prediction intervals for held-out personas, leave-one-out coverage, Cook's distance, "
+            "partial Spearman with VIF, within-category fits and Wilson intervals. The JSON follows the "
+            "schema in persona_geometry.analysis.SCHEMA."
+        ),
+    )
+    p.add_argument("table", help="CSV file, one row per persona (or per persona and seed with --seed-column)")
+    p.add_argument("--x", required=True, metavar="COLUMN", help="column of the geometry measure (e.g. cosine at one layer)")
+    p.add_argument("--k", metavar="COLUMN", help="column of marker counts (rate = k/n)")
+    p.add_argument("--n", metavar="COLUMN", help="column of completions")
+    p.add_argument("--rate", metavar="COLUMN", help="column of rates in [0, 1], instead of --k/--n (no Wilson intervals)")
+    p.add_argument("--persona", default="persona", metavar="COLUMN", help="column of persona names (default: persona)")
+    p.add_argument("--category", metavar="COLUMN", help="column of categories, for within-category fits")
+    p.add_argument("--covariate", metavar="COLUMN", help="covariate of the partial Spearman (default: log_n_tokens, or log of n_tokens, when present)")
+    p.add_argument("--holdout", type=_names, default=[], metavar="NAME,NAME", help="personas held out of the fit and predicted")
+    p.add_argument("--reference", metavar="NAME", help="reference persona; fits without it are reported too")
+    p.add_argument("--exclude-reference", action="store_true", help="drop the reference persona from everything")
+    p.add_argument("--seed-column", metavar="COLUMN", help="column of seeds: a persona's rows are pooled (counts add)")
+    p.add_argument("--layer", type=int, help="the layer the x column comes from (for the report)")
+    p.add_argument("--json", metavar="OUT", help="write the statistics as JSON")
+    p.add_argument("--markdown", metavar="OUT", help="write the Markdown report")
+    p.add_argument("--figure", metavar="OUT.html", help="write the hero scatter (.html offline; .png/.pdf need the figures extra)")
+    p.set_defaults(func=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from persona_geometry.analysis.report import analyze_table
+
+    result = analyze_table(
+        args.table,
+        x=args.x,
+        k=args.k,
+        n=args.n,
+        rate=args.rate,
+        persona=args.persona,
+        category=args.category,
+        covariate=args.covariate,
+        holdout=args.holdout,
+        reference=args.reference,
+        exclude_reference=args.exclude_reference,
+        seed=args.seed_column,
+        layer=args.layer,
+        json_path=args.json,
+        markdown_path=args.markdown,
+        figure_path=args.figure,
+    )
+    print(result.summary())
+    return 0
 
 
 # --- make-data --------------------------------------------------------------------------------
@@ -215,18 +399,50 @@ def _add_eval_marker(sub: argparse._SubParsersAction) -> None:
 
 # --- report -----------------------------------------------------------------------------------
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write the Markdown/JSON report and figures of a study")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "report",
+        help="write the Markdown/JSON report and figures of a study",
+        description="Re-run the sweep and report stages of a study whose earlier stages are on disk.",
+    )
+    p.add_argument("config", help="the study's YAML file")
+    p.add_argument("--out", default=None, help="the study's output folder (overrides the config's 'out')")
+    p.add_argument("--force", action="store_true", help="rewrite the report even if it is current")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from persona_geometry.config import StudyConfig
+    from persona_geometry.study import run_study
+
+    config = StudyConfig.load(args.config)
+    if args.out is not None:
+        config = config.with_overrides(out=args.out)
+    result = run_study(config, stages=["sweep", "report"], force=args.force)
+    print(result.summary())
+    return 0
 
 
 # --- demo -------------------------------------------------------------------------------------
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline offline on an embedded tiny model")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline offline on an embedded tiny model",
+        description="Build a tiny random-weight chat model and run the whole study on it: its "
+        "numbers show the mechanics of the pipeline, not a finding.",
+    )
+    p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_demo)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise UsageError(f"'{args.command}' is not available in this build yet")
+def _run_demo(args: argparse.Namespace) -> int:
+    from persona_geometry.demo import DISCLAIMER, run_demo
+
+    print(DISCLAIMER, flush=True)
+    result = run_demo(args.out, progress=not args.no_progress)
+    print(result.summary())
+    print(DISCLAIMER)
+    return 0
 
 
 _SUBCOMMANDS = (

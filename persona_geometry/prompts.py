@@ -112,17 +112,16 @@ def render_prompts(
     personas = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
     questions = tuple(check_unique_names(list(questions), "questions", "render_prompts"))
     template = chat_template_of(tokenizer, chat_template)
-    prompts = []
-    for persona in personas:
-        for qi, question in enumerate(questions):
-            text = tokenizer.apply_chat_template(
-                chat_messages(persona, question),
-                chat_template=template,
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            prompts.append(Prompt(persona=persona.name, question_index=qi, text=text, input_ids=tuple(ids)))
+    conversations = [chat_messages(persona, question) for persona in personas for question in questions]
+    # One batched call each: the template renders in one loop and the fast tokenizer encodes
+    # all texts at once, which matters when the forward itself takes a fraction of a second.
+    texts = tokenizer.apply_chat_template(conversations, chat_template=template, tokenize=False, add_generation_prompt=True)
+    all_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    q = len(questions)
+    prompts = [
+        Prompt(persona=personas[i // q].name, question_index=i % q, text=text, input_ids=tuple(ids))
+        for i, (text, ids) in enumerate(zip(texts, all_ids, strict=True))
+    ]
     return PromptSet(
         personas=personas,
         questions=questions,

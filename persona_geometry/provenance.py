@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -24,15 +25,23 @@ _TRACKED_PACKAGES = (
 )
 
 
-def package_versions() -> dict[str, str]:
-    """Returns the installed versions of the packages that can change this project's numbers."""
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
     versions = {"python": platform.python_version()}
     for name in _TRACKED_PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return versions
+    return tuple(versions.items())
+
+
+def package_versions() -> dict[str, str]:
+    """Returns the installed versions of the packages that can change this project's numbers.
+
+    Read once per process (scanning installed distributions takes tens of milliseconds).
+    """
+    return dict(_versions())
 
 
 def stable_hash(obj: Any, *, length: int = 16) -> str:

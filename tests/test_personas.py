@@ -100,3 +100,17 @@ def test_tiny_model_is_deterministic(tmp_path):
     b = build_tiny_model(tmp_path / "b", spec)
     for name in ("model.safetensors", "tokenizer.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from persona_geometry._io import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(mask)
+    assert path.read_text() == "x" and (path.stat().st_mode & 0o777) == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

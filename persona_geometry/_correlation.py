@@ -1,0 +1,188 @@
+"""Vectorised correlation statistics and per-persona input checks shared by sweep and analysis.
+
+Pearson and Spearman p-values use the same exact null distributions as
+``scipy.stats.pearsonr`` and ``scipy.stats.spearmanr`` (two-sided): with ``df = n - 2``,
+``p = I_{1 - r^2}(df / 2, 1 / 2)``, the regularised incomplete beta function, which is
+``2 * t.sf(|t|, df)`` for ``t = r * sqrt(df / (1 - r^2))`` written so that it stays exact at
+``|r| = 1`` and evaluates a whole vector of layers at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+from persona_geometry._validation import invalid
+
+# Per-persona inputs arrive as lists, numpy arrays, tensors, pandas Series or {name: value}
+# mappings; ``per_persona`` validates and aligns them at run time, so the annotation stays open.
+PerPersona = Any
+
+
+def rank(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Returns average ranks (1-based, ties averaged) along ``axis``, as scipy's ``rankdata``."""
+    return stats.rankdata(a, axis=axis)
+
+
+def standardize(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Returns ``a`` centred along ``axis`` and scaled to unit L2 norm (NaN where constant).
+
+    The dot product of two such vectors is their Pearson correlation, so a whole sweep over
+    layers (or permutations) becomes one matrix product.
+    """
+    c = a - a.mean(axis=axis, keepdims=True)
+    norm = np.sqrt((c * c).sum(axis=axis, keepdims=True))
+    # Relative threshold: a column that is constant up to rounding is constant.
+    scale = np.abs(a).max(axis=axis, keepdims=True) + 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 1e-12 * scale * math.sqrt(a.shape[axis]), c / norm, np.nan)
+
+
+def clip_r(r: np.ndarray | float) -> np.ndarray:
+    """Returns ``r`` clipped to [-1, 1], with values within 1e-12 of ±1 set to exactly ±1.
+
+    A perfect (rank) correlation computed in floating point lands at 1 - 2e-16, whose p-value
+    would be ~1e-8 at n = 3 instead of 0; scipy returns exactly ±1 there, and so does this.
+    """
+    r = np.clip(np.asarray(r, dtype=np.float64), -1.0, 1.0)
+    return np.where(np.abs(r) > 1.0 - 1e-12, np.sign(r), r)
+
+
+def p_from_r(r: np.ndarray | float | np.floating, df: np.ndarray | int | float | np.number) -> np.ndarray:
+    """Returns the two-sided p-value of correlation ``r`` with ``df`` degrees of freedom."""
+    r = np.clip(np.asarray(r, dtype=np.float64), -1.0, 1.0)
+    df = np.asarray(df, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        p = special.betainc(df / 2.0, 0.5, np.clip(1.0 - r * r, 0.0, 1.0))
+    return np.where(df > 0, p, np.nan)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Returns Pearson's ``(r, p)`` of two vectors (NaN if either is constant)."""
+    xs, ys = standardize(np.asarray(x, float)), standardize(np.asarray(y, float))
+    if np.isnan(xs).any() or np.isnan(ys).any():
+        return math.nan, math.nan
+    r = float(clip_r(xs @ ys))
+    return r, float(p_from_r(r, len(x) - 2))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Returns Spearman's ``(rho, p)`` of two vectors (NaN if either is constant)."""
+    return pearson(rank(np.asarray(x, float)), rank(np.asarray(y, float)))
+
+
+def bonferroni(p: np.ndarray) -> np.ndarray:
+    """Returns Bonferroni-adjusted p-values (``min(m * p, 1)``) over the last axis."""
+    p = np.asarray(p, dtype=np.float64)
+    return np.minimum(p * p.shape[-1], 1.0)
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Returns Holm step-down adjusted p-values over a 1-D array, in the input order."""
+    p = np.asarray(p, dtype=np.float64)
+    m = p.shape[0]
+    order = np.argsort(p, kind="stable")
+    stepped = np.minimum((m - np.arange(m)) * p[order], 1.0)
+    adjusted = np.maximum.accumulate(stepped)
+    out = np.empty_like(adjusted)
+    out[order] = adjusted
+    return out
+
+
+def correlation_dict(r: float, p: float, *, name: str = "r") -> dict[str, float | None]:
+    """Returns ``{name: r, "p": p}`` with NaN turned into None (JSON-safe)."""
+    return {name: json_float(r), "p": json_float(p)}
+
+
+def json_float(value: Any) -> float | None:
+    """Returns ``value`` as a float, or None where it is NaN/inf (JSON has no NaN)."""
+    if value is None:
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def per_persona(
+    values: PerPersona,
+    personas: Sequence[str],
+    param: str,
+    func: str,
+    *,
+    allow_none: bool = False,
+) -> np.ndarray | None:
+    """Returns ``values`` as a float64 vector aligned to ``personas``.
+
+    Mappings and pandas Series with a string index are aligned by persona name; anything else
+    must have one value per persona, in order. NaN or infinite values are rejected.
+    """
+    if values is None:
+        if allow_none:
+            return None
+        invalid(param, func, "one value per persona", None, exc=TypeError)
+    index = getattr(values, "index", None)
+    if isinstance(values, Mapping) or (index is not None and not callable(index)):
+        mapping = dict(values.items()) if not isinstance(values, Mapping) else dict(values)
+        missing = [p for p in personas if p not in mapping]
+        if missing:
+            invalid(param, func, f"a value for every persona in {list(personas)}", f"no value for {missing}")
+        arr = np.array([_to_float(mapping[p], param, func) for p in personas], dtype=np.float64)
+    else:
+        if hasattr(values, "detach"):  # torch tensor
+            values = values.detach().cpu().double().numpy()
+        try:
+            arr = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"The {param!r} parameter of {func} must be numbers, one per persona. Got {values!r} instead.") from e
+        if arr.ndim != 1 or arr.shape[0] != len(personas):
+            invalid(param, func, f"a 1-D sequence of {len(personas)} values (one per persona)", f"shape {arr.shape}")
+    bad = [personas[i] for i in np.flatnonzero(~np.isfinite(arr))]
+    if bad:
+        invalid(param, func, "finite numbers (no NaN or inf)", f"non-finite values for {bad}")
+    return arr
+
+
+def _to_float(v: Any, param: str, func: str) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"The {param!r} parameter of {func} must be numbers. Got {v!r} instead.") from e
+
+
+def rates_from(
+    y: PerPersona,
+    k: PerPersona,
+    n: PerPersona,
+    personas: Sequence[str],
+    func: str,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Returns ``(rate, k, n)``: rates given directly, or ``k / n`` from validated raw counts."""
+    if y is not None and (k is not None or n is not None):
+        invalid("y", func, "given alone, or left None when raw counts k and n are given", "both y and k/n")
+    if y is None:
+        if k is None or n is None:
+            invalid("k", func, "given together with n (or pass rates as y)", "k" if n is None else "n only", exc=TypeError)
+        k_arr = per_persona(k, personas, "k", func)
+        n_arr = per_persona(n, personas, "n", func)
+        check_counts(k_arr, n_arr, personas, func)
+        return k_arr / n_arr, k_arr, n_arr
+    rate = per_persona(y, personas, "y", func)
+    return rate, None, None
+
+
+def check_counts(k: np.ndarray, n: np.ndarray, personas: Sequence[str], func: str) -> None:
+    """Raises ValueError unless ``0 <= k <= n``, ``n >= 1`` and both are whole numbers."""
+    for name, arr in (("k", k), ("n", n)):
+        frac = [personas[i] for i in np.flatnonzero(arr != np.round(arr))]
+        if frac:
+            invalid(name, func, "whole-number counts", f"fractional counts for {frac}")
+    if (k < 0).any():
+        invalid("k", func, "counts >= 0", f"negative k for {[personas[i] for i in np.flatnonzero(k < 0)]}")
+    if (n < 1).any():
+        invalid("n", func, "counts >= 1", f"n < 1 for {[personas[i] for i in np.flatnonzero(n < 1)]}")
+    if (k > n).any():
+        bad = {personas[i]: (int(k[i]), int(n[i])) for i in np.flatnonzero(k > n)}
+        invalid("k", func, "at most n (k <= n)", f"k > n for {bad}")

@@ -1,0 +1,66 @@
+"""The embedded demo: the whole pipeline offline, on a tiny model built on the spot.
+
+The tiny model has random weights, so the geometry and the rates it produces show the
+mechanics of the pipeline (extraction, marker data, LoRA training, source-rate evaluation,
+layer sweep, robustness report), not a finding about any real model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from persona_geometry._io import atomic_write_text
+from persona_geometry.config import StudyConfig
+from persona_geometry.study import StudyResult, run_study
+
+__all__ = ["DISCLAIMER", "demo_config", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = (
+    "This demo runs on a tiny model with RANDOM weights: its cosines and rates show the "
+    "mechanics of the pipeline, not a finding about any real model."
+)
+
+
+def demo_config(out: str | os.PathLike[str], model_path: str | os.PathLike[str]) -> StudyConfig:
+    """Returns the demo's study config: 12 built-in personas × 20 questions, short training."""
+    return StudyConfig.from_dict(
+        {
+            "name": "demo (tiny random model)",
+            "out": str(out),
+            "model": {"name": str(model_path), "dtype": "float32", "device": "cpu"},
+            "marker": {"sources": "all", "seeds": [42]},
+            # Short answers and fewer rows keep 12 trainings within a couple of CPU minutes.
+            "data": {"n_source": 40, "n_per_bystander": 40},
+            "responses": {"max_new_tokens": 12, "backend": "hf"},
+            "train": {
+                "learning_rate": 2e-3,
+                "num_train_epochs": 2,
+                "per_device_train_batch_size": 8,
+                "gradient_accumulation_steps": 1,
+                "max_length": 96,
+                "r": 8,
+                "lora_alpha": 16,
+                "save_steps": 1000,
+            },
+            "eval": {"backend": "hf", "n_completions": 2, "max_new_tokens": 12, "batch_size": 240},
+            "analysis": {"primary_layer": 2, "n_permutations": 2000, "n_bootstrap": 500},
+        }
+    )
+
+
+def run_demo(out: str | os.PathLike[str] = "demo_output", *, progress: bool = True) -> StudyResult:
+    """Returns the result of the whole pipeline run on an embedded tiny model, written to ``out``."""
+    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
+
+    out = Path(out)
+    log.warning(DISCLAIMER)
+    model_path = build_tiny_model(out / "tiny-model", TinyModelSpec())
+    config = demo_config(out / "study", model_path)
+    import yaml
+
+    atomic_write_text(out / "demo_study.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+    return run_study(config, progress=progress)

@@ -1,0 +1,507 @@
+"""Last-token activations of every ``persona × question`` prompt, at every requested layer.
+
+``extract_activations`` renders the prompts with the model's chat template, runs them in
+length-sorted, token-budgeted, left-padded batches, keeps only the final position of each
+requested block, and returns an ``ActivationSet``. Two engines:
+
+- ``"hf"`` (default): forward hooks on the Hugging Face decoder blocks. Only a
+  ``[batch, layer, d_model]`` buffer per hook point is kept on the device; the forward is cut
+  right after the last requested block, so neither the final norm nor the unembedding runs.
+- ``"transformer_lens"``: TransformerLens 4.x ``TransformerBridge.run_with_cache``, for hook
+  points inside a block (``resid_mid``, ``attn_out``, ``mlp_out``).
+
+Layer ``l`` is the output of block ``l`` (``blocks.{l}.hook_resid_post``): Hugging Face's
+``hidden_states[l + 1]`` for every block but the last, whose HF entry has the final norm
+applied and is never used here.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from persona_geometry._validation import (
+    check_layers,
+    check_one_of,
+    check_positive_int,
+    check_unique_names,
+    invalid,
+)
+from persona_geometry.activations import HOOK_POINTS, ActivationSet
+from persona_geometry.hooks import HF_HOOK_POINTS, find_layers, hook_name, record_last_token
+from persona_geometry.models import ModelHandle, dtype_name, load_model, model_fingerprint
+from persona_geometry.personas import Persona, PersonaSet, builtin_personas
+from persona_geometry.prefix_cache import SharedPrefixes, prefix_engine, shared_prefixes
+from persona_geometry.prompts import chat_template_of, render_prompts
+from persona_geometry.provenance import package_versions, stable_hash
+from persona_geometry.questions import builtin_questions
+
+__all__ = ["ENGINES", "extract_activations", "plan_batches"]
+
+log = logging.getLogger(__name__)
+
+ENGINES: tuple[str, ...] = ("hf", "transformer_lens")
+_FUNC = "extract_activations"
+
+# A batch forward: lists of token ids in, {hook: [batch, layer, d_model]} (float32, on the
+# model's device) out.
+BatchFn = Callable[[Sequence[Sequence[int]]], dict[str, Tensor]]
+
+
+def extract_activations(
+    model: ModelHandle | str | os.PathLike[str] | Any,
+    personas: PersonaSet | Sequence[Persona] | None = None,
+    questions: Sequence[str] | None = None,
+    *,
+    hooks: Sequence[str] | str = ("resid_post",),
+    layers: int | Sequence[int] | None = None,
+    engine: str | None = None,
+    batch_tokens: int = 8192,
+    max_batch_size: int | None = None,
+    chunk_prompts: int = 1024,
+    chat_template: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    layer_template: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    share_prefix: bool = True,
+    progress: bool = True,
+) -> ActivationSet:
+    """Returns the last-token activations of every persona × question prompt, per layer.
+
+    Each prompt is the persona's system message, one question as the user message, and the
+    generation prompt, rendered with the chat template; only the final input position (the
+    token right before the answer would start) is kept. Layer ``l`` is the output of
+    transformer block ``l`` (``blocks.{l}.hook_resid_post``), i.e. Hugging Face's
+    ``hidden_states[l + 1]`` except for the last block: HF's last entry has the final norm
+    applied, and that post-norm state is never used.
+
+    Prompts run in batches sorted by length and filled up to ``batch_tokens`` padded tokens,
+    left-padded with a matching attention mask and position ids, and the results are put back
+    in prompt order. Activations come back in float32 (bfloat16 values upcast exactly).
+
+    Numerics: in float32 the ``hf`` engine matches a one-prompt-at-a-time
+    ``output_hidden_states`` reference within 1e-5 (max abs), and the two engines agree within
+    the same tolerance. In bfloat16, batch composition (padding, batch size) changes kernel
+    reduction orders, which perturbs activations: on the 4-layer tiny test model, centered
+    cosines to the reference persona moved by at most 0.02 between batched and
+    one-prompt-at-a-time runs (``benchmarks/bf16_tolerance.py``); treat cosine differences
+    below that as noise in bfloat16, or extract in float32.
+
+    Args:
+        model: A ``ModelHandle`` from ``load_model``; a model folder or Hugging Face id (loaded
+            with ``load_model(model, dtype=dtype, device=device)``); or a TransformerLens
+            ``TransformerBridge`` you already hold (then the engine is ``"transformer_lens"``).
+        personas: The personas, in order; defaults to the 12 built-in ones.
+        questions: The user questions, in order; defaults to the 20 built-in probe questions.
+        hooks: Hook points to keep, among ``HOOK_POINTS``. The ``hf`` engine gives
+            ``resid_post`` (block output) and ``resid_pre`` (block input); ``resid_mid``,
+            ``attn_out`` and ``mlp_out`` need ``engine="transformer_lens"``.
+        layers: Block indices (negative count from the end); all blocks by default.
+        engine: ``"hf"`` or ``"transformer_lens"``; by default ``"hf"``, or
+            ``"transformer_lens"`` when ``model`` is a ``TransformerBridge``.
+        batch_tokens: Most padded tokens in one batch (a prompt longer than this runs alone).
+        max_batch_size: Most prompts in one batch; unlimited by default.
+        chunk_prompts: Prompts per chunk written to ``cache_dir`` while running; an interrupted
+            run resumes from the last finished chunk.
+        chat_template: A Jinja chat template to use instead of the tokenizer's own.
+        cache_dir: A folder for the content-addressed cache. The same extraction (same
+            weights, dtype, engine, hooks, layers, personas, questions, template, token ids)
+            is loaded from it instead of recomputed; anything else is recomputed.
+        layer_template: Path of the decoder blocks, e.g. ``"model.layers.{num}"``, for models
+            the built-in templates miss (``hf`` engine).
+        dtype: Weights dtype when ``model`` is a path or id (see ``load_model``).
+        device: Device when ``model`` is a path or id (see ``load_model``).
+        share_prefix: ``hf`` engine: run each persona's shared prompt prefix (system turn and
+            user header) once and the questions against its cached keys and values, which
+            halves the tokens of the built-in study; the activations are the same to rounding
+            (≤ 1e-5 in float32). Turn off for models whose attention does not accept a cache
+            with padded rows.
+        progress: Show a progress bar with prompts/s.
+
+    Returns:
+        An ``ActivationSet``: ``acts[hook]`` is ``Float[Tensor, "persona question layer d_model"]``
+        with labels, prompt token counts and a provenance manifest.
+
+    Raises:
+        ValueError: On an unknown hook or engine, a layer out of range, empty or duplicate
+            persona names or questions, or a tokenizer without a chat template (and no
+            ``chat_template``). Each message names the parameter.
+        TypeError: If ``model`` is none of the accepted kinds.
+    """
+    hooks = _check_hooks(hooks)
+    if engine is not None:
+        check_one_of(engine, "engine", _FUNC, ENGINES)
+    batch_tokens = check_positive_int(batch_tokens, "batch_tokens", _FUNC)
+    chunk_prompts = check_positive_int(chunk_prompts, "chunk_prompts", _FUNC)
+    if max_batch_size is not None:
+        max_batch_size = check_positive_int(max_batch_size, "max_batch_size", _FUNC)
+    personas = _check_personas(personas)
+    questions = _check_questions(questions)
+
+    bridge = model if _is_bridge(model) else None
+    if bridge is None:
+        if isinstance(model, str | os.PathLike):
+            model = load_model(model, dtype=dtype, device=device)
+        elif not isinstance(model, ModelHandle):
+            invalid("model", _FUNC, "a ModelHandle, a model folder or id, or a TransformerBridge", type(model).__name__, exc=TypeError)
+        elif dtype is not None or device is not None:
+            invalid("dtype", _FUNC, "None when model is an already loaded ModelHandle (pass them to load_model)", dtype or device)
+    elif dtype is not None or device is not None:
+        invalid("dtype", _FUNC, "None when model is a TransformerBridge", dtype or device)
+    engine = engine or ("transformer_lens" if bridge is not None else "hf")
+    if bridge is not None and engine != "transformer_lens":
+        invalid("engine", _FUNC, "'transformer_lens' when model is a TransformerBridge", engine)
+    if engine == "hf":
+        for hook in hooks:
+            if hook not in HF_HOOK_POINTS:
+                invalid(
+                    "hooks",
+                    _FUNC,
+                    f"hook points the 'hf' engine captures, {list(HF_HOOK_POINTS)} (engine='transformer_lens' also gives "
+                    f"{[h for h in HOOK_POINTS if h not in HF_HOOK_POINTS]})",
+                    hook,
+                )
+
+    tokenizer = bridge.tokenizer if bridge is not None else model.tokenizer
+    template = chat_template_of(tokenizer, chat_template, func=_FUNC)
+    prompts = render_prompts(tokenizer, personas, questions, chat_template=template)
+
+    if bridge is not None:
+        n_layers = int(bridge.cfg.n_layers)
+        identity = {
+            "model_id": str(getattr(bridge.cfg, "model_name", "unknown")),
+            "revision": None,
+            "weights_id": f"params:{model_fingerprint(bridge)}",
+            "adapter": None,
+            "dtype": dtype_name(bridge.cfg.dtype),
+            "device": str(bridge.cfg.device),
+        }
+        template_path = None
+    else:
+        template_path, blocks = find_layers(model.model, layer_template)
+        n_layers = len(blocks)
+        identity = model.provenance()
+    layer_list = check_layers(layers, n_layers, _FUNC)
+
+    manifest: dict[str, Any] = {
+        "format_version": 1,
+        **identity,
+        "engine": engine,
+        "hooks": list(hooks),
+        "layers": layer_list,
+        "n_layers": n_layers,
+        "layer_template": template_path,
+        "chat_template_hash": prompts.chat_template_hash,
+        "persona_hash": personas.content_hash(),
+        "question_hash": stable_hash(list(questions)),
+        "prompt_ids_hash": prompts.content_hash(),
+        "n_prompts": len(prompts),
+        "batch_tokens": batch_tokens,
+        "max_batch_size": max_batch_size,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "package_versions": package_versions(),
+    }
+    from persona_geometry.store import PartialRun, cache_key, load_cached
+
+    ids = [p.input_ids for p in prompts]
+    shared = None
+    if engine == "hf" and share_prefix:
+        Q = len(questions)
+        shared = shared_prefixes([ids[i * Q : (i + 1) * Q] for i in range(len(personas))])
+    manifest["share_prefix"] = shared is not None
+    manifest["cache_key"] = cache_key(manifest)
+    partial = None
+    if cache_dir is not None:
+        cached = load_cached(cache_dir, manifest)
+        if cached is not None:
+            log.info("loaded cached activations %s from %s", manifest["cache_key"], cache_dir)
+            return cached
+        partial = PartialRun(cache_dir, manifest)
+
+    if engine == "hf":
+        run = _hf_engine(model, layer_list, hooks, layer_template, shared, batch_tokens)
+        model_device = model.device
+    else:
+        run = _tl_engine(bridge if bridge is not None else _bridge_from_handle(model), layer_list, hooks, n_layers)
+        model_device = torch.device(identity["device"])
+
+    done = partial.done() if partial is not None else set()
+    results: list[tuple[list[int], dict[str, Tensor]]] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(ids), initial=len(done), unit="prompt", desc=f"extract ({engine})", disable=not progress)
+    try:
+        with run as forward:
+            for chunk in _plan_chunks(ids, done, chunk_prompts):
+                order, out = _run_chunk(forward, ids, chunk, batch_tokens, max_batch_size, model_device, bar)
+                if partial is not None:
+                    partial.write(order, out)
+                else:
+                    results.append((order, out))
+    finally:
+        bar.close()
+
+    if partial is not None:
+        flat = partial.assemble(len(ids), hooks)
+    elif len(results) == 1:
+        flat = results[0][1]  # one chunk of every prompt, already in prompt order
+    else:
+        flat = {}
+        for hook in hooks:
+            first = results[0][1][hook]
+            flat[hook] = torch.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+            for order, out in results:
+                flat[hook][torch.as_tensor(order)] = out[hook]
+    P, Q = len(personas), len(questions)
+    acts = ActivationSet(
+        {hook: t.reshape(P, Q, *t.shape[1:]) for hook, t in flat.items()},
+        personas=personas,
+        questions=questions,
+        layers=layer_list,
+        n_tokens=torch.tensor(prompts.n_tokens(), dtype=torch.long),
+        manifest=manifest,
+    )
+    if partial is not None:
+        partial.finish(acts)
+    return acts
+
+
+# --- validation -----------------------------------------------------------------------------
+def _check_hooks(hooks: Sequence[str] | str) -> list[str]:
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    hooks = list(hooks)
+    if not hooks:
+        invalid("hooks", _FUNC, f"a non-empty list of hook points from {list(HOOK_POINTS)}", hooks)
+    for hook in hooks:
+        check_one_of(hook, "hooks", _FUNC, HOOK_POINTS)
+    return list(dict.fromkeys(hooks))
+
+
+def _check_personas(personas: PersonaSet | Sequence[Persona] | None) -> PersonaSet:
+    if personas is None:
+        return builtin_personas()
+    if isinstance(personas, PersonaSet):
+        return personas
+    if isinstance(personas, str) or not isinstance(personas, Sequence):
+        invalid("personas", _FUNC, "a PersonaSet or a sequence of Persona objects", personas, exc=TypeError)
+    for p in personas:
+        if not isinstance(p, Persona):
+            invalid("personas", _FUNC, "a sequence of Persona objects", p, exc=TypeError)
+    check_unique_names([p.name for p in personas], "personas", _FUNC)
+    return PersonaSet(personas)
+
+
+def _check_questions(questions: Sequence[str] | None) -> tuple[str, ...]:
+    if questions is None:
+        return tuple(builtin_questions())
+    if isinstance(questions, str):
+        invalid("questions", _FUNC, "a sequence of question strings (not one string)", questions, exc=TypeError)
+    return tuple(check_unique_names(list(questions), "questions", _FUNC))
+
+
+def _is_bridge(model: Any) -> bool:
+    # Checked by class name so that TransformerLens is imported only when it is used.
+    return any(cls.__name__ == "TransformerBridge" for cls in type(model).__mro__)
+
+
+# --- batching -------------------------------------------------------------------------------
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
+    """Returns batches of positions into ``lengths``: longest first, each within the token budget.
+
+    Positions are sorted by decreasing length (ties by position) and cut greedily so that
+    ``batch size × longest prompt ≤ batch_tokens`` (padded tokens), so padding is minimal and
+    the first batch, the largest in memory, fails first if anything does.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        full = max_batch_size is not None and len(current) >= max_batch_size
+        if current and ((len(current) + 1) * longest > batch_tokens or full):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _plan_chunks(ids: Sequence[Sequence[int]], done: set[int], chunk_prompts: int) -> list[list[int]]:
+    """Returns the chunks still to compute: the remaining prompts, longest first, cut in runs.
+
+    A resumed run plans over the prompts not yet done, so it forms the same chunks (and the same
+    batches) as the uninterrupted run would have from there on: bit-identical results.
+    """
+    order = [i for i in sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i)) if i not in done]
+    return [order[s : s + chunk_prompts] for s in range(0, len(order), chunk_prompts)]
+
+
+def _run_chunk(
+    forward: BatchFn,
+    ids: Sequence[Sequence[int]],
+    chunk: list[int],
+    batch_tokens: int,
+    max_batch_size: int | None,
+    device: torch.device,
+    bar: Any,
+) -> tuple[list[int], dict[str, Float[Tensor, "prompt layer d_model"]]]:
+    """Returns the chunk's prompt positions in ascending order and ``{hook: [prompt, layer, d_model]}`` on the CPU, in that order.
+
+    Each batch's rows are scattered into a per-chunk buffer on the model's device, and the
+    buffer crosses to the host once: one large copy instead of a pinned staging buffer and a
+    host-side scatter per batch. Rows come back in prompt order, so a run that fits one chunk
+    needs no reordering at all.
+    """
+    order = sorted(chunk)
+    row_of = {prompt: row for row, prompt in enumerate(order)}
+    buffers: dict[str, Tensor] = {}
+    for batch in plan_batches([len(ids[i]) for i in chunk], batch_tokens, max_batch_size):
+        prompts = [chunk[j] for j in batch]
+        out = forward([ids[i] for i in prompts])
+        rows = torch.as_tensor([row_of[i] for i in prompts], device=device)
+        for hook, t in out.items():
+            if hook not in buffers:
+                buffers[hook] = torch.empty((len(chunk), *t.shape[1:]), dtype=t.dtype, device=t.device)
+            buffers[hook].index_copy_(0, rows, t)
+        bar.update(len(batch))
+    return order, {hook: t.to("cpu") for hook, t in buffers.items()}
+
+
+def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(input_ids, attention_mask, position_ids)``, left-padded, on ``device``.
+
+    Position ids count real tokens only (0 at each prompt's first token), so a padded prompt
+    sees exactly the positions it would see alone.
+    """
+    width = max(len(s) for s in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        input_ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    non_blocking = device.type == "cuda"
+    return (
+        input_ids.to(device, non_blocking=non_blocking),
+        mask.to(device, non_blocking=non_blocking),
+        positions.to(device, non_blocking=non_blocking),
+    )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    # Padded positions are masked out, so any valid id works when the tokenizer has no pad token.
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+# --- engines --------------------------------------------------------------------------------
+@contextmanager
+def _hf_engine(
+    handle: ModelHandle,
+    layers: list[int],
+    hooks: list[str],
+    layer_template: str | None,
+    shared: SharedPrefixes | None = None,
+    batch_tokens: int = 8192,
+) -> Iterator[BatchFn]:
+    """Yields the ``hf`` engine's batch function: forward hooks on the decoder blocks, last position only.
+
+    The base model (no unembedding) runs with ``use_cache=False``, and the forward stops right
+    after the last requested block, so the final norm and later blocks are skipped too. The
+    only per-layer Python is the hook itself, one ``copy_`` of ``[batch, d_model]``. With
+    ``shared`` prefixes, each prefix runs once and the batches run only the suffixes against
+    its cached keys and values (``persona_geometry.prefix_cache``).
+    """
+    model = handle.model
+    base = getattr(model, "base_model", None) or model
+    pad_id = _pad_id(handle.tokenizer)
+    with record_last_token(model, layers, points=hooks, layer_template=layer_template) as recorder:
+        if shared is not None:
+            with prefix_engine(
+                base,
+                recorder,
+                shared,
+                n_cached_layers=max(layers) + 1,
+                pad_id=pad_id,
+                device=handle.device,
+                batch_tokens=batch_tokens,
+            ) as forward:
+                yield forward
+            return
+
+        def forward(batch: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+            input_ids, mask, positions = _left_pad(batch, pad_id, handle.device)
+            with torch.inference_mode():
+                return recorder.run(
+                    lambda: base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False),
+                    len(batch),
+                )
+
+        yield forward
+
+
+def _bridge_from_handle(handle: ModelHandle) -> Any:
+    """Returns a TransformerBridge around a copy of the handle's model.
+
+    The bridge rewrites the model it wraps in place (its blocks become bridge components and
+    attention is switched to eager), so it gets a deep copy and the handle stays usable by the
+    ``hf`` engine. That costs a second copy of the weights in memory; pass a bridge you hold
+    to avoid it.
+    """
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as e:
+        raise ImportError(
+            "engine='transformer_lens' needs TransformerLens 4.x: pip install 'persona-geometry[tl]'"
+        ) from e
+    return TransformerBridge.boot_transformers(
+        str(handle.path) if handle.path is not None else handle.model_id,
+        hf_model=copy.deepcopy(handle.model),
+        tokenizer=copy.deepcopy(handle.tokenizer),
+        device=handle.device,
+        dtype=handle.dtype,
+    )
+
+
+@contextmanager
+def _tl_engine(bridge: Any, layers: list[int], hooks: list[str], n_layers: int) -> Iterator[BatchFn]:
+    """Yields the ``transformer_lens`` engine's batch function: ``run_with_cache``, last position only."""
+    names = {hook_name(layer, point) for layer in layers for point in hooks}
+    pad_id = _pad_id(bridge.tokenizer)
+    device = torch.device(str(bridge.cfg.device))
+    # Stop after the last requested block when a later one exists (skips the unembedding).
+    stop = max(layers) + 1 if max(layers) + 1 < n_layers else None
+
+    def forward(batch: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        input_ids, mask, positions = _left_pad(batch, pad_id, device)
+        with torch.no_grad():
+            _, cache = bridge.run_with_cache(
+                input_ids,
+                names_filter=lambda name: name in names,
+                attention_mask=mask,
+                position_ids=positions,
+                return_type=None,
+                pos_slice=-1,
+                stop_at_layer=stop,
+            )
+        return {
+            point: torch.stack([cache[hook_name(layer, point)][:, -1] for layer in layers], dim=1).float()
+            for point in hooks
+        }
+
+    yield forward

@@ -1,0 +1,241 @@
+"""The activation store: safetensors plus a JSON manifest, a content-addressed cache, resumable chunks.
+
+On disk an ``ActivationSet`` is a folder with ``activations.safetensors`` (one tensor per hook
+point, ``[persona, question, layer, d_model]``, and ``n_tokens``) and ``manifest.json`` (the
+labels and the provenance). Loading reads safetensors and JSON only: nothing is unpickled.
+
+The cache under ``cache_dir`` is keyed by a stable hash of everything that determines the
+result (``cache_key``); a folder whose manifest does not carry exactly that key is never
+reused. While an extraction runs, each finished chunk of prompts is written atomically as its
+own safetensors file under ``<key>.partial/``, so a run that was interrupted resumes with the
+chunks it already has; the finished set then replaces the partial folder atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from persona_geometry._io import atomic_dir, atomic_path, atomic_write_json
+from persona_geometry._validation import invalid
+from persona_geometry.provenance import stable_hash
+
+if TYPE_CHECKING:
+    from persona_geometry.activations import ActivationSet
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "KEY_FIELDS",
+    "PartialRun",
+    "cache_key",
+    "load_activations",
+    "load_cached",
+    "save_activations",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "persona-geometry.activations"
+FORMAT_VERSION = 1
+_TENSORS = "activations.safetensors"
+_MANIFEST = "manifest.json"
+
+# The manifest fields that determine the numbers (and labels) of an extraction. Batch sizes are
+# not among them: batching moves float32 results by ~1e-7 only (bf16 tolerance: see
+# extract_activations); they are recorded in the manifest all the same.
+KEY_FIELDS: tuple[str, ...] = (
+    "format_version",
+    "model_id",
+    "revision",
+    "weights_id",
+    "dtype",
+    "engine",
+    "hooks",
+    "layers",
+    "chat_template_hash",
+    "persona_hash",
+    "question_hash",
+    "prompt_ids_hash",
+)
+
+
+def cache_key(manifest: Mapping[str, Any]) -> str:
+    """Returns the stable hash of the manifest's ``KEY_FIELDS``: the cache folder's name."""
+    missing = [k for k in KEY_FIELDS if k not in manifest]
+    if missing:
+        invalid("manifest", "cache_key", f"a mapping with the fields {list(KEY_FIELDS)}", f"missing {missing}")
+    return stable_hash({k: manifest[k] for k in KEY_FIELDS}, length=24)
+
+
+def save_activations(acts: ActivationSet, path: str | os.PathLike[str]) -> Path:
+    """Writes ``acts`` to the folder ``path`` atomically and returns the folder.
+
+    The folder holds ``activations.safetensors`` and ``manifest.json``; an existing folder is
+    replaced only once the new one is complete.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {hook: t.detach().to("cpu").contiguous() for hook, t in acts.items()}
+    tensors["n_tokens"] = acts.n_tokens.to("cpu", torch.long).contiguous()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "personas": acts.personas.to_list(),
+        "questions": list(acts.questions),
+        "layers": list(acts.layers),
+        "hooks": {hook: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for hook, t in acts.items()},
+        "provenance": _json_safe(acts.manifest),
+    }
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / _TENSORS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        atomic_write_json(tmp / _MANIFEST, meta)
+    return Path(path)
+
+
+def load_activations(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
+    """Returns the ``ActivationSet`` stored in the folder ``path`` (safetensors + JSON only).
+
+    Raises:
+        FileNotFoundError: If the folder or one of its two files is missing.
+        ValueError: If the manifest is not an activation manifest this version can read, or the
+            tensors do not match its labels.
+    """
+    from safetensors.torch import load_file
+
+    from persona_geometry.activations import ActivationSet
+    from persona_geometry.personas import PersonaSet
+
+    path = Path(path)
+    for name in (_MANIFEST, _TENSORS):
+        if not (path / name).is_file():
+            invalid("path", "ActivationSet.load", f"a folder written by ActivationSet.save (with {_MANIFEST} and {_TENSORS})", str(path), exc=FileNotFoundError)
+    meta = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        invalid("path", "ActivationSet.load", f"a folder in format {FORMAT!r} version {FORMAT_VERSION}", str(path))
+    tensors = load_file(str(path / _TENSORS), device=str(device))
+    hooks = list(meta["hooks"])
+    if set(tensors) != {*hooks, "n_tokens"}:
+        invalid("path", "ActivationSet.load", f"tensors {sorted({*hooks, 'n_tokens'})}", sorted(tensors))
+    return ActivationSet(
+        {hook: tensors[hook] for hook in hooks},
+        personas=PersonaSet.from_list(meta["personas"]),
+        questions=meta["questions"],
+        layers=meta["layers"],
+        n_tokens=tensors["n_tokens"],
+        manifest=meta["provenance"],
+    )
+
+
+def load_cached(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> ActivationSet | None:
+    """Returns the cached set for this manifest's key, or None when there is none to trust.
+
+    A folder whose stored key fields differ from ``manifest``'s (a hash collision, a
+    hand-edited manifest, an older format) is reported and ignored, never reused.
+    """
+    folder = Path(cache_dir) / cache_key(manifest)
+    if not (folder / _MANIFEST).is_file():
+        return None
+    try:
+        acts = load_activations(folder)
+    except (ValueError, OSError, KeyError) as e:
+        log.warning("ignoring unreadable cache entry %s: %s", folder, e)
+        return None
+    stored = {k: acts.manifest.get(k) for k in KEY_FIELDS}
+    wanted = _json_safe({k: manifest[k] for k in KEY_FIELDS})
+    if stored != wanted:
+        diff = sorted(k for k in KEY_FIELDS if stored[k] != wanted[k])
+        log.warning("cache entry %s does not match this extraction (fields %s differ); recomputing", folder, diff)
+        return None
+    return acts
+
+
+class PartialRun:
+    """The chunks of an unfinished extraction, under ``<cache_dir>/<key>.partial/``.
+
+    Each chunk is one safetensors file holding ``indices`` (prompt positions) and one
+    ``[prompt, layer, d_model]`` tensor per hook, written atomically; a chunk is either whole
+    or absent. ``key.json`` records the key fields, and a folder whose fields differ is
+    discarded rather than mixed in.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]):
+        self.key = cache_key(manifest)
+        self.folder = Path(cache_dir) / f"{self.key}.partial"
+        self.fields = _json_safe({k: manifest[k] for k in KEY_FIELDS})
+        key_file = self.folder / "key.json"
+        if self.folder.exists():
+            stored = json.loads(key_file.read_text()) if key_file.is_file() else None
+            if stored != self.fields:
+                log.warning("discarding partial extraction %s: it was made for other settings", self.folder)
+                shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not key_file.is_file():
+            atomic_write_json(key_file, self.fields)
+
+    def chunks(self) -> list[Path]:
+        """Returns the finished chunk files."""
+        return sorted(self.folder.glob("chunk-*.safetensors"))
+
+    def done(self) -> set[int]:
+        """Returns the prompt positions already computed."""
+        from safetensors import safe_open
+
+        out: set[int] = set()
+        for f in self.chunks():
+            with safe_open(str(f), framework="pt") as sf:
+                out.update(sf.get_tensor("indices").tolist())
+        return out
+
+    def write(self, indices: Sequence[int], tensors: Mapping[str, Float[Tensor, "prompt layer d_model"]]) -> Path:
+        """Writes one finished chunk atomically and returns its file."""
+        from safetensors.torch import save_file
+
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        payload = {hook: t.detach().to("cpu").contiguous() for hook, t in tensors.items()}
+        payload["indices"] = idx
+        path = self.folder / f"chunk-{int(idx.min()):07d}-{stable_hash(idx.tolist(), length=12)}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file(payload, str(tmp))
+        return path
+
+    def assemble(self, n_prompts: int, hooks: Sequence[str]) -> dict[str, Float[Tensor, "prompt layer d_model"]]:
+        """Returns ``{hook: [prompt, layer, d_model]}`` in prompt order, from every chunk.
+
+        Raises:
+            RuntimeError: If some prompt is missing or appears in two chunks.
+        """
+        from safetensors.torch import load_file
+
+        out: dict[str, Tensor] = {}
+        seen = torch.zeros(n_prompts, dtype=torch.long)
+        for f in self.chunks():
+            chunk = load_file(str(f))
+            idx = chunk["indices"]
+            seen[idx] += 1
+            for hook in hooks:
+                if hook not in out:
+                    out[hook] = torch.empty((n_prompts, *chunk[hook].shape[1:]), dtype=chunk[hook].dtype)
+                out[hook][idx] = chunk[hook]
+        if not bool((seen == 1).all()):
+            raise RuntimeError(f"the partial extraction {self.folder} does not cover every prompt exactly once")
+        return out
+
+    def finish(self, acts: ActivationSet) -> Path:
+        """Saves the finished set as the cache entry and removes the partial folder."""
+        final = save_activations(acts, self.folder.parent / self.key)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return final
+
+
+def _json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,492 @@
+"""``run_study``: from a ``StudyConfig`` to a report, one cached, resumable stage at a time.
+
+Stages, in order, each writing under the study's output folder:
+
+========  ==========================================================================
+extract   last-token activations of every persona × probe question (``activations/``)
+data      base-model answers to the training questions, and one marker dataset per source
+train     one marker LoRA adapter per source and seed (``train/<source>/seed<k>/``)
+eval      marker rates of every persona under each adapter (``eval/<source>/seed<k>/``)
+sweep     per-layer correlation of centered cosine with the source rate (``sweep/``)
+report    robustness at one layer, Markdown and JSON report, figures (``report/``)
+========  ==========================================================================
+
+A stage is skipped when a ``.stage.json`` in its folder records the same input key (a stable
+hash of everything it depends on, earlier stages' keys included), so editing the eval settings
+re-runs eval, sweep and report but neither extraction nor training. Within ``train`` and
+``eval`` each source and seed is its own unit with its own marker, so an interrupted run
+resumes at the unit it stopped in (training itself resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persona_geometry._io import atomic_write_json, atomic_write_text
+from persona_geometry._validation import invalid
+from persona_geometry.config import StudyConfig
+from persona_geometry.personas import PersonaSet, builtin_personas
+from persona_geometry.provenance import package_versions, stable_hash
+from persona_geometry.questions import builtin_questions, load_questions, training_questions
+
+__all__ = ["STAGES", "StudyResult", "run_study", "study_inputs"]
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("extract", "data", "train", "eval", "sweep", "report")
+_MARKER_FILE = ".stage.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyResult:
+    """What a study run produced: the output folder, which stages ran or were skipped, the files."""
+
+    out: Path
+    ran: tuple[str, ...]
+    skipped: tuple[str, ...]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """Returns a few lines a person reads."""
+        lines = [f"Study output: {self.out}"]
+        lines.append(f"  ran: {', '.join(self.ran) or 'nothing'}; cached: {', '.join(self.skipped) or 'nothing'}")
+        for name, path in self.files.items():
+            lines.append(f"  {name}: {path}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Inputs:
+    personas: PersonaSet
+    questions: tuple[str, ...]
+    training_questions: tuple[str, ...]
+    centering: PersonaSet | None
+    sources: tuple[str, ...]
+
+
+def study_inputs(config: StudyConfig) -> _Inputs:
+    """Returns the personas, questions, centering set and sources a config names, checked.
+
+    Raises:
+        ValueError: If a file is missing, or the reference, a source, a held-out persona, a
+            bystander exclusion or a centering name is not among the personas.
+    """
+    personas = builtin_personas() if config.personas == "builtin" else PersonaSet.load(config.personas)
+    questions = builtin_questions() if config.questions == "builtin" else load_questions(config.questions)
+    train_q = training_questions() if config.training_questions == "builtin" else load_questions(config.training_questions)
+    names = personas.names
+
+    def _known(values: Sequence[str], key: str) -> None:
+        for v in values:
+            if v not in names:
+                raise ValueError(f"The study config's '{key}' names {v!r}, which is not one of the personas {names}.")
+
+    _known([config.geometry.reference], "geometry.reference")
+    sources = tuple(names) if config.marker.sources == "all" else tuple(config.marker.sources)
+    _known(sources, "marker.sources")
+    _known(config.analysis.holdout, "analysis.holdout")
+    _known(config.data.exclude, "data.exclude")
+    centering = None
+    if isinstance(config.geometry.centering, str):
+        centering = PersonaSet.load(config.geometry.centering)
+    elif config.geometry.centering is not None:
+        _known(config.geometry.centering, "geometry.centering")
+    n_layers_hint = config.analysis.primary_layer
+    if n_layers_hint is not None and n_layers_hint < 0:
+        invalid("primary_layer", "StudyConfig.analysis", "a layer index ≥ 0", n_layers_hint)
+    return _Inputs(
+        personas=personas,
+        questions=tuple(questions),
+        training_questions=tuple(train_q),
+        centering=centering,
+        sources=sources,
+    )
+
+
+class _StageMarker:
+    """A ``.stage.json`` recording the input key a stage (or one unit of it) finished with."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = folder, key
+        self.path = folder / _MARKER_FILE
+
+    def done(self) -> bool:
+        import json
+
+        if not self.path.is_file():
+            return False
+        try:
+            return json.loads(self.path.read_text()).get("key") == self.key
+        except (OSError, ValueError):
+            return False
+
+    def mark(self, **extra: Any) -> None:
+        atomic_write_json(self.path, {"key": self.key, **extra})
+
+
+def run_study(
+    config: StudyConfig,
+    *,
+    stages: Sequence[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> StudyResult:
+    """Returns the result of running the study's stages, skipping those whose inputs are unchanged.
+
+    Args:
+        config: The validated study config.
+        stages: A subset of ``STAGES`` to run (in pipeline order); all when None. A stage whose
+            inputs come from an earlier stage needs that stage's outputs on disk.
+        force: Re-run the chosen stages even when their outputs are current.
+        progress: Show progress bars.
+
+    Raises:
+        ValueError: On an unknown stage name, or inputs the config names that don't exist.
+    """
+    chosen = list(STAGES) if stages is None else list(stages)
+    for s in chosen:
+        if s not in STAGES:
+            invalid("stages", "run_study", f"stage names from {list(STAGES)}", s)
+    inputs = study_inputs(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_resolved_config(config, out)
+    keys = _stage_keys(config, inputs)
+    ran, skipped, files = [], [], {}
+    runners = {
+        "extract": _extract,
+        "data": _data,
+        "train": _train,
+        "eval": _eval,
+        "sweep": _sweep,
+        "report": _report,
+    }
+    for stage in STAGES:
+        if stage not in chosen:
+            continue
+        marker = _StageMarker(out / stage, keys[stage])
+        if marker.done() and not force:
+            log.info("stage %s: inputs unchanged, skipped", stage)
+            skipped.append(stage)
+            continue
+        log.info("stage %s: running", stage)
+        produced = runners[stage](config, inputs, out, keys, progress=progress, force=force)
+        marker.mark(stage=stage, files=produced)
+        files.update(produced)
+        ran.append(stage)
+    if "report" in chosen:
+        files.setdefault("report", str(out / "report" / "report.md"))
+    return StudyResult(out=out, ran=tuple(ran), skipped=tuple(skipped), files=files)
+
+
+def _write_resolved_config(config: StudyConfig, out: Path) -> None:
+    import yaml
+
+    atomic_write_text(out / "config.resolved.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def _stage_keys(config: StudyConfig, inputs: _Inputs) -> dict[str, str]:
+    c = config.to_dict()
+    model = c["model"]
+    extract = stable_hash([model, inputs.personas.content_hash(), inputs.questions, c["extract"],
+                           inputs.centering.content_hash() if inputs.centering else None])  # fmt: skip
+    data = stable_hash([model, inputs.personas.content_hash(), inputs.training_questions, c["responses"], c["data"],
+                        c["eval"]["backend"], inputs.sources])  # fmt: skip
+    train = stable_hash([data, c["train"], c["marker"]])
+    evaluation = stable_hash([train, inputs.questions, c["eval"], c["data"]["marker"]])
+    sweep = stable_hash([extract, evaluation, c["geometry"], c["analysis"]])
+    report = stable_hash([sweep, "report-v1"])
+    return {"extract": extract, "data": data, "train": train, "eval": evaluation, "sweep": sweep, "report": report}
+
+
+# --- stages -----------------------------------------------------------------------------------
+def _extract(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.models import load_model
+
+    handle = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype, revision=config.model.revision)
+    common = dict(
+        hooks=config.extract.hooks,
+        layers=list(config.extract.layers) if config.extract.layers is not None else None,
+        engine=config.extract.engine,
+        chat_template=_chat_template(config),
+        cache_dir=out / "cache",
+        progress=kw["progress"],
+    )
+    if config.extract.batch_tokens is not None:
+        common["batch_tokens"] = config.extract.batch_tokens
+    acts = extract_activations(handle, inputs.personas, inputs.questions, **common)
+    acts.save(out / "extract" / "activations")
+    files = {"activations": str(out / "extract" / "activations")}
+    if inputs.centering is not None:
+        centering = extract_activations(handle, inputs.centering, inputs.questions, **common)
+        centering.save(out / "extract" / "centering_activations")
+        files["centering_activations"] = str(out / "extract" / "centering_activations")
+    return files
+
+
+def _chat_template(config: StudyConfig) -> str | None:
+    template = config.model.chat_template
+    if template and os.path.isfile(template):
+        return Path(template).read_text(encoding="utf-8")
+    return template
+
+
+def _data(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
+    from persona_geometry.training import build_marker_dataset, generate_responses
+
+    responses = out / "data" / "responses.jsonl"
+    r = config.responses
+    generate_responses(
+        config.model.name,
+        inputs.personas,
+        list(inputs.training_questions),
+        out_path=responses,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_new_tokens=r.max_new_tokens,
+        seed=r.seed,
+        backend=r.backend or config.eval.backend,
+        device=config.model.device,
+        dtype=None if config.model.dtype == "auto" else config.model.dtype,
+        chat_template=_chat_template(config),
+    )
+    files = {"responses": str(responses)}
+    for source in inputs.sources:
+        path = out / "data" / f"{source}.jsonl"
+        build_marker_dataset(responses, inputs.personas, config.data.for_source(source), out_path=path)
+        files[f"data:{source}"] = str(path)
+    return files
+
+
+def _units(config: StudyConfig, inputs: _Inputs) -> list[tuple[str, int]]:
+    return [(source, seed) for source in inputs.sources for seed in config.marker.seeds]
+
+
+def _train(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from persona_geometry.training import train_marker
+
+    files = {}
+    units = _units(config, inputs)
+    for source, seed in tqdm(units, desc="train marker adapters", unit="adapter", disable=not kw["progress"] or len(units) < 2):
+        folder = out / "train" / source / f"seed{seed}"
+        unit = _StageMarker(folder, stable_hash([keys["train"], source, seed]))
+        if not unit.done() or kw["force"]:
+            train_marker(
+                config.model.name,
+                out / "data" / f"{source}.jsonl",
+                folder,
+                dataclasses.replace(config.train, seed=seed),
+                source=source,
+                marker=config.data.marker,
+                device=config.model.device,
+                chat_template=_chat_template(config),
+            )
+            unit.mark(source=source, seed=seed)
+        files[f"adapter:{source}:seed{seed}"] = str(folder / "adapter")
+    return files
+
+
+def _eval(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
+    from tqdm.auto import tqdm
+
+    from persona_geometry.eval import source_rates
+
+    e = config.eval
+    files = {}
+    units = _units(config, inputs)
+    for source, seed in tqdm(units, desc="evaluate source rates", unit="adapter", disable=not kw["progress"] or len(units) < 2):
+        folder = out / "eval" / source / f"seed{seed}"
+        unit = _StageMarker(folder, stable_hash([keys["eval"], source, seed]))
+        if not unit.done() or kw["force"]:
+            source_rates(
+                config.model.name,
+                out / "train" / source / f"seed{seed}" / "adapter",
+                inputs.personas,
+                list(inputs.questions),
+                source=source,
+                n_completions=e.n_completions,
+                temperature=e.temperature,
+                top_p=e.top_p,
+                max_new_tokens=e.max_new_tokens,
+                seed=e.seed + seed,
+                backend=e.backend,
+                out_dir=folder,
+                marker=config.data.marker,
+                regex=e.regex,
+                batch_size=e.batch_size,
+                device=config.model.device,
+                dtype=None if config.model.dtype == "auto" else config.model.dtype,
+                chat_template=_chat_template(config),
+            )
+            unit.mark(source=source, seed=seed)
+        files[f"eval:{source}:seed{seed}"] = str(folder / "run_result.json")
+    return files
+
+
+def _counts(config: StudyConfig, inputs: _Inputs, out: Path) -> tuple[dict[str, tuple[int, int]], Any]:
+    """Returns pooled source counts ``{source: (k, n)}`` and the leakage table (source × target rates)."""
+    import json
+
+    import pandas as pd
+
+    pooled: dict[str, tuple[int, int]] = {}
+    leak_k: dict[str, dict[str, int]] = {}
+    leak_n: dict[str, dict[str, int]] = {}
+    for source, seed in _units(config, inputs):
+        path = out / "eval" / source / f"seed{seed}" / "run_result.json"
+        if not path.is_file():
+            raise ValueError(f"Missing {path}: run the 'eval' stage first.")
+        result = json.loads(path.read_text())
+        rates = {row["persona"]: row for row in result["personas"]}
+        if source not in rates:
+            # The reference study lost its source's rate to a renamed key; never silently.
+            raise ValueError(f"{path} has no entry for its source persona {source!r}.")
+        k, n = pooled.get(source, (0, 0))
+        pooled[source] = (k + rates[source]["k"], n + rates[source]["n"])
+        for target, row in rates.items():
+            leak_k.setdefault(source, {}).setdefault(target, 0)
+            leak_n.setdefault(source, {}).setdefault(target, 0)
+            leak_k[source][target] += row["k"]
+            leak_n[source][target] += row["n"]
+    leakage = pd.DataFrame(
+        {s: {t: leak_k[s][t] / leak_n[s][t] for t in leak_k[s]} for s in leak_k}
+    ).T.reindex(index=list(leak_k), columns=inputs.personas.names)
+    return pooled, leakage
+
+
+def _geometry(config: StudyConfig, out: Path) -> tuple[Any, Any, Any]:
+    from persona_geometry.activations import ActivationSet
+    from persona_geometry.geometry import center, centroids, cosine_to_reference, pairwise_cosine
+
+    acts = ActivationSet.load(out / "extract" / "activations")
+    cents = centroids(acts, hook=config.geometry.hook)
+    c = config.geometry.centering
+    if isinstance(c, str):
+        reference_set = centroids(ActivationSet.load(out / "extract" / "centering_activations"), hook=config.geometry.hook)
+        centered = center(cents, reference_set)
+    else:
+        centered = center(cents, list(c) if c is not None else None)
+    return acts, cosine_to_reference(centered, config.geometry.reference), pairwise_cosine(centered)
+
+
+def _layer_sweep(config: StudyConfig, cos: Any, pooled: dict[str, tuple[int, int]]) -> Any:
+    """Returns the layer sweep over the personas with a source rate (seeded: the same every call)."""
+    from persona_geometry.sweep import layer_sweep
+
+    names = [p for p in cos.personas if p in pooled]
+    reference = config.geometry.reference if config.geometry.reference in names else None
+    a = config.analysis
+    return layer_sweep(
+        cos.to_wide().loc[names],
+        k=[pooled[p][0] for p in names],
+        n=[pooled[p][1] for p in names],
+        reference=reference,
+        exclude=[reference] if a.exclude_reference and reference else None,
+        primary_layer=a.primary_layer,
+        n_permutations=a.n_permutations,
+        n_bootstrap=a.n_bootstrap,
+        statistic=a.statistic,
+        seed=a.seed,
+    )
+
+
+def _sweep(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
+    _, cos, _ = _geometry(config, out)
+    pooled, _ = _counts(config, inputs, out)
+    sweep = _layer_sweep(config, cos, pooled)
+    folder = out / "sweep"
+    provenance = {"study": config.name, "package_versions": package_versions()}
+    atomic_write_json(folder / "sweep.json", {**sweep.to_dict(), "provenance": provenance})
+    atomic_write_text(folder / "sweep.csv", sweep.to_frame().to_csv(index=False))
+    log.info("%s", sweep.summary())
+    return {"sweep_json": str(folder / "sweep.json"), "sweep_csv": str(folder / "sweep.csv")}
+
+
+def _report(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
+    import json
+
+    from persona_geometry.analysis import (
+        cosine_heatmap,
+        hero_scatter,
+        leakage_correlation,
+        robustness_at_layer,
+        robustness_markdown,
+        sweep_curve,
+        write_figure,
+    )
+
+    acts, cos, pairwise = _geometry(config, out)
+    pooled, leakage = _counts(config, inputs, out)
+    a = config.analysis
+    names = [p for p in cos.personas if p in pooled]
+    reference = config.geometry.reference if config.geometry.reference in names else None
+    # Recomputed rather than read back: the sweep is seeded, so this is the sweep stage's result.
+    sweep = _layer_sweep(config, cos, pooled)
+    layer = a.layer if a.layer is not None else (a.primary_layer if a.primary_layer is not None else sweep.best_layer)
+    at_layer = cos.at(layer)
+    log_tokens = {p: math.log(float(acts.n_tokens[i].double().mean())) for i, p in enumerate(acts.personas.names)}
+    categories = dict(zip(acts.personas.names, acts.personas.categories, strict=True))
+    rob = robustness_at_layer(
+        [at_layer[p] for p in names],
+        k=[pooled[p][0] for p in names],
+        n=[pooled[p][1] for p in names],
+        personas=names,
+        categories=[categories[p] for p in names],
+        covariate=[log_tokens[p] for p in names] if a.covariate else None,
+        covariate_name=a.covariate or "log_n_tokens",
+        holdout=list(a.holdout),
+        reference=reference,
+        exclude_reference=a.exclude_reference,
+        layer=layer,
+    )
+    folder = out / "report"
+    leak = None
+    if len(leakage.index) >= 3:
+        try:
+            leak = leakage_correlation(leakage, pairwise, n_permutations=min(a.n_permutations, 2000) or 1, seed=a.seed)
+        except ValueError as e:  # e.g. a constant leakage matrix on a tiny model
+            log.warning("pairwise leakage not computed: %s", e)
+    payload = {
+        **rob.to_dict(),
+        "study": config.name,
+        "model": config.model.name,
+        "layer": layer,
+        "layer_choice": "configured" if a.layer is not None else ("primary" if a.primary_layer is not None else "sweep best (exploratory)"),
+        "sweep": sweep.to_dict(),
+        "leakage": leak.to_dict() if leak is not None else None,
+        "provenance": {"study": config.name, "config": config.to_dict(), "package_versions": package_versions()},
+    }
+    files = {"report_json": str(atomic_write_json(folder / "report.json", payload))}
+    md = [robustness_markdown(rob, sweep, title=f"{config.name}: persona geometry vs marker source rate")]
+    if leak is not None:
+        md.append("## Pairwise leakage\n\n" + leak.summary() + "\n")
+    md.append(_provenance_markdown(config, layer, payload["layer_choice"]))
+    files["report_md"] = str(atomic_write_text(folder / "report.md", "\n".join(md)))
+    files["figure_scatter"] = str(write_figure(hero_scatter(rob, title=f"{config.name}, layer {layer}"), folder / "scatter.html"))
+    files["figure_sweep"] = str(write_figure(sweep_curve(sweep), folder / "sweep.html"))
+    files["figure_heatmap"] = str(write_figure(cosine_heatmap(pairwise), folder / "heatmap.html"))
+    atomic_write_text(folder / "leakage.csv", leakage.to_csv())
+    log.info("report written to %s", folder)
+    json.dumps(payload)  # fail here, not in a reader, if anything is not JSON-safe
+    return files
+
+
+def _provenance_markdown(config: StudyConfig, layer: int, choice: str) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
+    return (
+        "## Provenance\n\n"
+        f"- model: `{config.model.name}` (revision {config.model.revision or 'default'}, dtype {config.model.dtype})\n"
+        f"- robustness layer: {layer} ({choice})\n"
+        f"- packages: {versions}\n"
+    )

@@ -1,0 +1,36 @@
+"""`persona-geometry extract`: parses, calls extract_activations, saves; bad input exits with status 2."""
+
+from __future__ import annotations
+
+import torch
+
+from persona_geometry import ActivationSet, builtin_personas, extract_activations, load_model
+from persona_geometry.cli import main
+
+
+def test_extract_command_writes_what_the_library_returns(tiny_qwen_path, tmp_path, capsys):
+    personas = builtin_personas().select(["helpful_assistant", "medical_doctor"])
+    personas.save(tmp_path / "personas.yaml")
+    (tmp_path / "questions.txt").write_text("What is rain?\nHow do magnets work, and why?\n")
+    status = main([
+        "extract", "--model", str(tiny_qwen_path), "--personas", str(tmp_path / "personas.yaml"),
+        "--questions", str(tmp_path / "questions.txt"), "--layers", "1", "-1", "--hooks", "resid_post", "resid_pre",
+        "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "acts"),
+    ])
+    assert status == 0
+    acts = ActivationSet.load(tmp_path / "acts")
+    assert acts.layers == (1, 3) and acts.hooks == ["resid_post", "resid_pre"]
+    assert acts.personas.names == ["helpful_assistant", "medical_doctor"]
+    want = extract_activations(
+        load_model(tiny_qwen_path, dtype="float32", device="cpu"), personas, ["What is rain?", "How do magnets work, and why?"],
+        layers=[1, 3], progress=False,
+    )
+    assert torch.equal(acts["resid_post"], want["resid_post"])
+
+
+def test_extract_command_reports_bad_input_in_one_line(tiny_qwen_path, tmp_path, capsys):
+    status = main(["extract", "--model", str(tiny_qwen_path), "--layers", "9", "--device", "cpu", "--out", str(tmp_path / "x")])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("persona-geometry extract: error: The 'layers' parameter of extract_activations")
+    assert not (tmp_path / "x").exists()

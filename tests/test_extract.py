@@ -1,0 +1,279 @@
+"""Extraction against an independent reference: HF ``output_hidden_states``, one prompt at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from persona_geometry import (
+    ModelHandle,
+    builtin_personas,
+    builtin_questions,
+    extract_activations,
+    hook_name,
+    load_model,
+    render_prompts,
+)
+from persona_geometry.extract import plan_batches
+from persona_geometry.hooks import find_layers, record_last_token
+
+PERSONAS = builtin_personas().select(["helpful_assistant", "kindergarten_teacher", "villain"])
+# Questions of clearly different lengths, so one batch mixes prompt lengths.
+QUESTIONS = [builtin_questions()[i] for i in (0, 3, 7, 12)]
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen_path):
+    return load_model(tiny_qwen_path, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_path):
+    return load_model(tiny_llama_path, dtype="float32", device="cpu")
+
+
+def reference(handle: ModelHandle, personas=PERSONAS, questions=QUESTIONS) -> torch.Tensor:
+    """Returns ``[persona, question, layer, d_model]`` from unpadded single-prompt forwards.
+
+    Layer l < L-1 is ``hidden_states[l + 1]``; the last block's output comes from a hook on
+    that block, because HF's last hidden state has the final norm applied.
+    """
+    model = handle.model
+    _, blocks = find_layers(model)
+    n_layers = len(blocks)
+    prompts = render_prompts(handle.tokenizer, personas, questions)
+    rows = []
+    captured = {}
+    for prompt in prompts:
+        captured.clear()
+        h = blocks[-1].register_forward_hook(lambda m, a, o: captured.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+        try:
+            with torch.no_grad():
+                hs = model(torch.tensor([prompt.input_ids]), output_hidden_states=True).hidden_states
+        finally:
+            h.remove()
+        assert len(hs) == n_layers + 1
+        rows.append(torch.stack([hs[layer + 1][0, -1] for layer in range(n_layers - 1)] + [captured["out"][0, -1]]))
+    return torch.stack(rows).reshape(len(personas), len(questions), n_layers, -1).float()
+
+
+@pytest.mark.parametrize("family", ["qwen", "llama"])
+def test_hf_engine_matches_one_prompt_at_a_time_reference(family, request):
+    handle = request.getfixturevalue(family)
+    acts = extract_activations(handle, PERSONAS, QUESTIONS, batch_tokens=100_000, progress=False)
+    lengths = acts.n_tokens.flatten().tolist()
+    assert len(set(lengths)) >= 3  # one batch really mixes lengths (left padding is exercised)
+    assert len(plan_batches(lengths, 100_000)) == 1
+    ref = reference(handle)
+    got = acts["resid_post"]
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert acts.layers == tuple(range(ref.shape[2]))
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert acts.manifest["engine"] == "hf" and acts.manifest["dtype"] == "float32"
+
+
+def test_last_layer_is_the_block_output_not_the_post_norm_hidden_state(qwen):
+    """HF's last hidden state is norm(block output): the two differ, and only the first is used."""
+    prompt = render_prompts(qwen.tokenizer, PERSONAS, QUESTIONS)[0]
+    with torch.no_grad():
+        hs = qwen.model(torch.tensor([prompt.input_ids]), output_hidden_states=True).hidden_states
+    acts = extract_activations(qwen, PERSONAS[:1], QUESTIONS[:1], progress=False)
+    last_block = acts["resid_post"][0, 0, -1]
+    post_norm = hs[-1][0, -1]
+    assert (last_block - post_norm).abs().max().item() > 1e-2
+    with torch.no_grad():
+        assert torch.allclose(qwen.model.model.norm(last_block), post_norm, atol=1e-5)
+
+
+def test_hf_engine_resid_pre_is_the_previous_block_output_and_the_embedding(qwen):
+    acts = extract_activations(qwen, PERSONAS, QUESTIONS[:2], hooks=["resid_pre", "resid_post"], progress=False)
+    pre, post = acts["resid_pre"], acts["resid_post"]
+    assert torch.equal(pre[:, :, 1:], post[:, :, :-1])
+    prompts = render_prompts(qwen.tokenizer, PERSONAS, QUESTIONS[:2])
+    last_ids = torch.tensor([p.input_ids[-1] for p in prompts])
+    emb = qwen.model.get_input_embeddings().weight[last_ids].detach()
+    assert torch.allclose(pre[:, :, 0].reshape(-1, emb.shape[-1]), emb, atol=0)
+
+
+def test_results_do_not_depend_on_batch_size_or_prompt_order(qwen):
+    big = extract_activations(qwen, PERSONAS, QUESTIONS, layers=[0, 3], batch_tokens=100_000, progress=False)
+    single = extract_activations(qwen, PERSONAS, QUESTIONS, layers=[0, 3], max_batch_size=1, progress=False)
+    small = extract_activations(qwen, PERSONAS, QUESTIONS, layers=[0, 3], batch_tokens=150, progress=False)
+    reordered = extract_activations(qwen, PERSONAS[::-1], QUESTIONS[::-1], layers=[0, 3], progress=False)
+    for other in (single, small):
+        assert (big["resid_post"] - other["resid_post"]).abs().max().item() <= 1e-5
+    flipped = reordered["resid_post"].flip(0).flip(1)
+    assert (big["resid_post"] - flipped).abs().max().item() <= 1e-5
+    assert torch.equal(reordered.n_tokens.flip(0).flip(1), big.n_tokens)
+
+
+def test_layer_subset_and_negative_layers(qwen):
+    full = extract_activations(qwen, PERSONAS, QUESTIONS[:2], progress=False)
+    sub = extract_activations(qwen, PERSONAS, QUESTIONS[:2], layers=[-1, 1], progress=False)
+    assert sub.layers == (1, 3)
+    assert (sub["resid_post"] - full["resid_post"][:, :, [1, 3]]).abs().max().item() <= 1e-5
+
+
+def test_plan_batches_respects_the_token_budget_and_sorts_by_length():
+    lengths = [5, 30, 12, 30, 7, 100, 1]
+    batches = plan_batches(lengths, batch_tokens=64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [5]  # longer than the budget: alone
+    flat = [i for b in batches for i in b]
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    for b in batches[1:]:
+        assert len(b) * max(lengths[i] for i in b) <= 64
+    assert all(len(b) <= 2 for b in plan_batches(lengths, 10_000, max_batch_size=2))
+
+
+def test_gpt2_family_blocks_are_found_and_match_the_reference(tiny_tokenizer):
+    """GPT-2 has learned absolute positions: wrong position ids under left padding would show."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=3, n_head=2, n_positions=256)
+    model = GPT2LMHeadModel(config).eval()
+    assert find_layers(model)[0] == "transformer.h.{num}"
+    handle = ModelHandle(
+        model=model, tokenizer=tiny_tokenizer, model_id="tiny-gpt2", revision=None,
+        dtype=torch.float32, device=torch.device("cpu"), weights_id="test",
+    )
+    acts = extract_activations(handle, PERSONAS, QUESTIONS, batch_tokens=100_000, progress=False)
+    assert (acts["resid_post"] - reference(handle)).abs().max().item() <= 1e-5
+
+
+def test_hook_names_and_layer_templates(qwen):
+    assert hook_name(20) == "blocks.20.hook_resid_post"
+    assert hook_name(0, "mlp_out") == "blocks.0.hook_mlp_out"
+    with pytest.raises(ValueError, match="'point' parameter of hook_name"):
+        hook_name(1, "hook_resid_post")
+    template, blocks = find_layers(qwen.model, "model.layers.{num}")
+    assert template == "model.layers.{num}" and len(blocks) == 4
+    assert find_layers(qwen.model.model)[1][0] is blocks[0]  # a bare base model works too
+    with pytest.raises(ValueError, match="'layer_template' parameter of find_layers"):
+        find_layers(qwen.model, "transformer.h.{num}")
+    with pytest.raises(ValueError, match="'layer_template' parameter of find_layers"):
+        find_layers(qwen.model, "model.layers")
+
+
+def test_hooks_are_removed_even_when_the_forward_fails(qwen):
+    blocks = find_layers(qwen.model)[1]
+    before = [(dict(b._forward_hooks), dict(b._forward_pre_hooks)) for b in blocks]
+    with pytest.raises(RuntimeError, match="boom"), record_last_token(qwen.model, [0, 2], points=["resid_pre", "resid_post"]) as recorder:
+        assert len(blocks[0]._forward_hooks) == len(before[0][0]) + 1
+        assert len(blocks[2]._forward_pre_hooks) == len(before[2][1]) + 1
+        recorder.run(lambda: (_ for _ in ()).throw(RuntimeError("boom")), 1)
+    assert [(dict(b._forward_hooks), dict(b._forward_pre_hooks)) for b in blocks] == before
+
+
+def test_bfloat16_extraction_is_close_to_float32(tiny_qwen_path, qwen):
+    bf16 = load_model(tiny_qwen_path, dtype="bfloat16", device="cpu")
+    assert bf16.dtype == torch.bfloat16
+    a16 = extract_activations(bf16, PERSONAS, QUESTIONS[:2], progress=False)
+    a32 = extract_activations(qwen, PERSONAS, QUESTIONS[:2], progress=False)
+    assert a16.dtype == torch.float32 and a16.manifest["dtype"] == "bfloat16"
+    rel = (a16["resid_post"] - a32["resid_post"]).norm() / a32["resid_post"].norm()
+    assert 0 < rel.item() < 0.05
+
+
+# --- TransformerLens engine -----------------------------------------------------------------
+@pytest.mark.tl
+@pytest.mark.parametrize("family", ["qwen", "llama"])
+def test_transformer_lens_engine_matches_reference_and_hf_engine(family, request):
+    pytest.importorskip("transformer_lens")
+    handle = request.getfixturevalue(family)
+    tl = extract_activations(handle, PERSONAS, QUESTIONS, engine="transformer_lens", batch_tokens=100_000, progress=False)
+    assert tl.manifest["engine"] == "transformer_lens"
+    assert (tl["resid_post"] - reference(handle)).abs().max().item() <= 1e-5
+    hf = extract_activations(handle, PERSONAS, QUESTIONS, progress=False)
+    assert (tl["resid_post"] - hf["resid_post"]).abs().max().item() <= 1e-5
+    # The bridge wrapped a copy: the handle's own model is untouched and still uses its blocks.
+    assert type(find_layers(handle.model)[1][0]).__name__.endswith("DecoderLayer")
+
+
+@pytest.mark.tl
+def test_transformer_lens_hook_points_are_consistent(qwen):
+    pytest.importorskip("transformer_lens")
+    acts = extract_activations(
+        qwen, PERSONAS, QUESTIONS[:2], engine="transformer_lens",
+        hooks=["resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post"], layers=[0, 2], progress=False,
+    )
+    pre, mid, attn, mlp, post = (acts[h] for h in ["resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post"])
+    assert (pre + attn - mid).abs().max().item() <= 1e-5
+    assert (mid + mlp - post).abs().max().item() <= 1e-5
+    assert attn.abs().max().item() > 1e-3 and mlp.abs().max().item() > 1e-3
+    ref = reference(qwen, PERSONAS, QUESTIONS[:2])
+    assert (post - ref[:, :, [0, 2]]).abs().max().item() <= 1e-5
+    assert (pre[:, :, 1] - ref[:, :, 1]).abs().max().item() <= 1e-5  # resid_pre of 2 = output of 1
+
+
+@pytest.mark.tl
+def test_a_transformer_bridge_the_user_holds_can_be_passed(tiny_qwen_path, qwen):
+    pytest.importorskip("transformer_lens")
+    import copy
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(
+        str(tiny_qwen_path), hf_model=copy.deepcopy(qwen.model), tokenizer=copy.deepcopy(qwen.tokenizer), device="cpu"
+    )
+    acts = extract_activations(bridge, PERSONAS, QUESTIONS[:2], hooks="mlp_out", layers=[1], progress=False)
+    assert acts.manifest["engine"] == "transformer_lens" and acts.manifest["weights_id"].startswith("params:")
+    assert acts["mlp_out"].shape == (3, 2, 1, 128)
+    with pytest.raises(ValueError, match="'engine' parameter of extract_activations"):
+        extract_activations(bridge, PERSONAS, QUESTIONS[:2], engine="hf", progress=False)
+
+
+# --- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"hooks": ["resid_final"]}, "hooks"),
+        ({"hooks": ["attn_out"]}, "hooks"),  # not an hf-engine hook point
+        ({"hooks": []}, "hooks"),
+        ({"layers": [4]}, "layers"),
+        ({"layers": [-5]}, "layers"),
+        ({"engine": "vllm"}, "engine"),
+        ({"batch_tokens": 0}, "batch_tokens"),
+        ({"dtype": "float32"}, "dtype"),  # the handle is already loaded
+    ],
+)
+def test_bad_arguments_name_the_parameter(qwen, kwargs, param):
+    with pytest.raises((ValueError, TypeError), match=f"'{param}' parameter of extract_activations"):
+        extract_activations(qwen, PERSONAS, QUESTIONS, progress=False, **kwargs)
+
+
+def test_bad_personas_questions_and_templates_name_the_parameter(qwen):
+    p = list(PERSONAS)
+    with pytest.raises(ValueError, match="'personas' parameter of extract_activations"):
+        extract_activations(qwen, [], QUESTIONS, progress=False)
+    with pytest.raises(ValueError, match="'personas' parameter of extract_activations.*twice"):
+        extract_activations(qwen, [p[0], p[1], p[0]], QUESTIONS, progress=False)
+    with pytest.raises(ValueError, match="'questions' parameter of extract_activations"):
+        extract_activations(qwen, PERSONAS, ["Why?", "Why?"], progress=False)
+    with pytest.raises(TypeError, match="'questions' parameter of extract_activations"):
+        extract_activations(qwen, PERSONAS, "Why?", progress=False)
+    with pytest.raises(TypeError, match="'model' parameter of extract_activations"):
+        extract_activations(42, PERSONAS, QUESTIONS, progress=False)
+    import copy
+
+    bare = copy.deepcopy(qwen.tokenizer)
+    bare.chat_template = None
+    no_template = dataclasses.replace(qwen, tokenizer=bare)
+    with pytest.raises(ValueError, match="'chat_template' parameter of extract_activations"):
+        extract_activations(no_template, PERSONAS, QUESTIONS, progress=False)
+    # ... and a template passed explicitly makes it work.
+    from persona_geometry.tiny import CHATML_TEMPLATE
+
+    acts = extract_activations(no_template, PERSONAS, QUESTIONS[:1], chat_template=CHATML_TEMPLATE, progress=False)
+    ref = extract_activations(qwen, PERSONAS, QUESTIONS[:1], progress=False)
+    assert torch.equal(acts["resid_post"], ref["resid_post"])
+
+
+def test_a_path_is_loaded_with_load_model(tiny_llama_path, llama):
+    acts = extract_activations(str(tiny_llama_path), PERSONAS, QUESTIONS[:1], device="cpu", dtype="float32", progress=False)
+    ref = extract_activations(llama, PERSONAS, QUESTIONS[:1], progress=False)
+    assert torch.equal(acts["resid_post"], ref["resid_post"])
+    assert acts.manifest["weights_id"] == llama.weights_id
