@@ -154,13 +154,12 @@ def _resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[Any, A
     return torch.device(device), getattr(torch, dtype)
 
 
-def _load_hf_model(model: str | os.PathLike[str], *, device: Any, dtype: Any) -> tuple[Any, Any]:
-    """Returns (model, tokenizer) in eval mode: the one place to swap in the core model loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_hf_model(model: str | os.PathLike[str], *, device: Any, dtype: Any, adapter: Any = None) -> tuple[Any, Any]:
+    """Returns (model, tokenizer) in eval mode, the adapter merged in, via the core loader."""
+    from persona_geometry.models import load_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device).eval()
-    return hf_model, tokenizer
+    handle = load_model(model, device=device, dtype=dtype, adapter=adapter)
+    return handle.model, handle.tokenizer
 
 
 def _generate_hf(
@@ -174,12 +173,8 @@ def _generate_hf(
     dtype: str | None,
 ) -> list[list[str]]:
     torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
-    hf_model, tokenizer = _load_hf_model(model, device=torch_device, dtype=torch_dtype)
-    if adapter is not None:
-        from peft import PeftModel
-
-        # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
-        hf_model = PeftModel.from_pretrained(hf_model, str(adapter)).merge_and_unload().eval()
+    # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
+    hf_model, tokenizer = _load_hf_model(model, device=torch_device, dtype=torch_dtype, adapter=adapter)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(hf_model, tokenizer)
     token_ids = _sample_hf_ids(hf_model, prompt_ids, sampling, batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids)

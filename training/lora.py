@@ -333,12 +333,11 @@ def _make_trainer(
 
 
 def _load_base(model: str | os.PathLike[str], dtype: Any, device: Any) -> tuple[Any, Any]:
-    """Returns (model, tokenizer): the one place to swap in the core model loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Returns (model, tokenizer) from the core loader, ready for peft to wrap."""
+    from persona_geometry.models import load_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device)
-    return hf_model, tokenizer
+    handle = load_model(model, device=device, dtype=dtype)
+    return handle.model, handle.tokenizer
 
 
 def train_marker(
