@@ -295,7 +295,23 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, profile: 
             extract_activations(handle, personas, questions, progress=False)
             _sync()
             prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
+                extract_activations(handle, personas, questions, progress=False)
+                _sync()
+            print(tprof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+            # Host transfer of one chunk's activations: pageable vs pinned.
+            buf = torch.randn(len(texts), n_layers, model.config.hidden_size, device=DEVICE)
+            for label, fn in (
+                ("pageable", lambda: buf.to("cpu")),
+                ("pinned+alloc", lambda: torch.empty(buf.shape, pin_memory=True).copy_(buf, non_blocking=True)),
+            ):
+                t_d2h, _, _ = timed(fn, reps=5)
+                result[f"d2h_{label}_s"] = t_d2h
+                print(f"D2H {buf.numel() * 4 / 1e6:.0f} MB {label}: {t_d2h * 1e3:.1f} ms", flush=True)
     if "hf" not in skip:
         times["hf_hidden_states"], peaks["hf_hidden_states"], outs["hf_hidden_states"] = timed(
             lambda: hf_hidden_states_one_batch(model, tokenizer, texts), reps=reps

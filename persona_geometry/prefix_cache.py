@@ -46,6 +46,10 @@ class SharedPrefixes:
     prefixes: tuple[tuple[int, ...], ...]
     of_prompt: dict[tuple[int, ...], int]
 
+    def prefix_for(self, ids: Sequence[int]) -> tuple[int, ...]:
+        """Returns the prefix the prompt with these token ids starts with (maybe empty)."""
+        return self.prefixes[self.of_prompt[tuple(ids)]]
+
     @property
     def saved_tokens(self) -> int:
         """Tokens a full-prompt forward would spend on prefixes beyond their first occurrence."""
@@ -176,7 +180,7 @@ def prefix_engine(
 
     def forward(batch: Sequence[Sequence[int]]) -> dict[str, Tensor]:
         rows = torch.as_tensor([shared.of_prompt[tuple(ids)] for ids in batch], dtype=torch.long)
-        suffixes = [ids[len(shared.prefixes[int(r)]) :] for ids, r in zip(batch, rows, strict=True)]
+        suffixes = [ids[len(shared.prefix_for(ids)) :] for ids in batch]
         s_ids, s_mask = _left_pad(suffixes, max(len(s) for s in suffixes), pad_id)
         positions = prefix_len[rows].unsqueeze(-1) + (s_mask.cumsum(-1) - 1).clamp(min=0)
         mask = torch.cat([prefix_mask[rows], s_mask], dim=-1)
