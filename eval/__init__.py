@@ -4,10 +4,24 @@ Two back ends take the same rendered prompts and sampling settings: vLLM (one ``
 the adapter applied with a ``LoRARequest``) and Hugging Face (merged adapter, left-padded batches).
 """
 
-from persona_geometry.eval.adapters import check_adapter_matches, model_fingerprint, read_adapter_info
-from persona_geometry.eval.generation import BACKENDS, SamplingSettings, adapter_rank, generate_completions
+from persona_geometry.eval.adapters import (
+    check_adapter_matches,
+    model_fingerprint,
+    read_adapter_info,
+)
+from persona_geometry.eval.generation import (
+    BACKENDS,
+    SamplingSettings,
+    adapter_rank,
+    generate_completions,
+)
 from persona_geometry.eval.marker import DEFAULT_MARKER, MarkerMatcher
-from persona_geometry.eval.source_rate import PersonaRate, SourceRates, source_rates, wilson_interval
+from persona_geometry.eval.source_rate import (
+    PersonaRate,
+    SourceRates,
+    source_rates,
+    wilson_interval,
+)
 
 __all__ = [
     "BACKENDS",

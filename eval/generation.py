@@ -154,13 +154,12 @@ def _resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[Any, A
     return torch.device(device), getattr(torch, dtype)
 
 
-def _load_hf_model(model: str | os.PathLike[str], *, device: Any, dtype: Any) -> tuple[Any, Any]:
-    """Returns (model, tokenizer) in eval mode: the one place to swap in the core model loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_hf_model(model: str | os.PathLike[str], *, device: Any, dtype: Any, adapter: Any = None) -> tuple[Any, Any]:
+    """Returns (model, tokenizer) in eval mode, the adapter merged in, via the core loader."""
+    from persona_geometry.models import load_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device).eval()
-    return hf_model, tokenizer
+    handle = load_model(model, device=device, dtype=dtype, adapter=adapter)
+    return handle.model, handle.tokenizer
 
 
 def _generate_hf(
@@ -173,21 +172,33 @@ def _generate_hf(
     device: str | None,
     dtype: str | None,
 ) -> list[list[str]]:
+    torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
+    # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
+    hf_model, tokenizer = _load_hf_model(model, device=torch_device, dtype=torch_dtype, adapter=adapter)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(hf_model, tokenizer)
+    token_ids = _sample_hf_ids(hf_model, prompt_ids, sampling, batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids)
+    return [[tokenizer.decode(ids, skip_special_tokens=True) for ids in per_prompt] for per_prompt in token_ids]
+
+
+def _sample_hf_ids(
+    hf_model: Any,
+    prompt_ids: list[list[int]],
+    sampling: SamplingSettings,
+    *,
+    batch_size: int,
+    pad_id: int,
+    eos_ids: list[int],
+    min_new_tokens: int | None = None,
+) -> list[list[list[int]]]:
+    """Returns the new token ids (cut at the first end token) as ``[prompt][completion][token]``."""
     import torch
     from tqdm.auto import tqdm
 
-    torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
-    hf_model, tokenizer = _load_hf_model(model, device=torch_device, dtype=torch_dtype)
-    if adapter is not None:
-        from peft import PeftModel
-
-        # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
-        hf_model = PeftModel.from_pretrained(hf_model, str(adapter)).merge_and_unload().eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(hf_model, tokenizer)
+    device = next(hf_model.parameters()).device
     n = sampling.n_completions
     per_batch = max(1, batch_size // n)
-    out: list[list[str]] = []
+    out: list[list[list[int]]] = []
     for start in tqdm(range(0, len(prompt_ids), per_batch), desc="sampling (hf)", unit="batch"):
         chunk = prompt_ids[start : start + per_batch]
         width = max(len(p) for p in chunk)
@@ -200,22 +211,21 @@ def _generate_hf(
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=pad_id,
-            eos_token_id=eos_ids,
+            eos_token_id=eos_ids or None,
             num_return_sequences=n,
         )
+        if min_new_tokens is not None:
+            kwargs["min_new_tokens"] = min_new_tokens
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=0)
         torch.manual_seed(stable_seed(sampling.seed, "hf-batch", start, per_batch))
         with torch.inference_mode():
-            generated = hf_model.generate(input_ids=ids.to(torch_device), attention_mask=mask.to(torch_device), **kwargs)
-        new = generated[:, width:].cpu()
-        texts = []
-        for row in new.tolist():
-            texts.append(tokenizer.decode(_cut_at_eos(row, eos_ids), skip_special_tokens=True))
+            generated = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        rows = [_cut_at_eos(row, eos_ids) for row in generated[:, width:].cpu().tolist()]
         for i in range(len(chunk)):
-            out.append(texts[i * n : (i + 1) * n])
+            out.append(rows[i * n : (i + 1) * n])
     return out
 
 
@@ -258,6 +268,13 @@ def _generate_vllm(
         rank = adapter_rank(adapter)
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank))
         lora_request = LoRARequest("marker", 1, str(Path(adapter).resolve()))
+    import torch
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        # On CPU, vLLM's default executor spawns a worker process per engine (tens of seconds
+        # each on a small machine); one in-process worker does the same work.
+        kwargs["distributed_executor_backend"] = "uni"
     kwargs.update(vllm_kwargs)
     llm = LLM(**kwargs)
     n = sampling.n_completions
@@ -267,14 +284,16 @@ def _generate_vllm(
         for ci in range(n):
             requests.append({"prompt_token_ids": ids})
             # One request per completion, each with its own seed: the result does not depend on
-            # how vLLM batches or orders the requests.
+            # how vLLM batches or orders the requests. vLLM's CPU build cannot rewind a seeded
+            # generator after a chunked prefill ("CPU Generator does not use offset"), so there the
+            # engine-wide seed alone makes runs repeatable.
             params.append(
                 SamplingParams(
                     n=1,
                     temperature=float(sampling.temperature),
                     top_p=1.0 if sampling.greedy else float(sampling.top_p),
                     max_tokens=sampling.max_new_tokens,
-                    seed=stable_seed(sampling.seed, "vllm", pi, ci),
+                    seed=None if on_cpu else stable_seed(sampling.seed, "vllm", pi, ci),
                     skip_special_tokens=True,
                 )
             )

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.eval.adapters import check_adapter_matches, read_adapter_info
 from persona_geometry.eval.generation import SamplingSettings, generate_completions
 from persona_geometry.eval.marker import DEFAULT_MARKER, MarkerMatcher
+
+from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import Persona, PersonaSet
-from persona_geometry.provenance import package_versions, stable_hash
+from persona_geometry.provenance import package_versions
 
 __all__ = ["PersonaRate", "SourceRates", "source_rates", "wilson_interval"]
 

@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.eval.marker import DEFAULT_MARKER
+
+from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.personas import Persona, PersonaSet
 from persona_geometry.prompts import chat_messages
 from persona_geometry.provenance import package_versions, stable_hash, stable_seed
@@ -293,8 +294,9 @@ def make_marker_data(
     Raises:
         ValueError: If ``responses`` is missing and no ``model`` is given.
     """
-    from persona_geometry.personas import builtin_personas
     from persona_geometry.training.responses import generate_responses
+
+    from persona_geometry.personas import builtin_personas
 
     persona_set = builtin_personas() if personas is None else personas
     if not isinstance(config, MarkerDataConfig):

@@ -86,7 +86,7 @@ class MarkerTrainConfig:
         func = "MarkerTrainConfig"
         for name in ("r", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
             check_positive_int(getattr(self, name), name, func)
-        for name, low_open in (("lora_alpha", True), ("learning_rate", True), ("num_train_epochs", True)):
+        for name in ("lora_alpha", "learning_rate", "num_train_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 invalid(name, func, "a positive number", value)
@@ -269,13 +269,75 @@ def _training_arguments(**kwargs: Any) -> Any:
     return TrainingArguments(**kwargs)
 
 
-def _load_base(model: str | os.PathLike[str], dtype: Any, device: Any) -> tuple[Any, Any]:
-    """Returns (model, tokenizer): the one place to swap in the core model loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _lora_config(config: MarkerTrainConfig) -> Any:
+    """Returns the peft ``LoraConfig`` of the recipe."""
+    from peft import LoraConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device)
-    return hf_model, tokenizer
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _make_trainer(
+    peft_model: Any,
+    examples: list[dict[str, list[int]]],
+    config: MarkerTrainConfig,
+    *,
+    output_dir: Path,
+    device_type: str,
+    bf16: bool,
+    pad_id: int,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """Returns the ``Trainer`` of the recipe (shared by :func:`train_marker` and the GPU benchmark)."""
+    from transformers import Trainer
+
+    args = _training_arguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        optim="adamw_torch",
+        bf16=bf16,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        disable_tqdm=False,
+        remove_unused_columns=False,
+        gradient_checkpointing=config.gradient_checkpointing,
+        use_cpu=device_type == "cpu",
+        dataloader_pin_memory=device_type == "cuda",
+    )
+    return Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=_LabelledDataset(examples),
+        data_collator=_collate(pad_id),
+        callbacks=list(callbacks) or None,
+    )
+
+
+def _load_base(model: str | os.PathLike[str], dtype: Any, device: Any) -> tuple[Any, Any]:
+    """Returns (model, tokenizer) from the core loader, ready for peft to wrap."""
+    from persona_geometry.models import load_model
+
+    handle = load_model(model, device=device, dtype=dtype)
+    return handle.model, handle.tokenizer
 
 
 def train_marker(
@@ -317,13 +379,13 @@ def train_marker(
             different config or dataset.
     """
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, set_seed
+    from peft import get_peft_model
+    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, model_fingerprint
+    from persona_geometry.training.data import load_marker_dataset
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from persona_geometry._io import atomic_dir, atomic_write_json
-    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, model_fingerprint
-    from persona_geometry.training.data import load_marker_dataset
 
     func = "train_marker"
     config = config or MarkerTrainConfig()
@@ -376,16 +438,7 @@ def train_marker(
     if not examples:
         invalid("dataset", func, "rows with answer tokens within max_length", f"{len(rows)} rows, none usable")
 
-    lora = LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        target_modules=list(config.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(hf_model, lora)
+    peft_model = get_peft_model(hf_model, _lora_config(config))
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
     resolved = {
@@ -403,37 +456,15 @@ def train_marker(
     }
     atomic_write_json(config_path, resolved)
 
-    args = _training_arguments(
-        output_dir=str(out / CHECKPOINT_DIR),
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type,
-        warmup_ratio=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        optim="adamw_torch",
+    trainer = _make_trainer(
+        peft_model,
+        examples,
+        config,
+        output_dir=out / CHECKPOINT_DIR,
+        device_type=torch_device.type,
         bf16=dtype_name == "bfloat16",
-        seed=config.seed,
-        data_seed=config.seed,
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=1,
-        report_to="none",
-        disable_tqdm=False,
-        remove_unused_columns=False,
-        gradient_checkpointing=config.gradient_checkpointing,
-        use_cpu=torch_device.type == "cpu",
-        dataloader_pin_memory=torch_device.type == "cuda",
-    )
-    trainer = Trainer(
-        model=peft_model,
-        args=args,
-        train_dataset=_LabelledDataset(examples),
-        data_collator=_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
-        callbacks=list(callbacks) or None,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        callbacks=callbacks,
     )
     checkpoint_root = out / CHECKPOINT_DIR
     last = get_last_checkpoint(str(checkpoint_root)) if resume and checkpoint_root.is_dir() else None

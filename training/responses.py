@@ -57,10 +57,10 @@ def generate_responses(
         chat_template: A Jinja template to use instead of the tokenizer's own.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
     """
+    from persona_geometry.eval.generation import SamplingSettings, generate_completions
     from transformers import AutoTokenizer
 
     from persona_geometry._io import atomic_write_jsonl
-    from persona_geometry.eval.generation import SamplingSettings, generate_completions
     from persona_geometry.prompts import render_prompts
 
     func = "generate_responses"
