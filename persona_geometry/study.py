@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +52,13 @@ class StudyResult:
     ran: tuple[str, ...]
     skipped: tuple[str, ...]
     files: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         """Returns a few lines a person reads."""
         lines = [f"Study output: {self.out}"]
-        lines.append(f"  ran: {', '.join(self.ran) or 'nothing'}; cached: {', '.join(self.skipped) or 'nothing'}")
+        timed = ", ".join(f"{s} {self.seconds[s]:.0f}s" for s in self.ran if s in self.seconds)
+        lines.append(f"  ran: {timed or 'nothing'}; cached: {', '.join(self.skipped) or 'nothing'}")
         for name, path in self.files.items():
             lines.append(f"  {name}: {path}")
         return "\n".join(lines)
@@ -158,7 +161,7 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     _write_resolved_config(config, out)
     keys = _stage_keys(config, inputs)
-    ran, skipped, files = [], [], {}
+    ran, skipped, files, seconds = [], [], {}, {}
     runners = {
         "extract": _extract,
         "data": _data,
@@ -176,13 +179,16 @@ def run_study(
             skipped.append(stage)
             continue
         log.info("stage %s: running", stage)
+        start = time.perf_counter()
         produced = runners[stage](config, inputs, out, keys, progress=progress, force=force)
-        marker.mark(stage=stage, files=produced)
+        seconds[stage] = time.perf_counter() - start
+        log.info("stage %s: done in %.1f s", stage, seconds[stage])
+        marker.mark(stage=stage, files=produced, seconds=round(seconds[stage], 2))
         files.update(produced)
         ran.append(stage)
     if "report" in chosen:
         files.setdefault("report", str(out / "report" / "report.md"))
-    return StudyResult(out=out, ran=tuple(ran), skipped=tuple(skipped), files=files)
+    return StudyResult(out=out, ran=tuple(ran), skipped=tuple(skipped), files=files, seconds=seconds)
 
 
 def _write_resolved_config(config: StudyConfig, out: Path) -> None:
