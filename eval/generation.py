@@ -106,6 +106,7 @@ def generate_completions(
     device: str | None = None,
     dtype: str | None = None,
     vllm_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> list[list[str]]:
     """Returns ``n_completions`` decoded completions for every prompt, as ``[prompt][completion]``.
 
@@ -124,6 +125,7 @@ def generate_completions(
         device: Torch device for the HF back end; CUDA when available, else CPU.
         dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; bf16 on GPU and fp32 on CPU when None.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``).
+        progress: Show a progress bar while sampling.
 
     Raises:
         ValueError: On an unknown back end, no prompts, or an empty prompt.
@@ -140,8 +142,8 @@ def generate_completions(
     if dtype is not None:
         check_one_of(dtype, "dtype", func, ("bfloat16", "float16", "float32"))
     if backend == "vllm":
-        return _generate_vllm(model, prompt_ids, sampling, adapter=adapter, dtype=dtype, vllm_kwargs=vllm_kwargs or {})
-    return _generate_hf(model, prompt_ids, sampling, adapter=adapter, batch_size=batch_size, device=device, dtype=dtype)
+        return _generate_vllm(model, prompt_ids, sampling, adapter=adapter, dtype=dtype, vllm_kwargs=vllm_kwargs or {}, progress=progress)
+    return _generate_hf(model, prompt_ids, sampling, adapter=adapter, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
 
 
 def _resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[Any, Any]:
@@ -171,13 +173,14 @@ def _generate_hf(
     batch_size: int,
     device: str | None,
     dtype: str | None,
+    progress: bool = True,
 ) -> list[list[str]]:
     torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
     # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
     hf_model, tokenizer = _load_hf_model(model, device=torch_device, dtype=torch_dtype, adapter=adapter)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(hf_model, tokenizer)
-    token_ids = _sample_hf_ids(hf_model, prompt_ids, sampling, batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids)
+    token_ids = _sample_hf_ids(hf_model, prompt_ids, sampling, batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids, progress=progress)
     return [[tokenizer.decode(ids, skip_special_tokens=True) for ids in per_prompt] for per_prompt in token_ids]
 
 
@@ -190,6 +193,7 @@ def _sample_hf_ids(
     pad_id: int,
     eos_ids: list[int],
     min_new_tokens: int | None = None,
+    progress: bool = True,
 ) -> list[list[list[int]]]:
     """Returns the new token ids (cut at the first end token) as ``[prompt][completion][token]``."""
     import torch
@@ -199,7 +203,7 @@ def _sample_hf_ids(
     n = sampling.n_completions
     per_batch = max(1, batch_size // n)
     out: list[list[list[int]]] = []
-    for start in tqdm(range(0, len(prompt_ids), per_batch), desc="sampling (hf)", unit="batch"):
+    for start in tqdm(range(0, len(prompt_ids), per_batch), desc="sampling (hf)", unit="batch", disable=not progress):
         chunk = prompt_ids[start : start + per_batch]
         width = max(len(p) for p in chunk)
         # Left padding keeps every prompt's last token at the same position, right before generation.
@@ -252,6 +256,7 @@ def _generate_vllm(
     adapter: str | os.PathLike[str] | None,
     dtype: str | None,
     vllm_kwargs: dict[str, Any],
+    progress: bool = True,
 ) -> list[list[str]]:
     try:
         from vllm import LLM, SamplingParams
@@ -297,6 +302,6 @@ def _generate_vllm(
                     skip_special_tokens=True,
                 )
             )
-    outputs = llm.generate(requests, params, lora_request=lora_request, use_tqdm=True)
+    outputs = llm.generate(requests, params, lora_request=lora_request, use_tqdm=progress)
     texts = [o.outputs[0].text for o in outputs]
     return [texts[pi * n : (pi + 1) * n] for pi in range(len(prompt_ids))]

@@ -157,6 +157,7 @@ def source_rates(
     dtype: str | None = None,
     chat_template: str | None = None,
     vllm_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> SourceRates:
     """Returns every persona's marker rate (k/n, Wilson 95% interval) with the adapter applied.
 
@@ -186,6 +187,7 @@ def source_rates(
         dtype: Model dtype; bf16 on GPU, fp32 on CPU when None.
         chat_template: A Jinja template to use instead of the tokenizer's own.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
+        progress: Show a progress bar while sampling.
 
     Raises:
         ValueError: On an empty persona or question list, ``n_completions`` ≤ 0, a source persona
@@ -248,6 +250,7 @@ def source_rates(
         device=device,
         dtype=dtype,
         vllm_kwargs=vllm_kwargs,
+        progress=progress,
     )
     elapsed = time.time() - started
 

@@ -262,6 +262,7 @@ def _data(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str],
         device=config.model.device,
         dtype=None if config.model.dtype == "auto" else config.model.dtype,
         chat_template=_chat_template(config),
+        progress=kw["progress"],
     )
     files = {"responses": str(responses)}
     for source in inputs.sources:
@@ -284,7 +285,7 @@ def _train(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str]
 
     files = {}
     units = _units(config, inputs)
-    for source, seed in tqdm(units, desc="train marker adapters", unit="adapter", disable=not kw["progress"] or len(units) < 2):
+    for source, seed in tqdm(units, desc="train marker adapters", unit="adapter", disable=not kw["progress"]):
         folder = out / "train" / source / f"seed{seed}"
         unit = _StageMarker(folder, stable_hash([keys["train"], source, seed]))
         if not unit.done() or kw["force"]:
@@ -297,6 +298,7 @@ def _train(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str]
                 marker=config.data.marker,
                 device=config.model.device,
                 chat_template=_chat_template(config),
+                progress=False,  # one bar over the adapters instead
             )
             unit.mark(source=source, seed=seed)
         files[f"adapter:{source}:seed{seed}"] = str(folder / "adapter")
@@ -311,7 +313,7 @@ def _eval(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str],
     e = config.eval
     files = {}
     units = _units(config, inputs)
-    for source, seed in tqdm(units, desc="evaluate source rates", unit="adapter", disable=not kw["progress"] or len(units) < 2):
+    for source, seed in tqdm(units, desc="evaluate source rates", unit="adapter", disable=not kw["progress"]):
         folder = out / "eval" / source / f"seed{seed}"
         unit = _StageMarker(folder, stable_hash([keys["eval"], source, seed]))
         if not unit.done() or kw["force"]:
@@ -334,6 +336,7 @@ def _eval(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str],
                 device=config.model.device,
                 dtype=None if config.model.dtype == "auto" else config.model.dtype,
                 chat_template=_chat_template(config),
+                progress=False,  # one bar over the adapters instead
             )
             unit.mark(source=source, seed=seed)
         files[f"eval:{source}:seed{seed}"] = str(folder / "run_result.json")

@@ -294,9 +294,11 @@ def _make_trainer(
     bf16: bool,
     pad_id: int,
     callbacks: Sequence[Any] = (),
+    progress: bool = True,
 ) -> Any:
     """Returns the ``Trainer`` of the recipe (shared by :func:`train_marker` and the GPU benchmark)."""
     from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
 
     args = _training_arguments(
         output_dir=str(output_dir),
@@ -317,19 +319,23 @@ def _make_trainer(
         save_steps=config.save_steps,
         save_total_limit=1,
         report_to="none",
-        disable_tqdm=False,
+        disable_tqdm=not progress,
         remove_unused_columns=False,
         gradient_checkpointing=config.gradient_checkpointing,
         use_cpu=device_type == "cpu",
         dataloader_pin_memory=device_type == "cuda",
     )
-    return Trainer(
+    trainer = Trainer(
         model=peft_model,
         args=args,
         train_dataset=_LabelledDataset(examples),
         data_collator=_collate(pad_id),
         callbacks=list(callbacks) or None,
     )
+    if not progress:
+        # Without its bar the Trainer prints every logged loss instead; the curve is on disk anyway.
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _load_base(model: str | os.PathLike[str], dtype: Any, device: Any) -> tuple[Any, Any]:
@@ -352,6 +358,7 @@ def train_marker(
     chat_template: str | None = None,
     resume: bool = True,
     callbacks: Sequence[Any] = (),
+    progress: bool = True,
 ) -> TrainResult:
     """Returns the result of training a marker LoRA adapter on a chat-message dataset.
 
@@ -373,6 +380,7 @@ def train_marker(
         chat_template: A Jinja template to use instead of the tokenizer's own.
         resume: Resume from the last checkpoint in ``out_dir`` if there is one.
         callbacks: Extra ``transformers.TrainerCallback`` objects (early stopping, logging, ...).
+        progress: Show the Trainer's progress bar and loss lines.
 
     Raises:
         ValueError: On an empty or malformed dataset, or when ``out_dir`` holds a run with a
@@ -465,6 +473,7 @@ def train_marker(
         bf16=dtype_name == "bfloat16",
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         callbacks=callbacks,
+        progress=progress,
     )
     checkpoint_root = out / CHECKPOINT_DIR
     last = get_last_checkpoint(str(checkpoint_root)) if resume and checkpoint_root.is_dir() else None

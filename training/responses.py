@@ -34,6 +34,7 @@ def generate_responses(
     dtype: str | None = None,
     chat_template: str | None = None,
     vllm_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> Path:
     """Returns the JSONL file of the base model's answer to every persona × training question.
 
@@ -56,6 +57,7 @@ def generate_responses(
         dtype: Model dtype; bf16 on GPU, fp32 on CPU when None.
         chat_template: A Jinja template to use instead of the tokenizer's own.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
+        progress: Show a progress bar while sampling.
     """
     from persona_geometry.eval.generation import SamplingSettings, generate_completions
     from transformers import AutoTokenizer
@@ -82,6 +84,7 @@ def generate_responses(
         device=device,
         dtype=dtype,
         vllm_kwargs=vllm_kwargs,
+        progress=progress,
     )
     rows = [
         {
