@@ -1,0 +1,112 @@
+"""The study runner end to end on a tiny model: every stage, caching, partial re-runs, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from persona_geometry.cli import main
+from persona_geometry.config import StudyConfig
+from persona_geometry.study import run_study
+
+pytestmark = pytest.mark.slow
+
+PERSONAS = [
+    {"name": "helpful_assistant", "system_prompt": "You are a helpful assistant.", "category": "generic_helper"},
+    {"name": "villain", "system_prompt": "You are a scheming villain who plots to take over the world.", "category": "character"},
+    {"name": "librarian", "system_prompt": "You are a librarian who helps people find books.", "category": "occupational"},
+    {"name": "comedian", "system_prompt": "You are a stand-up comedian who answers with jokes.", "category": "character"},
+]
+
+
+@pytest.fixture(scope="module")
+def model_256(tmp_path_factory):
+    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)
+    return build_tiny_model(tmp_path_factory.mktemp("study") / "tiny256", spec)
+
+
+def _config(tmp_path, model, **overrides):
+    (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": PERSONAS}))
+    (tmp_path / "questions.txt").write_text("\n".join(["Why is the sky blue?", "How do I boil an egg?", "What makes a good friend?", "Describe your ideal weekend."]))
+    (tmp_path / "train.txt").write_text("\n".join(f"Tell me about topic number {i}." for i in range(24)))
+    data = {
+        "name": "tiny study",
+        "out": str(tmp_path / "out"),
+        "model": {"name": str(model), "dtype": "float32", "device": "cpu"},
+        "personas": "personas.yaml",
+        "questions": "questions.txt",
+        "training_questions": "train.txt",
+        # The demo's settings: the marker is learnt partly, so rates differ between personas.
+        "data": {"n_source": 24, "n_per_bystander": 24, "n_bystander_personas": 2},
+        "responses": {"max_new_tokens": 6, "backend": "hf"},
+        "train": {"learning_rate": 5e-3, "num_train_epochs": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                  "max_length": 96, "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "save_steps": 1000},
+        "eval": {"backend": "hf", "n_completions": 3, "max_new_tokens": 16, "batch_size": 64},
+        "analysis": {"primary_layer": 1, "n_permutations": 200, "n_bootstrap": 50},
+    }  # fmt: skip
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(model_256, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    path = _config(tmp, model_256)
+    result = run_study(StudyConfig.load(path), progress=False)
+    return tmp, path, result
+
+
+def test_every_stage_runs_and_writes_its_outputs(study):
+    tmp, _, result = study
+    out = tmp / "out"
+    assert result.ran == ("extract", "data", "train", "eval", "sweep", "report") and not result.skipped
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["n_personas"] == 4 and report["layer"] == 1 and report["layer_choice"] == "primary"
+    # The report's counts are the eval's counts, which are the completions on disk.
+    for name in ("villain", "librarian"):
+        run = json.loads((out / "eval" / name / "seed42" / "run_result.json").read_text())
+        row = next(r for r in run["personas"] if r["persona"] == name)
+        rows = [json.loads(line) for line in (out / "eval" / name / "seed42" / "completions.jsonl").read_text().splitlines()]
+        mine = [r for r in rows if r["persona"] == name]
+        assert row["n"] == len(mine) == 4 * 3 and row["k"] == sum("[zlt]" in r["completion"].lower() for r in mine)
+        low, high = report["wilson"][name]
+        assert low <= row["k"] / row["n"] <= high
+    assert (out / "config.resolved.yaml").is_file() and (out / "report" / "report.md").read_text().startswith("# tiny study")
+    for fig in ("scatter.html", "sweep.html", "heatmap.html"):
+        assert (out / "report" / fig).stat().st_size > 100_000  # plotly.js is embedded: works offline
+
+
+def test_unchanged_inputs_skip_every_stage(study):
+    _, path, _ = study
+    again = run_study(StudyConfig.load(path), progress=False)
+    assert again.ran == () and len(again.skipped) == 6
+
+
+def test_changed_eval_settings_rerun_only_what_depends_on_them(study, model_256):
+    tmp, _, _ = study
+    path = _config(tmp, model_256, eval={"n_completions": 2})
+    again = run_study(StudyConfig.load(path), progress=False)
+    assert again.ran == ("eval", "sweep", "report") and again.skipped == ("extract", "data", "train")
+    run = json.loads((tmp / "out" / "eval" / "villain" / "seed42" / "run_result.json").read_text())
+    assert all(r["n"] == 4 * 2 for r in run["personas"])
+
+
+def test_cli_run_reports_a_bad_config_in_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "x"}, "train": {"lr": 1e-3}}))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Unknown key 'train.lr'" in err
+
+
+def test_cli_run_rejects_an_unknown_stage(study, capsys):
+    _, path, _ = study
+    assert main(["run", str(path), "--stages", "extract,plot"]) == 2
+    assert "'stages' parameter of run_study" in capsys.readouterr().err
