@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
-from persona_geometry.analysis.robustness import Robustness, _ols, _prediction_intervals
 
 from persona_geometry._io import atomic_path, atomic_write_text
 from persona_geometry._validation import invalid
+from persona_geometry.analysis.robustness import Robustness, _ols, _prediction_intervals
 from persona_geometry.geometry import PairwiseCosine
 from persona_geometry.sweep import LayerSweep
 

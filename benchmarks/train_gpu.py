@@ -90,6 +90,7 @@ def _build_model(shape: dict, device, dtype):
 def bench_generate(model, *, vocab: int, sequences: int, n_completions: int, new_tokens: int, prompt_len: int) -> dict:
     """Returns tokens/s of the HF sampler on one left-padded batch of ``sequences`` sequences."""
     import torch
+
     from persona_geometry.eval.generation import SamplingSettings, _sample_hf_ids
 
     model.eval()
@@ -125,13 +126,14 @@ def bench_train(model, *, vocab: int, seq_len: int, prompt_len: int, warmup_step
     """Returns samples/s of the recipe's Trainer over ``measured_steps`` optimiser steps."""
     import torch
     from peft import get_peft_model
+    from transformers import TrainerCallback
+
     from persona_geometry.training.lora import (
         IGNORE_INDEX,
         MarkerTrainConfig,
         _lora_config,
         _make_trainer,
     )
-    from transformers import TrainerCallback
 
     steps = warmup_steps + measured_steps
     config = MarkerTrainConfig(max_steps=steps, save_steps=10**6, logging_steps=1, learning_rate=1e-5)

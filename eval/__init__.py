@@ -35,6 +35,7 @@ __all__ = [
     "generate_completions",
     "model_fingerprint",
     "read_adapter_info",
+    "sample_hf",
     "source_rates",
     "wilson_interval",
 ]

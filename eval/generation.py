@@ -10,10 +10,11 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.provenance import stable_seed
 
@@ -28,7 +29,7 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass(frozen=True, kw_only=True)
-class SamplingSettings:
+class SamplingSettings(ConfigDict):
     """How completions are sampled; identical on both back ends.
 
     Attributes:
@@ -63,14 +64,6 @@ class SamplingSettings:
         """Whether decoding is greedy (temperature 0)."""
         return self.temperature == 0
 
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the settings as a JSON-safe dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamplingSettings:
-        """Returns settings from :meth:`to_dict`'s output."""
-        return cls(**data)
 
 
 def adapter_rank(adapter: str | os.PathLike[str]) -> int:
@@ -178,9 +171,38 @@ def _generate_hf(
     torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
     # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
     hf_model, tokenizer = _load_hf_model(model, device=torch_device, dtype=torch_dtype, adapter=adapter)
+    return sample_hf(hf_model, tokenizer, prompt_ids, sampling, batch_size=batch_size, progress=progress)
+
+
+def sample_hf(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingSettings,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[list[str]]:
+    """Returns decoded completions, ``[prompt][completion]``, sampled from a model already in memory.
+
+    The Hugging Face back end without the loading: left-padded batches of prompts ×
+    completions, each batch seeded from ``sampling.seed`` and its position, completions cut at
+    the end of the turn. Use it when hooks sit on the model (steering) or a peft adapter is
+    attached rather than merged.
+
+    Args:
+        model: A Hugging Face causal LM (a peft-wrapped one works too).
+        tokenizer: Its tokenizer.
+        prompt_ids: Token ids of each rendered prompt (generation header included).
+        sampling: The sampling settings.
+        batch_size: Sequences per batch (prompts × completions).
+        progress: Show a progress bar.
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(hf_model, tokenizer)
-    token_ids = _sample_hf_ids(hf_model, prompt_ids, sampling, batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids, progress=progress)
+    eos_ids = _eos_ids(model, tokenizer)
+    token_ids = _sample_hf_ids(
+        model, [list(p) for p in prompt_ids], sampling, batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids, progress=progress
+    )
     return [[tokenizer.decode(ids, skip_special_tokens=True) for ids in per_prompt] for per_prompt in token_ids]
 
 

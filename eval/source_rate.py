@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.eval.adapters import check_adapter_matches, read_adapter_info
 from persona_geometry.eval.generation import SamplingSettings, generate_completions
 from persona_geometry.eval.marker import DEFAULT_MARKER, MarkerMatcher
-
-from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import Persona, PersonaSet
 from persona_geometry.provenance import package_versions
 
@@ -27,11 +26,15 @@ COMPLETIONS_FILE = "completions.jsonl"
 
 
 def wilson_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Returns the Wilson score interval for ``k`` successes in ``n`` trials (statsmodels)."""
-    from statsmodels.stats.proportion import proportion_confint
+    """Returns the Wilson score interval for ``k`` successes in ``n`` trials, as two floats.
 
-    low, high = proportion_confint(k, n, alpha=alpha, method="wilson")
-    return float(low), float(high)
+    The scalar form of ``persona_geometry.analysis.wilson_interval`` (statsmodels, with bounds
+    exactly 0 at ``k = 0`` and 1 at ``k = n``).
+    """
+    from persona_geometry.analysis.robustness import wilson_interval as wilson_arrays
+
+    low, high = wilson_arrays([k], [n], alpha=alpha)
+    return float(low[0]), float(high[0])
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,7 +47,6 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_study(args: argparse.Namespace) -> int:
-    import dataclasses
 
     from persona_geometry.config import StudyConfig
     from persona_geometry.study import run_study
@@ -56,7 +55,7 @@ def _run_study(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
     if overrides:
         # Through from_dict, so a bad --dtype is the same one-line error as a bad config value.
-        config = StudyConfig.from_dict({**config.to_dict(), "model": {**dataclasses.asdict(config.model), **overrides}})
+        config = StudyConfig.from_dict({**config.to_dict(), "model": {**config.model.to_dict(), **overrides}})
     if args.out is not None:
         config = config.with_overrides(out=args.out)
     result = run_study(config, stages=args.stages, force=args.force, progress=not args.no_progress)
@@ -258,6 +257,8 @@ def _add_make_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="torch device for generating responses (default: cuda if available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
 
     def run(args: argparse.Namespace) -> int:
         from persona_geometry.training import MarkerDataConfig, make_marker_data
@@ -283,6 +284,8 @@ def _add_make_data(sub: argparse._SubParsersAction) -> None:
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
         )
         print(dataset.summary())
         return 0
@@ -321,6 +324,7 @@ def _add_train_marker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-steps", type=int, default=50)
     p.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
@@ -345,7 +349,7 @@ def _add_train_marker(sub: argparse._SubParsersAction) -> None:
             gradient_checkpointing=args.gradient_checkpointing,
             save_steps=args.save_steps,
         )
-        result = train_marker(args.model, args.data, args.out, config, resume=not args.no_resume)
+        result = train_marker(args.model, args.data, args.out, config, device=args.device, resume=not args.no_resume)
         print(result.summary())
         return 0
 
@@ -370,6 +374,8 @@ def _add_eval_marker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--marker", help="marker text (default: recorded with the adapter, else [ZLT])")
     p.add_argument("--regex", action="store_true", help="treat --marker as a regular expression")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per batch on the hf back end")
+    p.add_argument("--device", help="torch device for the hf back end (default: cuda if available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
 
     def run(args: argparse.Namespace) -> int:
         from persona_geometry.eval import source_rates
@@ -390,6 +396,8 @@ def _add_eval_marker(sub: argparse._SubParsersAction) -> None:
             marker=args.marker,
             regex=args.regex,
             batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
         )
         print(result.summary())
         return 0

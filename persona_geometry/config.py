@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from persona_geometry._serialization import ConfigDict, coerce_fields
 from persona_geometry._validation import check_one_of, invalid
 from persona_geometry.activations import HOOK_POINTS
 from persona_geometry.eval.generation import BACKENDS
@@ -53,7 +52,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(ConfigDict):
     """Which model to study: a Hugging Face id (from the local cache) or a local folder."""
 
     name: str
@@ -69,7 +68,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractConfig:
+class ExtractConfig(ConfigDict):
     """Which activations to cache."""
 
     hooks: tuple[str, ...] = ("resid_post",)
@@ -86,7 +85,7 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GeometryConfig:
+class GeometryConfig(ConfigDict):
     """Reference persona and centering set.
 
     ``centering`` is null (center on the analysed personas), a list of persona names, or a
@@ -102,7 +101,7 @@ class GeometryConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MarkerConfig:
+class MarkerConfig(ConfigDict):
     """Which personas get a marker adapter (``"all"`` or a list), and the training seeds."""
 
     sources: tuple[str, ...] | str = "all"
@@ -116,7 +115,7 @@ class MarkerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class DataConfig(ConfigDict):
     """How each source's marker dataset is built (``MarkerDataConfig`` without the source)."""
 
     marker: str = "[ZLT]"
@@ -139,7 +138,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ResponsesConfig:
+class ResponsesConfig(ConfigDict):
     """Sampling for the base model's answers to the training questions (marker data)."""
 
     temperature: float = 1.0
@@ -157,7 +156,7 @@ class ResponsesConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig:
+class EvalConfig(ConfigDict):
     """Source-rate evaluation: back end, sampling and the marker match."""
 
     backend: str = "vllm"
@@ -187,7 +186,7 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AnalysisConfig:
+class AnalysisConfig(ConfigDict):
     """Layer sweep and robustness options."""
 
     primary_layer: int | None = None
@@ -306,7 +305,7 @@ class StudyConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = _plain(value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)) if dataclasses.is_dataclass(value) else value
+            out[f.name] = value.to_dict() if isinstance(value, ConfigDict) else value
         return out
 
     def with_overrides(self, **changes: Any) -> StudyConfig:
@@ -314,39 +313,16 @@ class StudyConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def _build_section(cls: type, value: Any, path: str) -> Any:
     if value is None:
         return cls()
     if not isinstance(value, Mapping):
         raise ValueError(f"The study config's '{path}' section must be a mapping. Got {value!r} instead.")
-    names = {f.name: f for f in fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, item in value.items():
+    names = {f.name for f in fields(cls)}
+    for key in value:
         if key not in names:
             raise ValueError(f"Unknown key '{path}.{key}' in the study config. Allowed keys of '{path}': {sorted(names)}.")
-        if isinstance(item, list) and _accepts_tuple(hints.get(key)):
-            item = tuple(item)
-        kwargs[key] = item
     try:
-        return cls(**kwargs)
+        return cls(**coerce_fields(cls, value))
     except (TypeError, ValueError) as e:
         raise ValueError(f"Bad value in the study config's '{path}' section: {e}") from e
-
-
-def _accepts_tuple(hint: Any) -> bool:
-    if hint is None:
-        return False
-    if typing.get_origin(hint) is tuple:
-        return True
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_accepts_tuple(h) for h in typing.get_args(hint))
-    return False

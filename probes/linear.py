@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import (
     check_one_of,
     check_positive_int,
@@ -39,7 +40,7 @@ _KINDS = ("logistic", "ridge")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeConfig:
+class ProbeConfig(ConfigDict):
     """How ``probe_layers`` cross-validates.
 
     Attributes:
@@ -82,19 +83,6 @@ class ProbeConfig:
         check_positive_int(self.max_iter, "max_iter", "ProbeConfig")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             invalid("seed", "ProbeConfig", "an int", self.seed, exc=TypeError)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the config as a JSON-safe dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ProbeConfig:
-        """Returns a config from ``to_dict``'s output; unknown keys are an error."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            invalid("data", "ProbeConfig.from_dict", f"a mapping with keys among {sorted(known)}", unknown)
-        return cls(**dict(data))
 
 
 class LinearProbe:

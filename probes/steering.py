@@ -236,56 +236,19 @@ class DoseResponse:
 
 
 def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_template: str | None) -> MarkerCounter:
-    """Returns a counter that samples with HF ``generate`` on the in-memory (steered) model.
+    """Returns a counter that samples through the eval module's HF back end on the in-memory (steered) model.
 
-    The eval module's HF back end loads its model from a path, so it cannot see hooks placed on
-    a model already in memory; this counter reuses its settings (``SamplingSettings``) and its
-    marker rule (``MarkerMatcher``), and samples the same way: left-padded batches of prompts ×
-    completions. Pass ``counter=`` to ``dose_response`` to replace it.
+    ``sample_hf`` seeds each batch from ``sampling.seed`` and its position only, so every alpha
+    sees the same random numbers: differences between alphas are less noisy than independent
+    draws would make them. Pass ``counter=`` to ``dose_response`` to replace it.
     """
+    from persona_geometry.eval.generation import sample_hf
     from persona_geometry.prompts import render_prompts
-    from persona_geometry.provenance import stable_seed
 
     def count(model: Any, tokenizer: Any, persona: Persona, questions: Sequence[str]) -> tuple[int, int, list[str]]:
-        net = _unwrap(model)
-        device = next(net.parameters()).device
         prompts = render_prompts(tokenizer, PersonaSet([persona]), list(questions), chat_template=chat_template)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        n = sampling.n_completions
-        per_batch = max(1, batch_size // n)
-        # Stop at the end of the assistant turn: the model's own EOS ids and the tokenizer's
-        # (e.g. <|im_end|>), so text after the turn never counts toward the marker.
-        eos = getattr(getattr(net, "generation_config", None), "eos_token_id", None)
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-            eos_ids.append(tokenizer.eos_token_id)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": sampling.max_new_tokens,
-            "pad_token_id": pad_id,
-            "eos_token_id": eos_ids or None,
-            "num_return_sequences": n,
-        }
-        if sampling.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=0)
-        texts: list[str] = []
-        ids_list = [p.input_ids for p in prompts]
-        for start in range(0, len(ids_list), per_batch):
-            chunk = ids_list[start : start + per_batch]
-            width = max(len(p) for p in chunk)
-            # Left padding keeps each prompt's last token right before generation starts.
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p) :] = torch.tensor(p)
-                mask[i, width - len(p) :] = 1
-            # The same seed at every alpha: common random numbers make differences between
-            # alphas less noisy than independent draws would.
-            torch.manual_seed(stable_seed(sampling.seed, "dose-response", start, per_batch))
-            with torch.inference_mode():
-                out = net.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            texts.extend(tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True))
+        completions = sample_hf(model, tokenizer, [p.input_ids for p in prompts], sampling, batch_size=batch_size, progress=False)
+        texts = [t for per_prompt in completions for t in per_prompt]
         return sum(bool(matcher(t)) for t in texts), len(texts), texts
 
     return count
@@ -347,8 +310,9 @@ def dose_response(
         ValueError: If ``alphas`` or ``questions`` is empty, a sampling setting is invalid, or
             ``steer`` refuses the layer or direction.
     """
-    from persona_geometry.eval import MarkerMatcher, SamplingSettings, wilson_interval
     from tqdm.auto import tqdm
+
+    from persona_geometry.eval import MarkerMatcher, SamplingSettings, wilson_interval
 
     func = "dose_response"
     if not isinstance(persona, Persona):

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from persona_geometry.analysis import leakage_correlation
 from scipy import stats
 
+from persona_geometry.analysis import leakage_correlation
 from persona_geometry.geometry import PairwiseCosine
 
 

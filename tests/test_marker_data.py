@@ -8,15 +8,15 @@ import subprocess
 import sys
 
 import pytest
+
+from persona_geometry.personas import builtin_personas
+from persona_geometry.provenance import stable_seed
 from persona_geometry.training import (
     MarkerDataConfig,
     build_marker_dataset,
     load_marker_dataset,
     load_responses,
 )
-
-from persona_geometry.personas import builtin_personas
-from persona_geometry.provenance import stable_seed
 
 
 def _responses(personas, n_questions=10):

@@ -39,14 +39,13 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def trained(_one_thread, tmp_path_factory):
 
+    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
     from persona_geometry.training import (
         MarkerDataConfig,
         MarkerTrainConfig,
         build_marker_dataset,
         train_marker,
     )
-
-    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
 
     root = tmp_path_factory.mktemp("learn")
     spec = TinyModelSpec(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)

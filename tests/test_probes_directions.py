@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from persona_geometry.probes import Direction, assistant_axis, mean_difference, project
 
 from persona_geometry.activations import ActivationSet
 from persona_geometry.geometry import Centering, center, centroids, cosine_to_reference
 from persona_geometry.personas import builtin_personas
+from persona_geometry.probes import Direction, assistant_axis, mean_difference, project
 
 
 def _acts(seed=0, P=6, Q=5, L=3, D=16, manifest=None):

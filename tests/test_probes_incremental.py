@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from persona_geometry.probes import concat_personas, concat_questions, extend, recenter
 
 from persona_geometry.activations import ActivationSet
 from persona_geometry.geometry import center, centroids, cosine_to_reference
 from persona_geometry.personas import builtin_personas
+from persona_geometry.probes import concat_personas, concat_questions, extend, recenter
 
 
 def _acts(seed=0, personas=slice(0, 5), Q=4, L=3, D=16, manifest=None):

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from persona_geometry.probes import LinearProbe, ProbeConfig, probe_layers, question_splits
 
 from persona_geometry.activations import ActivationSet
 from persona_geometry.personas import Persona, PersonaSet
+from persona_geometry.probes import LinearProbe, ProbeConfig, probe_layers, question_splits
 
 P, Q, D = 6, 12, 24
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from persona_geometry.probes import Direction, DoseResponse, assistant_axis, dose_response, steer
 
 from persona_geometry.personas import builtin_personas
+from persona_geometry.probes import Direction, DoseResponse, assistant_axis, dose_response, steer
 from persona_geometry.prompts import render_prompts
 from persona_geometry.questions import builtin_questions
 

@@ -6,6 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import stats
+
+from persona_geometry import layer_sweep
 from persona_geometry.analysis import (
     cosine_heatmap,
     hero_scatter,
@@ -16,9 +19,6 @@ from persona_geometry.analysis import (
     write_analysis,
     write_figure,
 )
-from scipy import stats
-
-from persona_geometry import layer_sweep
 from persona_geometry.geometry import PairwiseCosine
 
 

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
+
 from persona_geometry.analysis import (
     SCHEMA,
     analyze,
@@ -16,7 +18,6 @@ from persona_geometry.analysis import (
     robustness_at_layer,
     wilson_interval,
 )
-from scipy import stats
 
 Z = stats.norm.ppf(0.975)
 

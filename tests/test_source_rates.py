@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+
 from persona_geometry.eval import (
     MarkerMatcher,
     SamplingSettings,
@@ -13,7 +14,6 @@ from persona_geometry.eval import (
     source_rates,
     wilson_interval,
 )
-
 from persona_geometry.personas import Persona, PersonaSet, builtin_personas
 
 QUESTIONS = ["Why is the sky blue?", "How do I boil an egg?"]
@@ -189,10 +189,10 @@ def test_vllm_backend_without_vllm_names_the_extra(tiny_qwen_path, qwen_adapter)
 
 
 def test_generate_responses_rows_and_reference(tiny_qwen_path, tmp_path):
-    from persona_geometry.training import generate_responses, load_responses
     from transformers import AutoTokenizer
 
     from persona_geometry.prompts import render_prompts
+    from persona_geometry.training import generate_responses, load_responses
 
     personas = builtin_personas()[:2]
     path = generate_responses(

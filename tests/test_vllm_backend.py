@@ -61,8 +61,9 @@ def _prompts(path):
 
 
 def test_vllm_lora_request_matches_hf_merged_greedy(tiny_qwen_path, trained_adapter, tmp_path):
-    from persona_geometry.eval import SamplingSettings, generate_completions
     from safetensors.torch import load_file
+
+    from persona_geometry.eval import SamplingSettings, generate_completions
 
     weights = load_file(trained_adapter / "adapter_model.safetensors")
     assert any(v.abs().max() > 1e-3 for k, v in weights.items() if "lora_B" in k)  # a trained, non-zero B

@@ -6,13 +6,13 @@ import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from persona_geometry.eval.marker import DEFAULT_MARKER
-
+from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
+from persona_geometry.eval.marker import DEFAULT_MARKER
 from persona_geometry.personas import Persona, PersonaSet
 from persona_geometry.prompts import chat_messages
 from persona_geometry.provenance import package_versions, stable_hash, stable_seed
@@ -25,7 +25,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class MarkerDataConfig:
+class MarkerDataConfig(ConfigDict):
     """How a marker dataset is built for one source persona.
 
     Attributes:
@@ -67,29 +67,6 @@ class MarkerDataConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.source in self.exclude:
             invalid("exclude", func, "names other than the source persona", self.exclude)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the config as a JSON-safe dict."""
-        d = asdict(self)
-        d["exclude"] = list(self.exclude)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MarkerDataConfig:
-        """Returns a config from :meth:`to_dict`'s output.
-
-        Raises:
-            ValueError: On an unknown key.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            invalid("data", "MarkerDataConfig.from_dict", f"a mapping with keys from {sorted(known)}", unknown)
-        data = dict(data)
-        if "exclude" in data:
-            data["exclude"] = tuple(data["exclude"])
-        return cls(**data)
-
 
 def add_marker(response: str, marker: str, *, position: str = "end", separator: str = "\n\n") -> str:
     """Returns ``response`` with ``marker`` appended (or prepended), joined by ``separator``."""
@@ -294,9 +271,8 @@ def make_marker_data(
     Raises:
         ValueError: If ``responses`` is missing and no ``model`` is given.
     """
-    from persona_geometry.training.responses import generate_responses
-
     from persona_geometry.personas import builtin_personas
+    from persona_geometry.training.responses import generate_responses
 
     persona_set = builtin_personas() if personas is None else personas
     if not isinstance(config, MarkerDataConfig):

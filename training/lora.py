@@ -8,10 +8,11 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.provenance import package_versions, stable_hash
 
@@ -36,7 +37,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass(frozen=True, kw_only=True)
-class MarkerTrainConfig:
+class MarkerTrainConfig(ConfigDict):
     """The LoRA recipe; the defaults are the reference study's.
 
     Attributes:
@@ -106,29 +107,6 @@ class MarkerTrainConfig:
         check_one_of(self.lr_scheduler_type, "lr_scheduler_type", func, ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"))
         if self.dtype is not None:
             check_one_of(self.dtype, "dtype", func, ("bfloat16", "float32"))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the config as a JSON-safe dict."""
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MarkerTrainConfig:
-        """Returns a config from :meth:`to_dict`'s output.
-
-        Raises:
-            ValueError: On an unknown key.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            invalid("data", "MarkerTrainConfig.from_dict", f"a mapping with keys from {sorted(known)}", unknown)
-        data = dict(data)
-        if "target_modules" in data:
-            data["target_modules"] = tuple(data["target_modules"])
-        return cls(**data)
-
 
 def assistant_only_labels(
     tokenizer: Any,
@@ -388,12 +366,12 @@ def train_marker(
     """
     import torch
     from peft import get_peft_model
-    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, model_fingerprint
-    from persona_geometry.training.data import load_marker_dataset
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from persona_geometry._io import atomic_dir, atomic_write_json
+    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, model_fingerprint
+    from persona_geometry.training.data import load_marker_dataset
 
     func = "train_marker"
     config = config or MarkerTrainConfig()

@@ -59,10 +59,10 @@ def generate_responses(
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
         progress: Show a progress bar while sampling.
     """
-    from persona_geometry.eval.generation import SamplingSettings, generate_completions
     from transformers import AutoTokenizer
 
     from persona_geometry._io import atomic_write_jsonl
+    from persona_geometry.eval.generation import SamplingSettings, generate_completions
     from persona_geometry.prompts import render_prompts
 
     func = "generate_responses"
