@@ -5,8 +5,8 @@ the adapter applied with a ``LoRARequest``) and Hugging Face (merged adapter, le
 """
 
 from persona_geometry.eval.adapters import (
+    architecture_fingerprint,
     check_adapter_matches,
-    model_fingerprint,
     read_adapter_info,
 )
 from persona_geometry.eval.generation import (
@@ -33,7 +33,7 @@ __all__ = [
     "adapter_rank",
     "check_adapter_matches",
     "generate_completions",
-    "model_fingerprint",
+    "architecture_fingerprint",
     "read_adapter_info",
     "sample_hf",
     "source_rates",

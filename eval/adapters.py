@@ -15,7 +15,7 @@ from typing import Any
 from persona_geometry._validation import invalid
 from persona_geometry.provenance import stable_hash
 
-__all__ = ["ADAPTER_INFO_FILE", "model_fingerprint", "read_adapter_info", "check_adapter_matches"]
+__all__ = ["ADAPTER_INFO_FILE", "architecture_fingerprint", "read_adapter_info", "check_adapter_matches"]
 
 # Written by persona_geometry.training next to peft's adapter_config.json.
 ADAPTER_INFO_FILE = "persona_geometry_adapter.json"
@@ -31,7 +31,7 @@ _SHAPE_KEYS = (
 )
 
 
-def model_fingerprint(model: str | os.PathLike[str]) -> dict[str, Any]:
+def architecture_fingerprint(model: str | os.PathLike[str]) -> dict[str, Any]:
     """Returns the base model's architecture fields and their stable hash, from its config only."""
     from transformers import AutoConfig
 
@@ -61,7 +61,7 @@ def check_adapter_matches(model: str | os.PathLike[str], adapter: str | os.PathL
     adapter has one), and the LoRA matrices' shapes against the model config's sizes (always).
     """
     info = read_adapter_info(adapter, func=func)
-    current = model_fingerprint(model)
+    current = architecture_fingerprint(model)
     stored = info.get("base_fingerprint")
     if stored is not None and stored.get("hash") != current["hash"]:
         differing = {

@@ -24,7 +24,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,24 +114,42 @@ def study_inputs(config: StudyConfig) -> _Inputs:
 
 
 class _StageMarker:
-    """A ``.stage.json`` recording the input key a stage (or one unit of it) finished with."""
+    """A ``.stage.json`` recording the input key a stage (or one unit of it) started and finished with."""
 
     def __init__(self, folder: Path, key: str):
         self.folder, self.key = folder, key
         self.path = folder / _MARKER_FILE
 
-    def done(self) -> bool:
+    def _read(self) -> dict[str, Any]:
         import json
 
-        if not self.path.is_file():
-            return False
         try:
-            return json.loads(self.path.read_text()).get("key") == self.key
+            return json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return False
+            return {}
+
+    def done(self) -> bool:
+        """Whether the folder's outputs were finished with this key."""
+        state = self._read()
+        return state.get("key") == self.key and state.get("done", True)
+
+    def begin(self, *, force: bool = False) -> None:
+        """Clears the folder if it holds outputs of other inputs (or ``force``), then records this key.
+
+        An interrupted unit with the same key keeps its folder, so training resumes from its
+        last checkpoint; one made with other settings is removed rather than mixed in.
+        """
+        import shutil
+
+        state = self._read()
+        if self.folder.exists() and (force or (state and state.get("key") != self.key)):
+            log.info("removing %s: made with other inputs", self.folder)
+            shutil.rmtree(self.folder)
+        atomic_write_json(self.path, {"key": self.key, "done": False})
 
     def mark(self, **extra: Any) -> None:
-        atomic_write_json(self.path, {"key": self.key, **extra})
+        """Records that the outputs are finished for this key."""
+        atomic_write_json(self.path, {"key": self.key, "done": True, **extra})
 
 
 def run_study(
@@ -272,6 +291,20 @@ def _data(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str],
     return files
 
 
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hides transformers' per-load progress bars while the stage shows one bar over its units."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _units(config: StudyConfig, inputs: _Inputs) -> list[tuple[str, int]]:
     return [(source, seed) for source in inputs.sources for seed in config.marker.seeds]
 
@@ -285,23 +318,25 @@ def _train(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str]
 
     files = {}
     units = _units(config, inputs)
-    for source, seed in tqdm(units, desc="train marker adapters", unit="adapter", disable=not kw["progress"]):
-        folder = out / "train" / source / f"seed{seed}"
-        unit = _StageMarker(folder, stable_hash([keys["train"], source, seed]))
-        if not unit.done() or kw["force"]:
-            train_marker(
-                config.model.name,
-                out / "data" / f"{source}.jsonl",
-                folder,
-                dataclasses.replace(config.train, seed=seed),
-                source=source,
-                marker=config.data.marker,
-                device=config.model.device,
-                chat_template=_chat_template(config),
-                progress=False,  # one bar over the adapters instead
-            )
-            unit.mark(source=source, seed=seed)
-        files[f"adapter:{source}:seed{seed}"] = str(folder / "adapter")
+    with _quiet_loading():
+        for source, seed in tqdm(units, desc="train marker adapters", unit="adapter", disable=not kw["progress"]):
+            folder = out / "train" / source / f"seed{seed}"
+            unit = _StageMarker(folder, stable_hash([keys["train"], source, seed]))
+            if not unit.done() or kw["force"]:
+                unit.begin(force=kw["force"])
+                train_marker(
+                    config.model.name,
+                    out / "data" / f"{source}.jsonl",
+                    folder,
+                    dataclasses.replace(config.train, seed=seed),
+                    source=source,
+                    marker=config.data.marker,
+                    device=config.model.device,
+                    chat_template=_chat_template(config),
+                    progress=False,  # one bar over the adapters instead
+                )
+                unit.mark(source=source, seed=seed)
+            files[f"adapter:{source}:seed{seed}"] = str(folder / "adapter")
     return files
 
 
@@ -313,33 +348,35 @@ def _eval(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str],
     e = config.eval
     files = {}
     units = _units(config, inputs)
-    for source, seed in tqdm(units, desc="evaluate source rates", unit="adapter", disable=not kw["progress"]):
-        folder = out / "eval" / source / f"seed{seed}"
-        unit = _StageMarker(folder, stable_hash([keys["eval"], source, seed]))
-        if not unit.done() or kw["force"]:
-            source_rates(
-                config.model.name,
-                out / "train" / source / f"seed{seed}" / "adapter",
-                inputs.personas,
-                list(inputs.questions),
-                source=source,
-                n_completions=e.n_completions,
-                temperature=e.temperature,
-                top_p=e.top_p,
-                max_new_tokens=e.max_new_tokens,
-                seed=e.seed + seed,
-                backend=e.backend,
-                out_dir=folder,
-                marker=config.data.marker,
-                regex=e.regex,
-                batch_size=e.batch_size,
-                device=config.model.device,
-                dtype=None if config.model.dtype == "auto" else config.model.dtype,
-                chat_template=_chat_template(config),
-                progress=False,  # one bar over the adapters instead
-            )
-            unit.mark(source=source, seed=seed)
-        files[f"eval:{source}:seed{seed}"] = str(folder / "run_result.json")
+    with _quiet_loading():
+        for source, seed in tqdm(units, desc="evaluate source rates", unit="adapter", disable=not kw["progress"]):
+            folder = out / "eval" / source / f"seed{seed}"
+            unit = _StageMarker(folder, stable_hash([keys["eval"], source, seed]))
+            if not unit.done() or kw["force"]:
+                unit.begin(force=kw["force"])
+                source_rates(
+                    config.model.name,
+                    out / "train" / source / f"seed{seed}" / "adapter",
+                    inputs.personas,
+                    list(inputs.questions),
+                    source=source,
+                    n_completions=e.n_completions,
+                    temperature=e.temperature,
+                    top_p=e.top_p,
+                    max_new_tokens=e.max_new_tokens,
+                    seed=e.seed + seed,
+                    backend=e.backend,
+                    out_dir=folder,
+                    marker=config.data.marker,
+                    regex=e.regex,
+                    batch_size=e.batch_size,
+                    device=config.model.device,
+                    dtype=None if config.model.dtype == "auto" else config.model.dtype,
+                    chat_template=_chat_template(config),
+                    progress=False,  # one bar over the adapters instead
+                )
+                unit.mark(source=source, seed=seed)
+            files[f"eval:{source}:seed{seed}"] = str(folder / "run_result.json")
     return files
 
 

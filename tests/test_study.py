@@ -50,6 +50,7 @@ def _config(tmp_path, model, **overrides):
     }  # fmt: skip
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    data["train"] = dict(data["train"])
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -96,6 +97,16 @@ def test_changed_eval_settings_rerun_only_what_depends_on_them(study, model_256)
     assert again.ran == ("eval", "sweep", "report") and again.skipped == ("extract", "data", "train")
     run = json.loads((tmp / "out" / "eval" / "villain" / "seed42" / "run_result.json").read_text())
     assert all(r["n"] == 4 * 2 for r in run["personas"])
+
+
+def test_changed_training_settings_retrain_in_place(study, model_256):
+    tmp, _, _ = study
+    # Keeps the eval change of the previous test; only the recipe differs now.
+    path = _config(tmp, model_256, eval={"n_completions": 2}, train={"learning_rate": 4e-3})
+    again = run_study(StudyConfig.load(path), progress=False)
+    assert again.ran == ("train", "eval", "sweep", "report")
+    saved = json.loads((tmp / "out" / "train" / "villain" / "seed42" / "train_config.json").read_text())
+    assert saved["config"]["learning_rate"] == 4e-3
 
 
 def test_cli_run_reports_a_bad_config_in_one_line(tmp_path, capsys):

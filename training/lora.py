@@ -244,6 +244,8 @@ def _training_arguments(**kwargs: Any) -> Any:
         kwargs["warmup_ratio"] = ratio
     else:  # transformers 5 takes a float in [0, 1) in warmup_steps as a ratio.
         kwargs["warmup_steps"] = float(ratio)
+    if "activation_checkpointing" in params:  # transformers 5.2x renamed gradient_checkpointing.
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     return TrainingArguments(**kwargs)
 
 
@@ -370,7 +372,7 @@ def train_marker(
     from transformers.trainer_utils import get_last_checkpoint
 
     from persona_geometry._io import atomic_dir, atomic_write_json
-    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, model_fingerprint
+    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, architecture_fingerprint
     from persona_geometry.training.data import load_marker_dataset
 
     func = "train_marker"
@@ -389,7 +391,7 @@ def train_marker(
 
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = config.dtype or ("float32" if torch_device.type == "cpu" else "bfloat16")
-    fingerprint = model_fingerprint(model)
+    fingerprint = architecture_fingerprint(model)
     run_key = stable_hash({"model": fingerprint["hash"], "config": config.to_dict(), "data": [r["messages"] for r in rows]})
     config_path = out / CONFIG_FILE
     if config_path.is_file():
