@@ -14,6 +14,7 @@ from persona_geometry.eval.generation import (
     SamplingSettings,
     adapter_rank,
     generate_completions,
+    sample_hf,
 )
 from persona_geometry.eval.marker import DEFAULT_MARKER, MarkerMatcher
 from persona_geometry.eval.source_rate import (

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_geometry._serialization import ConfigDict, coerce_fields
-from persona_geometry._validation import check_one_of, invalid
+from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.activations import HOOK_POINTS
 from persona_geometry.eval.generation import BACKENDS
 from persona_geometry.training.lora import MarkerTrainConfig
@@ -65,6 +65,21 @@ class ModelConfig(ConfigDict):
         if not isinstance(self.name, str) or not self.name.strip():
             invalid("name", "ModelConfig", "a model id or folder", self.name)
         check_one_of(self.dtype, "dtype", "ModelConfig", _DTYPES)
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
+
+    def template_text(self) -> str | None:
+        """Returns the chat template to use: the file's text when ``chat_template`` is a path.
+
+        Raises:
+            ValueError: If ``chat_template`` names a file that does not exist.
+        """
+        if not _is_path(self.chat_template):
+            return self.chat_template
+        path = Path(self.chat_template)
+        if not path.is_file():
+            invalid("chat_template", "ModelConfig", "a Jinja template or an existing template file", str(path))
+        return path.read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +95,8 @@ class ExtractConfig(ConfigDict):
         for hook in self.hooks:
             check_one_of(hook, "hooks", "ExtractConfig", HOOK_POINTS)
         check_one_of(self.engine, "engine", "ExtractConfig", ("hf", "transformer_lens"))
+        if self.layers is not None and not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
+            invalid("layers", "ExtractConfig", "null or a list of block indices", self.layers, exc=TypeError)
         if self.batch_tokens is not None and (not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
             invalid("batch_tokens", "ExtractConfig", "a positive int or null", self.batch_tokens)
 
@@ -98,6 +115,9 @@ class GeometryConfig(ConfigDict):
 
     def __post_init__(self) -> None:
         check_one_of(self.hook, "hook", "GeometryConfig", HOOK_POINTS)
+        c = self.centering
+        if not (c is None or isinstance(c, str) or (isinstance(c, tuple) and all(isinstance(x, str) for x in c))):
+            invalid("centering", "GeometryConfig", "null, a list of persona names or a persona file", c, exc=TypeError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +190,7 @@ class EvalConfig(ConfigDict):
 
     def __post_init__(self) -> None:
         check_one_of(self.backend, "backend", "EvalConfig", BACKENDS)
+        check_positive_int(self.batch_size, "batch_size", "EvalConfig")
         self.sampling()
 
     def sampling(self) -> Any:
@@ -201,12 +222,23 @@ class AnalysisConfig(ConfigDict):
 
     def __post_init__(self) -> None:
         check_one_of(self.statistic, "statistic", "AnalysisConfig", ("spearman", "pearson"))
+        for name in ("primary_layer", "layer"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                invalid(name, "AnalysisConfig", "null or a block index ≥ 0", value, exc=TypeError if not isinstance(value, int) else ValueError)
+        if not all(isinstance(x, str) for x in self.holdout):
+            invalid("holdout", "AnalysisConfig", "a list of persona names", self.holdout, exc=TypeError)
         if self.covariate is not None:
             check_one_of(self.covariate, "covariate", "AnalysisConfig", ("log_n_tokens", None))
         for name in ("n_permutations", "n_bootstrap"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 invalid(name, "AnalysisConfig", "an int ≥ 0", value)
+
+
+def _is_path(template: str | None) -> bool:
+    # A Jinja template has tags; a file name does not.
+    return isinstance(template, str) and "{%" not in template and "{{" not in template
 
 
 _SECTIONS: dict[str, type] = {
@@ -277,6 +309,13 @@ class StudyConfig:
             value = kwargs.get(key)
             if base is not None and isinstance(value, str) and value != "builtin" and not os.path.isabs(value):
                 kwargs[key] = str(base / value)
+        if base is not None:
+            template = kwargs["model"].chat_template
+            if _is_path(template) and not os.path.isabs(template):
+                kwargs["model"] = dataclasses.replace(kwargs["model"], chat_template=str(base / template))
+            centering = kwargs["geometry"].centering if "geometry" in kwargs else None
+            if isinstance(centering, str) and not os.path.isabs(centering):
+                kwargs["geometry"] = dataclasses.replace(kwargs["geometry"], centering=str(base / centering))
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as e:

@@ -456,7 +456,8 @@ def _hf_engine(
                 base,
                 recorder,
                 shared,
-                n_cached_layers=max(layers) + 1,
+                # The forward stops after the last hook: block max(layers) runs only for resid_post.
+                n_cached_layers=max(layers) + ("resid_post" in hooks),
                 pad_id=pad_id,
                 device=handle.device,
                 batch_tokens=batch_tokens,

@@ -66,6 +66,8 @@ KEY_FIELDS: tuple[str, ...] = (
     "persona_hash",
     "question_hash",
     "prompt_ids_hash",
+    "layer_template",
+    "share_prefix",
 )
 
 

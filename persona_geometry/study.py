@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -101,9 +100,12 @@ def study_inputs(config: StudyConfig) -> _Inputs:
         centering = PersonaSet.load(config.geometry.centering)
     elif config.geometry.centering is not None:
         _known(config.geometry.centering, "geometry.centering")
-    n_layers_hint = config.analysis.primary_layer
-    if n_layers_hint is not None and n_layers_hint < 0:
-        invalid("primary_layer", "StudyConfig.analysis", "a layer index ≥ 0", n_layers_hint)
+    config.model.template_text()  # a missing template file fails here, before any model loads
+    layers = config.extract.layers
+    for key in ("primary_layer", "layer"):
+        value = getattr(config.analysis, key)
+        if value is not None and layers is not None and value not in layers:
+            raise ValueError(f"The study config's 'analysis.{key}' is {value}, which is not among extract.layers {list(layers)}.")
     return _Inputs(
         personas=personas,
         questions=tuple(questions),
@@ -218,7 +220,8 @@ def _write_resolved_config(config: StudyConfig, out: Path) -> None:
 
 def _stage_keys(config: StudyConfig, inputs: _Inputs) -> dict[str, str]:
     c = config.to_dict()
-    model = c["model"]
+    # The template's text, not its file name: editing the file re-runs what depends on it.
+    model = {**c["model"], "chat_template": stable_hash(config.model.template_text())}
     extract = stable_hash([model, inputs.personas.content_hash(), inputs.questions, c["extract"],
                            inputs.centering.content_hash() if inputs.centering else None])  # fmt: skip
     data = stable_hash([model, inputs.personas.content_hash(), inputs.training_questions, c["responses"], c["data"],
@@ -257,10 +260,7 @@ def _extract(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, st
 
 
 def _chat_template(config: StudyConfig) -> str | None:
-    template = config.model.chat_template
-    if template and os.path.isfile(template):
-        return Path(template).read_text(encoding="utf-8")
-    return template
+    return config.model.template_text()
 
 
 def _data(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:

@@ -337,7 +337,10 @@ def layer_sweep(
     without_reference = None
     if reference is not None and reference in kept:
         no_ref = [i for i in keep if names[i] != reference]
-        without_reference = _sweep(x[no_ref], rate[no_ref], tuple(names[i] for i in no_ref), **settings)
+        try:
+            without_reference = _sweep(x[no_ref], rate[no_ref], tuple(names[i] for i in no_ref), **settings)
+        except ValueError as e:  # e.g. two personas left, or a constant rate without the reference
+            log.warning("layer sweep without the reference persona %r not computed: %s", reference, e)
     return _sweep(x[keep], rate[keep], kept, without_reference=without_reference, **settings)
 
 

@@ -191,7 +191,7 @@ def extend(
         personas: Personas to add; none may already be cached.
         questions: Questions to add; none may already be cached.
         chat_template: The template override the cache was made with, if any.
-        **extract_kwargs: Passed to ``extract_activations`` (e.g. ``batch_size``); hooks and
+        **extract_kwargs: Passed to ``extract_activations`` (e.g. ``batch_tokens``); hooks and
             layers always follow the cache.
 
     Raises:

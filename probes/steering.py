@@ -247,7 +247,7 @@ def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_templ
 
     def count(model: Any, tokenizer: Any, persona: Persona, questions: Sequence[str]) -> tuple[int, int, list[str]]:
         prompts = render_prompts(tokenizer, PersonaSet([persona]), list(questions), chat_template=chat_template)
-        completions = sample_hf(model, tokenizer, [p.input_ids for p in prompts], sampling, batch_size=batch_size, progress=False)
+        completions = sample_hf(_unwrap(model), tokenizer, [p.input_ids for p in prompts], sampling, batch_size=batch_size, progress=False)
         texts = [t for per_prompt in completions for t in per_prompt]
         return sum(bool(matcher(t)) for t in texts), len(texts), texts
 

@@ -38,6 +38,11 @@ def test_round_trip_through_yaml(tmp_path):
         ({"model": {"name": "m", "dtype": "fp8"}}, "'dtype' parameter of ModelConfig"),
         ({"model": "m", "train": "fast"}, "'train' section must be a mapping"),
         ({"train": {}}, "needs a 'model' section"),
+        # Type errors: under the test suite's runtime type checker the message differs, the key does not.
+        ({"model": "m", "analysis": {"primary_layer": "20"}}, "(?s)'analysis' section: .*primary_layer"),
+        ({"model": "m", "extract": {"layers": ["a"]}}, "(?s)'extract' section: .*layers"),
+        ({"model": "m", "eval": {"batch_size": 0}}, "'batch_size' parameter of EvalConfig must be a positive int"),
+        ({"model": "m", "geometry": {"centering": 5}}, "(?s)'geometry' section: .*centering"),
     ],
 )
 def test_bad_config_is_one_error_naming_the_key(data, message):
@@ -51,6 +56,8 @@ def test_bad_config_is_one_error_naming_the_key(data, message):
         ({"geometry": {"reference": "assistant"}}, "'geometry.reference' names 'assistant'"),
         ({"marker": {"sources": ["pirate"]}}, "'marker.sources' names 'pirate'"),
         ({"analysis": {"holdout": ["nobody"]}}, "'analysis.holdout' names 'nobody'"),
+        ({"extract": {"layers": [1, 2]}, "analysis": {"primary_layer": 20}}, "'analysis.primary_layer' is 20, which is not among"),
+        ({"model": {"name": "m", "chat_template": "missing.jinja"}}, "'chat_template' parameter of ModelConfig"),
     ],
 )
 def test_unknown_persona_names_fail_before_any_model_loads(data, message):
@@ -61,3 +68,19 @@ def test_unknown_persona_names_fail_before_any_model_loads(data, message):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="'config' parameter of StudyConfig.load must be an existing YAML file"):
         StudyConfig.load(tmp_path / "nope.yaml")
+
+
+def test_file_paths_resolve_against_the_config_folder(tmp_path):
+    import yaml
+
+    from persona_geometry.study import _stage_keys
+
+    (tmp_path / "chatml.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"model": {"name": "m", "chat_template": "chatml.jinja"}}))
+    config = StudyConfig.load(tmp_path / "study.yaml")
+    assert config.model.chat_template == str(tmp_path / "chatml.jinja")
+    assert config.model.template_text().startswith("{% for m in messages %}")
+    before = _stage_keys(config, study_inputs(config))
+    (tmp_path / "chatml.jinja").write_text("{% for m in messages %}{{ m['role'] }}{% endfor %}")
+    after = _stage_keys(config, study_inputs(config))
+    assert before["extract"] != after["extract"]  # the template's text is in the key, not only its name

@@ -39,3 +39,12 @@ def test_one_question_per_persona_runs_without_sharing(tiny_qwen_path):
     handle = load_model(str(tiny_qwen_path), dtype="float32")
     acts = extract_activations(handle, builtin_personas()[:3], builtin_questions()[:1], progress=False)
     assert not acts.manifest["share_prefix"]
+
+
+def test_resid_pre_alone_stops_before_the_block_and_still_matches(tiny_qwen_path):
+    handle = load_model(str(tiny_qwen_path), dtype="float32")
+    personas, questions = builtin_personas()[:3], builtin_questions()[:4]
+    full = extract_activations(handle, personas, questions, hooks="resid_pre", layers=[2], share_prefix=False, progress=False)
+    shared = extract_activations(handle, personas, questions, hooks="resid_pre", layers=[2], progress=False)
+    assert shared.manifest["share_prefix"]
+    torch.testing.assert_close(shared["resid_pre"], full["resid_pre"], atol=1e-5, rtol=0)

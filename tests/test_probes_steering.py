@@ -218,3 +218,16 @@ def test_extraction_inside_steer_sees_the_shift_on_a_model_handle(tiny_qwen_path
     torch.testing.assert_close(x[:, :, :2], y[:, :, :2], atol=1e-5, rtol=0)  # blocks 0 and 1 untouched
     torch.testing.assert_close(y[:, :, 2] - x[:, :, 2], (-4.0 * axis.at(2)).expand_as(x[:, :, 2]).float(), atol=1e-5, rtol=0)
     assert (y[:, :, 3] - x[:, :, 3]).abs().max() > 1e-3
+
+
+def test_dose_response_accepts_a_model_handle(tiny_qwen_path):
+    from persona_geometry.models import load_model
+
+    handle = load_model(str(tiny_qwen_path), dtype="float32")
+    questions = builtin_questions()[:2]
+    kw = dict(persona=builtin_personas()[0], layer=LAYER, alphas=[0.0, 30.0], questions=questions, marker="a",
+              n_completions=1, max_new_tokens=6, temperature=0.0, progress=False)  # fmt: skip
+    by_handle = dose_response(handle, handle.tokenizer, _direction(seed=7), **kw)
+    by_model = dose_response(handle.model, handle.tokenizer, _direction(seed=7), **kw)
+    assert [list(c) for c in by_handle.completions] == [list(c) for c in by_model.completions]
+    assert by_handle.n.tolist() == [2, 2]

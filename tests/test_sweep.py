@@ -266,3 +266,13 @@ def test_perfect_correlation_at_three_personas_matches_scipy_exactly():
     s = layer_sweep(x, y, n_permutations=0, n_bootstrap=0)
     sr = stats.spearmanr(x[:, 0], y)
     assert (s.spearman_rho[0], s.spearman_p[0]) == (sr.statistic, sr.pvalue) == (1.0, 0.0)
+
+
+def test_three_personas_with_the_reference_still_sweep():
+    import numpy as np
+
+    from persona_geometry.sweep import layer_sweep
+
+    cos = np.array([[1.0, 1.0], [0.2, -0.1], [-0.3, 0.4]])
+    sweep = layer_sweep(cos, [0.1, 0.5, 0.8], personas=["ref", "a", "b"], reference="ref", n_permutations=10, n_bootstrap=0)
+    assert sweep.n_personas == 3 and sweep.without_reference is None

@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -373,6 +374,7 @@ def train_marker(
 
     from persona_geometry._io import atomic_dir, atomic_write_json
     from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, architecture_fingerprint
+    from persona_geometry.models import weights_fingerprint
     from persona_geometry.training.data import load_marker_dataset
 
     func = "train_marker"
@@ -392,7 +394,19 @@ def train_marker(
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = config.dtype or ("float32" if torch_device.type == "cpu" else "bfloat16")
     fingerprint = architecture_fingerprint(model)
-    run_key = stable_hash({"model": fingerprint["hash"], "config": config.to_dict(), "data": [r["messages"] for r in rows]})
+    # Everything the adapter depends on: a finished run is reused only for the same weights,
+    # template, precision, recipe and data.
+    weights = weights_fingerprint(model) if Path(model).is_dir() else str(model)
+    run_key = stable_hash(
+        {
+            "model": fingerprint["hash"],
+            "weights": weights,
+            "chat_template": stable_hash(chat_template),
+            "dtype": dtype_name,
+            "config": config.to_dict(),
+            "data": [r["messages"] for r in rows],
+        }
+    )
     config_path = out / CONFIG_FILE
     if config_path.is_file():
         previous = json.loads(config_path.read_text(encoding="utf-8"))
@@ -414,6 +428,9 @@ def train_marker(
                     resumed_from=done.get("resumed_from"),
                 )
 
+    checkpoints = out / CHECKPOINT_DIR
+    if not resume and checkpoints.is_dir():
+        shutil.rmtree(checkpoints)  # never resume, later, from a run started over
     set_seed(config.seed)
     hf_model, tokenizer = _load_base(model, getattr(torch, dtype_name), torch_device)
     examples = []
