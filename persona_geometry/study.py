@@ -249,14 +249,26 @@ def _extract(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, st
     )
     if config.extract.batch_tokens is not None:
         common["batch_tokens"] = config.extract.batch_tokens
+    # The extraction cache already holds each set, saved atomically: the stage records where.
     acts = extract_activations(handle, inputs.personas, inputs.questions, **common)
-    acts.save(out / "extract" / "activations")
-    files = {"activations": str(out / "extract" / "activations")}
+    files = {"activations": str(out / "cache" / acts.manifest["cache_key"])}
     if inputs.centering is not None:
         centering = extract_activations(handle, inputs.centering, inputs.questions, **common)
-        centering.save(out / "extract" / "centering_activations")
-        files["centering_activations"] = str(out / "extract" / "centering_activations")
+        files["centering_activations"] = str(out / "cache" / centering.manifest["cache_key"])
     return files
+
+
+def _extracted(out: Path, name: str) -> Any:
+    """Returns the ActivationSet the extract stage recorded under ``name``."""
+    import json
+
+    from persona_geometry.activations import ActivationSet
+
+    marker = out / "extract" / _MARKER_FILE
+    files = json.loads(marker.read_text()).get("files", {}) if marker.is_file() else {}
+    if name not in files:
+        raise ValueError(f"No {name.replace('_', ' ')} under {out}: run the 'extract' stage first.")
+    return ActivationSet.load(files[name])
 
 
 def _chat_template(config: StudyConfig) -> str | None:
@@ -412,14 +424,13 @@ def _counts(config: StudyConfig, inputs: _Inputs, out: Path) -> tuple[dict[str, 
 
 
 def _geometry(config: StudyConfig, out: Path) -> tuple[Any, Any, Any]:
-    from persona_geometry.activations import ActivationSet
     from persona_geometry.geometry import center, centroids, cosine_to_reference, pairwise_cosine
 
-    acts = ActivationSet.load(out / "extract" / "activations")
+    acts = _extracted(out, "activations")
     cents = centroids(acts, hook=config.geometry.hook)
     c = config.geometry.centering
     if isinstance(c, str):
-        reference_set = centroids(ActivationSet.load(out / "extract" / "centering_activations"), hook=config.geometry.hook)
+        reference_set = centroids(_extracted(out, "centering_activations"), hook=config.geometry.hook)
         centered = center(cents, reference_set)
     else:
         centered = center(cents, list(c) if c is not None else None)
