@@ -221,19 +221,16 @@ def _sample_hf_ids(
     import torch
     from tqdm.auto import tqdm
 
+    from persona_geometry.prompts import left_pad
+
     device = next(hf_model.parameters()).device
     n = sampling.n_completions
     per_batch = max(1, batch_size // n)
     out: list[list[list[int]]] = []
     for start in tqdm(range(0, len(prompt_ids), per_batch), desc="sampling (hf)", unit="batch", disable=not progress):
         chunk = prompt_ids[start : start + per_batch]
-        width = max(len(p) for p in chunk)
-        # Left padding keeps every prompt's last token at the same position, right before generation.
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        ids, mask = left_pad(chunk, pad_id)
+        width = ids.shape[1]
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=pad_id,

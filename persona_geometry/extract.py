@@ -41,7 +41,7 @@ from persona_geometry.hooks import HF_HOOK_POINTS, find_layers, hook_name, recor
 from persona_geometry.models import ModelHandle, dtype_name, load_model, model_fingerprint
 from persona_geometry.personas import Persona, PersonaSet, builtin_personas
 from persona_geometry.prefix_cache import SharedPrefixes, prefix_engine, shared_prefixes
-from persona_geometry.prompts import chat_template_of, render_prompts
+from persona_geometry.prompts import chat_template_of, left_pad, render_prompts
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions
 
@@ -405,12 +405,7 @@ def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device)
     Position ids count real tokens only (0 at each prompt's first token), so a padded prompt
     sees exactly the positions it would see alone.
     """
-    width = max(len(s) for s in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, seq in enumerate(batch):
-        input_ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
+    input_ids, mask = left_pad(batch, pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     non_blocking = device.type == "cuda"
     return (

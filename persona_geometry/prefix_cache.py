@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from persona_geometry.prompts import left_pad
+
 __all__ = ["SharedPrefixes", "shared_prefixes", "prefix_engine"]
 
 # Sharing pays only when the prefix is worth a forward of its own.
@@ -111,16 +113,6 @@ def _layer_kv(cache: Any, layer: int) -> tuple[Tensor, Tensor]:
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[Tensor, Tensor]:
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if len(seq):
-            ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
 @contextmanager
 def prefix_engine(
     base: Any,
@@ -156,7 +148,7 @@ def prefix_engine(
     with torch.inference_mode():
         for start in range(0, len(shared.prefixes), per_batch):
             chunk = shared.prefixes[start : start + per_batch]
-            ids, mask = _left_pad(chunk, width, pad_id)
+            ids, mask = left_pad(chunk, pad_id, width)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = _new_cache()
             ids, mask_d, positions = (t.to(device) for t in (ids, mask, positions))
@@ -181,7 +173,7 @@ def prefix_engine(
     def forward(batch: Sequence[Sequence[int]]) -> dict[str, Tensor]:
         rows = torch.as_tensor([shared.of_prompt[tuple(ids)] for ids in batch], dtype=torch.long)
         suffixes = [ids[len(shared.prefix_for(ids)) :] for ids in batch]
-        s_ids, s_mask = _left_pad(suffixes, max(len(s) for s in suffixes), pad_id)
+        s_ids, s_mask = left_pad(suffixes, pad_id)
         positions = prefix_len[rows].unsqueeze(-1) + (s_mask.cumsum(-1) - 1).clamp(min=0)
         mask = torch.cat([prefix_mask[rows], s_mask], dim=-1)
         rows_d = rows.to(device)

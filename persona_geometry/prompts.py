@@ -10,7 +10,7 @@ from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import Persona, PersonaSet
 from persona_geometry.provenance import stable_hash
 
-__all__ = ["Prompt", "PromptSet", "render_prompts", "chat_messages", "chat_template_of"]
+__all__ = ["Prompt", "PromptSet", "render_prompts", "chat_messages", "chat_template_of", "left_pad"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,3 +128,22 @@ def render_prompts(
         prompts=tuple(prompts),
         chat_template_hash=stable_hash(template),
     )
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[Any, Any]:
+    """Returns ``(input_ids, attention_mask)`` of the token-id lists, left-padded to ``width``.
+
+    Left padding puts every prompt's last token in the last column, right where generation (or
+    the last-token capture) happens. ``width`` defaults to the longest sequence; an empty
+    sequence becomes a row of padding.
+    """
+    import torch
+
+    width = max(len(s) for s in seqs) if width is None else width
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
