@@ -1,4 +1,4 @@
-"""Regression and robustness statistics, pairwise leakage, reports and figures.
+"""The layer sweep, regression and robustness statistics, pairwise leakage, reports and figures.
 
 Imported as ``persona_geometry.analysis``. The JSON schema of ``persona-geometry analyze`` is
 ``SCHEMA`` (also ``Robustness.to_dict``).
@@ -34,8 +34,9 @@ from persona_geometry.analysis.robustness import (
     partial_spearman,
     pool_seeds,
     robustness_at_layer,
-    wilson_interval,
 )
+from persona_geometry.analysis.sweep import LayerSweep, layer_sweep
+from persona_geometry.stats import wilson_interval
 
 __all__ = [
     "SCHEMA",
@@ -43,6 +44,7 @@ __all__ = [
     "Correlation",
     "HoldoutPrediction",
     "Influence",
+    "LayerSweep",
     "LeakageCorrelation",
     "LinearFit",
     "LooCoverage",
@@ -53,6 +55,7 @@ __all__ = [
     "analyze_table",
     "cosine_heatmap",
     "hero_scatter",
+    "layer_sweep",
     "leakage_correlation",
     "partial_spearman",
     "pool_seeds",

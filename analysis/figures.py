@@ -17,9 +17,9 @@ import plotly.graph_objects as go
 
 from persona_geometry._io import atomic_path, atomic_write_text
 from persona_geometry._validation import invalid
-from persona_geometry.analysis.robustness import Robustness, _ols, _prediction_intervals
+from persona_geometry.analysis.robustness import Robustness, ols, prediction_intervals
+from persona_geometry.analysis.sweep import LayerSweep
 from persona_geometry.geometry import PairwiseCosine
-from persona_geometry.sweep import LayerSweep
 
 __all__ = ["cosine_heatmap", "hero_scatter", "sweep_curve", "write_figure"]
 
@@ -39,7 +39,7 @@ def hero_scatter(result: Robustness, *, title: str | None = None) -> go.Figure:
     fitted = [i for i, p in enumerate(result.personas) if p not in held]
     x_fit, y_fit = result.x[fitted], result.rate[fitted]
     grid = np.linspace(result.x.min(), result.x.max(), 100)
-    band = _prediction_intervals(_ols(x_fit, y_fit), grid, result.alpha)
+    band = prediction_intervals(ols(x_fit, y_fit), grid, result.alpha)
     level = round(100 * (1 - result.alpha))
 
     fig = go.Figure()

@@ -21,14 +21,18 @@ import pandas as pd
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from persona_geometry._correlation import json_float, rank, standardize
 from persona_geometry._validation import check_one_of, check_unique_names, invalid
 from persona_geometry.geometry import PairwiseCosine
+from persona_geometry.stats import (
+    CHUNK_ELEMENTS,
+    STATISTICS,
+    TIE_TOL,
+    json_float,
+    rank,
+    standardize,
+)
 
 __all__ = ["LeakageCorrelation", "leakage_correlation"]
-
-_CHUNK_ELEMENTS = 1 << 22
-_TIE_TOL = 1e-10
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -139,7 +143,7 @@ def leakage_correlation(
             constant leakage or cosine over the pairs.
     """
     func = "leakage_correlation"
-    statistic = check_one_of(statistic, "statistic", func, ("spearman", "pearson"))
+    statistic = check_one_of(statistic, "statistic", func, STATISTICS)
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, int | np.integer) or n_permutations < 1:
         invalid("n_permutations", func, "an int >= 1", n_permutations)
     if isinstance(leakage, pd.DataFrame):
@@ -248,7 +252,7 @@ def _mantel(
         rank_matrix[:, a, b] = rank(obs_cos, axis=1)
         rank_matrix[:, b, a] = rank_matrix[:, a, b] if _symmetric(pairs) else rank_matrix[:, b, a]
     n_layers = cos.shape[0]
-    chunk = max(1, _CHUNK_ELEMENTS // (n_layers * len(pairs)))
+    chunk = max(1, CHUNK_ELEMENTS // (n_layers * len(pairs)))
     cnt_r = np.zeros(n_layers)
     cnt_rho = np.zeros(n_layers)
     cnt_max = 0
@@ -265,11 +269,11 @@ def _mantel(
             else:
                 ranks = rank(values, axis=2)
             rho = np.einsum("lcp,p->lc", standardize(ranks, axis=2), lr)
-            cnt_r += (np.abs(r) >= np.abs(obs_r)[:, None] - _TIE_TOL).sum(axis=1)
-            cnt_rho += (np.abs(rho) >= np.abs(obs_rho)[:, None] - _TIE_TOL).sum(axis=1)
+            cnt_r += (np.abs(r) >= np.abs(obs_r)[:, None] - TIE_TOL).sum(axis=1)
+            cnt_rho += (np.abs(rho) >= np.abs(obs_rho)[:, None] - TIE_TOL).sum(axis=1)
             stat = np.abs(rho if statistic == "spearman" else r)
             # A permutation that makes a layer constant over the pairs has no correlation there.
-            cnt_max += int((np.nanmax(np.where(np.isnan(stat), -np.inf, stat), axis=0) >= max_obs - _TIE_TOL).sum())
+            cnt_max += int((np.nanmax(np.where(np.isnan(stat), -np.inf, stat), axis=0) >= max_obs - TIE_TOL).sum())
             bar.update(len(block))
     b_total = len(perms)
     out = np.column_stack([obs_r, (1 + cnt_r) / (1 + b_total), obs_rho, (1 + cnt_rho) / (1 + b_total)])

@@ -24,8 +24,8 @@ import pandas as pd
 from persona_geometry._io import atomic_write_json, atomic_write_text
 from persona_geometry._validation import check_one_of, invalid
 from persona_geometry.analysis.robustness import SCHEMA, Robustness, analyze, read_table
+from persona_geometry.analysis.sweep import LayerSweep, layer_sweep
 from persona_geometry.provenance import package_versions
-from persona_geometry.sweep import LayerSweep, layer_sweep
 
 __all__ = [
     "SCHEMA",

@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from persona_geometry._correlation import (
+from persona_geometry._validation import check_probability, check_unique_names, invalid
+from persona_geometry.geometry import CosineToReference
+from persona_geometry.stats import (
     PerPersona,
     clip_r,
     correlation_dict,
@@ -37,9 +39,8 @@ from persona_geometry._correlation import (
     rates_from,
     spearman,
     standardize,
+    wilson_interval,
 )
-from persona_geometry._validation import check_probability, check_unique_names, invalid
-from persona_geometry.geometry import CosineToReference
 
 __all__ = [
     "SCHEMA",
@@ -458,31 +459,6 @@ class Robustness:
 
 
 # --- primitives -------------------------------------------------------------------------------
-def wilson_interval(k: PerPersona, n: PerPersona, *, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """Returns Wilson score intervals ``(lower, upper)`` of ``k / n`` (statsmodels ``proportion_confint``).
-
-    Raises:
-        ValueError: If ``k > n``, ``k < 0``, ``n < 1``, or counts are not whole numbers.
-    """
-    from statsmodels.stats.proportion import proportion_confint
-
-    from persona_geometry._correlation import check_counts
-
-    k_arr = np.atleast_1d(np.asarray(k, dtype=np.float64))
-    n_arr = np.atleast_1d(np.asarray(n, dtype=np.float64))
-    if k_arr.shape != n_arr.shape:
-        invalid("n", "wilson_interval", f"the same shape as k {k_arr.shape}", n_arr.shape)
-    names = [str(i) for i in range(k_arr.size)]
-    check_counts(k_arr.ravel(), n_arr.ravel(), names, "wilson_interval")
-    lo, hi = proportion_confint(k_arr, n_arr, alpha=check_probability(alpha, "alpha", "wilson_interval"), method="wilson")
-    # The bounds are exactly 0 at k = 0 and 1 at k = n; rounding can leave them a hair off
-    # (3e-18), which would put k / n outside its own interval.
-    p = k_arr / n_arr
-    lo = np.where(k_arr == 0, 0.0, np.minimum(np.clip(np.asarray(lo, float), 0.0, 1.0), p))
-    hi = np.where(k_arr == n_arr, 1.0, np.maximum(np.clip(np.asarray(hi, float), 0.0, 1.0), p))
-    return lo, hi
-
-
 def partial_spearman(x: np.ndarray, y: np.ndarray, covariate: np.ndarray) -> tuple[float, float]:
     """Returns the rank partial correlation of ``x`` and ``y`` given ``covariate``, and its p-value.
 
@@ -509,14 +485,14 @@ def _correlation(x: np.ndarray, y: np.ndarray) -> Correlation:
     return Correlation(n=len(x), pearson_r=r, pearson_p=pr, spearman_rho=rho, spearman_p=prho)
 
 
-def _ols(x: np.ndarray, y: np.ndarray) -> Any:
+def ols(x: np.ndarray, y: np.ndarray) -> Any:
     import statsmodels.api as sm
 
     return sm.OLS(y, np.column_stack([np.ones_like(x), x])).fit()
 
 
 def _linear_fit(x: np.ndarray, y: np.ndarray, personas: Sequence[str]) -> tuple[LinearFit, Any]:
-    res = _ols(x, y)
+    res = ols(x, y)
     fit = LinearFit(
         personas=tuple(personas),
         slope=float(res.params[1]),
@@ -527,7 +503,7 @@ def _linear_fit(x: np.ndarray, y: np.ndarray, personas: Sequence[str]) -> tuple[
     return fit, res
 
 
-def _prediction_intervals(res: Any, x_new: np.ndarray, alpha: float) -> pd.DataFrame:
+def prediction_intervals(res: Any, x_new: np.ndarray, alpha: float) -> pd.DataFrame:
     """Returns statsmodels' prediction summary frame (mean, obs_ci_lower, obs_ci_upper)."""
     exog = np.column_stack([np.ones_like(x_new), x_new])
     return res.get_prediction(exog).summary_frame(alpha=alpha)
@@ -646,7 +622,7 @@ def robustness_at_layer(
 
     held: list[HoldoutPrediction] = []
     if hold_idx:
-        frame = _prediction_intervals(res, x_arr[hold_idx], alpha)
+        frame = prediction_intervals(res, x_arr[hold_idx], alpha)
         for row, i in enumerate(hold_idx):
             held.append(
                 HoldoutPrediction(
@@ -730,7 +706,7 @@ def _loo_coverage(
         idx = [i for i in fit_idx if i != drop]
         if np.ptp(x[idx]) == 0:
             continue  # no slope can be fitted without it; the case is not counted
-        frame = _prediction_intervals(_ols(x[idx], y[idx]), x[hold_idx], alpha)
+        frame = prediction_intervals(ols(x[idx], y[idx]), x[hold_idx], alpha)
         for row, h in enumerate(hold_idx):
             inside = bool(frame["obs_ci_lower"].iloc[row] <= y[h] <= frame["obs_ci_upper"].iloc[row])
             cases.append((names[drop], names[h], inside))
@@ -811,7 +787,7 @@ def pool_seeds(
         row = table.loc[dup, [persona, seed]].iloc[0].tolist()
         invalid("table", func, "one row per (persona, seed)", f"(persona, seed) = {tuple(row)} twice")
     names = [str(p) for p in dict.fromkeys(table[persona])]
-    from persona_geometry._correlation import check_counts
+    from persona_geometry.stats import check_counts
 
     check_counts(
         table[k].to_numpy(dtype=np.float64),

@@ -91,7 +91,7 @@ def bench_generate(model, *, vocab: int, sequences: int, n_completions: int, new
     """Returns tokens/s of the HF sampler on one left-padded batch of ``sequences`` sequences."""
     import torch
 
-    from persona_geometry.eval.generation import SamplingSettings, _sample_hf_ids
+    from persona_geometry.sampling import SamplingSettings, _sample_hf_ids
 
     model.eval()
     model.generation_config.eos_token_id = None

@@ -4,25 +4,23 @@ Two back ends take the same rendered prompts and sampling settings: vLLM (one ``
 the adapter applied with a ``LoRARequest``) and Hugging Face (merged adapter, left-padded batches).
 """
 
-from persona_geometry.eval.adapters import (
+# The sampling back ends, adapter checks, marker matching and Wilson intervals live in the core
+# (training and probes use them too); they are re-exported here where users expect them.
+from persona_geometry.adapters import (
     architecture_fingerprint,
     check_adapter_matches,
     read_adapter_info,
 )
-from persona_geometry.eval.generation import (
+from persona_geometry.eval.source_rate import PersonaRate, SourceRates, source_rates
+from persona_geometry.marker import DEFAULT_MARKER, MarkerMatcher
+from persona_geometry.sampling import (
     BACKENDS,
     SamplingSettings,
     adapter_rank,
     generate_completions,
     sample_hf,
 )
-from persona_geometry.eval.marker import DEFAULT_MARKER, MarkerMatcher
-from persona_geometry.eval.source_rate import (
-    PersonaRate,
-    SourceRates,
-    source_rates,
-    wilson_interval,
-)
+from persona_geometry.stats import wilson_bounds as wilson_interval
 
 __all__ = [
     "BACKENDS",

@@ -11,30 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from persona_geometry._validation import check_unique_names, invalid
-from persona_geometry.eval.adapters import check_adapter_matches, read_adapter_info
-from persona_geometry.eval.generation import SamplingSettings, generate_completions
-from persona_geometry.eval.marker import DEFAULT_MARKER, MarkerMatcher
+from persona_geometry.adapters import check_adapter_matches, read_adapter_info
+from persona_geometry.marker import DEFAULT_MARKER, MarkerMatcher
 from persona_geometry.personas import Persona, PersonaSet
 from persona_geometry.provenance import package_versions
+from persona_geometry.sampling import SamplingSettings, generate_completions
+from persona_geometry.stats import wilson_bounds
 
-__all__ = ["PersonaRate", "SourceRates", "source_rates", "wilson_interval"]
+__all__ = ["PersonaRate", "SourceRates", "source_rates"]
 
 log = logging.getLogger(__name__)
 
 RUN_RESULT_FILE = "run_result.json"
 COMPLETIONS_FILE = "completions.jsonl"
-
-
-def wilson_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Returns the Wilson score interval for ``k`` successes in ``n`` trials, as two floats.
-
-    The scalar form of ``persona_geometry.analysis.wilson_interval`` (statsmodels, with bounds
-    exactly 0 at ``k = 0`` and 1 at ``k = n``).
-    """
-    from persona_geometry.analysis.robustness import wilson_interval as wilson_arrays
-
-    low, high = wilson_arrays([k], [n], alpha=alpha)
-    return float(low[0]), float(high[0])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +42,7 @@ class PersonaRate:
 
     def wilson(self, alpha: float = 0.05) -> tuple[float, float]:
         """Returns the Wilson ``1 - alpha`` interval of the rate."""
-        return wilson_interval(self.k, self.n, alpha)
+        return wilson_bounds(self.k, self.n, alpha)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns counts, rate and the Wilson 95% interval as a JSON-safe dict."""
@@ -214,7 +203,7 @@ def source_rates(
     sampling = SamplingSettings(
         n_completions=n_completions, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
     )
-    from persona_geometry.eval.generation import BACKENDS
+    from persona_geometry.sampling import BACKENDS
 
     if backend not in BACKENDS:
         invalid("backend", func, f"one of {list(BACKENDS)}", backend)

@@ -7,6 +7,7 @@ A thin, labelled wrapper over a dict of tensors, one per hook point, each shaped
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -16,13 +17,20 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from persona_geometry._io import atomic_dir, atomic_write_json
 from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import PersonaSet
 
-__all__ = ["ActivationSet", "HOOK_POINTS"]
+__all__ = ["ActivationSet", "FORMAT", "FORMAT_VERSION", "HOOK_POINTS", "load_activations", "save_activations"]
 
 # Hook points per block, in TransformerLens naming (`blocks.{l}.hook_<name>`).
 HOOK_POINTS: tuple[str, ...] = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
+
+# On disk an ActivationSet is a folder with these two files (see ``save_activations``).
+FORMAT = "persona-geometry.activations"
+FORMAT_VERSION = 1
+_TENSORS = "activations.safetensors"
+_MANIFEST = "manifest.json"
 
 
 class ActivationSet(Mapping[str, Tensor]):
@@ -152,15 +160,11 @@ class ActivationSet(Mapping[str, Tensor]):
     # Storage ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the set to the folder ``path`` (safetensors + JSON manifest) atomically; returns it."""
-        from persona_geometry.store import save_activations
-
         return save_activations(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
         """Returns the set stored in the folder ``path``; reads safetensors and JSON, never unpickles."""
-        from persona_geometry.store import load_activations
-
         return load_activations(path, device=device)
 
     def _replace(self, acts: Mapping[str, Tensor]) -> ActivationSet:
@@ -172,3 +176,64 @@ class ActivationSet(Mapping[str, Tensor]):
             n_tokens=self.n_tokens,
             manifest=self.manifest,
         )
+
+
+def save_activations(acts: ActivationSet, path: str | os.PathLike[str]) -> Path:
+    """Writes ``acts`` to the folder ``path`` atomically and returns the folder.
+
+    The folder holds ``activations.safetensors`` and ``manifest.json``; an existing folder is
+    replaced only once the new one is complete.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {hook: t.detach().to("cpu").contiguous() for hook, t in acts.items()}
+    tensors["n_tokens"] = acts.n_tokens.to("cpu", torch.long).contiguous()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "personas": acts.personas.to_list(),
+        "questions": list(acts.questions),
+        "layers": list(acts.layers),
+        "hooks": {hook: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for hook, t in acts.items()},
+        "provenance": json_safe(acts.manifest),
+    }
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / _TENSORS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        atomic_write_json(tmp / _MANIFEST, meta)
+    return Path(path)
+
+
+def load_activations(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
+    """Returns the ``ActivationSet`` stored in the folder ``path`` (safetensors + JSON only).
+
+    Raises:
+        FileNotFoundError: If the folder or one of its two files is missing.
+        ValueError: If the manifest is not an activation manifest this version can read, or the
+            tensors do not match its labels.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in (_MANIFEST, _TENSORS):
+        if not (path / name).is_file():
+            invalid("path", "ActivationSet.load", f"a folder written by ActivationSet.save (with {_MANIFEST} and {_TENSORS})", str(path), exc=FileNotFoundError)
+    meta = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        invalid("path", "ActivationSet.load", f"a folder in format {FORMAT!r} version {FORMAT_VERSION}", str(path))
+    tensors = load_file(str(path / _TENSORS), device=str(device))
+    hooks = list(meta["hooks"])
+    if set(tensors) != {*hooks, "n_tokens"}:
+        invalid("path", "ActivationSet.load", f"tensors {sorted({*hooks, 'n_tokens'})}", sorted(tensors))
+    return ActivationSet(
+        {hook: tensors[hook] for hook in hooks},
+        personas=PersonaSet.from_list(meta["personas"]),
+        questions=meta["questions"],
+        layers=meta["layers"],
+        n_tokens=tensors["n_tokens"],
+        manifest=meta["provenance"],
+    )
+
+
+def json_safe(obj: Any) -> Any:
+    """Returns ``obj`` as plain JSON types (anything else as its ``str``)."""
+    return json.loads(json.dumps(obj, default=str))

@@ -19,18 +19,24 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from persona_geometry._io import atomic_dir, atomic_path, atomic_write_json
+from persona_geometry._io import atomic_path, atomic_write_json
 from persona_geometry._validation import invalid
+from persona_geometry.activations import (
+    _MANIFEST,
+    FORMAT,
+    FORMAT_VERSION,
+    ActivationSet,
+    json_safe,
+    load_activations,
+    save_activations,
+)
 from persona_geometry.provenance import stable_hash
-
-if TYPE_CHECKING:
-    from persona_geometry.activations import ActivationSet
 
 __all__ = [
     "FORMAT",
@@ -45,10 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT = "persona-geometry.activations"
-FORMAT_VERSION = 1
-_TENSORS = "activations.safetensors"
-_MANIFEST = "manifest.json"
 
 # The manifest fields that determine the numbers (and labels) of an extraction. Batch sizes are
 # not among them: batching moves float32 results by ~1e-7 only (bf16 tolerance: see
@@ -79,65 +81,6 @@ def cache_key(manifest: Mapping[str, Any]) -> str:
     return stable_hash({k: manifest[k] for k in KEY_FIELDS}, length=24)
 
 
-def save_activations(acts: ActivationSet, path: str | os.PathLike[str]) -> Path:
-    """Writes ``acts`` to the folder ``path`` atomically and returns the folder.
-
-    The folder holds ``activations.safetensors`` and ``manifest.json``; an existing folder is
-    replaced only once the new one is complete.
-    """
-    from safetensors.torch import save_file
-
-    tensors = {hook: t.detach().to("cpu").contiguous() for hook, t in acts.items()}
-    tensors["n_tokens"] = acts.n_tokens.to("cpu", torch.long).contiguous()
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "personas": acts.personas.to_list(),
-        "questions": list(acts.questions),
-        "layers": list(acts.layers),
-        "hooks": {hook: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for hook, t in acts.items()},
-        "provenance": _json_safe(acts.manifest),
-    }
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / _TENSORS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        atomic_write_json(tmp / _MANIFEST, meta)
-    return Path(path)
-
-
-def load_activations(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
-    """Returns the ``ActivationSet`` stored in the folder ``path`` (safetensors + JSON only).
-
-    Raises:
-        FileNotFoundError: If the folder or one of its two files is missing.
-        ValueError: If the manifest is not an activation manifest this version can read, or the
-            tensors do not match its labels.
-    """
-    from safetensors.torch import load_file
-
-    from persona_geometry.activations import ActivationSet
-    from persona_geometry.personas import PersonaSet
-
-    path = Path(path)
-    for name in (_MANIFEST, _TENSORS):
-        if not (path / name).is_file():
-            invalid("path", "ActivationSet.load", f"a folder written by ActivationSet.save (with {_MANIFEST} and {_TENSORS})", str(path), exc=FileNotFoundError)
-    meta = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        invalid("path", "ActivationSet.load", f"a folder in format {FORMAT!r} version {FORMAT_VERSION}", str(path))
-    tensors = load_file(str(path / _TENSORS), device=str(device))
-    hooks = list(meta["hooks"])
-    if set(tensors) != {*hooks, "n_tokens"}:
-        invalid("path", "ActivationSet.load", f"tensors {sorted({*hooks, 'n_tokens'})}", sorted(tensors))
-    return ActivationSet(
-        {hook: tensors[hook] for hook in hooks},
-        personas=PersonaSet.from_list(meta["personas"]),
-        questions=meta["questions"],
-        layers=meta["layers"],
-        n_tokens=tensors["n_tokens"],
-        manifest=meta["provenance"],
-    )
-
-
 def load_cached(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> ActivationSet | None:
     """Returns the cached set for this manifest's key, or None when there is none to trust.
 
@@ -153,7 +96,7 @@ def load_cached(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) 
         log.warning("ignoring unreadable cache entry %s: %s", folder, e)
         return None
     stored = {k: acts.manifest.get(k) for k in KEY_FIELDS}
-    wanted = _json_safe({k: manifest[k] for k in KEY_FIELDS})
+    wanted = json_safe({k: manifest[k] for k in KEY_FIELDS})
     if stored != wanted:
         diff = sorted(k for k in KEY_FIELDS if stored[k] != wanted[k])
         log.warning("cache entry %s does not match this extraction (fields %s differ); recomputing", folder, diff)
@@ -173,7 +116,7 @@ class PartialRun:
     def __init__(self, cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]):
         self.key = cache_key(manifest)
         self.folder = Path(cache_dir) / f"{self.key}.partial"
-        self.fields = _json_safe({k: manifest[k] for k in KEY_FIELDS})
+        self.fields = json_safe({k: manifest[k] for k in KEY_FIELDS})
         key_file = self.folder / "key.json"
         if self.folder.exists():
             stored = json.loads(key_file.read_text()) if key_file.is_file() else None
@@ -237,7 +180,3 @@ class PartialRun:
         final = save_activations(acts, self.folder.parent / self.key)
         shutil.rmtree(self.folder, ignore_errors=True)
         return final
-
-
-def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))

@@ -10,18 +10,19 @@
   ``dose_response`` measures the marker source rate as a function of ``alpha``.
 """
 
+from persona_geometry.extend import (
+    concat_personas,
+    concat_questions,
+    extend,
+    recenter,
+)
+
 from .directions import (
     Direction,
     Projection,
     assistant_axis,
     mean_difference,
     project,
-)
-from .incremental import (
-    concat_personas,
-    concat_questions,
-    extend,
-    recenter,
 )
 from .linear import (
     LinearProbe,

@@ -408,9 +408,9 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 
 def _wilson(k: float | int, n: int, confidence: float) -> tuple[float, float]:
     """Returns the Wilson score interval of ``k / n`` (the eval module's, at level ``confidence``)."""
-    from persona_geometry.eval import wilson_interval
+    from persona_geometry.stats import wilson_bounds
 
-    return wilson_interval(int(round(k)), int(n), alpha=1 - confidence)
+    return wilson_bounds(int(round(k)), int(n), alpha=1 - confidence)
 
 
 def _t_interval(x: np.ndarray, confidence: float) -> tuple[float, float]:

@@ -242,8 +242,8 @@ def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_templ
     sees the same random numbers: differences between alphas are less noisy than independent
     draws would make them. Pass ``counter=`` to ``dose_response`` to replace it.
     """
-    from persona_geometry.eval.generation import sample_hf
     from persona_geometry.prompts import render_prompts
+    from persona_geometry.sampling import sample_hf
 
     def count(model: Any, tokenizer: Any, persona: Persona, questions: Sequence[str]) -> tuple[int, int, list[str]]:
         prompts = render_prompts(tokenizer, PersonaSet([persona]), list(questions), chat_template=chat_template)
@@ -312,7 +312,9 @@ def dose_response(
     """
     from tqdm.auto import tqdm
 
-    from persona_geometry.eval import MarkerMatcher, SamplingSettings, wilson_interval
+    from persona_geometry.marker import MarkerMatcher
+    from persona_geometry.sampling import SamplingSettings
+    from persona_geometry.stats import wilson_bounds
 
     func = "dose_response"
     if not isinstance(persona, Persona):
@@ -345,7 +347,7 @@ def dose_response(
         ns.append(int(n))
         texts.append(tuple(completions))
         log.info("alpha %g: %d/%d completions with %r", alpha, k, n, matcher.marker)
-    bounds = [wilson_interval(k, n, alpha=1 - confidence) if n else (float("nan"), float("nan")) for k, n in zip(ks, ns, strict=True)]
+    bounds = [wilson_bounds(k, n, alpha=1 - confidence) if n else (float("nan"), float("nan")) for k, n in zip(ks, ns, strict=True)]
     n_layers = len(_blocks(_unwrap(model)))
     result = DoseResponse(
         persona=persona.name,

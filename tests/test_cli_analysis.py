@@ -10,7 +10,7 @@ from scipy import stats
 from statsmodels.stats.outliers_influence import OLSInfluence
 from statsmodels.stats.proportion import proportion_confint
 
-from persona_geometry.cli import main
+from persona_geometry.pipeline.cli import main
 
 
 def _table(seed=0, P=11):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from persona_geometry import ActivationSet, builtin_personas, extract_activations, load_model
-from persona_geometry.cli import main
+from persona_geometry.pipeline.cli import main
 
 
 def test_extract_command_writes_what_the_library_returns(tiny_qwen_path, tmp_path, capsys):

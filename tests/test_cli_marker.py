@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from persona_geometry.cli import main
 from persona_geometry.personas import builtin_personas
+from persona_geometry.pipeline.cli import main
 
 
 def test_make_data_train_eval_from_the_command_line(tiny_qwen_path, tmp_path, capsys):

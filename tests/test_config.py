@@ -2,8 +2,8 @@
 
 import pytest
 
-from persona_geometry.config import StudyConfig
-from persona_geometry.study import study_inputs
+from persona_geometry.pipeline.config import StudyConfig
+from persona_geometry.pipeline.study import study_inputs
 
 
 def test_defaults_are_the_reference_recipe():
@@ -73,7 +73,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_file_paths_resolve_against_the_config_folder(tmp_path):
     import yaml
 
-    from persona_geometry.study import _stage_keys
+    from persona_geometry.pipeline.study import _stage_keys
 
     (tmp_path / "chatml.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"model": {"name": "m", "chat_template": "chatml.jinja"}}))

@@ -72,8 +72,8 @@ def test_marker_example_writes_every_persona(tiny_qwen_path, tmp_path):
 
 
 def test_study_config_example_is_the_reference_recipe():
-    from persona_geometry.config import StudyConfig
-    from persona_geometry.study import study_inputs
+    from persona_geometry.pipeline.config import StudyConfig
+    from persona_geometry.pipeline.study import study_inputs
 
     config = StudyConfig.load(EXAMPLES / "study_qwen7b.yaml")
     inputs = study_inputs(config)

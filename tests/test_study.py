@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from persona_geometry.cli import main
-from persona_geometry.config import StudyConfig
-from persona_geometry.study import run_study
+from persona_geometry.pipeline.cli import main
+from persona_geometry.pipeline.config import StudyConfig
+from persona_geometry.pipeline.study import run_study
 
 pytestmark = pytest.mark.slow
 

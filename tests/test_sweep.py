@@ -271,7 +271,7 @@ def test_perfect_correlation_at_three_personas_matches_scipy_exactly():
 def test_three_personas_with_the_reference_still_sweep():
     import numpy as np
 
-    from persona_geometry.sweep import layer_sweep
+    from persona_geometry.analysis.sweep import layer_sweep
 
     cos = np.array([[1.0, 1.0], [0.2, -0.1], [-0.3, 0.4]])
     sweep = layer_sweep(cos, [0.1, 0.5, 0.8], personas=["ref", "a", "b"], reference="ref", n_permutations=10, n_bootstrap=0)

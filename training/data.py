@@ -12,7 +12,7 @@ from typing import Any
 
 from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
-from persona_geometry.eval.marker import DEFAULT_MARKER
+from persona_geometry.marker import DEFAULT_MARKER
 from persona_geometry.personas import Persona, PersonaSet
 from persona_geometry.prompts import chat_messages
 from persona_geometry.provenance import package_versions, stable_hash, stable_seed

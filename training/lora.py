@@ -373,7 +373,7 @@ def train_marker(
     from transformers.trainer_utils import get_last_checkpoint
 
     from persona_geometry._io import atomic_dir, atomic_write_json
-    from persona_geometry.eval.adapters import ADAPTER_INFO_FILE, architecture_fingerprint
+    from persona_geometry.adapters import ADAPTER_INFO_FILE, architecture_fingerprint
     from persona_geometry.models import weights_fingerprint
     from persona_geometry.training.data import load_marker_dataset
 

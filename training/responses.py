@@ -62,8 +62,8 @@ def generate_responses(
     from transformers import AutoTokenizer
 
     from persona_geometry._io import atomic_write_jsonl
-    from persona_geometry.eval.generation import SamplingSettings, generate_completions
     from persona_geometry.prompts import render_prompts
+    from persona_geometry.sampling import SamplingSettings, generate_completions
 
     func = "generate_responses"
     persona_set = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)

@@ -27,7 +27,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from persona_geometry._correlation import (
+from persona_geometry._validation import check_one_of, check_unique_names, invalid
+from persona_geometry.geometry import CosineToReference
+from persona_geometry.stats import (
+    CHUNK_ELEMENTS,
+    STATISTICS,
+    TIE_TOL,
     PerPersona,
     bonferroni,
     clip_r,
@@ -38,23 +43,14 @@ from persona_geometry._correlation import (
     rates_from,
     standardize,
 )
-from persona_geometry._validation import check_one_of, check_unique_names, invalid
-from persona_geometry.geometry import CosineToReference
 
 __all__ = ["LayerSweep", "layer_sweep"]
 
 log = logging.getLogger(__name__)
 
-STATISTICS = ("spearman", "pearson")
-# Elements per chunk of permutation / bootstrap work: bounds memory to tens of MB whatever
-# the number of personas, layers or resamples.
-_CHUNK_ELEMENTS = 1 << 22
 # The bootstrap streams several [chunk, layer, persona] temporaries; keeping each near 1 MB
 # (cache-sized) measured twice as fast as 32 MB blocks on a 2-core EPYC.
 _BOOT_CHUNK_ELEMENTS = 1 << 17
-# Two maxima that are equal in exact arithmetic may differ in the last bits after different
-# summation orders; count them as ties (``>=``), as the permutation p-value requires.
-_TIE_TOL = 1e-10
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -426,7 +422,7 @@ def _sweep(
 
 def _permutation_chunks(target: np.ndarray, n_permutations: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Yields ``[chunk, persona]`` blocks of ``target`` shuffled independently per row."""
-    chunk = max(1, _CHUNK_ELEMENTS // target.shape[0])
+    chunk = max(1, CHUNK_ELEMENTS // target.shape[0])
     done = 0
     while done < n_permutations:
         c = min(chunk, n_permutations - done)
@@ -448,8 +444,8 @@ def _max_permutation_test(
     with tqdm(total=n_permutations, desc="permutations", unit="perm", disable=None, leave=False) as bar:
         for block in _permutation_chunks(target, n_permutations, rng):
             maxima = np.abs(block @ basis).max(axis=1)
-            count_max += int((maxima >= max_obs - _TIE_TOL).sum())
-            count_layer += (maxima[:, None] >= observed[None, :] - _TIE_TOL).sum(axis=0)
+            count_max += int((maxima >= max_obs - TIE_TOL).sum())
+            count_layer += (maxima[:, None] >= observed[None, :] - TIE_TOL).sum(axis=0)
             bar.update(block.shape[0])
     return (1 + count_max) / (1 + n_permutations), (1 + count_layer) / (1 + n_permutations)
 

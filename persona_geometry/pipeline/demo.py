@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from persona_geometry._io import atomic_write_text
-from persona_geometry.config import StudyConfig
-from persona_geometry.study import StudyResult, run_study
+from persona_geometry.pipeline.config import StudyConfig
+from persona_geometry.pipeline.study import StudyResult, run_study
 
 __all__ = ["DISCLAIMER", "demo_config", "run_demo"]
 

@@ -33,7 +33,7 @@ from typing import Any
 from persona_geometry._serialization import ConfigDict, coerce_fields
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.activations import HOOK_POINTS
-from persona_geometry.eval.generation import BACKENDS
+from persona_geometry.sampling import BACKENDS
 from persona_geometry.training.lora import MarkerTrainConfig
 
 __all__ = [
@@ -168,7 +168,7 @@ class ResponsesConfig(ConfigDict):
     backend: str | None = None  # None: the eval back end.
 
     def __post_init__(self) -> None:
-        from persona_geometry.eval.generation import SamplingSettings
+        from persona_geometry.sampling import SamplingSettings
 
         SamplingSettings(n_completions=1, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed)
         if self.backend is not None:
@@ -195,7 +195,7 @@ class EvalConfig(ConfigDict):
 
     def sampling(self) -> Any:
         """Returns the ``SamplingSettings`` these values describe."""
-        from persona_geometry.eval.generation import SamplingSettings
+        from persona_geometry.sampling import SamplingSettings
 
         return SamplingSettings(
             n_completions=self.n_completions,

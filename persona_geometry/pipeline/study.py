@@ -31,8 +31,8 @@ from typing import Any
 
 from persona_geometry._io import atomic_write_json, atomic_write_text
 from persona_geometry._validation import invalid
-from persona_geometry.config import StudyConfig
 from persona_geometry.personas import PersonaSet, builtin_personas
+from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions, load_questions, training_questions
 
@@ -439,7 +439,7 @@ def _geometry(config: StudyConfig, out: Path) -> tuple[Any, Any, Any]:
 
 def _layer_sweep(config: StudyConfig, cos: Any, pooled: dict[str, tuple[int, int]]) -> Any:
     """Returns the layer sweep over the personas with a source rate (seeded: the same every call)."""
-    from persona_geometry.sweep import layer_sweep
+    from persona_geometry.analysis.sweep import layer_sweep
 
     names = [p for p in cos.personas if p in pooled]
     reference = config.geometry.reference if config.geometry.reference in names else None

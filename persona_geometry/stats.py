@@ -1,4 +1,5 @@
-"""Vectorised correlation statistics and per-persona input checks shared by sweep and analysis.
+"""Statistics primitives shared by every layer above the core: vectorised correlations, Wilson
+intervals of counts, and per-persona input checks.
 
 Pearson and Spearman p-values use the same exact null distributions as
 ``scipy.stats.pearsonr`` and ``scipy.stats.spearmanr`` (two-sided): with ``df = n - 2``,
@@ -16,7 +17,16 @@ from typing import Any
 import numpy as np
 from scipy import special, stats
 
-from persona_geometry._validation import invalid
+from persona_geometry._validation import check_probability, invalid
+
+# The correlation statistics a sweep, a leakage test or a study can rank layers by.
+STATISTICS = ("spearman", "pearson")
+# Elements per chunk of vectorised permutation work: bounds memory to tens of MB whatever the
+# number of personas, layers or resamples.
+CHUNK_ELEMENTS = 1 << 22
+# Two maxima that are equal in exact arithmetic may differ in the last bits after different
+# summation orders; count them as ties (``>=``), as a permutation p-value requires.
+TIE_TOL = 1e-10
 
 # Per-persona inputs arrive as lists, numpy arrays, tensors, pandas Series or {name: value}
 # mappings; ``per_persona`` validates and aligns them at run time, so the annotation stays open.
@@ -186,3 +196,32 @@ def check_counts(k: np.ndarray, n: np.ndarray, personas: Sequence[str], func: st
     if (k > n).any():
         bad = {personas[i]: (int(k[i]), int(n[i])) for i in np.flatnonzero(k > n)}
         invalid("k", func, "at most n (k <= n)", f"k > n for {bad}")
+
+
+def wilson_interval(k: PerPersona, n: PerPersona, *, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Returns Wilson score intervals ``(lower, upper)`` of ``k / n`` (statsmodels ``proportion_confint``).
+
+    Raises:
+        ValueError: If ``k > n``, ``k < 0``, ``n < 1``, or counts are not whole numbers.
+    """
+    from statsmodels.stats.proportion import proportion_confint
+
+    k_arr = np.atleast_1d(np.asarray(k, dtype=np.float64))
+    n_arr = np.atleast_1d(np.asarray(n, dtype=np.float64))
+    if k_arr.shape != n_arr.shape:
+        invalid("n", "wilson_interval", f"the same shape as k {k_arr.shape}", n_arr.shape)
+    names = [str(i) for i in range(k_arr.size)]
+    check_counts(k_arr.ravel(), n_arr.ravel(), names, "wilson_interval")
+    lo, hi = proportion_confint(k_arr, n_arr, alpha=check_probability(alpha, "alpha", "wilson_interval"), method="wilson")
+    # The bounds are exactly 0 at k = 0 and 1 at k = n; rounding can leave them a hair off
+    # (3e-18), which would put k / n outside its own interval.
+    p = k_arr / n_arr
+    lo = np.where(k_arr == 0, 0.0, np.minimum(np.clip(np.asarray(lo, float), 0.0, 1.0), p))
+    hi = np.where(k_arr == n_arr, 1.0, np.maximum(np.clip(np.asarray(hi, float), 0.0, 1.0), p))
+    return lo, hi
+
+
+def wilson_bounds(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Returns the Wilson score interval of one count ``k`` of ``n`` as two floats."""
+    low, high = wilson_interval([k], [n], alpha=alpha)
+    return float(low[0]), float(high[0])

@@ -28,7 +28,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 # --- run --------------------------------------------------------------------------------------
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    from persona_geometry.study import STAGES
+    from persona_geometry.pipeline.study import STAGES
 
     p = sub.add_parser(
         "run",
@@ -48,8 +48,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def _run_study(args: argparse.Namespace) -> int:
 
-    from persona_geometry.config import StudyConfig
-    from persona_geometry.study import run_study
+    from persona_geometry.pipeline.config import StudyConfig
+    from persona_geometry.pipeline.study import run_study
 
     config = StudyConfig.load(args.config)
     overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
@@ -419,8 +419,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from persona_geometry.config import StudyConfig
-    from persona_geometry.study import run_study
+    from persona_geometry.pipeline.config import StudyConfig
+    from persona_geometry.pipeline.study import run_study
 
     config = StudyConfig.load(args.config)
     if args.out is not None:
@@ -444,7 +444,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from persona_geometry.demo import DISCLAIMER, run_demo
+    from persona_geometry.pipeline.demo import DISCLAIMER, run_demo
 
     print(DISCLAIMER, flush=True)
     result = run_demo(args.out, progress=not args.no_progress)
