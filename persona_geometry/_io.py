@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from persona_geometry._validation import invalid
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -45,14 +47,66 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-@contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yields a temporary folder beside ``path``; it replaces ``path`` if the block succeeds.
+def check_replaceable(
+    path: str | os.PathLike[str],
+    *,
+    owned: Callable[[Path], bool] | None = None,
+    overwrite: bool = False,
+    param: str = "path",
+    func: str = "atomic_dir",
+) -> Path:
+    """Returns ``path`` after checking that a folder may be written there without losing anything.
 
-    An existing ``path`` is removed only once the new folder is complete, so an interrupted
-    write leaves either the old folder or nothing, never a mixture.
+    A folder may be replaced when it does not exist, is empty, or ``owned(path)`` says the
+    toolkit wrote it (e.g. an activation set: only its own two files). Anything else (a folder
+    holding other files, a file, the working directory or one above it) is refused, so nothing
+    the toolkit did not write is ever deleted. ``overwrite=True`` allows replacing a foreign
+    folder, never a file, the working directory or a folder above it.
+
+    Raises:
+        FileExistsError: If ``path`` holds something that may not be replaced.
     """
     path = Path(path)
+    if not os.path.lexists(path):
+        return path
+    if path.is_symlink() or not path.is_dir():
+        invalid(param, func, "a folder path (it holds a file or a link)", str(path), exc=FileExistsError)
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor) or Path.cwd().resolve().is_relative_to(resolved):
+        invalid(param, func, "a folder other than the working directory and the folders above it", str(path), exc=FileExistsError)
+    if overwrite or not any(path.iterdir()) or (owned is not None and owned(path)):
+        return path
+    invalid(
+        param,
+        func,
+        "a new or empty folder, or one the toolkit wrote (pass overwrite to replace another folder)",
+        f"{path}, which holds files the toolkit did not write",
+        exc=FileExistsError,
+    )
+
+
+@contextmanager
+def atomic_dir(
+    path: str | os.PathLike[str],
+    *,
+    owned: Callable[[Path], bool] | None = None,
+    overwrite: bool = False,
+    param: str = "path",
+    func: str = "atomic_dir",
+) -> Iterator[Path]:
+    """Yields a temporary folder beside ``path``; it replaces ``path`` if the block succeeds.
+
+    ``path`` is checked with ``check_replaceable`` before the block runs and again before the
+    replacement: a folder the toolkit did not write is never deleted. The old folder is renamed
+    aside, the new one renamed into place, and only then is the old one removed, so an
+    interrupted write leaves the old folder (under ``path`` or, renamed, beside it) or the new
+    one, never a mixture.
+
+    Raises:
+        FileExistsError: If ``path`` may not be replaced (see ``check_replaceable``).
+    """
+    path = Path(path)
+    check_replaceable(path, owned=owned, overwrite=overwrite, param=param, func=func)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -60,13 +114,20 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp_dir, 0o777 & ~_umask())
         for f in sorted(tmp_dir.rglob("*")):
             if f.is_file() and not f.is_symlink():
+                # Writers that create their own files (safetensors: 0600) get the usual mode too.
+                os.chmod(f, 0o666 & ~_umask())
                 _fsync_file(f)
         for d in sorted({f.parent for f in tmp_dir.rglob("*")} | {tmp_dir}):
             _fsync_dir(d)
+        check_replaceable(path, owned=owned, overwrite=overwrite, param=param, func=func)
+        old = None
         if path.exists():
-            shutil.rmtree(path)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
         os.replace(tmp_dir, path)
         _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
@@ -106,6 +167,13 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Writes ``text`` to ``path`` atomically and returns the path."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically and returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
 
 

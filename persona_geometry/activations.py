@@ -7,7 +7,9 @@ A thin, labelled wrapper over a dict of tensors, one per hook point, each shaped
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,20 +19,37 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from persona_geometry._io import atomic_dir, atomic_write_json
+from persona_geometry._io import atomic_dir, atomic_write_json, check_replaceable
 from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import PersonaSet
 
-__all__ = ["ActivationSet", "FORMAT", "FORMAT_VERSION", "HOOK_POINTS", "load_activations", "save_activations"]
+__all__ = [
+    "ActivationSet",
+    "CorruptFileError",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HOOK_POINTS",
+    "load_activations",
+    "save_activations",
+]
+
+log = logging.getLogger(__name__)
 
 # Hook points per block, in TransformerLens naming (`blocks.{l}.hook_<name>`).
 HOOK_POINTS: tuple[str, ...] = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
 
 # On disk an ActivationSet is a folder with these two files (see ``save_activations``).
 FORMAT = "persona-geometry.activations"
-FORMAT_VERSION = 1
+# Version 2 adds the SHA-256 of the tensor file and of the labels to the manifest; version 1
+# folders (no checksums) still load.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _TENSORS = "activations.safetensors"
 _MANIFEST = "manifest.json"
+
+
+class CorruptFileError(ValueError):
+    """A stored file whose bytes or labels do not match the checksums its manifest records."""
 
 
 class ActivationSet(Mapping[str, Tensor]):
@@ -64,6 +83,8 @@ class ActivationSet(Mapping[str, Tensor]):
         self.personas = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
         self.questions = tuple(check_unique_names(list(questions), "questions", "ActivationSet"))
         self.layers = tuple(int(layer) for layer in layers)
+        if len(set(self.layers)) != len(self.layers):
+            invalid("layers", "ActivationSet", "distinct block indices", list(self.layers))
         self.n_tokens = torch.as_tensor(n_tokens, dtype=torch.long)
         self.manifest = dict(manifest or {})
         expected = (len(self.personas), len(self.questions), len(self.layers))
@@ -158,9 +179,13 @@ class ActivationSet(Mapping[str, Tensor]):
         )
 
     # Storage ------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes the set to the folder ``path`` (safetensors + JSON manifest) atomically; returns it."""
-        return save_activations(self, path)
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Writes the set to the folder ``path`` (safetensors + JSON manifest) atomically; returns it.
+
+        An existing folder is replaced only if it is an activation set, or empty, or
+        ``overwrite`` is set (see ``save_activations``).
+        """
+        return save_activations(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
@@ -178,16 +203,37 @@ class ActivationSet(Mapping[str, Tensor]):
         )
 
 
-def save_activations(acts: ActivationSet, path: str | os.PathLike[str]) -> Path:
+def is_activation_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether the folder ``path`` holds nothing but an activation set's own files."""
+    path = Path(path)
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {_TENSORS, _MANIFEST}
+
+
+def check_activation_target(path: str | os.PathLike[str], *, overwrite: bool = False, param: str = "path", func: str = "save_activations") -> Path:
+    """Returns ``path`` after checking an activation set may be saved there (see ``save_activations``).
+
+    Raises:
+        FileExistsError: If ``path`` is a file, the working directory, or a non-empty folder
+            holding files other than an activation set's (and ``overwrite`` is not set).
+    """
+    return check_replaceable(path, owned=is_activation_folder, overwrite=overwrite, param=param, func=func)
+
+
+def save_activations(acts: ActivationSet, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Writes ``acts`` to the folder ``path`` atomically and returns the folder.
 
-    The folder holds ``activations.safetensors`` and ``manifest.json``; an existing folder is
-    replaced only once the new one is complete.
-    """
-    from safetensors.torch import save_file
+    The folder holds ``activations.safetensors`` and ``manifest.json``; the manifest records
+    the SHA-256 of the tensor file and of the labels, which ``load_activations`` verifies. An
+    existing folder is replaced only once the new one is complete, and only if it is an
+    activation set (nothing but those two files) or empty: a folder holding anything else is
+    refused unless ``overwrite`` is set, so nothing the toolkit did not write is deleted.
 
+    Raises:
+        FileExistsError: If ``path`` may not be replaced.
+    """
     tensors = {hook: t.detach().to("cpu").contiguous() for hook, t in acts.items()}
     tensors["n_tokens"] = acts.n_tokens.to("cpu", torch.long).contiguous()
+    data = safetensors_bytes(tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -197,33 +243,86 @@ def save_activations(acts: ActivationSet, path: str | os.PathLike[str]) -> Path:
         "hooks": {hook: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for hook, t in acts.items()},
         "provenance": json_safe(acts.manifest),
     }
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / _TENSORS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    meta["checksums"] = {_TENSORS: _sha256(data), "labels": _labels_hash(meta)}
+    with atomic_dir(path, owned=is_activation_folder, overwrite=overwrite, func="save_activations") as tmp:
+        (tmp / _TENSORS).write_bytes(data)
         atomic_write_json(tmp / _MANIFEST, meta)
     return Path(path)
+
+
+def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Returns the safetensors serialisation of ``tensors``, the same bytes in every process.
+
+    The header's JSON is rewritten with sorted keys (the writer's own order varies between
+    processes), padded with spaces to its original length so every data offset still holds.
+    """
+    from safetensors.torch import save
+
+    data = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(canonical) > n:  # pragma: no cover - compact JSON is never longer than the writer's
+        return data
+    return data[:8] + canonical.ljust(n, b" ") + data[8 + n :]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _labels_hash(meta: Mapping[str, Any]) -> str:
+    labels = {k: meta[k] for k in ("personas", "questions", "layers", "hooks")}
+    return _sha256(json.dumps(labels, sort_keys=True, ensure_ascii=False).encode())
 
 
 def load_activations(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
     """Returns the ``ActivationSet`` stored in the folder ``path`` (safetensors + JSON only).
 
+    The tensor file and the labels (personas, questions, layers, hooks) are checked against
+    the SHA-256 sums the manifest records.
+
     Raises:
         FileNotFoundError: If the folder or one of its two files is missing.
+        CorruptFileError: If the tensor file is truncated or unreadable, or its bytes or the
+            labels do not match the recorded checksums.
         ValueError: If the manifest is not an activation manifest this version can read, or the
             tensors do not match its labels.
     """
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
+    func = "ActivationSet.load"
     path = Path(path)
     for name in (_MANIFEST, _TENSORS):
         if not (path / name).is_file():
-            invalid("path", "ActivationSet.load", f"a folder written by ActivationSet.save (with {_MANIFEST} and {_TENSORS})", str(path), exc=FileNotFoundError)
-    meta = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        invalid("path", "ActivationSet.load", f"a folder in format {FORMAT!r} version {FORMAT_VERSION}", str(path))
-    tensors = load_file(str(path / _TENSORS), device=str(device))
+            invalid("path", func, f"a folder written by ActivationSet.save (with {_MANIFEST} and {_TENSORS})", str(path), exc=FileNotFoundError)
+    try:
+        meta = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"The manifest {path / _MANIFEST} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") not in _READABLE_VERSIONS:
+        invalid("path", func, f"a folder in format {FORMAT!r} version {FORMAT_VERSION}", str(path))
+    data = (path / _TENSORS).read_bytes()
+    if meta["format_version"] >= 2:
+        sums = meta.get("checksums") or {}
+        try:
+            labels_ok = sums.get("labels") == _labels_hash(meta)
+        except KeyError:
+            labels_ok = False
+        if sums.get(_TENSORS) != _sha256(data):
+            raise CorruptFileError(f"{path / _TENSORS} does not match the SHA-256 its manifest records (a corrupt or edited file).")
+        if not labels_ok:
+            raise CorruptFileError(f"The labels in {path / _MANIFEST} do not match the SHA-256 it records (an edited manifest).")
+    try:
+        tensors = load(data)
+    except SafetensorError as e:
+        raise CorruptFileError(f"{path / _TENSORS} is not a readable safetensors file: {e}") from e
     hooks = list(meta["hooks"])
     if set(tensors) != {*hooks, "n_tokens"}:
-        invalid("path", "ActivationSet.load", f"tensors {sorted({*hooks, 'n_tokens'})}", sorted(tensors))
+        invalid("path", func, f"tensors {sorted({*hooks, 'n_tokens'})}", sorted(tensors))
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return ActivationSet(
         {hook: tensors[hook] for hook in hooks},
         personas=PersonaSet.from_list(meta["personas"]),

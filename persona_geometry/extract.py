@@ -231,7 +231,11 @@ def extract_activations(
         if cached is not None:
             log.info("loaded cached activations %s from %s", manifest["cache_key"], cache_dir)
             return cached
+        # Holds the entry's file lock until finish(): a second process extracting the same set
+        # waits here, then finds the first one's result.
         partial = PartialRun(cache_dir, manifest)
+        if partial.cached is not None:
+            return partial.cached
 
     done = partial.done() if partial is not None else set()
     chunks = _plan_chunks(ids, done, chunk_prompts)
@@ -255,6 +259,10 @@ def extract_activations(
                     partial.write(order, out)
                 else:
                     results.append((order, out))
+    except BaseException:
+        if partial is not None:
+            partial.close()
+        raise
     finally:
         bar.close()
 

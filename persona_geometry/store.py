@@ -9,13 +9,21 @@ result (``cache_key``); a folder whose manifest does not carry exactly that key 
 reused. While an extraction runs, each finished chunk of prompts is written atomically as its
 own safetensors file under ``<key>.partial/``, so a run that was interrupted resumes with the
 chunks it already has; the finished set then replaces the partial folder atomically.
+
+Integrity: every tensor file carries a SHA-256 (the set's in its manifest, a chunk's in its
+file name) that is checked when it is read; an entry or chunk that fails (truncated, flipped
+bytes, edited labels) is reported once and recomputed, never used. One process at a time
+works on an entry: ``.locks/<key>.lock`` (a file lock) is held from the cache lookup to the finished
+entry, so a second process extracting the same set waits and then loads the first one's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from persona_geometry._io import atomic_path, atomic_write_json
+from persona_geometry._io import atomic_write_bytes, atomic_write_json
 from persona_geometry._validation import invalid
 from persona_geometry.activations import (
     _MANIFEST,
@@ -34,6 +42,7 @@ from persona_geometry.activations import (
     ActivationSet,
     json_safe,
     load_activations,
+    safetensors_bytes,
     save_activations,
 )
 from persona_geometry.provenance import stable_hash
@@ -101,7 +110,38 @@ def load_cached(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) 
         diff = sorted(k for k in KEY_FIELDS if stored[k] != wanted[k])
         log.warning("cache entry %s does not match this extraction (fields %s differ); recomputing", folder, diff)
         return None
+    # The labels must be the ones the key was made from (a manifest whose persona list was
+    # edited, checksum and all, would otherwise put the rows under the wrong names).
+    labels = {"persona_hash": acts.personas.content_hash(), "question_hash": stable_hash(list(acts.questions)), "layers": list(acts.layers)}
+    if any(labels[k] != wanted[k] for k in labels):
+        log.warning("cache entry %s holds labels other than its key's; recomputing", folder)
+        return None
     return acts
+
+
+def entry_lock(cache_dir: str | os.PathLike[str], key: str) -> Any:
+    """Returns the file lock of the cache entry ``key`` (``<cache_dir>/.locks/<key>.lock``), not yet held."""
+    from filelock import FileLock
+
+    locks = Path(cache_dir) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"{key}.lock"))
+
+
+def _acquire(lock: Any, what: str) -> bool:
+    """Takes ``lock``; returns whether it had to wait for another process holding it."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("waiting for another process working on %s", what)
+        lock.acquire()
+        return True
+    return False
+
+
+_CHUNK = re.compile(r"chunk-\d{7}-[0-9a-f]{16}\.safetensors")
 
 
 class PartialRun:
@@ -109,49 +149,90 @@ class PartialRun:
 
     Each chunk is one safetensors file holding ``indices`` (prompt positions) and one
     ``[prompt, layer, d_model]`` tensor per hook, written atomically; a chunk is either whole
-    or absent. ``key.json`` records the key fields, and a folder whose fields differ is
-    discarded rather than mixed in.
+    or absent, and its file name ends with the first 16 hex digits of its SHA-256, checked when
+    it is read (a chunk that fails is removed, with a warning, and recomputed). ``key.json``
+    records the key fields, and a folder whose fields differ is discarded rather than mixed in.
+
+    Creating a ``PartialRun`` takes the entry's file lock (waiting while another process holds
+    it) and keeps it until ``finish`` or ``close``; ``cached`` is the finished entry when the
+    other process completed it meanwhile.
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]):
         self.key = cache_key(manifest)
         self.folder = Path(cache_dir) / f"{self.key}.partial"
         self.fields = json_safe({k: manifest[k] for k in KEY_FIELDS})
+        self._lock = entry_lock(cache_dir, self.key)
+        waited = _acquire(self._lock, f"the cache entry {Path(cache_dir) / self.key}")
+        try:
+            # The caller looked the entry up before the lock; only a process that held it can have
+            # written it since.
+            self.cached = load_cached(cache_dir, manifest) if waited else None
+            if self.cached is None:
+                self._open()
+        except BaseException:
+            self.close()
+            raise
+        if self.cached is not None:
+            self.close()
+
+    def _open(self) -> None:
         key_file = self.folder / "key.json"
         if self.folder.exists():
             stored = json.loads(key_file.read_text()) if key_file.is_file() else None
             if stored != self.fields:
+                foreign = [p.name for p in self.folder.iterdir() if p.name != "key.json" and not _CHUNK.fullmatch(p.name) and not p.name.endswith(".tmp")]
+                if foreign:
+                    raise FileExistsError(f"{self.folder} holds files the toolkit did not write ({foreign[:3]}); move them away.")
                 log.warning("discarding partial extraction %s: it was made for other settings", self.folder)
                 shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if not key_file.is_file():
             atomic_write_json(key_file, self.fields)
 
+    def close(self) -> None:
+        """Releases the entry's lock (``finish`` does too); the chunks stay for a later resume."""
+        if self._lock.is_locked:
+            self._lock.release()
+
     def chunks(self) -> list[Path]:
         """Returns the finished chunk files."""
         return sorted(self.folder.glob("chunk-*.safetensors"))
 
-    def done(self) -> set[int]:
-        """Returns the prompt positions already computed."""
-        from safetensors import safe_open
+    def _read(self, f: Path) -> dict[str, Tensor] | None:
+        """Returns a chunk's tensors, or None (and removes it) when it fails its checksum."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
+        data = f.read_bytes()
+        if not _CHUNK.fullmatch(f.name) or f.name[-28:-12] != hashlib.sha256(data).hexdigest()[:16]:
+            problem = "does not match the checksum in its name"
+        else:
+            try:
+                return load(data)
+            except SafetensorError as e:
+                problem = f"is unreadable ({e})"
+        log.warning("removing partial chunk %s: it %s; it will be recomputed", f, problem)
+        f.unlink(missing_ok=True)
+        return None
+
+    def done(self) -> set[int]:
+        """Returns the prompt positions already computed (removing chunks that fail their checksum)."""
         out: set[int] = set()
         for f in self.chunks():
-            with safe_open(str(f), framework="pt") as sf:
-                out.update(sf.get_tensor("indices").tolist())
+            chunk = self._read(f)
+            if chunk is not None:
+                out.update(chunk["indices"].tolist())
         return out
 
     def write(self, indices: Sequence[int], tensors: Mapping[str, Float[Tensor, "prompt layer d_model"]]) -> Path:
         """Writes one finished chunk atomically and returns its file."""
-        from safetensors.torch import save_file
-
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         payload = {hook: t.detach().to("cpu").contiguous() for hook, t in tensors.items()}
         payload["indices"] = idx
-        path = self.folder / f"chunk-{int(idx.min()):07d}-{stable_hash(idx.tolist(), length=12)}.safetensors"
-        with atomic_path(path) as tmp:
-            save_file(payload, str(tmp))
-        return path
+        data = safetensors_bytes(payload)
+        path = self.folder / f"chunk-{int(idx.min()):07d}-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+        return atomic_write_bytes(path, data)
 
     def assemble(self, n_prompts: int, hooks: Sequence[str]) -> dict[str, Float[Tensor, "prompt layer d_model"]]:
         """Returns ``{hook: [prompt, layer, d_model]}`` in prompt order, from every chunk.
@@ -159,12 +240,12 @@ class PartialRun:
         Raises:
             RuntimeError: If some prompt is missing or appears in two chunks.
         """
-        from safetensors.torch import load_file
-
         out: dict[str, Tensor] = {}
         seen = torch.zeros(n_prompts, dtype=torch.long)
         for f in self.chunks():
-            chunk = load_file(str(f))
+            chunk = self._read(f)
+            if chunk is None:
+                continue
             idx = chunk["indices"]
             seen[idx] += 1
             for hook in hooks:
@@ -172,11 +253,15 @@ class PartialRun:
                     out[hook] = torch.empty((n_prompts, *chunk[hook].shape[1:]), dtype=chunk[hook].dtype)
                 out[hook][idx] = chunk[hook]
         if not bool((seen == 1).all()):
+            self.close()
             raise RuntimeError(f"the partial extraction {self.folder} does not cover every prompt exactly once")
         return out
 
     def finish(self, acts: ActivationSet) -> Path:
-        """Saves the finished set as the cache entry and removes the partial folder."""
-        final = save_activations(acts, self.folder.parent / self.key)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Saves the finished set as the cache entry, removes the partial folder, releases the lock."""
+        try:
+            final = save_activations(acts, self.folder.parent / self.key)
+            shutil.rmtree(self.folder, ignore_errors=True)
+        finally:
+            self.close()
         return final

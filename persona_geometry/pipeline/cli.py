@@ -77,28 +77,34 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", help="a peft (LoRA) adapter folder to merge into the model")
     p.add_argument("--batch-tokens", type=int, default=8192, help="most padded tokens per batch")
     p.add_argument("--cache-dir", help="content-addressed cache folder (resumes interrupted runs)")
-    p.add_argument("--out", required=True, help="folder to write the activations to")
+    p.add_argument("--out", required=True, help="folder to write the activations to (new, empty, or an activation set)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
     p.set_defaults(func=_run_extract)
 
 
 def _run_extract(args: argparse.Namespace) -> int:
+    from persona_geometry.activations import check_activation_target
     from persona_geometry.extract import extract_activations
     from persona_geometry.models import load_model
     from persona_geometry.personas import PersonaSet
     from persona_geometry.questions import load_questions
 
+    # Everything cheap is checked before the model loads: the output folder, then the inputs.
+    check_activation_target(args.out, overwrite=args.overwrite, param="--out", func="extract")
+    personas = PersonaSet.load(args.personas) if args.personas else None
+    questions = load_questions(args.questions) if args.questions else None
     handle = load_model(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     acts = extract_activations(
         handle,
-        PersonaSet.load(args.personas) if args.personas else None,
-        load_questions(args.questions) if args.questions else None,
+        personas,
+        questions,
         hooks=args.hooks,
         layers=args.layers,
         engine=args.engine,
         batch_tokens=args.batch_tokens,
         cache_dir=args.cache_dir,
     )
-    out = acts.save(args.out)
+    out = acts.save(args.out, overwrite=args.overwrite)
     log.info("wrote %s to %s", acts, out)
     return 0
 
