@@ -35,6 +35,7 @@ from persona_geometry.stats import (
     TIE_TOL,
     PerPersona,
     bonferroni,
+    check_magnitude,
     clip_r,
     holm,
     json_float,
@@ -606,4 +607,5 @@ def _cosine_matrix(
     if bad.any():
         i, j = np.argwhere(bad)[0]
         invalid("cosine", func, "finite values (no NaN or inf)", f"{values[i, j]} for {names[i]!r} at layer {labels[j]}")
+    check_magnitude(values, names, "cosine", func)
     return values, names, labels, reference

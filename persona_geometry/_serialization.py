@@ -8,14 +8,17 @@ become lists on the way out and lists become tuples again for fields typed as tu
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from persona_geometry._validation import invalid
 
-__all__ = ["ConfigDict", "coerce_fields", "plain"]
+__all__ = ["ConfigDict", "coerce_fields", "one_line", "parse_structured", "plain", "read_text_file"]
 
 
 def plain(obj: Any) -> Any:
@@ -60,3 +63,75 @@ class ConfigDict:
         if unknown:
             invalid("data", f"{cls.__name__}.from_dict", f"a mapping with keys from {sorted(known)}", unknown)
         return cls(**coerce_fields(cls, data))
+
+
+def one_line(error: BaseException | str) -> str:
+    """Returns an error message on one line (YAML and Jinja messages span several)."""
+    return " ".join(str(error).split())
+
+
+def read_text_file(path: str | os.PathLike[str], *, param: str, func: str) -> str:
+    """Returns the UTF-8 text of ``path``.
+
+    Raises:
+        ValueError: If the file is missing, a folder, unreadable or not UTF-8 (one line naming it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        invalid(param, func, "an existing file", str(path))
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"The {param!r} parameter of {func} must be a readable UTF-8 file. Got {str(path)!r} instead: {one_line(e)}") from e
+
+
+def parse_structured(text: str, path: str | os.PathLike[str], *, param: str, func: str) -> Any:
+    """Returns the JSON (``.json``) or YAML (otherwise) in ``text``, read from ``path``.
+
+    YAML is read with the safe loader, and a mapping that repeats a key is refused rather than
+    letting the last value win silently.
+
+    Raises:
+        ValueError: On a syntax error or a repeated key (one line naming the file).
+    """
+    import json
+
+    import yaml
+
+    kind = "JSON" if Path(path).suffix == ".json" else "YAML"
+    try:
+        if kind == "JSON":
+            return json.loads(text, object_pairs_hook=_unique_pairs)
+        return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except (ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"The {param!r} parameter of {func} must be a valid {kind} file. Got {str(path)!r} instead: {one_line(e)}") from e
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that refuses a mapping repeating a key."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader

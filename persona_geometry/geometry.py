@@ -6,6 +6,7 @@ The flow is ``centroids(acts)`` → ``center(...)`` → ``cosine_to_reference(..
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -209,9 +210,19 @@ def cosine_to_reference(cents: Centroids, reference: str = "helpful_assistant") 
     Raises:
         ValueError: If ``reference`` is not one of the personas.
     """
-    r = cents.persona_position(reference, param="reference", func="cosine_to_reference")
+    func = "cosine_to_reference"
+    r = cents.persona_position(reference, param="reference", func=func)
+    norms = cents.values.double().norm(dim=-1)  # [persona, layer]
+    # A zero reference (e.g. centered on itself alone) would give every persona cosine 0, itself too.
+    zero = (norms[r] <= 1e-6 * norms.amax(dim=0)).nonzero().flatten().tolist()
+    if zero:
+        layers = [cents.layers[i] for i in zero]
+        invalid("reference", func, "a persona whose (centered) centroid is not zero", f"{reference!r}, zero at layers {layers}")
     unit = _unit(cents.values)
     values = torch.einsum("pld,ld->pl", unit, unit[r])
+    nan = torch.isnan(values).any(dim=1).nonzero().flatten().tolist()
+    if nan:
+        warnings.warn(f"{func}: NaN cosines for {[cents.personas[i] for i in nan]} (their activations hold NaN)", RuntimeWarning, stacklevel=2)
     return CosineToReference(
         values=values,
         personas=cents.personas,
@@ -256,8 +267,12 @@ class PairwiseCosine:
 def pairwise_cosine(cents: Centroids) -> PairwiseCosine:
     """Returns the cosine between every pair of (centered) persona centroids, per layer."""
     unit = _unit(cents.values)
+    values = torch.einsum("pld,qld->lpq", unit, unit)
+    if torch.isnan(values).any():
+        nan = torch.isnan(values).any(dim=(0, 2)).nonzero().flatten().tolist()
+        warnings.warn(f"pairwise_cosine: NaN cosines for {[cents.personas[i] for i in nan]} (their activations hold NaN)", RuntimeWarning, stacklevel=2)
     return PairwiseCosine(
-        values=torch.einsum("pld,qld->lpq", unit, unit),
+        values=values,
         personas=cents.personas,
         layers=cents.layers,
         centered_on=cents.centered_on,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -15,13 +14,28 @@ from persona_geometry.provenance import stable_hash
 __all__ = ["Persona", "PersonaSet", "builtin_personas"]
 
 
+_SAFE_NAME = "a name usable as one file name (no '/', '\\' or control characters, no leading '.' or surrounding spaces, at most 200 characters)"
+
+
+def _is_safe_name(name: str) -> bool:
+    # Names become path components (data/<name>.jsonl, train/<name>/seed<k>/).
+    return (
+        0 < len(name) <= 200
+        and not name.startswith(".")
+        and name == name.strip()
+        and not any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Persona:
     """A persona the model is asked to speak as.
 
     Attributes:
-        name: Identifier used everywhere (tables, files, the reference persona). No spaces needed,
-            but any non-empty string works.
+        name: Identifier used everywhere (tables, file and folder names, the reference persona).
+            Spaces are fine; it must be usable as one file name: no ``/``, ``\\`` or control
+            characters, not starting with ``.``, at most 200 characters (so a name can never
+            reach outside an output folder).
         system_prompt: The system message that sets the persona.
         category: A free-form group label, e.g. ``"occupational"``; within-category statistics
             group on it.
@@ -38,6 +52,8 @@ class Persona:
                 invalid(field, "Persona", "a string", value, exc=TypeError)
             if not value.strip():
                 invalid(field, "Persona", "a non-empty string", value)
+        if not _is_safe_name(self.name):
+            invalid("name", "Persona", _SAFE_NAME, self.name)
 
     def to_dict(self) -> dict[str, str]:
         """Returns the persona as a JSON-safe dict."""
@@ -164,23 +180,21 @@ class PersonaSet(Sequence[Persona]):
         Raises:
             ValueError: If the file's suffix is not .json/.yaml/.yml or its content is malformed.
         """
-        path = Path(path)
-        if not path.is_file():
-            invalid("path", "PersonaSet.load", "an existing .yaml, .yml or .json file", str(path))
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
+        from persona_geometry._serialization import one_line, parse_structured, read_text_file
 
-            data = yaml.safe_load(text)
-        else:
-            invalid("path", "PersonaSet.load", "a .yaml, .yml or .json file", str(path))
+        func = "PersonaSet.load"
+        path = Path(path)
+        if path.suffix not in (".json", ".yaml", ".yml"):
+            invalid("path", func, "a .yaml, .yml or .json file", str(path))
+        data = parse_structured(read_text_file(path, param="path", func=func), path, param="path", func=func)
         if isinstance(data, Mapping) and "personas" in data:
             data = data["personas"]
-        if not isinstance(data, list):
-            invalid("path", "PersonaSet.load", "a file holding a list of personas", str(path))
-        return cls.from_list(data)
+        if not isinstance(data, list) or not all(isinstance(row, Mapping) for row in data):
+            invalid("path", func, "a file holding a list of persona mappings (name, system_prompt, category)", str(path))
+        try:
+            return cls.from_list(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"The 'path' parameter of {func} must be a file of valid personas. Got {str(path)!r} instead: {one_line(e)}") from e
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the set to a YAML or JSON file (by suffix), atomically, and returns the path."""

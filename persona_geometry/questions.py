@@ -72,22 +72,16 @@ def load_questions(path: str | os.PathLike[str]) -> list[str]:
     Raises:
         ValueError: If the file is missing, empty, or holds repeated questions.
     """
+    from persona_geometry._serialization import parse_structured, read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        invalid("path", "load_questions", "an existing .txt, .yaml, .yml or .json file", str(path))
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        import json
-
-        data = json.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
+    text = read_text_file(path, param="path", func="load_questions")
+    if path.suffix in (".json", ".yaml", ".yml"):
+        data = parse_structured(text, path, param="path", func="load_questions")
     else:
         data = [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(data, dict) and "questions" in data:
         data = data["questions"]
-    if not isinstance(data, Sequence) or isinstance(data, str):
-        invalid("path", "load_questions", "a file holding a list of questions", str(path))
+    if not isinstance(data, Sequence) or isinstance(data, str) or not all(isinstance(q, str) for q in data):
+        invalid("path", "load_questions", "a file holding a list of question strings", str(path))
     return check_unique_names(list(data), "questions", "load_questions")

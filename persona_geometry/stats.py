@@ -152,7 +152,21 @@ def per_persona(
     bad = [personas[i] for i in np.flatnonzero(~np.isfinite(arr))]
     if bad:
         invalid(param, func, "finite numbers (no NaN or inf)", f"non-finite values for {bad}")
+    check_magnitude(arr, personas, param, func)
     return arr
+
+
+# Squares and products of values above ~1e154 overflow float64 (r = 0, p = 1 instead of the
+# true correlation); no geometry measure, rate or count comes near this bound.
+MAX_MAGNITUDE = 1e150
+
+
+def check_magnitude(arr: np.ndarray, labels: Sequence[Any], param: str, func: str) -> None:
+    """Raises ValueError if a value of ``arr`` exceeds ``MAX_MAGNITUDE`` in absolute value."""
+    big = np.abs(arr) > MAX_MAGNITUDE
+    if big.any():
+        where = [labels[i] for i in np.flatnonzero(big.reshape(big.shape[0], -1).any(axis=1))]
+        invalid(param, func, f"numbers of magnitude at most {MAX_MAGNITUDE:g} (larger ones overflow)", f"values beyond it for {where}")
 
 
 def _to_float(v: Any, param: str, func: str) -> float:
@@ -180,6 +194,9 @@ def rates_from(
         check_counts(k_arr, n_arr, personas, func)
         return k_arr / n_arr, k_arr, n_arr
     rate = per_persona(y, personas, "y", func)
+    outside = [personas[i] for i in np.flatnonzero((rate < 0) | (rate > 1))]
+    if outside:
+        invalid("y", func, "rates in [0, 1]", f"rates outside it for {outside}")
     return rate, None, None
 
 
