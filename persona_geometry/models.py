@@ -22,7 +22,7 @@ import torch
 from persona_geometry._validation import invalid
 from persona_geometry.provenance import stable_hash
 
-__all__ = ["ModelHandle", "load_model", "resolve_dtype"]
+__all__ = ["ModelHandle", "load_model", "model_identity", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,60 @@ def weights_fingerprint(folder: str | os.PathLike[str], *, include_mtime: bool =
                 f.seek(max(0, min(st.st_size * i // 63, st.st_size - 4096)))
                 h.update(f.read(4096))
     return h.hexdigest()[:16]
+
+
+# Files that decide how text becomes tokens and how a chat is rendered.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+
+def model_identity(name_or_path: str | os.PathLike[str], revision: str | None = None) -> dict[str, Any]:
+    """Returns what identifies a model's numbers without loading it: weights, tokenizer, revision.
+
+    For a local folder: ``weights_fingerprint`` and a hash of the tokenizer and chat-template
+    files, so rebuilding the weights or editing ``chat_template.jinja`` changes the identity.
+    For a hub id: the commit the local cache resolves ``revision`` to (a snapshot's files never
+    change under one commit), or ``None`` when the model is not cached yet.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    folder: Path | None = path if path.is_dir() else None
+    commit = None
+    if folder is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json", revision=revision)
+        except Exception:  # noqa: BLE001 - an id the hub library rejects: nothing cached to identify
+            cached = None
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    if folder is not None:
+        m = _CACHE_SNAPSHOT.search(str(folder.resolve()))
+        commit = m.group("commit") if m else None
+    if folder is None:
+        return {"model": name, "revision": revision, "commit": None, "weights": None, "tokenizer": None}
+    h = hashlib.sha256()
+    for fname in _TOKENIZER_FILES:
+        f = folder / fname
+        if f.is_file():
+            h.update(fname.encode() + b"\0" + f.read_bytes() + b"\0")
+    return {
+        "model": name,
+        "revision": revision,
+        "commit": commit,
+        # A hub snapshot is immutable under its commit; a local folder is fingerprinted.
+        "weights": None if commit else weights_fingerprint(folder),
+        "tokenizer": h.hexdigest()[:16],
+    }
 
 
 def _file_hash(folder: Path) -> str:

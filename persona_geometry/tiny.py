@@ -125,7 +125,7 @@ def build_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     # Written into a temporary sibling, then renamed: a crash never leaves a half-built model.
-    with atomic_dir(path) as tmp_dir:
+    with atomic_dir(path, overwrite=overwrite, func="build_tiny_model") as tmp_dir:
         model.save_pretrained(tmp_dir, safe_serialization=True)
         tokenizer.save_pretrained(tmp_dir)
     return path

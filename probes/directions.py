@@ -170,7 +170,10 @@ class Direction:
         tensors = {"values": self.values.detach().cpu().contiguous()}
         if self.norms is not None:
             tensors["norms"] = self.norms.detach().cpu().contiguous()
-        with atomic_dir(path) as tmp:
+        def owned(folder: Path) -> bool:  # a direction saved before: only its two files
+            return {f.name for f in folder.iterdir()} <= {_VALUES_FILE, _META_FILE}
+
+        with atomic_dir(path, owned=owned, func="Direction.save") as tmp:
             save_file(tensors, str(tmp / _VALUES_FILE))
             meta = {**self._meta(), "package_versions": package_versions()}
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

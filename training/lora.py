@@ -486,7 +486,8 @@ def train_marker(
         if "loss" in e
     )
     adapter_dir = out / ADAPTER_DIR
-    with atomic_dir(adapter_dir) as tmp:
+    # A rerun replaces the adapter this function wrote (it carries the info file), nothing else.
+    with atomic_dir(adapter_dir, owned=lambda p: (p / ADAPTER_INFO_FILE).is_file(), func="train_marker") as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_json(
             tmp / ADAPTER_INFO_FILE,

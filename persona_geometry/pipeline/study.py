@@ -191,11 +191,14 @@ def run_study(
         "sweep": _sweep,
         "report": _report,
     }
+    if any(s in chosen for s in ("sweep", "report")) and "extract" not in chosen and not _extract_intact(out):
+        chosen.append("extract")  # the activations the sweep reads fail verification: recompute them
     for stage in STAGES:
         if stage not in chosen:
             continue
+        keys[stage] = _stage_key(out, stage, keys[stage])
         marker = _StageMarker(out / stage, keys[stage])
-        if marker.done() and not force:
+        if marker.done() and not force and (stage != "extract" or _extract_intact(out)):
             log.info("stage %s: inputs unchanged, skipped", stage)
             skipped.append(stage)
             continue
@@ -204,7 +207,7 @@ def run_study(
         produced = runners[stage](config, inputs, out, keys, progress=progress, force=force)
         seconds[stage] = time.perf_counter() - start
         log.info("stage %s: done in %.1f s", stage, seconds[stage])
-        marker.mark(stage=stage, files=produced, seconds=round(seconds[stage], 2))
+        marker.mark(stage=stage, files=produced, outputs=_outputs_token(produced), seconds=round(seconds[stage], 2))
         files.update(produced)
         ran.append(stage)
     if "report" in chosen:
@@ -218,10 +221,70 @@ def _write_resolved_config(config: StudyConfig, out: Path) -> None:
     atomic_write_text(out / "config.resolved.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
 
+# The stages whose outputs each stage reads: its key covers their recorded outputs, so a stage
+# re-run (forced, or with new inputs) re-runs everything that read it.
+_READS: dict[str, tuple[str, ...]] = {
+    "extract": (),
+    "data": (),
+    "train": ("data",),
+    "eval": ("train",),
+    "sweep": ("extract", "eval"),
+    "report": ("extract", "eval", "sweep"),
+}
+
+
+def _stage_key(out: Path, stage: str, settings_key: str) -> str:
+    """Returns a stage's key: its settings' key and the outputs recorded by the stages it reads."""
+    upstream = {}
+    for up in _READS[stage]:
+        record = _StageMarker(out / up, "")._read()
+        upstream[up] = [record.get("key"), record.get("outputs")]
+    return stable_hash([settings_key, upstream])
+
+
+def _outputs_token(files: dict[str, str]) -> str:
+    """Returns a hash of the produced files' names, sizes and modification times (cheap, no reading).
+
+    A rewritten output changes it, so whatever read the old one runs again; a reused one (an
+    extraction cache hit) keeps it.
+    """
+    entries = []
+    for name, path in sorted(files.items()):
+        p = Path(path)
+        found = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name != _MARKER_FILE)
+        entries.append([name, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in found]])
+    return stable_hash(entries)
+
+
+def _extract_intact(out: Path) -> bool:
+    """Whether every activation set the extract stage recorded loads and passes its checksums."""
+    import json
+
+    marker = out / "extract" / _MARKER_FILE
+    try:
+        files = json.loads(marker.read_text()).get("files", {})
+    except (OSError, ValueError):
+        return True  # never run: nothing to verify (the sweep says to run extract first)
+    for name in files:
+        try:
+            _extracted(out, name)
+        except (ValueError, OSError) as e:
+            log.info("stage extract: its recorded %s fail verification (%s); recomputing", name, e)
+            return False
+    return True
+
+
 def _stage_keys(config: StudyConfig, inputs: _Inputs) -> dict[str, str]:
+    from persona_geometry.models import model_identity
+
     c = config.to_dict()
-    # The template's text, not its file name: editing the file re-runs what depends on it.
-    model = {**c["model"], "chat_template": stable_hash(config.model.template_text())}
+    # The template's text, not its file name: editing the file re-runs what depends on it. The
+    # model's identity (weights, tokenizer files, resolved hub commit), not only its name.
+    model = {
+        **c["model"],
+        "chat_template": stable_hash(config.model.template_text()),
+        "identity": model_identity(config.model.name, config.model.revision),
+    }
     extract = stable_hash([model, inputs.personas.content_hash(), inputs.questions, c["extract"],
                            inputs.centering.content_hash() if inputs.centering else None])  # fmt: skip
     data = stable_hash([model, inputs.personas.content_hash(), inputs.training_questions, c["responses"], c["data"],
@@ -263,12 +326,17 @@ def _extracted(out: Path, name: str) -> Any:
     import json
 
     from persona_geometry.activations import ActivationSet
+    from persona_geometry.store import cache_key
 
     marker = out / "extract" / _MARKER_FILE
     files = json.loads(marker.read_text()).get("files", {}) if marker.is_file() else {}
     if name not in files:
         raise ValueError(f"No {name.replace('_', ' ')} under {out}: run the 'extract' stage first.")
-    return ActivationSet.load(files[name])
+    acts = ActivationSet.load(files[name])  # verifies the tensor and label checksums
+    folder = Path(files[name]).name
+    if acts.manifest.get("cache_key") != folder or cache_key(acts.manifest) != folder:
+        raise ValueError(f"The activations in {files[name]} do not carry their folder's cache key: run the 'extract' stage again.")
+    return acts
 
 
 def _chat_template(config: StudyConfig) -> str | None:

@@ -1,0 +1,142 @@
+"""Nothing stale: a study's stage keys cover the model's identity, and a stage that read another
+stage's outputs runs again when those outputs change; corrupt activations are recomputed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import yaml
+
+from persona_geometry.models import model_identity
+from persona_geometry.pipeline.config import StudyConfig
+from persona_geometry.pipeline.study import _stage_keys, run_study, study_inputs
+
+pytestmark = pytest.mark.slow
+
+PERSONAS = [
+    {"name": "helpful_assistant", "system_prompt": "You are a helpful assistant.", "category": "generic_helper"},
+    {"name": "villain", "system_prompt": "You are a scheming villain who plots to take over the world.", "category": "character"},
+    {"name": "librarian", "system_prompt": "You are a librarian who helps people find books.", "category": "occupational"},
+]
+
+
+def _config(tmp_path, model):
+    (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": PERSONAS}))
+    (tmp_path / "questions.txt").write_text("Why is the sky blue?\nHow do I boil an egg?\nWhat makes a good friend?\n")
+    (tmp_path / "train.txt").write_text("\n".join(f"Tell me about topic number {i}." for i in range(8)))
+    data = {
+        "name": "keys", "out": str(tmp_path / "out"), "model": {"name": str(model), "dtype": "float32", "device": "cpu"},
+        "personas": "personas.yaml", "questions": "questions.txt", "training_questions": "train.txt",
+        "data": {"n_source": 8, "n_per_bystander": 8, "n_bystander_personas": 2},
+        "responses": {"max_new_tokens": 4, "backend": "hf"},
+        "train": {"learning_rate": 5e-3, "num_train_epochs": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                  "max_length": 64, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "save_steps": 1000},
+        "eval": {"backend": "hf", "n_completions": 2, "max_new_tokens": 6, "batch_size": 64},
+        "analysis": {"primary_layer": 1, "n_permutations": 50, "n_bootstrap": 20},
+    }  # fmt: skip
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return StudyConfig.load(path)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from persona_geometry.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("keys") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def study(model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    config = _config(tmp, model)
+    run_study(config, progress=False)
+    return tmp, config
+
+
+def _keys(config):
+    return _stage_keys(config, study_inputs(config))
+
+
+def test_keys_cover_rebuilt_weights_and_an_edited_tokenizer_template(tmp_path):
+    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m")
+    config = _config(tmp_path, model)
+    before = _keys(config)
+    build_tiny_model(model, TinyModelSpec(seed=7), overwrite=True)  # new weights, same name and config
+    rebuilt = _keys(config)
+    assert all(rebuilt[s] != before[s] for s in before), "every stage depends on the weights"
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    edited = _keys(config)
+    assert all(edited[s] != rebuilt[s] for s in before), "every stage depends on the tokenizer's template"
+    assert _keys(config) == edited  # and nothing else moves them
+
+
+def test_identity_follows_the_commit_a_hub_revision_resolves_to(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = model_identity("org/tiny")
+    (repo / "refs" / "main").write_text("b" * 40)  # the branch moved on
+    second = model_identity("org/tiny")
+    assert (first["commit"], second["commit"]) == ("a" * 40, "b" * 40)
+    assert model_identity("org/tiny", revision="a" * 40)["commit"] == "a" * 40
+    assert model_identity("org/absent") == {"model": "org/absent", "revision": None, "commit": None, "weights": None, "tokenizer": None}
+
+
+def test_rebuilt_weights_rerun_the_extraction(study, model, tmp_path):
+    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
+
+    # A second study folder on a copy of the model, so the shared fixture stays as it is.
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    config = _config(tmp_path, copy)
+    first = run_study(config, stages=["extract"], progress=False)
+    assert first.ran == ("extract",)
+    build_tiny_model(copy, TinyModelSpec(seed=7), overwrite=True)
+    again = run_study(config, stages=["extract"], progress=False)
+    assert again.ran == ("extract",)  # not "ran: nothing"
+    weights = [json.loads((p / "manifest.json").read_text())["provenance"]["weights_id"] for p in (tmp_path / "out" / "cache").iterdir() if p.is_dir() and p.name != ".locks"]
+    assert len(set(weights)) == 2
+
+
+def test_new_extraction_outputs_rerun_the_sweep_and_report_only(study):
+    tmp, config = study
+    for entry in (tmp / "out" / "cache").iterdir():
+        if entry.is_dir() and entry.name != ".locks":
+            shutil.rmtree(entry)  # the forced extraction writes new files
+    forced = run_study(config, stages=["extract"], force=True, progress=False)
+    assert forced.ran == ("extract",)
+    after = run_study(config, progress=False)
+    assert after.ran == ("sweep", "report") and after.skipped == ("extract", "data", "train", "eval")
+
+
+def test_corrupt_activations_are_recomputed_with_one_warning_and_the_same_report(study, caplog):
+    tmp, config = study
+    run_study(config, progress=False)
+    report = json.loads((tmp / "out" / "report" / "report.json").read_text())
+    marker = json.loads((tmp / "out" / "extract" / ".stage.json").read_text())
+    tensors = tmp / "out" / "cache" / marker["files"]["activations"].rsplit("/", 1)[1] / "activations.safetensors"
+    data = bytearray(tensors.read_bytes())
+    for i in range(len(data) - 200, len(data) - 184):  # 16 flipped mantissa bytes
+        data[i] ^= 0x21
+    tensors.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        result = run_study(config, stages=["sweep", "report"], force=True, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(tensors.parent) in warnings[0], warnings
+    assert result.ran == ("extract", "sweep", "report")
+    again = json.loads((tmp / "out" / "report" / "report.json").read_text())
+    for key in ("sweep", "layer"):
+        assert again[key] == report[key]
