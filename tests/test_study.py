@@ -121,3 +121,47 @@ def test_cli_run_rejects_an_unknown_stage(study, capsys):
     _, path, _ = study
     assert main(["run", str(path), "--stages", "extract,plot"]) == 2
     assert "'stages' parameter of run_study" in capsys.readouterr().err
+
+
+# --- issue 14: downstream stages follow the outputs they read; corrupt activations recomputed ---
+# These run last: they use the study as the tests above left it.
+def _latest_config(tmp, model_256):
+    return StudyConfig.load(_config(tmp, model_256, eval={"n_completions": 2}, train={"learning_rate": 4e-3}))
+
+
+def test_new_extraction_outputs_rerun_the_sweep_and_report_only(study, model_256):
+    import shutil
+
+    tmp, _, _ = study
+    config = _latest_config(tmp, model_256)
+    run_study(config, progress=False)
+    for entry in (tmp / "out" / "cache").iterdir():
+        if entry.is_dir() and entry.name != ".locks":
+            shutil.rmtree(entry)  # the forced extraction writes new files
+    forced = run_study(config, stages=["extract"], force=True, progress=False)
+    assert forced.ran == ("extract",)
+    after = run_study(config, progress=False)
+    assert after.ran == ("sweep", "report") and after.skipped == ("extract", "data", "train", "eval")
+
+
+def test_corrupt_activations_are_recomputed_with_one_warning_and_the_same_report(study, model_256, caplog):
+    import logging
+
+    tmp, _, _ = study
+    config = _latest_config(tmp, model_256)
+    run_study(config, progress=False)
+    report = json.loads((tmp / "out" / "report" / "report.json").read_text())
+    marker = json.loads((tmp / "out" / "extract" / ".stage.json").read_text())
+    tensors = tmp / "out" / "cache" / marker["files"]["activations"].rsplit("/", 1)[1] / "activations.safetensors"
+    data = bytearray(tensors.read_bytes())
+    for i in range(len(data) - 200, len(data) - 184):  # 16 flipped mantissa bytes
+        data[i] ^= 0x21
+    tensors.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        result = run_study(config, stages=["sweep", "report"], force=True, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(tensors.parent) in warnings[0], warnings
+    assert result.ran == ("extract", "sweep", "report")
+    again = json.loads((tmp / "out" / "report" / "report.json").read_text())
+    for key in ("sweep", "layer"):
+        assert again[key] == report[key]
