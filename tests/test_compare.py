@@ -240,3 +240,19 @@ def test_write_comparison_writes_every_file(tmp_path, studies):
     assert "## Combined estimate" in md and "## Seeds of `tiny-6`" in md
     assert "plotly" in written["figure"].read_text()[:5000].lower()
     assert not list((tmp_path / "cmp").glob(".*.tmp"))
+
+
+def test_cli_compare_writes_the_report_and_refuses_mismatches_in_one_line(tmp_path, studies, capsys):
+    from persona_geometry.pipeline.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", str(studies["a4"]), str(studies["b6s1"]), "--depth", "0.5", "--out", str(out)]) == 0
+    payload = json.loads((out / "compare.json").read_text())
+    assert payload["meta_analysis"]["depth"] == 0.5 and [s["layer"] for s in payload["meta_analysis"]["studies"]] == [2, 3]
+    assert (out / "compare.md").is_file() and (out / "compare_sweeps.html").is_file() and (out / "curves.csv").is_file()
+    capsys.readouterr()
+    assert main(["compare", str(studies["a4"]), str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("persona-geometry compare: error:") and err.count("\n") == 1
+    assert main(["compare", str(studies["a4"]), str(studies["b6s1"]), "--depth", "1.5", "--out", str(out)]) == 2
+    assert "relative depth in [0, 1]" in capsys.readouterr().err
