@@ -105,6 +105,7 @@ def test_max_over_layers_permutation_p_matches_exact_enumeration(statistic):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(6, 3))
     y = x[:, 1] * 0.5 + rng.normal(0, 0.6, 6)
+    y = 1 / (1 + np.exp(-y))  # rates lie in [0, 1]
     exact = _exact_max_p(x, y, statistic)
     B = 4000
     s = layer_sweep(x, y, n_permutations=B, n_bootstrap=0, seed=1, statistic=statistic)
@@ -231,6 +232,7 @@ def test_spearman_is_invariant_under_monotone_transforms_of_x(pairs):
     y = np.array([p[1] for p in pairs])
     if np.ptp(y) == 0:
         return
+    y = (y - y.min()) / np.ptp(y)  # rates lie in [0, 1]; an affine map keeps every rank
     X = np.column_stack([x, np.arctan(x) * 3 + x**3])  # a strictly increasing transform
     s = layer_sweep(X, y, n_permutations=0, n_bootstrap=0)
     assert s.spearman_rho[0] == pytest.approx(s.spearman_rho[1], abs=1e-9)
@@ -243,6 +245,7 @@ def test_pearson_sign_flips_when_x_is_negated(pairs):
     y = np.array([p[1] for p in pairs])
     if np.ptp(x) < 1e-3 or np.ptp(y) < 1e-3:
         return
+    y = (y - y.min()) / np.ptp(y)  # rates lie in [0, 1]; an affine map keeps r
     s = layer_sweep(np.column_stack([x, -x]), y, n_permutations=0, n_bootstrap=0)
     assert s.pearson_r[0] == pytest.approx(-s.pearson_r[1], abs=1e-9)
     assert s.pearson_p[0] == pytest.approx(s.pearson_p[1], rel=1e-6, abs=1e-12)

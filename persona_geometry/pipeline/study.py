@@ -334,7 +334,9 @@ def _extracted(out: Path, name: str) -> Any:
         raise ValueError(f"No {name.replace('_', ' ')} under {out}: run the 'extract' stage first.")
     acts = ActivationSet.load(files[name])  # verifies the tensor and label checksums
     folder = Path(files[name]).name
-    if acts.manifest.get("cache_key") != folder or cache_key(acts.manifest) != folder:
+    # An extraction's set lives under its key; one saved by hand (no key recorded) is taken as is.
+    key = acts.manifest.get("cache_key")
+    if key is not None and (key != folder or cache_key(acts.manifest) != folder):
         raise ValueError(f"The activations in {files[name]} do not carry their folder's cache key: run the 'extract' stage again.")
     return acts
 
