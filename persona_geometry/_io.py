@@ -65,9 +65,14 @@ def check_replaceable(
 
     Raises:
         FileExistsError: If ``path`` holds something that may not be replaced.
+        PermissionError: If ``path`` would be created in a folder that cannot be written.
     """
     path = Path(path)
     if not os.path.lexists(path):
+        # Fail now, not after the work: the nearest existing folder must take new entries.
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not os.access(parent, os.W_OK):
+            invalid(param, func, "a path in a writable folder", f"{path} ({parent} is read-only)", exc=PermissionError)
         return path
     if path.is_symlink() or not path.is_dir():
         invalid(param, func, "a folder path (it holds a file or a link)", str(path), exc=FileExistsError)

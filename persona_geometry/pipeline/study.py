@@ -196,20 +196,22 @@ def run_study(
     for stage in STAGES:
         if stage not in chosen:
             continue
-        keys[stage] = _stage_key(out, stage, keys[stage])
-        marker = _StageMarker(out / stage, keys[stage])
-        if marker.done() and not force and (stage != "extract" or _extract_intact(out)):
-            log.info("stage %s: inputs unchanged, skipped", stage)
-            skipped.append(stage)
-            continue
-        log.info("stage %s: running", stage)
-        start = time.perf_counter()
-        produced = runners[stage](config, inputs, out, keys, progress=progress, force=force)
-        seconds[stage] = time.perf_counter() - start
-        log.info("stage %s: done in %.1f s", stage, seconds[stage])
-        marker.mark(stage=stage, files=produced, outputs=_outputs_token(produced), seconds=round(seconds[stage], 2))
-        files.update(produced)
-        ran.append(stage)
+        # One process per stage of a study folder: a second one waits, then finds it done.
+        with _stage_lock(out, stage):
+            keys[stage] = _stage_key(out, stage, keys[stage])
+            marker = _StageMarker(out / stage, keys[stage])
+            if marker.done() and not force and (stage != "extract" or _extract_intact(out)):
+                log.info("stage %s: inputs unchanged, skipped", stage)
+                skipped.append(stage)
+                continue
+            log.info("stage %s: running", stage)
+            start = time.perf_counter()
+            produced = runners[stage](config, inputs, out, keys, progress=progress, force=force)
+            seconds[stage] = time.perf_counter() - start
+            log.info("stage %s: done in %.1f s", stage, seconds[stage])
+            marker.mark(stage=stage, files=produced, outputs=_outputs_token(produced), seconds=round(seconds[stage], 2))
+            files.update(produced)
+            ran.append(stage)
     if "report" in chosen:
         files.setdefault("report", str(out / "report" / "report.md"))
     return StudyResult(out=out, ran=tuple(ran), skipped=tuple(skipped), files=files, seconds=seconds)
@@ -231,6 +233,24 @@ _READS: dict[str, tuple[str, ...]] = {
     "sweep": ("extract", "eval"),
     "report": ("extract", "eval", "sweep"),
 }
+
+
+@contextmanager
+def _stage_lock(out: Path, stage: str) -> Iterator[None]:
+    """Holds ``<out>/.locks/<stage>.lock`` (re-entrant within a process), saying so once when waiting."""
+    from filelock import FileLock, Timeout
+
+    (out / ".locks").mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / ".locks" / f"{stage}.lock"), is_singleton=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("stage %s: waiting for another process running it in %s", stage, out)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _stage_key(out: Path, stage: str, settings_key: str) -> str:
