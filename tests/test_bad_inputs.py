@@ -164,3 +164,45 @@ def test_duplicate_layer_labels_are_refused():
             {"resid_post": torch.zeros(1, 1, 2, 4)}, personas=builtin_personas()[:1], questions=["q?"], layers=[1, 1],
             n_tokens=torch.ones(1, 1, dtype=torch.long),
         )
+
+
+# --- 7. validation before anything expensive ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ({"analysis": {"primary_layer": 99}}, "'analysis.primary_layer' must be block indices in [-4, 3]"),
+        ({"analysis": {"layer": 4}}, "'analysis.layer' must be block indices in [-4, 3]"),
+        ({"extract": {"layers": [0, 7]}}, "'extract.layers' must be block indices in [-4, 3]"),
+        ({"marker": {"sources": []}}, "'marker.sources' must be 'all' or a non-empty list"),
+    ],
+)
+def test_a_study_config_that_cannot_finish_fails_before_any_work(tiny_qwen_path, tmp_path, capsys, monkeypatch, override, fragment):
+    import yaml
+
+    import persona_geometry.models
+    from persona_geometry.pipeline.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not load before the config is checked")
+
+    monkeypatch.setattr(persona_geometry.models, "load_model", no_loading)
+    data = {"name": "early", "out": str(tmp_path / "out"), "model": {"name": str(tiny_qwen_path), "device": "cpu"}, **override}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
+    status = main(["run", str(tmp_path / "study.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_extract_reads_the_persona_and_question_files_before_loading_the_model(tiny_qwen_path, tmp_path, capsys, monkeypatch):
+    import persona_geometry.models
+    from persona_geometry.pipeline.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not load before the inputs are read")
+
+    monkeypatch.setattr(persona_geometry.models, "load_model", no_loading)
+    (tmp_path / "personas.yaml").write_text("personas: [")
+    status = main(["extract", "--model", str(tiny_qwen_path), "--personas", str(tmp_path / "personas.yaml"), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "personas.yaml" in err[0], err

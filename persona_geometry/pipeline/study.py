@@ -92,6 +92,8 @@ def study_inputs(config: StudyConfig) -> _Inputs:
 
     _known([config.geometry.reference], "geometry.reference")
     sources = tuple(names) if config.marker.sources == "all" else tuple(config.marker.sources)
+    if not sources:
+        raise ValueError("The study config's 'marker.sources' must be 'all' or a non-empty list of persona names. Got [] instead.")
     _known(sources, "marker.sources")
     _known(config.analysis.holdout, "analysis.holdout")
     _known(config.data.exclude, "data.exclude")
@@ -102,6 +104,14 @@ def study_inputs(config: StudyConfig) -> _Inputs:
         _known(config.geometry.centering, "geometry.centering")
     config.model.template_text()  # a missing template file fails here, before any model loads
     layers = config.extract.layers
+    n_layers = _n_layers(config.model.name, config.model.revision)
+    if n_layers is not None:  # read from config.json: a bad layer fails now, not after training
+        for key in ("extract.layers", "analysis.primary_layer", "analysis.layer"):
+            section, field = key.split(".")
+            values = getattr(getattr(config, section), field)
+            for value in [values] if isinstance(values, int) else list(values or []):
+                if not -n_layers <= value < n_layers:
+                    raise ValueError(f"The study config's '{key}' must be block indices in [{-n_layers}, {n_layers - 1}] ({config.model.name} has {n_layers} blocks). Got {value} instead.")
     for key in ("primary_layer", "layer"):
         value = getattr(config.analysis, key)
         if value is not None and layers is not None and value not in layers:
@@ -113,6 +123,28 @@ def study_inputs(config: StudyConfig) -> _Inputs:
         centering=centering,
         sources=sources,
     )
+
+
+def _n_layers(name: str, revision: str | None) -> int | None:
+    """Returns the model's number of blocks from its config.json (local folder or hub cache), or None."""
+    import json
+
+    path = Path(name).expanduser()
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json", revision=revision)
+        except Exception:  # noqa: BLE001 - not a hub id the library accepts: nothing to read
+            cached = None
+        config_file = Path(cached) if isinstance(cached, str) else None
+    try:
+        cfg = json.loads(config_file.read_text()) if config_file is not None else {}
+    except (OSError, ValueError):
+        return None
+    n = cfg.get("num_hidden_layers", (cfg.get("text_config") or {}).get("num_hidden_layers"))
+    return n if isinstance(n, int) and n > 0 else None
 
 
 class _StageMarker:
