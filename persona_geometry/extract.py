@@ -92,6 +92,7 @@ def extract_activations(
     share_prefix: bool = True,
     pack: bool | None = None,
     max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB,
+    compile_blocks: bool = False,
     progress: bool = True,
 ) -> ActivationSet:
     """Returns the last-token activations of every persona × question prompt, per layer.
@@ -157,6 +158,10 @@ def extract_activations(
             attention cannot take the mask); ``False`` always runs padded batches.
         max_memory_gib: Device memory the packed engine may use above the weights, in GiB
             (activations of one forward, the mask, and the results of one chunk).
+        compile_blocks: Packed engine: run each decoder block through ``torch.compile``
+            (norms, rotary embedding, MLP and residual adds fused; the hooks stay outside).
+            The first call in a process compiles for tens of seconds, so this pays for large
+            or repeated extractions (``benchmarks/extract_gpu.py`` measures it).
         progress: Show a progress bar with prompts/s.
 
     Returns:
@@ -173,7 +178,7 @@ def extract_activations(
     req = _validate(
         model, personas, questions, hooks=hooks, engine=engine, batch_tokens=batch_tokens,
         max_batch_size=max_batch_size, chunk_prompts=chunk_prompts, dtype=dtype, device=device,
-        pack=pack, max_memory_gib=max_memory_gib,
+        pack=pack, max_memory_gib=max_memory_gib, compile_blocks=compile_blocks,
     )  # fmt: skip
     prompts = render_prompts(req.tokenizer, req.personas, req.questions, chat_template=chat_template_of(req.tokenizer, chat_template, func=_FUNC))
     plan = _plan(req, prompts, layers=layers, layer_template=layer_template, share_prefix=share_prefix)
@@ -219,6 +224,7 @@ class _Request:
     chunk_prompts: int
     pack: bool | None
     max_memory_bytes: float
+    compile_blocks: bool
 
     @property
     def tokenizer(self) -> Any:
@@ -236,6 +242,7 @@ class _Plan:
     forward: str  # one of FORWARD_PATHS
     batch_tokens: int
     chunk_prompts: int
+    compile_blocks: bool = False  # packed paths only
     shared: SharedPrefixes | None = None  # the prefix_cache path
     prefix_lens: tuple[int, ...] | None = None  # packed paths: per persona
 
@@ -263,6 +270,7 @@ def _validate(
     device: str | torch.device | None,
     pack: bool | None,
     max_memory_gib: float,
+    compile_blocks: bool,
 ) -> _Request:
     """Returns the checked arguments, with the model loaded when a path or id was given."""
     hooks = _check_hooks(hooks)
@@ -277,6 +285,8 @@ def _validate(
         invalid("pack", _FUNC, "None, True or False", pack, exc=TypeError)
     if isinstance(max_memory_gib, bool) or not isinstance(max_memory_gib, int | float) or not max_memory_gib > 0:
         invalid("max_memory_gib", _FUNC, "a positive number of GiB", max_memory_gib)
+    if not isinstance(compile_blocks, bool):
+        invalid("compile_blocks", _FUNC, "True or False", compile_blocks, exc=TypeError)
     personas = _check_personas(personas)
     questions = _check_questions(questions)
 
@@ -317,6 +327,7 @@ def _validate(
         chunk_prompts=chunk_prompts,
         pack=pack,
         max_memory_bytes=float(max_memory_gib) * 2**30,
+        compile_blocks=compile_blocks,
     )
 
 
@@ -361,7 +372,7 @@ def _plan(req: _Request, prompts: PromptSet, *, layers: Any, layer_template: str
         forward_bytes = req.max_memory_bytes - 2 * chunk * per_prompt
         budget = pack_budget(config, req.handle.dtype, path, forward_bytes, cap=req.batch_tokens)
         prefix_lens = group_prefix_lengths(ids, groups) if share_prefix else [0] * len(groups)
-        return _Plan(**common, forward=path, batch_tokens=budget, chunk_prompts=chunk, prefix_lens=tuple(prefix_lens))
+        return _Plan(**common, compile_blocks=req.compile_blocks, forward=path, batch_tokens=budget, chunk_prompts=chunk, prefix_lens=tuple(prefix_lens))
     shared = shared_prefixes([[ids[i] for i in g] for g in groups]) if share_prefix else None
     return _Plan(
         **common,
@@ -394,6 +405,7 @@ def _manifest(req: _Request, prompts: PromptSet, plan: _Plan) -> dict[str, Any]:
         "max_batch_size": req.max_batch_size,
         "chunk_prompts": plan.chunk_prompts,
         "share_prefix": plan.share_prefix,
+        "compile_blocks": plan.compile_blocks,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "package_versions": package_versions(),
     }
@@ -637,7 +649,10 @@ def _hf_engine(handle: ModelHandle, plan: _Plan, hooks: list[str]) -> Iterator[C
     layers = plan.layers
     with record_last_token(model, layers, points=hooks, layer_template=plan.layer_template) as recorder:
         if plan.packed:
-            with packed_engine(model, base, recorder, path=plan.forward, device=handle.device, dtype=handle.dtype) as forward:
+            compiled = find_layers(model, plan.layer_template)[1][: max(layers) + 1] if plan.compile_blocks else []
+            with packed_engine(
+                model, base, recorder, path=plan.forward, device=handle.device, dtype=handle.dtype, compile_blocks=compiled
+            ) as forward:
                 yield forward
             return
         if plan.shared is not None:

@@ -28,6 +28,7 @@ own share (``plan_packs(ids, groups_of_this_rank, ...)``).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ __all__ = [
     "Segment",
     "block_mask",
     "build_pack",
+    "compiled_blocks",
     "dense_mask",
     "group_prefix_lengths",
     "pack_budget",
@@ -338,19 +340,10 @@ def packed_path(model: Any, device: torch.device) -> str | None:
     ``eager`` attention. Models with other attention (flash-attention kernels without custom
     masks, remote code) return None, and extraction falls back to the padded engines.
     """
-    import inspect
-    import sys
-
     pm = pretrained_model(model)
     config = getattr(pm, "config", None)
     can_set = getattr(type(pm), "_can_set_attn_implementation", None)
-    if config is None or not callable(can_set) or not can_set():
-        return None
-    try:
-        source = inspect.getsource(sys.modules[type(pm).__module__])
-    except (KeyError, OSError, TypeError):
-        return None
-    if "create_causal_mask" not in source:
+    if config is None or not callable(can_set) or not can_set() or not _uses_mask_functions(type(pm)):
         return None
     impl = getattr(config, "_attn_implementation", None)
     flex = getattr(pm, "_supports_flex_attn", False) and _flex_available()
@@ -361,6 +354,19 @@ def packed_path(model: Any, device: torch.device) -> str | None:
     if getattr(pm, "_supports_sdpa", False):
         return "packed_sdpa"
     return None
+
+
+@functools.cache
+def _uses_mask_functions(cls: type) -> bool:
+    # A 4D mask passes through transformers' mask functions unchanged; a model that builds its
+    # own masks would mangle it.
+    import inspect
+    import sys
+
+    try:
+        return "create_causal_mask" in inspect.getsource(sys.modules[cls.__module__])
+    except (KeyError, OSError, TypeError):
+        return False
 
 
 def pack_budget(
@@ -415,6 +421,33 @@ def use_attention(model: Any, implementation: str) -> Iterator[None]:
         pm.set_attn_implementation(before)
 
 
+# One compiled block forward per block class, shared by every block and every call, so it
+# compiles once per process (and once more when pack lengths first vary).
+_COMPILED: dict[type, Any] = {}
+
+
+@contextmanager
+def compiled_blocks(blocks: Sequence[Any]) -> Iterator[None]:
+    """Runs each block's ``forward`` through ``torch.compile`` (dynamic shapes) in the ``with`` block.
+
+    Only the block's own ``forward`` is compiled: the forward hooks that record activations and
+    stop the forward run outside it. One compiled function serves every block of a class; the
+    blocks get their plain ``forward`` back on exit.
+    """
+    installed = []
+    try:
+        for block in blocks:
+            cls = type(block)
+            if cls not in _COMPILED:
+                _COMPILED[cls] = torch.compile(cls.forward, dynamic=True)
+            block.forward = functools.partial(_COMPILED[cls], block)
+            installed.append(block)
+        yield
+    finally:
+        for block in installed:
+            block.__dict__.pop("forward", None)
+
+
 @contextmanager
 def packed_engine(
     model: Any,
@@ -424,6 +457,7 @@ def packed_engine(
     path: str,
     device: torch.device,
     dtype: torch.dtype,
+    compile_blocks: Sequence[Any] = (),
 ) -> Iterator[Any]:
     """Yields a forward of one ``Pack``: ``{hook: [prompt, layer, d_model]}`` in ``pack.prompts`` order.
 
@@ -436,6 +470,7 @@ def packed_engine(
         path: One of ``PACKED_PATHS`` (``packed_path``).
         device: The model's device.
         dtype: The model's dtype (the additive mask of ``eager`` attention is in it).
+        compile_blocks: Blocks to run through ``torch.compile`` (``compiled_blocks``); none by default.
     """
     if path not in PACKED_PATHS:
         invalid("path", "packed_engine", f"one of {list(PACKED_PATHS)}", path)
@@ -454,5 +489,5 @@ def packed_engine(
                 index=p.last,
             )
 
-    with use_attention(model, implementation):
+    with use_attention(model, implementation), compiled_blocks(compile_blocks):
         yield forward
