@@ -391,6 +391,12 @@ def main() -> int:
         except Exception as e:  # Reported, not fatal.
             result["fp32_check_error"] = f"{type(e).__name__}: {e}"[:500]
         print(f"fp32 check: {result.get('max_abs_diff_fp32', result.get('fp32_check_error'))}", flush=True)
+    try:  # Recompiles of FlexAttention or the compiled blocks would show here.
+        from torch._dynamo.utils import counters
+
+        result["dynamo_counters"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles", "graph_break")}
+    except Exception as e:
+        result["dynamo_counters"] = f"{type(e).__name__}: {e}"
     save()
     print_table(result)
     return 0

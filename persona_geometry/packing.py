@@ -298,7 +298,7 @@ def block_mask(pack: Pack, block: int = BLOCK):  # noqa: ANN201 (BlockMask: impo
     def listing(m: Tensor) -> tuple[Tensor, Tensor]:
         num = m.sum(-1, dtype=torch.int32)
         # Listed tiles first, in increasing key order (a stable sort of "not listed").
-        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        idx = torch.argsort((~m).to(torch.int32), dim=-1, stable=True).to(torch.int32)
         return num[None, None].contiguous(), idx[None, None].contiguous()
 
     lo1, hi1, lo2 = pack.lo1, pack.hi1, pack.lo2
