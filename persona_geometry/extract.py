@@ -588,7 +588,9 @@ def _run_chunk(
         for hook, t in out.items():
             if hook not in buffers:
                 buffers[hook] = torch.empty((len(chunk), *t.shape[1:]), dtype=t.dtype, device=t.device)
-            buffers[hook].index_copy_(0, rows.to(t.device), t)
+            # No host wait on a GPU (page-locked, non-blocking): the next batch is prepared meanwhile.
+            on_device = rows.pin_memory().to(t.device, non_blocking=True) if t.device.type == "cuda" else rows
+            buffers[hook].index_copy_(0, on_device, t)
         bar.update(len(prompts))
     return order, {hook: _to_host(t) for hook, t in buffers.items()}
 

@@ -115,9 +115,17 @@ class Pack:
         return int(self.input_ids.shape[1])
 
     def to(self, device: torch.device | str) -> Pack:
-        """Returns the pack with its tensors on ``device``."""
-        nb = torch.device(device).type == "cuda"
-        move = {k: getattr(self, k).to(device, non_blocking=nb) for k in ("input_ids", "position_ids", "lo1", "hi1", "lo2", "last")}
+        """Returns the pack with its tensors on ``device``.
+
+        To a GPU the tensors go through page-locked memory without waiting: a pageable copy would
+        make the host wait for the previous pack's forward, leaving the GPU idle while the next
+        pack is built.
+        """
+        names = ("input_ids", "position_ids", "lo1", "hi1", "lo2", "last")
+        if torch.device(device).type == "cuda":
+            move = {k: getattr(self, k).pin_memory().to(device, non_blocking=True) for k in names}
+        else:
+            move = {k: getattr(self, k).to(device) for k in names}
         return Pack(**move, prompts=self.prompts, n_real=self.n_real)
 
 
