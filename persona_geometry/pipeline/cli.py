@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["main", "build_parser"]
 
@@ -510,7 +512,7 @@ _SUBCOMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="persona-geometry",
         description="Persona geometry in chat models and whether it predicts marker behaviour.",
     )
@@ -522,17 +524,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """Refuses a CUDA ``--device`` on a machine without CUDA, before anything loads."""
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device.strip().lower().startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"The '--device' parameter must be a device this machine has (CUDA is not available here). Got {device!r} instead.")
+
+
+def _error_line(e: BaseException) -> str:
+    """Returns an exception as one line; an OS error names its file."""
+    from persona_geometry._serialization import one_line
+
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return one_line(e) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI and returns the exit status (0 success, 2 bad input or failure)."""
+    """Runs the CLI and returns the exit status (0 success, 2 bad input or failure).
+
+    Every error on bad input or a failing file system (missing, unreadable, read-only, full)
+    prints one line naming the parameter or file, with status 2; ``--debug`` shows the
+    traceback instead. A closed standard output (``... | head``) ends quietly.
+    """
+    from persona_geometry.activations import CorruptFileError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_device(args)
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, ImportError, RuntimeError) as e:
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, and keep Python's exit flush from failing too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except (ValueError, TypeError, OSError, KeyError, ImportError, RuntimeError, CorruptFileError) as e:
         if args.debug:
             raise
-        print(f"persona-geometry {args.command}: error: {e}", file=sys.stderr)
+        print(f"persona-geometry {args.command}: error: {_error_line(e)}", file=sys.stderr)
         return 2
 
 
