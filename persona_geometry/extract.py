@@ -44,12 +44,12 @@ from persona_geometry.prefix_cache import SharedPrefixes, prefix_engine, shared_
 from persona_geometry.prompts import chat_template_of, left_pad, render_prompts
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions
+from persona_geometry.settings import ENGINES
 
 __all__ = ["ENGINES", "extract_activations", "plan_batches"]
 
 log = logging.getLogger(__name__)
 
-ENGINES: tuple[str, ...] = ("hf", "transformer_lens")
 _FUNC = "extract_activations"
 
 # A batch forward: lists of token ids in, {hook: [batch, layer, d_model]} (float32, on the
