@@ -54,7 +54,7 @@ def generate_responses(
         backend: ``"vllm"`` or ``"hf"``.
         batch_size: Sequences per batch on the HF back end.
         device: Torch device for the HF back end.
-        dtype: Model dtype; bf16 on GPU, fp32 on CPU when None.
+        dtype: Model dtype; None or ``"auto"`` is bf16 on GPU, fp32 on CPU (``resolve_precision``).
         chat_template: A Jinja template to use instead of the tokenizer's own.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
         progress: Show a progress bar while sampling.
@@ -62,6 +62,7 @@ def generate_responses(
     from transformers import AutoTokenizer
 
     from persona_geometry._io import atomic_write_jsonl
+    from persona_geometry.models import dtype_name, resolve_precision
     from persona_geometry.prompts import render_prompts
     from persona_geometry.sampling import SamplingSettings, generate_completions
 
@@ -73,6 +74,8 @@ def generate_responses(
         questions = training_questions()
     questions = check_unique_names(list(questions), "questions", func)
     sampling = SamplingSettings(n_completions=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    # The one precision rule of every stage; the dtype it resolves to is recorded in every row.
+    run_device, run_dtype = resolve_precision(device, dtype, func=func)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     prompts = render_prompts(tokenizer, persona_set, questions, chat_template=chat_template)
     texts = generate_completions(
@@ -81,8 +84,8 @@ def generate_responses(
         sampling,
         backend=backend,
         batch_size=batch_size,
-        device=device,
-        dtype=dtype,
+        device=str(run_device),
+        dtype=dtype_name(run_dtype),
         vllm_kwargs=vllm_kwargs,
         progress=progress,
     )
@@ -98,6 +101,7 @@ def generate_responses(
             "top_p": top_p,
             "max_new_tokens": max_new_tokens,
             "seed": seed,
+            "dtype": dtype_name(run_dtype),
             "chat_template_hash": prompts.chat_template_hash,
         }
         for prompt, completion in zip(prompts, texts, strict=True)
