@@ -29,6 +29,7 @@ from persona_geometry._validation import check_probability, check_unique_names, 
 from persona_geometry.geometry import CosineToReference
 from persona_geometry.stats import (
     PerPersona,
+    check_rates,
     clip_r,
     correlation_dict,
     json_float,
@@ -879,6 +880,8 @@ def analyze(
         bad = frame.loc[values.isna() | ~np.isfinite(values.fillna(0)), persona].astype(str).tolist()
         if bad:
             invalid(col, func, "finite numbers in every row", f"missing or non-numeric values for {bad}")
+    if rate is not None:
+        check_rates(pd.to_numeric(frame[rate]).to_numpy(dtype=np.float64), frame[persona].tolist(), rate, func)
     frame = frame.assign(**{persona: frame[persona].astype(str)})
 
     if seed is not None:

@@ -38,6 +38,7 @@ CONFIG_FILE = "train_config.json"
 LOSS_FILE = "loss_curve.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
+LOGS_DIR = "logs"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,7 +305,8 @@ def _make_trainer(
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=1,
-        report_to="none",
+        # TensorBoard goes through a callback that train_marker adds (its folder is the run's).
+        report_to="wandb" if config.report_to == "wandb" else "none",
         disable_tqdm=not progress,
         remove_unused_columns=False,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -322,6 +324,30 @@ def _make_trainer(
         # Without its bar the Trainer prints every logged loss instead; the curve is on disk anyway.
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+# report_to value -> (the module it needs, the extra that installs it).
+_TRACKERS = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def _check_tracker(config: MarkerTrainConfig) -> None:
+    """Raises ImportError, naming the extra, if ``config.report_to`` asks for a tracker that is not installed."""
+    import importlib.util
+
+    if config.report_to in _TRACKERS:
+        module, extra = _TRACKERS[config.report_to]
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"report_to={config.report_to!r} needs {module}: pip install 'persona-geometry[{extra}]'.")
+
+
+def _reporting_callbacks(config: MarkerTrainConfig, out: Path) -> list[Any]:
+    """Returns the callbacks that report the loss where ``config.report_to`` asks (none by default)."""
+    if config.report_to != "tensorboard":
+        return []  # W&B is reported by the Trainer itself (report_to="wandb").
+    from tensorboardX import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(tb_writer=SummaryWriter(str(out / LOGS_DIR)))]
 
 
 def _load_base(model: str | os.PathLike[str], dtype: Any, device: Any) -> tuple[Any, Any]:
@@ -391,6 +417,7 @@ def train_marker(
         rows, manifest = [dict(r) for r in dataset], {}
         if not rows:
             invalid("dataset", func, "a non-empty list of chat-message rows", rows)
+    _check_tracker(config)
     source = source if source is not None else manifest.get("source")
     marker = marker if marker is not None else manifest.get("config", {}).get("marker")
     out = Path(out_dir)
@@ -407,7 +434,8 @@ def train_marker(
             "weights": weights,
             "chat_template": stable_hash(chat_template),
             "dtype": dtype_name,
-            "config": config.to_dict(),
+            # Where the loss is also reported does not change the adapter.
+            "config": {k: v for k, v in config.to_dict().items() if k != "report_to"},
             "data": [r["messages"] for r in rows],
         }
     )
@@ -474,7 +502,7 @@ def train_marker(
         device_type=torch_device.type,
         bf16=dtype_name == "bfloat16",
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *_reporting_callbacks(config, out)],
         progress=progress,
     )
     checkpoint_root = out / CHECKPOINT_DIR
