@@ -76,8 +76,8 @@ def test_every_option_has_help_showing_its_default():
 def test_one_list_syntax_everywhere():
     # Lists are `a,b`; no option takes several space-separated values.
     for name, p in _subparsers().items():
-        for action in p._actions:
-            assert action.nargs in (None, 0, "?") or isinstance(action, argparse._SubParsersAction), (name, action.option_strings)
+        for action in _options(p):
+            assert action.nargs in (None, 0, "?"), (name, action.option_strings)
     args = _parse("extract", "--model", "m", "--out", "o", "--layers", "1,-1", "--hooks", "resid_post,resid_pre")
     assert args.layers == (1, -1) and args.hooks == ("resid_post", "resid_pre")
 
@@ -121,6 +121,7 @@ def test_cli_choices_are_the_settings_tuples():
         ("train-marker", "--dtype"): settings.TRAIN_DTYPES,
         ("train-marker", "--report-to"): settings.REPORT_TO,
         ("sweep", "--statistic"): settings.STATISTICS,
+        ("compare", "--statistic"): settings.STATISTICS,
         ("run", "--dtype"): settings.DTYPES,
     }
     found = {}

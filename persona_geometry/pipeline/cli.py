@@ -27,6 +27,7 @@ from persona_geometry.pipeline.config import (
     ModelConfig,
     ResponsesConfig,
 )
+from persona_geometry.settings import STATISTICS
 from persona_geometry.training.data import MarkerDataConfig
 from persona_geometry.training.lora import MarkerTrainConfig
 
@@ -535,7 +536,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 # --- compare ----------------------------------------------------------------------------------
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "compare",
         help="compare finished studies across models, seeds and layers",
         description=(
@@ -549,7 +551,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("studies", nargs="+", metavar="RUN_DIR", help="two or more study output folders (the config's 'out')")
     p.add_argument("--out", default="comparison", help="folder for compare.md, compare.json, CSVs and the figure (default: comparison)")
     p.add_argument("--depth", type=float, default=None, help="relative depth in [0, 1] of the combined estimate (default: the first study's primary layer)")
-    p.add_argument("--statistic", choices=["spearman", "pearson"], default=None, help="default: the first study's sweep statistic")
+    p.add_argument("--statistic", choices=STATISTICS, default=None, help="statistic of the comparison (default: the first study's sweep statistic)")
     p.add_argument("--intersect", action="store_true", help="compare on the personas every study shares (recomputes each study there)")
     p.add_argument("--method-re", choices=["dl", "iterated", "chi2"], default="dl", help="between-study variance estimator (default: dl, DerSimonian-Laird)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level; intervals are 1 - alpha (default: 0.05)")
@@ -564,7 +566,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     )
     written = write_comparison(result, args.out)
     print(result.summary())
-    print(f"Written: {written['markdown']}, {written['json']}, {written['figure']}")
+    _written(written["markdown"], written["json"], written["figure"])
     return 0
 
 
