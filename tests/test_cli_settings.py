@@ -186,3 +186,29 @@ def test_rates_outside_0_1_are_refused(tmp_path, capsys, command):
     path = _rate_table(tmp_path, 1)
     assert main([command, str(path), "--rate", "rate_pct", *extra, "--json", str(tmp_path / "o.json")]) == 0
     assert f"wrote:\n  {tmp_path / 'o.json'}" in capsys.readouterr().out
+
+
+def test_api_defaults_are_the_settings_defaults():
+    import inspect
+
+    from persona_geometry.analysis.report import sweep_table
+    from persona_geometry.analysis.sweep import layer_sweep
+    from persona_geometry.eval import source_rates
+    from persona_geometry.sampling import SamplingSettings, generate_completions
+    from persona_geometry.training import generate_responses
+
+    def defaults(func):
+        return {k: p.default for k, p in inspect.signature(func).parameters.items() if p.default is not inspect.Parameter.empty}
+
+    # The eval section is SamplingSettings plus back end, regex and batch size: every function that
+    # samples takes the same defaults for the settings it shares with it.
+    evaluation, analysis = EvalConfig(), AnalysisConfig()
+    shared = {f.name for f in dataclasses.fields(EvalConfig)} - {"n_completions"}
+    for func in (source_rates, generate_responses, generate_completions):
+        given = defaults(func)
+        assert given.get("n_completions", SamplingSettings.n_completions) == evaluation.n_completions
+        for name in shared & set(given):
+            assert given[name] == getattr(evaluation, name), (func.__name__, name)
+    for func in (layer_sweep, sweep_table):
+        for name in ("n_permutations", "n_bootstrap", "statistic", "seed", "primary_layer"):
+            assert defaults(func)[name] == getattr(analysis, name), (func.__name__, name)

@@ -10,6 +10,7 @@ from typing import Any
 
 from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import Persona, PersonaSet
+from persona_geometry.sampling import SamplingSettings
 
 __all__ = ["generate_responses", "load_responses"]
 
@@ -24,10 +25,10 @@ def generate_responses(
     questions: Sequence[str] | None = None,
     *,
     out_path: str | os.PathLike[str],
-    temperature: float | int = 1.0,
-    top_p: float | int = 0.95,
-    max_new_tokens: int = 512,
-    seed: int = 0,
+    temperature: float | int = SamplingSettings.temperature,
+    top_p: float | int = SamplingSettings.top_p,
+    max_new_tokens: int = SamplingSettings.max_new_tokens,
+    seed: int = SamplingSettings.seed,
     backend: str = "vllm",
     batch_size: int = 64,
     device: str | None = None,
@@ -64,7 +65,7 @@ def generate_responses(
     from persona_geometry._io import atomic_write_jsonl
     from persona_geometry.models import dtype_name, resolve_precision
     from persona_geometry.prompts import render_prompts
-    from persona_geometry.sampling import SamplingSettings, generate_completions
+    from persona_geometry.sampling import generate_completions
 
     func = "generate_responses"
     persona_set = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
