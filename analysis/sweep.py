@@ -35,10 +35,9 @@ from persona_geometry.stats import (
     TIE_TOL,
     PerPersona,
     bonferroni,
-    clip_r,
+    correlate,
     holm,
     json_float,
-    p_from_r,
     rank,
     rates_from,
     standardize,
@@ -368,9 +367,8 @@ def _sweep(
         invalid("cosine", func, "values that vary across personas at every layer", f"a constant cosine at layers {constant}")
     xr, yr = standardize(rank(x, 0), 0), standardize(rank(y))
 
-    r = clip_r(xs.T @ ys)
-    rho = clip_r(xr.T @ yr)
-    pr, prho = p_from_r(r, n_p - 2), p_from_r(rho, n_p - 2)
+    r, pr = correlate(x, y[:, None], axis=0)
+    rho, prho = correlate(rank(x, 0), rank(y)[:, None], axis=0)
 
     ss_perm, ss_boot = np.random.SeedSequence(seed).spawn(2)
     basis, target = (xr, yr) if statistic == "spearman" else (xs, ys)

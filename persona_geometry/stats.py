@@ -1,16 +1,18 @@
 """Statistics primitives shared by every layer above the core: vectorised correlations, Wilson
-intervals of counts, and per-persona input checks.
+intervals of counts, multiple-testing corrections and per-persona input checks.
 
-Pearson and Spearman p-values use the same exact null distributions as
-``scipy.stats.pearsonr`` and ``scipy.stats.spearmanr`` (two-sided): with ``df = n - 2``,
-``p = I_{1 - r^2}(df / 2, 1 / 2)``, the regularised incomplete beta function, which is
-``2 * t.sf(|t|, df)`` for ``t = r * sqrt(df / (1 - r^2))`` written so that it stays exact at
-``|r| = 1`` and evaluates a whole vector of layers at once.
+Correlations and their p-values come from ``scipy.stats.pearsonr(..., axis=)`` (Spearman's rho
+is Pearson's r of average ranks, as in ``scipy.stats.spearmanr``), a whole vector of layers at
+once; Bonferroni and Holm from ``statsmodels.stats.multitest.multipletests``. What stays
+hand-written is what the libraries do not offer: the unit-norm standardisation that turns a
+permutation or bootstrap sweep into one matrix product, and ``p_from_r`` for a correlation with
+other degrees of freedom than ``n - 2`` (a partial correlation).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,7 +65,13 @@ def clip_r(r: np.ndarray | float) -> np.ndarray:
 
 
 def p_from_r(r: np.ndarray | float | np.floating, df: np.ndarray | int | float | np.number) -> np.ndarray:
-    """Returns the two-sided p-value of correlation ``r`` with ``df`` degrees of freedom."""
+    """Returns the two-sided p-value of correlation ``r`` with ``df`` degrees of freedom.
+
+    The null distribution of ``scipy.stats.pearsonr``, ``p = I_{1 - r^2}(df / 2, 1 / 2)`` (the
+    regularised incomplete beta function, ``2 * t.sf(|t|, df)`` written so that it stays exact
+    at ``|r| = 1``), for the degrees of freedom scipy's function cannot be given: a partial
+    correlation controlling for one covariate has ``df = n - 3``.
+    """
     r = np.clip(np.asarray(r, dtype=np.float64), -1.0, 1.0)
     df = np.asarray(df, dtype=np.float64)
     with np.errstate(invalid="ignore"):
@@ -71,13 +79,28 @@ def p_from_r(r: np.ndarray | float | np.floating, df: np.ndarray | int | float |
     return np.where(df > 0, p, np.nan)
 
 
+def correlate(x: np.ndarray, y: np.ndarray, *, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Returns Pearson's ``(r, p)`` of ``x`` and ``y`` along ``axis`` (``scipy.stats.pearsonr``).
+
+    ``x`` and ``y`` broadcast against each other (e.g. ``[persona, layer]`` against
+    ``[persona, 1]``). A correlation within 1e-12 of ±1 is reported as exactly ±1 with p = 0,
+    as scipy does for a perfect correlation at small n; where either input is constant (up to
+    rounding) both are NaN.
+    """
+    x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
+    constant = np.isnan(standardize(x, axis)).any(axis=axis) | np.isnan(standardize(y, axis)).any(axis=axis)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        res = stats.pearsonr(x, y, axis=axis)
+    r = clip_r(res.statistic)
+    p = np.where(np.abs(r) == 1.0, 0.0, res.pvalue)
+    return np.where(constant, np.nan, r), np.where(constant, np.nan, p)
+
+
 def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Returns Pearson's ``(r, p)`` of two vectors (NaN if either is constant)."""
-    xs, ys = standardize(np.asarray(x, float)), standardize(np.asarray(y, float))
-    if np.isnan(xs).any() or np.isnan(ys).any():
-        return math.nan, math.nan
-    r = float(clip_r(xs @ ys))
-    return r, float(p_from_r(r, len(x) - 2))
+    r, p = correlate(x, y)
+    return float(r), float(p)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -86,21 +109,24 @@ def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def bonferroni(p: np.ndarray) -> np.ndarray:
-    """Returns Bonferroni-adjusted p-values (``min(m * p, 1)``) over the last axis."""
-    p = np.asarray(p, dtype=np.float64)
-    return np.minimum(p * p.shape[-1], 1.0)
+    """Returns Bonferroni-adjusted p-values (``min(m * p, 1)``) of a 1-D array (statsmodels)."""
+    return _multipletests(p, "bonferroni")
 
 
 def holm(p: np.ndarray) -> np.ndarray:
-    """Returns Holm step-down adjusted p-values over a 1-D array, in the input order."""
+    """Returns Holm step-down adjusted p-values of a 1-D array, in the input order (statsmodels)."""
+    return _multipletests(p, "holm")
+
+
+def _multipletests(p: np.ndarray, method: str) -> np.ndarray:
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(p, dtype=np.float64)
-    m = p.shape[0]
-    order = np.argsort(p, kind="stable")
-    stepped = np.minimum((m - np.arange(m)) * p[order], 1.0)
-    adjusted = np.maximum.accumulate(stepped)
-    out = np.empty_like(adjusted)
-    out[order] = adjusted
-    return out
+    if p.ndim != 1:
+        invalid("p", method, "a 1-D array of p-values", f"shape {p.shape}")
+    if p.size == 0:
+        return p.copy()
+    return np.asarray(multipletests(p, method=method)[1], dtype=np.float64)
 
 
 def correlation_dict(r: float, p: float, *, name: str = "r") -> dict[str, float | None]:
