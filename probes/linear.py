@@ -1,6 +1,6 @@
 """Linear probes per layer: can a persona's identity, category or a variable be read off linearly?
 
-``LinearProbe`` is a scikit-learn-style estimator that fits one model per layer
+``LinearProbe`` is a scikit-learn estimator that fits one model per layer
 (``fit``/``predict``/``score``). ``probe_layers`` cross-validates it on an ``ActivationSet`` with
 folds grouped by question, so that a question's prompts never sit in both the training and the
 test side of a fold (otherwise the probe could recognise the question's tokens instead of the
@@ -13,11 +13,13 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
+from sklearn.base import BaseEstimator
 from torch import Tensor
 
 from persona_geometry._serialization import ConfigDict
@@ -28,9 +30,6 @@ from persona_geometry._validation import (
     invalid,
 )
 from persona_geometry.activations import ActivationSet
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 __all__ = ["ProbeConfig", "LinearProbe", "ProbeResult", "probe_layers", "question_splits"]
 
@@ -85,12 +84,15 @@ class ProbeConfig(ConfigDict):
             invalid("seed", "ProbeConfig", "an int", self.seed, exc=TypeError)
 
 
-class LinearProbe:
-    """One linear model per layer, scikit-learn style.
+class LinearProbe(BaseEstimator):
+    """One linear model per layer, a scikit-learn estimator.
 
     ``fit(X, y)`` with ``X`` shaped ``[sample, layer, d_model]`` fits an independent model on
     every layer; ``predict`` returns ``[sample, layer]``; ``score`` returns one accuracy
-    (``kind="logistic"``) or R² (``kind="ridge"``) per layer.
+    (``kind="logistic"``) or R² (``kind="ridge"``) per layer. Parameters are only stored by
+    the constructor and checked in ``fit``, so ``sklearn.base.clone`` and ``GridSearchCV``
+    work; since ``score`` gives one number per layer, pass ``GridSearchCV`` a ``scoring`` that
+    picks or averages layers (e.g. ``lambda est, X, y: est.score(X, y).mean()``).
 
     Args:
         kind: ``"logistic"`` (multinomial logistic regression) or ``"ridge"``.
@@ -106,14 +108,24 @@ class LinearProbe:
         n_features_in_: ``d_model``.
     """
 
-    def __init__(self, kind: str = "logistic", *, C: float | int = 1.0, alpha: float | int = 1.0, standardize: bool = True, max_iter: int = 2000):
-        self.kind = check_one_of(kind, "kind", "LinearProbe", _KINDS)
+    def __init__(self, kind: str = "logistic", *, C: float | int = 1.0, alpha: float | int = 1.0,
+                 standardize: bool = True, max_iter: int = 2000):  # fmt: skip
+        self.kind = kind
         self.C = C
         self.alpha = alpha
         self.standardize = standardize
         self.max_iter = max_iter
 
-    def _make(self) -> Any:
+    def _check_params(self, func: str) -> None:
+        check_one_of(self.kind, "kind", func, _KINDS)
+        for name in ("C", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                invalid(name, func, "a positive float", value)
+        check_positive_int(self.max_iter, "max_iter", func)
+
+    def _make_estimator(self) -> Any:
+        """Returns the unfitted scikit-learn pipeline fitted at each layer."""
         from sklearn.linear_model import LogisticRegression, Ridge
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
@@ -123,9 +135,10 @@ class LinearProbe:
 
     def fit(self, X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"], y: Sequence[Any] | np.ndarray) -> LinearProbe:
         """Fits one model per layer and returns ``self``."""
+        self._check_params("LinearProbe.fit")
         X = _as_numpy(X, "LinearProbe.fit")
         y = _check_y(y, X.shape[0], self.kind, "LinearProbe.fit")
-        self.estimators_ = [self._make().fit(X[:, j], y) for j in range(X.shape[1])]
+        self.estimators_ = [self._make_estimator().fit(X[:, j], y) for j in range(X.shape[1])]
         self.n_layers_ = X.shape[1]
         self.n_features_in_ = X.shape[2]
         if self.kind == "logistic":
@@ -292,8 +305,6 @@ class ProbeResult:
 
     def to_frame(self) -> pd.DataFrame:
         """Returns one row per layer: score, CI, fold mean/sd, shuffled baseline mean/max, chance."""
-        import pandas as pd
-
         has_base = self.baseline.shape[1] > 0
         return pd.DataFrame(
             {
@@ -384,26 +395,22 @@ def _shuffle_within(y: np.ndarray, n_personas: int, n_questions: int, rng: np.ra
 
 
 def _cv_scores(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], probe: LinearProbe) -> tuple[np.ndarray, np.ndarray]:
-    """Returns the fold scores ``[fold]`` and the out-of-fold correct/prediction vector."""
-    scores = np.empty(len(splits))
-    oof = np.empty(len(y), dtype=np.float64)
-    for k, (train, test) in enumerate(splits):
-        est = probe._make().fit(X[train], y[train])
-        pred = est.predict(X[test])
-        if probe.kind == "logistic":
-            correct = (pred == y[test]).astype(np.float64)
-            oof[test] = correct
-            scores[k] = correct.mean()
-        else:
-            oof[test] = pred
-            scores[k] = _r2(y[test], pred)
-    return scores, oof
+    """Returns the fold scores ``[fold]`` and the out-of-fold correct/prediction vector.
 
+    The out-of-fold predictions come from ``cross_val_predict`` over the grouped splits (each
+    prompt predicted once, by the fold that held it out); the fold scores are read off them.
+    """
+    from sklearn.metrics import accuracy_score, r2_score
+    from sklearn.model_selection import cross_val_predict
 
-def _r2(y: np.ndarray, pred: np.ndarray) -> float:
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    ss_res = float(((y - pred) ** 2).sum())
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+    pred = cross_val_predict(probe._make_estimator(), X, y, cv=splits)
+    if probe.kind == "logistic":
+        oof = (pred == y).astype(np.float64)
+        scores = np.array([accuracy_score(y[test], pred[test]) for _, test in splits])
+        return scores, oof
+    # R² of a fold whose held-out values are all equal is undefined (scikit-learn would report 1 or 0).
+    scores = np.array([r2_score(y[test], pred[test]) if np.ptp(y[test]) > 0 else math.nan for _, test in splits])
+    return scores, pred.astype(np.float64)
 
 
 def _wilson(k: float | int, n: int, confidence: float) -> tuple[float, float]:
