@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,30 @@ _TENSORS = "activations.safetensors"
 _MANIFEST = "manifest.json"
 
 
+_HOOK_NAME = re.compile(r"blocks\.(\d+)\.hook_(\w+)")
+
+
+def _parse_hook_name(key: object) -> tuple[int, str] | None:
+    """Returns ``(layer, point)`` of a TransformerLens name ``blocks.{layer}.hook_{point}``, else None."""
+    match = _HOOK_NAME.fullmatch(key) if isinstance(key, str) else None
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+class _MissingHook(KeyError, ValueError):
+    """An absent key: a ``KeyError`` for the ``Mapping`` contract, a ``ValueError`` for bad input."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class ActivationSet(Mapping[str, Tensor]):
     """Last-token activations at every requested layer, keyed by hook point.
 
     ``acts["resid_post"]`` is a ``Float[Tensor, "persona question layer d_model"]``; the
-    ``layer`` axis holds the blocks listed in ``acts.layers`` (all blocks by default).
+    ``layer`` axis holds the blocks listed in ``acts.layers`` (all blocks by default). It is a
+    ``Mapping`` over the stored hook points: ``"resid_pre" in acts`` is False when that hook
+    was not captured, ``acts.get("resid_pre")`` is None, and a full TransformerLens name such
+    as ``acts["blocks.3.hook_resid_post"]`` gives block 3's ``[persona, question, d_model]``.
 
     Args:
         activations: Hook name (see ``HOOK_POINTS``) to tensor ``[persona, question, layer, d_model]``.
@@ -83,11 +103,33 @@ class ActivationSet(Mapping[str, Tensor]):
             invalid("n_tokens", "ActivationSet", f"shaped [persona={expected[0]}, question={expected[1]}]", tuple(self.n_tokens.shape))
 
     # Mapping interface -------------------------------------------------------------------------
-    def __getitem__(self, hook: str) -> Float[Tensor, "persona question layer d_model"]:
+    def __getitem__(self, key: str) -> Float[Tensor, "persona question layer d_model"] | Float[Tensor, "persona question d_model"]:
+        """Returns a hook's tensor; a full TransformerLens name gives that block's slice.
+
+        ``acts["resid_post"]`` is ``[persona, question, layer, d_model]``;
+        ``acts["blocks.3.hook_resid_post"]`` is ``[persona, question, d_model]`` at block 3.
+        An absent key raises ``KeyError`` (so ``in`` and ``get`` behave as for a dict).
+        """
+        if isinstance(key, str) and key in self._acts:
+            return self._acts[key]
+        parsed = _parse_hook_name(key)
+        if parsed is not None:
+            layer, point = parsed
+            if point in self._acts and layer in self.layers:
+                return self._acts[point][:, :, self.layers.index(layer)]
+        raise _MissingHook(
+            f"The 'hook' parameter of ActivationSet.__getitem__ must be one of the stored hooks {list(self._acts)} "
+            f"or a name blocks.<layer>.hook_<point> with a stored layer in {list(self.layers)}. Got {key!r} instead."
+        )
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
         try:
-            return self._acts[hook]
+            self[key]
         except KeyError:
-            invalid("hook", "ActivationSet.__getitem__", f"one of the stored hooks {list(self._acts)}", hook)
+            return False
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._acts)
