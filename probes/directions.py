@@ -18,8 +18,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -27,9 +28,6 @@ from torch import Tensor
 from persona_geometry._validation import invalid
 from persona_geometry.activations import ActivationSet
 from persona_geometry.geometry import Centering, Centroids, center, centroids
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 __all__ = ["Direction", "Projection", "mean_difference", "assistant_axis", "project"]
 
@@ -130,8 +128,6 @@ class Direction:
 
     def to_frame(self) -> pd.DataFrame:
         """Returns one row per layer: layer, the raw difference's norm, the stored vector's norm."""
-        import pandas as pd
-
         vnorm = self.values.float().norm(dim=-1)
         return pd.DataFrame(
             {
@@ -255,8 +251,6 @@ class Projection:
 
     def to_frame(self) -> pd.DataFrame:
         """Returns one row per persona (and question, when per prompt) and layer."""
-        import pandas as pd
-
         v = self.values.double().cpu().numpy()
         rows = []
         for i, (p, c) in enumerate(zip(self.personas, self.categories, strict=True)):
@@ -270,8 +264,6 @@ class Projection:
 
     def to_wide(self) -> pd.DataFrame:
         """Returns a persona × layer table (means over questions when per prompt)."""
-        import pandas as pd
-
         v = self.values.mean(dim=1) if self.per_prompt else self.values
         return pd.DataFrame(v.double().cpu().numpy(), index=list(self.personas), columns=list(self.layers))
 

@@ -17,9 +17,10 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -34,9 +35,6 @@ from persona_geometry._validation import (
 from persona_geometry.personas import Persona, PersonaSet
 
 from .directions import Direction
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 __all__ = ["steer", "DoseResponse", "dose_response", "MarkerCounter"]
 
@@ -200,8 +198,6 @@ class DoseResponse:
 
     def to_frame(self) -> pd.DataFrame:
         """Returns one row per alpha: alpha, k, n, rate, ci_low, ci_high."""
-        import pandas as pd
-
         return pd.DataFrame(
             {"alpha": self.alphas, "k": self.k, "n": self.n, "rate": self.rate, "ci_low": self.ci_low, "ci_high": self.ci_high}
         )

@@ -17,10 +17,6 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger("persona_geometry")
 
 
-class UsageError(ValueError):
-    """A bad command-line value; reported as one line with exit status 2."""
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
