@@ -99,3 +99,18 @@ def _np_integer() -> type:
     import numpy as np
 
     return np.integer
+
+
+def renamed(new_value: Any, old_value: Any, *, new: str, old: str, func: str, default: Any = None) -> Any:
+    """Returns the value of a renamed parameter, warning (DeprecationWarning) when the old name was used.
+
+    ``default`` is the value meaning "not given"; giving both names is an error.
+    """
+    if old_value is default:
+        return new_value
+    if new_value is not default:
+        invalid(old, func, f"left out (it was renamed {new!r}; give only {new!r})", old_value, exc=TypeError)
+    import warnings
+
+    warnings.warn(f"The {old!r} parameter of {func} is renamed {new!r}; {old!r} will be removed.", DeprecationWarning, stacklevel=3)
+    return old_value
