@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from persona_geometry._validation import check_probability, check_unique_names, invalid
+from persona_geometry._validation import check_probability, check_unique_names, invalid, renamed
 from persona_geometry.analysis.categories import CategoryFit, category_labels, within_category
 from persona_geometry.analysis.fits import (
     Correlation,
@@ -461,14 +461,15 @@ def analyze(
     holdout: Sequence[str] | None = None,
     reference: str | None = None,
     exclude_reference: bool = False,
-    seed: str | None = None,
+    seed_column: str | None = None,
     layer: int | None = None,
     alpha: float = 0.05,
+    seed: str | None = None,
 ) -> Robustness:
     """Returns the robustness statistics computed from a per-persona table (DataFrame or CSV).
 
     Args:
-        table: One row per persona (or per persona and seed, with ``seed``).
+        table: One row per persona (or per persona and seed, with ``seed_column``).
         x: Column of the geometry measure (cosine at one layer).
         k, n: Columns of raw counts (rate = k / n). Give these, or ``rate``.
         rate: Column of rates, when raw counts are not available (no Wilson intervals then).
@@ -479,19 +480,21 @@ def analyze(
         holdout: Personas to hold out of the fit.
         reference: Reference persona (fits with and without it are reported).
         exclude_reference: Drop the reference from everything.
-        seed: Column of seeds: rows of the same persona are pooled (counts add) first.
+        seed_column: Column of seeds: rows of the same persona are pooled (counts add) first.
         layer: The layer ``x`` comes from, for the report.
         alpha: 1 - level of the prediction and Wilson intervals.
+        seed: Deprecated name of ``seed_column`` (``seed`` means an RNG seed elsewhere).
 
     Raises:
         ValueError: On a missing column, duplicate personas, and everything
             ``robustness_at_layer`` rejects.
     """
     func = "analyze"
+    seed_column = renamed(seed_column, seed, new="seed_column", old="seed", func=func)
     frame = read_table(table, func)
     if (k is None) != (n is None) or (rate is None) == (k is None):
         invalid("k", func, "given with n (raw counts), or rate given instead", {"k": k, "n": n, "rate": rate})
-    require_columns(frame, {"persona": persona, "x": x, "k": k, "n": n, "rate": rate, "category": category, "covariate": covariate, "seed": seed}, func)
+    require_columns(frame, {"persona": persona, "x": x, "k": k, "n": n, "rate": rate, "category": category, "covariate": covariate, "seed_column": seed_column}, func)
     if len(frame) == 0:
         invalid("table", func, "a table with at least 3 rows", "an empty table")
     for col in [c for c in (x, k, n, rate, covariate) if c is not None]:
@@ -501,10 +504,10 @@ def analyze(
             invalid(col, func, "finite numbers in every row", f"missing or non-numeric values for {bad}")
     frame = frame.assign(**{persona: frame[persona].astype(str)})
 
-    if seed is not None:
+    if seed_column is not None:
         if k is None:
-            invalid("seed", func, "used with raw counts k and n (pooling adds counts)", seed)
-        pooled = pool_seeds(frame, persona=persona, seed=seed, k=k, n=n)
+            invalid("seed_column", func, "used with raw counts k and n (pooling adds counts)", seed_column)
+        pooled = pool_seeds(frame, persona=persona, seed_column=seed_column, k=k, n=n)
         first = frame.drop_duplicates(persona).set_index(persona).loc[list(pooled.personas)]
         for col in [c for c in (x, category, covariate) if c is not None]:
             varying = frame.groupby(persona, sort=False)[col].nunique()
@@ -515,7 +518,7 @@ def analyze(
     else:
         dup = frame[persona].duplicated()
         if dup.any():
-            invalid("table", func, f"one row per persona in column {persona!r} (or pass seed= to pool seeds)", f"{frame.loc[dup, persona].tolist()} more than once")
+            invalid("table", func, f"one row per persona in column {persona!r} (or pass seed_column= to pool seeds)", f"{frame.loc[dup, persona].tolist()} more than once")
         first = frame.set_index(persona)
         names = list(first.index)
         k_values = None if k is None else first[k].to_numpy(dtype=np.float64)

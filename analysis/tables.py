@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from persona_geometry._validation import invalid
+from persona_geometry._validation import invalid, renamed
 from persona_geometry.stats import check_counts, json_float
 
 __all__ = ["PooledCounts", "pool_seeds", "read_table", "require_columns"]
@@ -68,21 +68,25 @@ def pool_seeds(
     table: pd.DataFrame,
     *,
     persona: str = "persona",
-    seed: str = "seed",
+    seed_column: str = "seed",
     k: str = "k",
     n: str = "n",
+    seed: str | None = None,
 ) -> PooledCounts:
     """Returns counts summed over seeds per persona, keeping every seed's rate.
 
     Args:
         table: One row per (persona, seed) with raw counts.
-        persona, seed, k, n: Column names.
+        persona, seed_column, k, n: Column names.
+        seed: Deprecated name of ``seed_column`` (``seed`` means an RNG seed elsewhere).
 
     Raises:
         ValueError: On a missing column, a (persona, seed) pair given twice, or bad counts.
     """
     func = "pool_seeds"
-    require_columns(table, {"persona": persona, "seed": seed, "k": k, "n": n}, func)
+    # "seed" is also the default column name, so only a non-default seed_column conflicts.
+    seed = renamed(None if seed_column == "seed" else seed_column, seed, new="seed_column", old="seed", func=func) or seed_column
+    require_columns(table, {"persona": persona, "seed_column": seed, "k": k, "n": n}, func)
     dup = table.duplicated([persona, seed])
     if dup.any():
         row = table.loc[dup, [persona, seed]].iloc[0].tolist()
