@@ -124,6 +124,7 @@ def leakage_correlation(
     n_permutations: int = 10_000,
     seed: int = 0,
     statistic: str = "spearman",
+    progress: bool = True,
 ) -> LeakageCorrelation:
     """Returns the per-layer correlation of leakage with pairwise cosine, Mantel-tested.
 
@@ -137,6 +138,7 @@ def leakage_correlation(
         n_permutations: Permutations of persona labels (Mantel test); must be >= 1.
         seed: Seeds the permutations.
         statistic: ``"spearman"`` or ``"pearson"`` for the max-over-layers test.
+        progress: Show a progress bar over the permutations (on a terminal).
 
     Raises:
         ValueError: On NaN leakage, unknown personas, fewer than 3 directed pairs, or a
@@ -200,10 +202,10 @@ def leakage_correlation(
 
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     perms = _permutations(len(universe), n_permutations, rng)
-    d_stats, d_max = _mantel(cos_u, directed, perms, statistic, closed=set(sources) == set(targets) == set(universe), func=func)
+    d_stats, d_max = _mantel(cos_u, directed, perms, statistic, closed=set(sources) == set(targets) == set(universe), func=func, progress=progress)
     s_stats, s_max = (None, math.nan)
     if len(sym) >= 3:
-        s_stats, s_max = _mantel(cos_u, sym, perms, statistic, closed=len(both) == len(universe), func=func)
+        s_stats, s_max = _mantel(cos_u, sym, perms, statistic, closed=len(both) == len(universe), func=func, progress=progress)
     return LeakageCorrelation(
         layers=tuple(layers),
         sources=tuple(sources),
@@ -226,7 +228,8 @@ def _permutations(m: int, n_permutations: int, rng: np.random.Generator) -> np.n
 
 
 def _mantel(
-    cos: np.ndarray, pairs: list[tuple[int, int, float, Any]], perms: np.ndarray, statistic: str, *, closed: bool, func: str
+    cos: np.ndarray, pairs: list[tuple[int, int, float, Any]], perms: np.ndarray, statistic: str, *, closed: bool, func: str,
+    progress: bool = True,
 ) -> tuple[np.ndarray, float]:
     """Returns ``[layer, 4]`` (r, p, ρ, p) and the max-over-layers p for one set of pairs.
 
@@ -258,7 +261,7 @@ def _mantel(
     cnt_max = 0
     obs_stat = np.abs(obs_rho if statistic == "spearman" else obs_r)
     max_obs = obs_stat.max()
-    with tqdm(total=len(perms), desc="Mantel permutations", unit="perm", disable=None, leave=False) as bar:
+    with tqdm(total=len(perms), desc="Mantel permutations", unit="perm", disable=None if progress else True, leave=False) as bar:
         for start in range(0, len(perms), chunk):
             block = perms[start : start + chunk]
             pa, pb = block[:, a], block[:, b]  # [chunk, pair]

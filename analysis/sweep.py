@@ -260,6 +260,7 @@ def layer_sweep(
     confidence: float = 0.95,
     seed: int = 0,
     statistic: str = "spearman",
+    progress: bool = True,
 ) -> LayerSweep:
     """Returns per-layer Pearson/Spearman correlations of ``cosine`` with the rate, honestly.
 
@@ -284,6 +285,7 @@ def layer_sweep(
         seed: Seeds the permutations and the bootstrap (independent streams).
         statistic: ``"spearman"`` or ``"pearson"``: which statistic picks the strongest layer
             and is maximised in the permutation test.
+        progress: Show progress bars over permutations and resamples (on a terminal).
 
     Returns:
         A ``LayerSweep``.
@@ -328,6 +330,7 @@ def layer_sweep(
         primary_layer=None if primary_layer is None else int(primary_layer),
         reference=reference,
         excluded=excluded,
+        progress=bool(progress),
     )
     without_reference = None
     if reference is not None and reference in kept:
@@ -353,6 +356,7 @@ def _sweep(
     primary_layer: int | None,
     reference: str | None,
     excluded: tuple[str, ...],
+    progress: bool = True,
     without_reference: LayerSweep | None = None,
 ) -> LayerSweep:
     func = "layer_sweep"
@@ -376,12 +380,12 @@ def _sweep(
     best = int(np.argmax(observed))
     max_obs = float(observed[best])
     if n_permutations:
-        max_p, p_maxt = _max_permutation_test(basis, target, observed, n_permutations, np.random.default_rng(ss_perm))
+        max_p, p_maxt = _max_permutation_test(basis, target, observed, n_permutations, np.random.default_rng(ss_perm), progress=progress)
     else:
         max_p, p_maxt = math.nan, np.full(len(layers), np.nan)
 
     if n_bootstrap:
-        boot_r, boot_rho = _bootstrap(x, y, n_bootstrap, np.random.default_rng(ss_boot))
+        boot_r, boot_rho = _bootstrap(x, y, n_bootstrap, np.random.default_rng(ss_boot), progress=progress)
         q = 100 * np.array([(1 - confidence) / 2, (1 + confidence) / 2])
         with np.errstate(invalid="ignore"):
             r_ci = np.nanpercentile(boot_r, q, axis=0).T
@@ -429,7 +433,8 @@ def _permutation_chunks(target: np.ndarray, n_permutations: int, rng: np.random.
 
 
 def _max_permutation_test(
-    basis: np.ndarray, target: np.ndarray, observed: np.ndarray, n_permutations: int, rng: np.random.Generator
+    basis: np.ndarray, target: np.ndarray, observed: np.ndarray, n_permutations: int, rng: np.random.Generator,
+    *, progress: bool = True,
 ) -> tuple[float, np.ndarray]:
     """Returns the permutation p-value of ``max(observed)`` and the per-layer max-T p-values.
 
@@ -439,7 +444,7 @@ def _max_permutation_test(
     max_obs = observed.max()
     count_max = 0
     count_layer = np.zeros(observed.shape[0], dtype=np.int64)
-    with tqdm(total=n_permutations, desc="permutations", unit="perm", disable=None, leave=False) as bar:
+    with tqdm(total=n_permutations, desc="permutations", unit="perm", disable=None if progress else True, leave=False) as bar:
         for block in _permutation_chunks(target, n_permutations, rng):
             maxima = np.abs(block @ basis).max(axis=1)
             count_max += int((maxima >= max_obs - TIE_TOL).sum())
@@ -500,7 +505,9 @@ def _resample_ranks(ws: np.ndarray, first: np.ndarray, last: np.ndarray, tied: n
     return ranks
 
 
-def _bootstrap(x: np.ndarray, y: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _bootstrap(
+    x: np.ndarray, y: np.ndarray, n_bootstrap: int, rng: np.random.Generator, *, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns ``[n_bootstrap, layer]`` Pearson and Spearman values over persona resamples.
 
     A resample is a row of draw counts ``w``. Pearson's weighted moments are then matrix
@@ -522,7 +529,7 @@ def _bootstrap(x: np.ndarray, y: np.ndarray, n_bootstrap: int, rng: np.random.Ge
     mid = (p + 1) / 2.0
     chunk = max(1, _BOOT_CHUNK_ELEMENTS // (p * n_layers))
     out_r, out_rho = [], []
-    with tqdm(total=n_bootstrap, desc="bootstrap", unit="resample", disable=None, leave=False) as bar:
+    with tqdm(total=n_bootstrap, desc="bootstrap", unit="resample", disable=None if progress else True, leave=False) as bar:
         for w in _bootstrap_counts(p, n_bootstrap, chunk, rng):
             # Pearson: weighted moments (weights sum to P) as matrix products.
             mx, my = (w @ xc) / p, (w @ yc)[:, None] / p
