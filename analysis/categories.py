@@ -45,20 +45,34 @@ def category_labels(categories: Any, names: list[str], func: str) -> list[str]:
     return cats
 
 
-def within_category(x: np.ndarray, y: np.ndarray, names: list[str], cats: list[str]) -> tuple[CategoryFit, ...]:
+def within_category(
+    x: np.ndarray, y: np.ndarray, names: list[str], cats: list[str]
+) -> tuple[CategoryFit, ...]:
     """Returns the correlation within every category, in first-seen order."""
     out = []
     for cat in dict.fromkeys(cats):
         idx = [i for i, c in enumerate(cats) if c == cat]
         members = tuple(names[i] for i in idx)
         if len(idx) < 3:
-            out.append(CategoryFit(category=cat, personas=members, skipped=f"fewer than 3 personas (n={len(idx)})"))
+            out.append(
+                CategoryFit(
+                    category=cat, personas=members, skipped=f"fewer than 3 personas (n={len(idx)})"
+                )
+            )
         elif np.ptp(x[idx]) == 0:
-            out.append(CategoryFit(category=cat, personas=members, skipped="constant x within the category"))
+            out.append(
+                CategoryFit(
+                    category=cat, personas=members, skipped="constant x within the category"
+                )
+            )
         elif np.ptp(y[idx]) == 0:
-            out.append(CategoryFit(category=cat, personas=members, skipped="constant rate within the category"))
+            out.append(
+                CategoryFit(
+                    category=cat, personas=members, skipped="constant rate within the category"
+                )
+            )
         else:
-            out.append(CategoryFit(category=cat, personas=members, correlation=correlation(x[idx], y[idx])))
+            out.append(
+                CategoryFit(category=cat, personas=members, correlation=correlation(x[idx], y[idx]))
+            )
     return tuple(out)
-
-

@@ -128,7 +128,13 @@ class LooCoverage:
 def correlation(x: np.ndarray, y: np.ndarray) -> Correlation:
     """Returns Pearson and Spearman of two vectors (NaN below 3 points)."""
     if len(x) < 3:  # two points always sit on a line: no correlation to report
-        return Correlation(n=len(x), pearson_r=math.nan, pearson_p=math.nan, spearman_rho=math.nan, spearman_p=math.nan)
+        return Correlation(
+            n=len(x),
+            pearson_r=math.nan,
+            pearson_p=math.nan,
+            spearman_rho=math.nan,
+            spearman_p=math.nan,
+        )
     r, pr = pearson(x, y)
     rho, prho = spearman(x, y)
     return Correlation(n=len(x), pearson_r=r, pearson_p=pr, spearman_rho=rho, spearman_p=prho)
@@ -161,7 +167,12 @@ def prediction_intervals(res: Any, x_new: np.ndarray, alpha: float) -> pd.DataFr
 
 
 def loo_coverage(
-    x: np.ndarray, y: np.ndarray, names: list[str], fit_idx: list[int], hold_idx: list[int], alpha: float
+    x: np.ndarray,
+    y: np.ndarray,
+    names: list[str],
+    fit_idx: list[int],
+    hold_idx: list[int],
+    alpha: float,
 ) -> LooCoverage:
     """Drops each fitted persona in turn, refits, and checks every held-out persona's interval."""
     if not hold_idx or len(fit_idx) - 1 < 3:
@@ -173,14 +184,21 @@ def loo_coverage(
             continue  # no slope can be fitted without it; the case is not counted
         frame = prediction_intervals(ols(x[idx], y[idx]), x[hold_idx], alpha)
         for row, h in enumerate(hold_idx):
-            inside = bool(frame["obs_ci_lower"].iloc[row] <= y[h] <= frame["obs_ci_upper"].iloc[row])
+            inside = bool(
+                frame["obs_ci_lower"].iloc[row] <= y[h] <= frame["obs_ci_upper"].iloc[row]
+            )
             cases.append((names[drop], names[h], inside))
     return LooCoverage(covered=sum(c[2] for c in cases), total=len(cases), cases=tuple(cases))
 
 
-
-
-def holdout_predictions(res: Any, x: np.ndarray, y: np.ndarray, names: Sequence[str], hold_idx: Sequence[int], alpha: float) -> tuple[HoldoutPrediction, ...]:
+def holdout_predictions(
+    res: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    names: Sequence[str],
+    hold_idx: Sequence[int],
+    alpha: float,
+) -> tuple[HoldoutPrediction, ...]:
     """Returns each held-out persona's observed rate against the fit's prediction interval."""
     if not hold_idx:
         return ()

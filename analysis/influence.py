@@ -54,10 +54,15 @@ class Influence:
     def to_dict(self) -> dict[str, Any]:
         """Returns the schema's cooks_distance, cooks_threshold, influential, without_most_influential."""
         return {
-            "cooks_distance": {p: json_float(d) for p, d in zip(self.personas, self.cooks_distance, strict=True)},
+            "cooks_distance": {
+                p: json_float(d) for p, d in zip(self.personas, self.cooks_distance, strict=True)
+            },
             "cooks_threshold": json_float(self.threshold),
             "influential": list(self.influential),
-            "without_most_influential": {"persona": self.most_influential, **self.without_most_influential.to_dict()},
+            "without_most_influential": {
+                "persona": self.most_influential,
+                **self.without_most_influential.to_dict(),
+            },
         }
 
     def summary(self) -> str:
@@ -70,7 +75,9 @@ class Influence:
         )
 
 
-def influence(res: Any, x: np.ndarray, y: np.ndarray, names: list[str], fit_names: list[str]) -> Influence:
+def influence(
+    res: Any, x: np.ndarray, y: np.ndarray, names: list[str], fit_names: list[str]
+) -> Influence:
     """Returns the ``Influence`` of the fitted personas (statsmodels ``OLSInfluence`` of ``res``)."""
     from statsmodels.stats.outliers_influence import OLSInfluence
 
@@ -94,5 +101,3 @@ def influence(res: Any, x: np.ndarray, y: np.ndarray, names: list[str], fit_name
         most_influential=most,
         without_most_influential=correlation(x[idx], y[idx]),
     )
-
-

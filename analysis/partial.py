@@ -25,7 +25,13 @@ class PartialSpearman:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns ``{rho, p, vif, n, covariate}``."""
-        return {"rho": json_float(self.rho), "p": json_float(self.p), "vif": json_float(self.vif), "n": self.n, "covariate": self.covariate}
+        return {
+            "rho": json_float(self.rho),
+            "p": json_float(self.p),
+            "vif": json_float(self.vif),
+            "n": self.n,
+            "covariate": self.covariate,
+        }
 
 
 def partial_spearman(x: np.ndarray, y: np.ndarray, covariate: np.ndarray) -> tuple[float, float]:
@@ -35,7 +41,11 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, covariate: np.ndarray) -> tup
     ranks (with an intercept) and the residuals correlated. The p-value is the t-test with
     ``n - 3`` degrees of freedom (one covariate), as in the usual partial-correlation test.
     """
-    rx, ry, rz = rank(np.asarray(x, float)), rank(np.asarray(y, float)), rank(np.asarray(covariate, float))
+    rx, ry, rz = (
+        rank(np.asarray(x, float)),
+        rank(np.asarray(y, float)),
+        rank(np.asarray(covariate, float)),
+    )
     design = np.column_stack([np.ones_like(rz), rz])
     res_x = rx - design @ np.linalg.lstsq(design, rx, rcond=None)[0]
     res_y = ry - design @ np.linalg.lstsq(design, ry, rcond=None)[0]
@@ -53,5 +63,3 @@ def vif(x: np.ndarray, covariate: np.ndarray) -> float:
     exog = np.column_stack([np.ones_like(x), x, covariate])
     with np.errstate(divide="ignore"):
         return float(variance_inflation_factor(exog, 1))
-
-

@@ -166,7 +166,9 @@ class Robustness:
                     "wilson_upper": hi,
                     "role": "holdout" if h else ("reference" if p == self.reference else "fitted"),
                     "cooks_distance": cooks.get(p, math.nan),
-                    "predicted": h.predicted if h else self.fit.intercept + self.fit.slope * self.x[i],
+                    "predicted": h.predicted
+                    if h
+                    else self.fit.intercept + self.fit.slope * self.x[i],
                     "pi_lower": h.pi_lower if h else math.nan,
                     "pi_upper": h.pi_upper if h else math.nan,
                     "inside": h.inside if h else None,
@@ -179,7 +181,10 @@ class Robustness:
         corr = self.correlation.to_dict()
         without_ref = None
         if self.without_reference is not None and self.fit_without_reference is not None:
-            without_ref = {**self.without_reference.to_dict(), "fit": self.fit_without_reference.to_dict()}
+            without_ref = {
+                **self.without_reference.to_dict(),
+                "fit": self.fit_without_reference.to_dict(),
+            }
         return {
             "schema_version": 1,
             "x_name": self.x_name,
@@ -192,13 +197,19 @@ class Robustness:
             "holdout": [h.to_dict() for h in self.holdout],
             "loo_pi_coverage": self.loo_coverage.to_dict(),
             **self.influence.to_dict(),
-            "partial_spearman": None if self.partial_spearman is None else self.partial_spearman.to_dict(),
+            "partial_spearman": None
+            if self.partial_spearman is None
+            else self.partial_spearman.to_dict(),
             "within_category": {c.category: c.to_dict() for c in self.within_category},
             "wilson": {p: [json_float(lo), json_float(hi)] for p, (lo, hi) in self.wilson.items()},
             "rates": {p: json_float(r) for p, r in zip(self.personas, self.rate, strict=True)},
             "x": {p: json_float(v) for p, v in zip(self.personas, self.x, strict=True)},
-            "k": None if self.k is None else {p: int(v) for p, v in zip(self.personas, self.k, strict=True)},
-            "n": None if self.n is None else {p: int(v) for p, v in zip(self.personas, self.n, strict=True)},
+            "k": None
+            if self.k is None
+            else {p: int(v) for p, v in zip(self.personas, self.k, strict=True)},
+            "n": None
+            if self.n is None
+            else {p: int(v) for p, v in zip(self.personas, self.n, strict=True)},
             "categories": dict(zip(self.personas, self.categories, strict=True)),
             "reference": self.reference,
             "without_reference": without_ref,
@@ -221,17 +232,25 @@ class Robustness:
                 f"[{h.pi_lower:.3f}, {h.pi_upper:.3f}] -> {'inside' if h.inside else 'OUTSIDE'}."
             )
         if self.loo_coverage.total:
-            lines.append(f"Leave-one-out PI coverage: {self.loo_coverage.covered}/{self.loo_coverage.total}.")
+            lines.append(
+                f"Leave-one-out PI coverage: {self.loo_coverage.covered}/{self.loo_coverage.total}."
+            )
         lines.append(self.influence.summary())
         if self.partial_spearman is not None:
             ps = self.partial_spearman
-            lines.append(f"Partial Spearman controlling for {ps.covariate}: rho = {ps.rho:+.3f} (p = {ps.p:.3g}), VIF = {ps.vif:.2f}.")
+            lines.append(
+                f"Partial Spearman controlling for {ps.covariate}: rho = {ps.rho:+.3f} (p = {ps.p:.3g}), VIF = {ps.vif:.2f}."
+            )
         for cat in self.within_category:
             if cat.correlation is None:
-                lines.append(f"Category {cat.category!r} (n = {len(cat.personas)}): skipped, {cat.skipped}.")
+                lines.append(
+                    f"Category {cat.category!r} (n = {len(cat.personas)}): skipped, {cat.skipped}."
+                )
             else:
                 cc = cat.correlation
-                lines.append(f"Category {cat.category!r} (n = {cc.n}): r = {cc.pearson_r:+.3f}, rho = {cc.spearman_rho:+.3f}.")
+                lines.append(
+                    f"Category {cat.category!r} (n = {cc.n}): r = {cc.pearson_r:+.3f}, rho = {cc.spearman_rho:+.3f}."
+                )
         if self.without_reference is not None:
             w = self.without_reference
             lines.append(
@@ -313,7 +332,9 @@ def robustness_at_layer(
     """
     func = "robustness_at_layer"
     alpha = check_probability(alpha, "alpha", func)
-    x, personas, categories, reference = _unpack_cosines(x, personas, categories, reference, layer, func)
+    x, personas, categories, reference = _unpack_cosines(
+        x, personas, categories, reference, layer, func
+    )
     data = _validate_inputs(x, y, k, n, personas, categories, covariate, func)
     holdout = _check_holdout_and_reference(holdout, reference, data.names, func)
     excluded: tuple[str, ...] = ()
@@ -322,7 +343,9 @@ def robustness_at_layer(
     fit_idx, hold_idx = _split_fit_holdout(data, holdout, func)
 
     fit, res = linear_fit(data.x[fit_idx], data.rate[fit_idx], [data.names[i] for i in fit_idx])
-    without_ref, fit_without_ref = (None, None) if exclude_reference else _without_reference(data, reference, fit_idx)
+    without_ref, fit_without_ref = (
+        (None, None) if exclude_reference else _without_reference(data, reference, fit_idx)
+    )
     return Robustness(
         personas=tuple(data.names),
         categories=tuple(data.cats),
@@ -348,12 +371,16 @@ def robustness_at_layer(
     )
 
 
-def _unpack_cosines(x: Any, personas: Any, categories: Any, reference: str | None, layer: int | None, func: str) -> tuple[Any, Any, Any, str | None]:
+def _unpack_cosines(
+    x: Any, personas: Any, categories: Any, reference: str | None, layer: int | None, func: str
+) -> tuple[Any, Any, Any, str | None]:
     """Returns ``(x, personas, categories, reference)``, read from a CosineToReference at ``layer``."""
     if not isinstance(x, CosineToReference):
         return x, personas, categories, reference
     if layer is None:
-        invalid("layer", func, f"one of the layers {list(x.layers)} when x is a CosineToReference", None)
+        invalid(
+            "layer", func, f"one of the layers {list(x.layers)} when x is a CosineToReference", None
+        )
     values = x.at(layer)
     personas = list(values) if personas is None else list(personas)
     if categories is None:
@@ -361,7 +388,9 @@ def _unpack_cosines(x: Any, personas: Any, categories: Any, reference: str | Non
     return values, personas, categories, x.reference if reference is None else reference
 
 
-def _validate_inputs(x: Any, y: Any, k: Any, n: Any, personas: Any, categories: Any, covariate: Any, func: str) -> _PersonaData:
+def _validate_inputs(
+    x: Any, y: Any, k: Any, n: Any, personas: Any, categories: Any, covariate: Any, func: str
+) -> _PersonaData:
     """Returns the per-persona inputs checked and aligned to the persona names."""
     if personas is None:
         if isinstance(x, Mapping):
@@ -378,7 +407,9 @@ def _validate_inputs(x: Any, y: Any, k: Any, n: Any, personas: Any, categories: 
     return _PersonaData(names=names, x=x_arr, rate=rate, k=k_arr, n=n_arr, cats=cats, cov=cov)
 
 
-def _check_holdout_and_reference(holdout: Sequence[str] | None, reference: str | None, names: list[str], func: str) -> list[str]:
+def _check_holdout_and_reference(
+    holdout: Sequence[str] | None, reference: str | None, names: list[str], func: str
+) -> list[str]:
     """Returns the held-out names after checking them and the reference against the table."""
     holdout = list(holdout or [])
     for h in holdout:
@@ -391,7 +422,9 @@ def _check_holdout_and_reference(holdout: Sequence[str] | None, reference: str |
     return holdout
 
 
-def _exclude_reference(data: _PersonaData, reference: str | None, holdout: list[str], func: str) -> tuple[_PersonaData, tuple[str, ...]]:
+def _exclude_reference(
+    data: _PersonaData, reference: str | None, holdout: list[str], func: str
+) -> tuple[_PersonaData, tuple[str, ...]]:
     """Returns the inputs without the reference persona, and the excluded names."""
     if reference is None:
         invalid("reference", func, "a persona name when exclude_reference=True", None)
@@ -400,7 +433,9 @@ def _exclude_reference(data: _PersonaData, reference: str | None, holdout: list[
     return data.subset([i for i, p in enumerate(data.names) if p != reference]), (reference,)
 
 
-def _split_fit_holdout(data: _PersonaData, holdout: list[str], func: str) -> tuple[list[int], list[int]]:
+def _split_fit_holdout(
+    data: _PersonaData, holdout: list[str], func: str
+) -> tuple[list[int], list[int]]:
     """Returns the positions of the fitted and of the held-out personas, after checking enough vary."""
     names, x_arr, rate = data.names, data.x, data.rate
     if len(names) < 3:
@@ -414,7 +449,12 @@ def _split_fit_holdout(data: _PersonaData, holdout: list[str], func: str) -> tup
     if len(fit_idx) < 3:
         invalid("holdout", func, "few enough personas to leave at least 3 to fit", holdout)
     if np.ptp(x_arr[fit_idx]) == 0:
-        invalid("x", func, "values that vary across the fitted (non-held-out) personas", f"every value = {x_arr[fit_idx][0]!r}")
+        invalid(
+            "x",
+            func,
+            "values that vary across the fitted (non-held-out) personas",
+            f"every value = {x_arr[fit_idx][0]!r}",
+        )
     return fit_idx, hold_idx
 
 
@@ -423,7 +463,9 @@ def _partial(data: _PersonaData, covariate_name: str) -> PartialSpearman | None:
     if data.cov is None:
         return None
     rho, p = partial_spearman(data.x, data.rate, data.cov)
-    return PartialSpearman(rho=rho, p=p, vif=vif(data.x, data.cov), n=len(data.names), covariate=covariate_name)
+    return PartialSpearman(
+        rho=rho, p=p, vif=vif(data.x, data.cov), n=len(data.names), covariate=covariate_name
+    )
 
 
 def _wilson(data: _PersonaData, alpha: float) -> dict[str, tuple[float, float]]:
@@ -434,7 +476,9 @@ def _wilson(data: _PersonaData, alpha: float) -> dict[str, tuple[float, float]]:
     return {p: (float(lo[i]), float(hi[i])) for i, p in enumerate(data.names)}
 
 
-def _without_reference(data: _PersonaData, reference: str | None, fit_idx: list[int]) -> tuple[Correlation | None, LinearFit | None]:
+def _without_reference(
+    data: _PersonaData, reference: str | None, fit_idx: list[int]
+) -> tuple[Correlation | None, LinearFit | None]:
     """Returns the correlation and the fit without the reference, where enough personas vary."""
     if reference is None:
         return None, None
@@ -493,32 +537,69 @@ def analyze(
     seed_column = renamed(seed_column, seed, new="seed_column", old="seed", func=func)
     frame = read_table(table, func)
     if (k is None) != (n is None) or (rate is None) == (k is None):
-        invalid("k", func, "given with n (raw counts), or rate given instead", {"k": k, "n": n, "rate": rate})
-    require_columns(frame, {"persona": persona, "x": x, "k": k, "n": n, "rate": rate, "category": category, "covariate": covariate, "seed_column": seed_column}, func)
+        invalid(
+            "k",
+            func,
+            "given with n (raw counts), or rate given instead",
+            {"k": k, "n": n, "rate": rate},
+        )
+    require_columns(
+        frame,
+        {
+            "persona": persona,
+            "x": x,
+            "k": k,
+            "n": n,
+            "rate": rate,
+            "category": category,
+            "covariate": covariate,
+            "seed_column": seed_column,
+        },
+        func,
+    )
     if len(frame) == 0:
         invalid("table", func, "a table with at least 3 rows", "an empty table")
     for col in [c for c in (x, k, n, rate, covariate) if c is not None]:
         values = pd.to_numeric(frame[col], errors="coerce")
-        bad = frame.loc[values.isna() | ~np.isfinite(values.fillna(0)), persona].astype(str).tolist()
+        bad = (
+            frame.loc[values.isna() | ~np.isfinite(values.fillna(0)), persona].astype(str).tolist()
+        )
         if bad:
-            invalid(col, func, "finite numbers in every row", f"missing or non-numeric values for {bad}")
+            invalid(
+                col, func, "finite numbers in every row", f"missing or non-numeric values for {bad}"
+            )
     frame = frame.assign(**{persona: frame[persona].astype(str)})
 
     if seed_column is not None:
         if k is None:
-            invalid("seed_column", func, "used with raw counts k and n (pooling adds counts)", seed_column)
+            invalid(
+                "seed_column",
+                func,
+                "used with raw counts k and n (pooling adds counts)",
+                seed_column,
+            )
         pooled = pool_seeds(frame, persona=persona, seed_column=seed_column, k=k, n=n)
         first = frame.drop_duplicates(persona).set_index(persona).loc[list(pooled.personas)]
         for col in [c for c in (x, category, covariate) if c is not None]:
             varying = frame.groupby(persona, sort=False)[col].nunique()
             if (varying > 1).any():
-                invalid(col, func, "one value per persona across seeds", f"several values for {varying[varying > 1].index.tolist()}")
+                invalid(
+                    col,
+                    func,
+                    "one value per persona across seeds",
+                    f"several values for {varying[varying > 1].index.tolist()}",
+                )
         names = list(pooled.personas)
         k_values, n_values, rate_values = pooled.k, pooled.n, None
     else:
         dup = frame[persona].duplicated()
         if dup.any():
-            invalid("table", func, f"one row per persona in column {persona!r} (or pass seed_column= to pool seeds)", f"{frame.loc[dup, persona].tolist()} more than once")
+            invalid(
+                "table",
+                func,
+                f"one row per persona in column {persona!r} (or pass seed_column= to pool seeds)",
+                f"{frame.loc[dup, persona].tolist()} more than once",
+            )
         first = frame.set_index(persona)
         names = list(first.index)
         k_values = None if k is None else first[k].to_numpy(dtype=np.float64)
@@ -533,7 +614,12 @@ def analyze(
     elif "n_tokens" in first.columns:
         tokens = pd.to_numeric(first["n_tokens"]).to_numpy(dtype=np.float64)
         if (tokens <= 0).any():
-            invalid("n_tokens", func, "positive token counts (their log is the default covariate)", tokens.tolist())
+            invalid(
+                "n_tokens",
+                func,
+                "positive token counts (their log is the default covariate)",
+                tokens.tolist(),
+            )
         cov_values = np.log(tokens)
 
     return robustness_at_layer(

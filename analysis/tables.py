@@ -42,7 +42,9 @@ class PooledCounts:
 
     def to_frame(self) -> pd.DataFrame:
         """Returns one row per persona: k, n, rate and ``rate_seed_<s>`` per seed."""
-        frame = pd.DataFrame({"persona": list(self.personas), "k": self.k, "n": self.n, "rate": self.rate})
+        frame = pd.DataFrame(
+            {"persona": list(self.personas), "k": self.k, "n": self.n, "rate": self.rate}
+        )
         for s in self.per_seed.columns:
             frame[f"rate_seed_{s}"] = self.per_seed[s].to_numpy()
         return frame
@@ -54,7 +56,9 @@ class PooledCounts:
                 "k": int(self.k[i]),
                 "n": int(self.n[i]),
                 "rate": float(self.rate[i]),
-                "per_seed": {str(s): json_float(self.per_seed.loc[p, s]) for s in self.per_seed.columns},
+                "per_seed": {
+                    str(s): json_float(self.per_seed.loc[p, s]) for s in self.per_seed.columns
+                },
             }
             for i, p in enumerate(self.personas)
         }
@@ -85,12 +89,23 @@ def pool_seeds(
     """
     func = "pool_seeds"
     # "seed" is also the default column name, so only a non-default seed_column conflicts.
-    seed = renamed(None if seed_column == "seed" else seed_column, seed, new="seed_column", old="seed", func=func) or seed_column
+    seed = (
+        renamed(
+            None if seed_column == "seed" else seed_column,
+            seed,
+            new="seed_column",
+            old="seed",
+            func=func,
+        )
+        or seed_column
+    )
     require_columns(table, {"persona": persona, "seed_column": seed, "k": k, "n": n}, func)
     dup = table.duplicated([persona, seed])
     if dup.any():
         row = table.loc[dup, [persona, seed]].iloc[0].tolist()
-        invalid("table", func, "one row per (persona, seed)", f"(persona, seed) = {tuple(row)} twice")
+        invalid(
+            "table", func, "one row per (persona, seed)", f"(persona, seed) = {tuple(row)} twice"
+        )
     names = [str(p) for p in dict.fromkeys(table[persona])]
     check_counts(
         table[k].to_numpy(dtype=np.float64),
@@ -125,10 +140,12 @@ def read_table(table: pd.DataFrame | str | os.PathLike[str], func: str) -> pd.Da
     if not isinstance(table, str | os.PathLike):
         invalid("table", func, "a DataFrame or a CSV path", type(table).__name__, exc=TypeError)
     if not os.path.exists(table):
-        raise FileNotFoundError(f"The 'table' parameter of {func} must be an existing CSV file. Got {str(table)!r} instead.")
+        raise FileNotFoundError(
+            f"The 'table' parameter of {func} must be an existing CSV file. Got {str(table)!r} instead."
+        )
     try:
         return pd.read_csv(table)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"The 'table' parameter of {func} must be a readable CSV file. Got {str(table)!r} ({e}) instead.") from e
-
-
+        raise ValueError(
+            f"The 'table' parameter of {func} must be a readable CSV file. Got {str(table)!r} ({e}) instead."
+        ) from e

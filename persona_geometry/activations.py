@@ -22,7 +22,14 @@ from persona_geometry._io import atomic_dir, atomic_write_json
 from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import PersonaSet
 
-__all__ = ["ActivationSet", "FORMAT", "FORMAT_VERSION", "HOOK_POINTS", "load_activations", "save_activations"]
+__all__ = [
+    "ActivationSet",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HOOK_POINTS",
+    "load_activations",
+    "save_activations",
+]
 
 # Hook points per block, in TransformerLens naming (`blocks.{l}.hook_<name>`).
 HOOK_POINTS: tuple[str, ...] = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
@@ -80,7 +87,12 @@ class ActivationSet(Mapping[str, Tensor]):
         manifest: Mapping[str, Any] | None = None,
     ):
         if not activations:
-            invalid("activations", "ActivationSet", "a non-empty mapping of hook name to tensor", dict(activations))
+            invalid(
+                "activations",
+                "ActivationSet",
+                "a non-empty mapping of hook name to tensor",
+                dict(activations),
+            )
         self.personas = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
         self.questions = tuple(check_unique_names(list(questions), "questions", "ActivationSet"))
         self.layers = tuple(int(layer) for layer in layers)
@@ -90,7 +102,12 @@ class ActivationSet(Mapping[str, Tensor]):
         self._acts: dict[str, Tensor] = {}
         for hook, tensor in activations.items():
             if hook not in HOOK_POINTS:
-                invalid("activations", "ActivationSet", f"keyed by hook names in {list(HOOK_POINTS)}", hook)
+                invalid(
+                    "activations",
+                    "ActivationSet",
+                    f"keyed by hook names in {list(HOOK_POINTS)}",
+                    hook,
+                )
             if tuple(tensor.shape[:3]) != expected or tensor.ndim != 4:
                 invalid(
                     "activations",
@@ -100,10 +117,19 @@ class ActivationSet(Mapping[str, Tensor]):
                 )
             self._acts[hook] = tensor
         if tuple(self.n_tokens.shape) != expected[:2]:
-            invalid("n_tokens", "ActivationSet", f"shaped [persona={expected[0]}, question={expected[1]}]", tuple(self.n_tokens.shape))
+            invalid(
+                "n_tokens",
+                "ActivationSet",
+                f"shaped [persona={expected[0]}, question={expected[1]}]",
+                tuple(self.n_tokens.shape),
+            )
 
     # Mapping interface -------------------------------------------------------------------------
-    def __getitem__(self, key: str) -> Float[Tensor, "persona question layer d_model"] | Float[Tensor, "persona question d_model"]:
+    def __getitem__(
+        self, key: str
+    ) -> (
+        Float[Tensor, "persona question layer d_model"] | Float[Tensor, "persona question d_model"]
+    ):
         """Returns a hook's tensor; a full TransformerLens name gives that block's slice.
 
         ``acts["resid_post"]`` is ``[persona, question, layer, d_model]``;
@@ -160,7 +186,9 @@ class ActivationSet(Mapping[str, Tensor]):
     def layer_position(self, layer: int, *, func: str = "ActivationSet.layer_position") -> int:
         """Returns where block ``layer`` sits on the layer axis (negative counts from the end)."""
         if isinstance(layer, bool) or not isinstance(layer, int):
-            invalid("layer", func, f"one of the stored layers {list(self.layers)}", layer, exc=TypeError)
+            invalid(
+                "layer", func, f"one of the stored layers {list(self.layers)}", layer, exc=TypeError
+            )
         if layer < 0 and -len(self.layers) <= layer:
             return len(self.layers) + layer
         try:
@@ -169,7 +197,9 @@ class ActivationSet(Mapping[str, Tensor]):
             invalid("layer", func, f"one of the stored layers {list(self.layers)}", layer)
 
     # Transformations ---------------------------------------------------------------------------
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ActivationSet:
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> ActivationSet:
         """Returns a copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
         return self._replace({k: v.to(device=device, dtype=dtype) for k, v in self._acts.items()})
 
@@ -182,12 +212,28 @@ class ActivationSet(Mapping[str, Tensor]):
         hooks: Sequence[str] | None = None,
     ) -> ActivationSet:
         """Returns the subset with these persona names, question positions, layers and hooks."""
-        p_idx = [self.personas.index(n, param="personas", func="ActivationSet.select") for n in personas] if personas is not None else list(range(len(self.personas)))
+        p_idx = (
+            [
+                self.personas.index(n, param="personas", func="ActivationSet.select")
+                for n in personas
+            ]
+            if personas is not None
+            else list(range(len(self.personas)))
+        )
         q_idx = list(questions) if questions is not None else list(range(len(self.questions)))
         for q in q_idx:
             if not 0 <= q < len(self.questions):
-                invalid("questions", "ActivationSet.select", f"question positions in [0, {len(self.questions) - 1}]", q)
-        l_idx = [self.layer_position(layer, func="ActivationSet.select") for layer in layers] if layers is not None else list(range(len(self.layers)))
+                invalid(
+                    "questions",
+                    "ActivationSet.select",
+                    f"question positions in [0, {len(self.questions) - 1}]",
+                    q,
+                )
+        l_idx = (
+            [self.layer_position(layer, func="ActivationSet.select") for layer in layers]
+            if layers is not None
+            else list(range(len(self.layers)))
+        )
         hooks = list(hooks) if hooks is not None else self.hooks
         acts = {h: self[h][p_idx][:, q_idx][:, :, l_idx] for h in hooks}
         return ActivationSet(
@@ -205,7 +251,9 @@ class ActivationSet(Mapping[str, Tensor]):
         return save_activations(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
+    def load(
+        cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+    ) -> ActivationSet:
         """Returns the set stored in the folder ``path``; reads safetensors and JSON, never unpickles."""
         return load_activations(path, device=device)
 
@@ -236,16 +284,25 @@ def save_activations(acts: ActivationSet, path: str | os.PathLike[str]) -> Path:
         "personas": acts.personas.to_list(),
         "questions": list(acts.questions),
         "layers": list(acts.layers),
-        "hooks": {hook: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for hook, t in acts.items()},
+        "hooks": {
+            hook: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for hook, t in acts.items()
+        },
         "provenance": json_safe(acts.manifest),
     }
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / _TENSORS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        save_file(
+            tensors,
+            str(tmp / _TENSORS),
+            metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
+        )
         atomic_write_json(tmp / _MANIFEST, meta)
     return Path(path)
 
 
-def load_activations(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
+def load_activations(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> ActivationSet:
     """Returns the ``ActivationSet`` stored in the folder ``path`` (safetensors + JSON only).
 
     Raises:
@@ -258,14 +315,31 @@ def load_activations(path: str | os.PathLike[str], *, device: str | torch.device
     path = Path(path)
     for name in (_MANIFEST, _TENSORS):
         if not (path / name).is_file():
-            invalid("path", "ActivationSet.load", f"a folder written by ActivationSet.save (with {_MANIFEST} and {_TENSORS})", str(path), exc=FileNotFoundError)
+            invalid(
+                "path",
+                "ActivationSet.load",
+                f"a folder written by ActivationSet.save (with {_MANIFEST} and {_TENSORS})",
+                str(path),
+                exc=FileNotFoundError,
+            )
     meta = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        invalid("path", "ActivationSet.load", f"a folder in format {FORMAT!r} version {FORMAT_VERSION}", str(path))
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or meta.get("format_version") != FORMAT_VERSION
+    ):
+        invalid(
+            "path",
+            "ActivationSet.load",
+            f"a folder in format {FORMAT!r} version {FORMAT_VERSION}",
+            str(path),
+        )
     tensors = load_file(str(path / _TENSORS), device=str(device))
     hooks = list(meta["hooks"])
     if set(tensors) != {*hooks, "n_tokens"}:
-        invalid("path", "ActivationSet.load", f"tensors {sorted({*hooks, 'n_tokens'})}", sorted(tensors))
+        invalid(
+            "path", "ActivationSet.load", f"tensors {sorted({*hooks, 'n_tokens'})}", sorted(tensors)
+        )
     return ActivationSet(
         {hook: tensors[hook] for hook in hooks},
         personas=PersonaSet.from_list(meta["personas"]),

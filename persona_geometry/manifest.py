@@ -74,8 +74,16 @@ class Manifest(Mapping[str, Any]):
             return data
         missing = [k for k in cls.KEY_FIELDS if k not in data]
         if missing:
-            invalid("manifest", func, f"a mapping with the fields {list(cls.KEY_FIELDS)}", f"missing {missing}")
-        return cls(**{k: data[k] for k in cls.KEY_FIELDS}, extra={k: v for k, v in data.items() if k not in cls.KEY_FIELDS})
+            invalid(
+                "manifest",
+                func,
+                f"a mapping with the fields {list(cls.KEY_FIELDS)}",
+                f"missing {missing}",
+            )
+        return cls(
+            **{k: data[k] for k in cls.KEY_FIELDS},
+            extra={k: v for k, v in data.items() if k not in cls.KEY_FIELDS},
+        )
 
     def key_fields(self) -> dict[str, Any]:
         """Returns the key fields as plain JSON types."""

@@ -99,7 +99,11 @@ class KeyedFolder:
                     str(self.folder), exc=FileExistsError)  # fmt: skip
         resume = state in ("finished", "unfinished") and not force
         if not resume and state != "absent":
-            log.info("removing %s: made for other inputs%s", self.folder, " (forced)" if force and state != "stale" else "")
+            log.info(
+                "removing %s: made for other inputs%s",
+                self.folder,
+                " (forced)" if force and state != "stale" else "",
+            )
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (resume and state == "finished"):

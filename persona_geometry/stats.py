@@ -64,7 +64,9 @@ def clip_r(r: np.ndarray | float) -> np.ndarray:
     return np.where(np.abs(r) > 1.0 - 1e-12, np.sign(r), r)
 
 
-def p_from_r(r: np.ndarray | float | np.floating, df: np.ndarray | int | float | np.number) -> np.ndarray:
+def p_from_r(
+    r: np.ndarray | float | np.floating, df: np.ndarray | int | float | np.number
+) -> np.ndarray:
     """Returns the two-sided p-value of correlation ``r`` with ``df`` degrees of freedom.
 
     The null distribution of ``scipy.stats.pearsonr``, ``p = I_{1 - r^2}(df / 2, 1 / 2)`` (the
@@ -88,7 +90,9 @@ def correlate(x: np.ndarray, y: np.ndarray, *, axis: int = 0) -> tuple[np.ndarra
     rounding) both are NaN.
     """
     x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
-    constant = np.isnan(standardize(x, axis)).any(axis=axis) | np.isnan(standardize(y, axis)).any(axis=axis)
+    constant = np.isnan(standardize(x, axis)).any(axis=axis) | np.isnan(standardize(y, axis)).any(
+        axis=axis
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         res = stats.pearsonr(x, y, axis=axis)
@@ -164,7 +168,12 @@ def per_persona(
         mapping = dict(values.items()) if not isinstance(values, Mapping) else dict(values)
         missing = [p for p in personas if p not in mapping]
         if missing:
-            invalid(param, func, f"a value for every persona in {list(personas)}", f"no value for {missing}")
+            invalid(
+                param,
+                func,
+                f"a value for every persona in {list(personas)}",
+                f"no value for {missing}",
+            )
         arr = np.array([_to_float(mapping[p], param, func) for p in personas], dtype=np.float64)
     else:
         if hasattr(values, "detach"):  # torch tensor
@@ -172,9 +181,16 @@ def per_persona(
         try:
             arr = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"The {param!r} parameter of {func} must be numbers, one per persona. Got {values!r} instead.") from e
+            raise TypeError(
+                f"The {param!r} parameter of {func} must be numbers, one per persona. Got {values!r} instead."
+            ) from e
         if arr.ndim != 1 or arr.shape[0] != len(personas):
-            invalid(param, func, f"a 1-D sequence of {len(personas)} values (one per persona)", f"shape {arr.shape}")
+            invalid(
+                param,
+                func,
+                f"a 1-D sequence of {len(personas)} values (one per persona)",
+                f"shape {arr.shape}",
+            )
     bad = [personas[i] for i in np.flatnonzero(~np.isfinite(arr))]
     if bad:
         invalid(param, func, "finite numbers (no NaN or inf)", f"non-finite values for {bad}")
@@ -185,7 +201,9 @@ def _to_float(v: Any, param: str, func: str) -> float:
     try:
         return float(v)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"The {param!r} parameter of {func} must be numbers. Got {v!r} instead.") from e
+        raise TypeError(
+            f"The {param!r} parameter of {func} must be numbers. Got {v!r} instead."
+        ) from e
 
 
 def rates_from(
@@ -197,10 +215,21 @@ def rates_from(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Returns ``(rate, k, n)``: rates given directly, or ``k / n`` from validated raw counts."""
     if y is not None and (k is not None or n is not None):
-        invalid("y", func, "given alone, or left None when raw counts k and n are given", "both y and k/n")
+        invalid(
+            "y",
+            func,
+            "given alone, or left None when raw counts k and n are given",
+            "both y and k/n",
+        )
     if y is None:
         if k is None or n is None:
-            invalid("k", func, "given together with n (or pass rates as y)", "k" if n is None else "n only", exc=TypeError)
+            invalid(
+                "k",
+                func,
+                "given together with n (or pass rates as y)",
+                "k" if n is None else "n only",
+                exc=TypeError,
+            )
         k_arr = per_persona(k, personas, "k", func)
         n_arr = per_persona(n, personas, "n", func)
         check_counts(k_arr, n_arr, personas, func)
@@ -216,15 +245,24 @@ def check_counts(k: np.ndarray, n: np.ndarray, personas: Sequence[str], func: st
         if frac:
             invalid(name, func, "whole-number counts", f"fractional counts for {frac}")
     if (k < 0).any():
-        invalid("k", func, "counts >= 0", f"negative k for {[personas[i] for i in np.flatnonzero(k < 0)]}")
+        invalid(
+            "k",
+            func,
+            "counts >= 0",
+            f"negative k for {[personas[i] for i in np.flatnonzero(k < 0)]}",
+        )
     if (n < 1).any():
-        invalid("n", func, "counts >= 1", f"n < 1 for {[personas[i] for i in np.flatnonzero(n < 1)]}")
+        invalid(
+            "n", func, "counts >= 1", f"n < 1 for {[personas[i] for i in np.flatnonzero(n < 1)]}"
+        )
     if (k > n).any():
         bad = {personas[i]: (int(k[i]), int(n[i])) for i in np.flatnonzero(k > n)}
         invalid("k", func, "at most n (k <= n)", f"k > n for {bad}")
 
 
-def wilson_interval(k: PerPersona, n: PerPersona, *, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+def wilson_interval(
+    k: PerPersona, n: PerPersona, *, alpha: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns Wilson score intervals ``(lower, upper)`` of ``k / n`` (statsmodels ``proportion_confint``).
 
     Raises:
@@ -238,7 +276,9 @@ def wilson_interval(k: PerPersona, n: PerPersona, *, alpha: float = 0.05) -> tup
         invalid("n", "wilson_interval", f"the same shape as k {k_arr.shape}", n_arr.shape)
     names = [str(i) for i in range(k_arr.size)]
     check_counts(k_arr.ravel(), n_arr.ravel(), names, "wilson_interval")
-    lo, hi = proportion_confint(k_arr, n_arr, alpha=check_probability(alpha, "alpha", "wilson_interval"), method="wilson")
+    lo, hi = proportion_confint(
+        k_arr, n_arr, alpha=check_probability(alpha, "alpha", "wilson_interval"), method="wilson"
+    )
     # The bounds are exactly 0 at k = 0 and 1 at k = n; rounding can leave them a hair off
     # (3e-18), which would put k / n outside its own interval.
     p = k_arr / n_arr

@@ -76,7 +76,11 @@ class ProbeConfig(ConfigDict):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 invalid(name, "ProbeConfig", "a positive float", value)
-        if isinstance(self.n_shuffles, bool) or not isinstance(self.n_shuffles, int) or self.n_shuffles < 0:
+        if (
+            isinstance(self.n_shuffles, bool)
+            or not isinstance(self.n_shuffles, int)
+            or self.n_shuffles < 0
+        ):
             invalid("n_shuffles", "ProbeConfig", "an int ≥ 0", self.n_shuffles)
         check_probability(self.confidence, "confidence", "ProbeConfig")
         check_positive_int(self.max_iter, "max_iter", "ProbeConfig")
@@ -130,10 +134,18 @@ class LinearProbe(BaseEstimator):
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        model = LogisticRegression(C=self.C, max_iter=self.max_iter) if self.kind == "logistic" else Ridge(alpha=self.alpha)
+        model = (
+            LogisticRegression(C=self.C, max_iter=self.max_iter)
+            if self.kind == "logistic"
+            else Ridge(alpha=self.alpha)
+        )
         return make_pipeline(StandardScaler(), model) if self.standardize else make_pipeline(model)
 
-    def fit(self, X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"], y: Sequence[Any] | np.ndarray) -> LinearProbe:
+    def fit(
+        self,
+        X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"],
+        y: Sequence[Any] | np.ndarray,
+    ) -> LinearProbe:
         """Fits one model per layer and returns ``self``."""
         self._check_params("LinearProbe.fit")
         X = _as_numpy(X, "LinearProbe.fit")
@@ -147,27 +159,46 @@ class LinearProbe(BaseEstimator):
 
     def _check_fitted(self, X: np.ndarray, func: str) -> None:
         if not hasattr(self, "estimators_"):
-            raise RuntimeError(f"This LinearProbe instance is not fitted yet. Call 'fit' before '{func}'.")
+            raise RuntimeError(
+                f"This LinearProbe instance is not fitted yet. Call 'fit' before '{func}'."
+            )
         if X.shape[1:] != (self.n_layers_, self.n_features_in_):
-            invalid("X", f"LinearProbe.{func}", f"shaped [sample, layer={self.n_layers_}, d_model={self.n_features_in_}]", tuple(X.shape))
+            invalid(
+                "X",
+                f"LinearProbe.{func}",
+                f"shaped [sample, layer={self.n_layers_}, d_model={self.n_features_in_}]",
+                tuple(X.shape),
+            )
 
-    def predict(self, X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"]) -> np.ndarray:
+    def predict(
+        self, X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"]
+    ) -> np.ndarray:
         """Returns the predictions ``[sample, layer]``."""
         X = _as_numpy(X, "LinearProbe.predict")
         self._check_fitted(X, "predict")
         return np.stack([est.predict(X[:, j]) for j, est in enumerate(self.estimators_)], axis=1)
 
-    def score(self, X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"], y: Sequence[Any] | np.ndarray) -> Float[np.ndarray, " layer"]:
+    def score(
+        self,
+        X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"],
+        y: Sequence[Any] | np.ndarray,
+    ) -> Float[np.ndarray, " layer"]:
         """Returns the accuracy (logistic) or R² (ridge) at every layer."""
         X = _as_numpy(X, "LinearProbe.score")
         self._check_fitted(X, "score")
         y = _check_y(y, X.shape[0], self.kind, "LinearProbe.score")
-        return np.array([est.score(X[:, j], y) for j, est in enumerate(self.estimators_)], dtype=np.float64)
+        return np.array(
+            [est.score(X[:, j], y) for j, est in enumerate(self.estimators_)], dtype=np.float64
+        )
 
 
 def _as_numpy(X: Any, func: str) -> np.ndarray:
     if isinstance(X, Tensor):
-        X = X.detach().to("cpu", torch.float64 if X.dtype == torch.float64 else torch.float32).numpy()
+        X = (
+            X.detach()
+            .to("cpu", torch.float64 if X.dtype == torch.float64 else torch.float32)
+            .numpy()
+        )
     X = np.asarray(X)
     if X.ndim != 3:
         invalid("X", func, "an array shaped [sample, layer, d_model]", tuple(X.shape))
@@ -183,7 +214,9 @@ def _check_y(y: Any, n: int, kind: str, func: str) -> np.ndarray:
             invalid("y", func, "finite numbers for kind='ridge'", y.dtype)
         return y.astype(np.float64)
     if len(np.unique(y)) < 2:
-        invalid("y", func, "labels with at least two classes for kind='logistic'", np.unique(y).tolist())
+        invalid(
+            "y", func, "labels with at least two classes for kind='logistic'", np.unique(y).tolist()
+        )
     return y
 
 
@@ -221,11 +254,18 @@ def question_splits(
     groups = _groups(n_personas, n_questions, group_by)
     n_groups = n_questions if group_by == "question" else n_personas
     if n_groups < 2:
-        invalid("group_by", func, f"a grouping with at least two groups (there is {n_groups} {group_by})", group_by)
+        invalid(
+            "group_by",
+            func,
+            f"a grouping with at least two groups (there is {n_groups} {group_by})",
+            group_by,
+        )
     if cv == "leave_one_group_out":
         splitter: Any = LeaveOneGroupOut()
     else:
-        splitter = GroupKFold(n_splits=min(check_positive_int(n_splits, "n_splits", func), n_groups))
+        splitter = GroupKFold(
+            n_splits=min(check_positive_int(n_splits, "n_splits", func), n_groups)
+        )
     dummy = np.zeros((len(groups), 1))
     yield from splitter.split(dummy, groups=groups)
 
@@ -313,7 +353,9 @@ class ProbeResult:
                 "ci_low": self.ci_low,
                 "ci_high": self.ci_high,
                 "fold_mean": self.fold_scores.mean(axis=1),
-                "fold_sd": self.fold_scores.std(axis=1, ddof=1) if self.fold_scores.shape[1] > 1 else np.nan,
+                "fold_sd": self.fold_scores.std(axis=1, ddof=1)
+                if self.fold_scores.shape[1] > 1
+                else np.nan,
                 "baseline_mean": self.baseline.mean(axis=1) if has_base else np.nan,
                 "baseline_max": self.baseline.max(axis=1) if has_base else np.nan,
                 "chance": self.chance,
@@ -369,12 +411,22 @@ def _target(acts: ActivationSet, target: Any, func: str) -> tuple[np.ndarray, st
         elif target == "category":
             labels = np.asarray(acts.personas.categories, dtype=object)
         else:
-            invalid("target", func, "'persona', 'category', a {persona: value} mapping, or values per persona or per prompt", target)
+            invalid(
+                "target",
+                func,
+                "'persona', 'category', a {persona: value} mapping, or values per persona or per prompt",
+                target,
+            )
         return np.repeat(labels[:, None], Q, axis=1), target
     if isinstance(target, Mapping):
         missing = [n for n in acts.personas.names if n not in target]
         if missing:
-            invalid("target", func, f"a mapping with a value for every persona of the activations (missing {missing})", sorted(target))
+            invalid(
+                "target",
+                func,
+                f"a mapping with a value for every persona of the activations (missing {missing})",
+                sorted(target),
+            )
         values = np.asarray([target[n] for n in acts.personas.names])
         return np.repeat(values[:, None], Q, axis=1), "per-persona variable"
     values = target.detach().cpu().numpy() if isinstance(target, Tensor) else np.asarray(target)
@@ -382,10 +434,17 @@ def _target(acts: ActivationSet, target: Any, func: str) -> tuple[np.ndarray, st
         return np.repeat(values[:, None], Q, axis=1), "per-persona variable"
     if values.shape == (P, Q):
         return values, "per-prompt variable"
-    invalid("target", func, f"values shaped [persona={P}] or [persona={P}, question={Q}]", tuple(values.shape))
+    invalid(
+        "target",
+        func,
+        f"values shaped [persona={P}] or [persona={P}, question={Q}]",
+        tuple(values.shape),
+    )
 
 
-def _shuffle_within(y: np.ndarray, n_personas: int, n_questions: int, rng: np.random.Generator) -> np.ndarray:
+def _shuffle_within(
+    y: np.ndarray, n_personas: int, n_questions: int, rng: np.random.Generator
+) -> np.ndarray:
     # Within each question, permute the labels across personas: every fold keeps its label
     # mix, but a prompt's label no longer belongs to its persona.
     grid = y.reshape(n_personas, n_questions).copy()
@@ -394,7 +453,9 @@ def _shuffle_within(y: np.ndarray, n_personas: int, n_questions: int, rng: np.ra
     return grid.reshape(-1)
 
 
-def _cv_scores(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], probe: LinearProbe) -> tuple[np.ndarray, np.ndarray]:
+def _cv_scores(
+    X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], probe: LinearProbe
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns the fold scores ``[fold]`` and the out-of-fold correct/prediction vector.
 
     The out-of-fold predictions come from ``cross_val_predict`` over the grouped splits (each
@@ -409,7 +470,9 @@ def _cv_scores(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.n
         scores = np.array([accuracy_score(y[test], pred[test]) for _, test in splits])
         return scores, oof
     # R² of a fold whose held-out values are all equal is undefined (scikit-learn would report 1 or 0).
-    scores = np.array([r2_score(y[test], pred[test]) if np.ptp(y[test]) > 0 else math.nan for _, test in splits])
+    scores = np.array(
+        [r2_score(y[test], pred[test]) if np.ptp(y[test]) > 0 else math.nan for _, test in splits]
+    )
     return scores, pred.astype(np.float64)
 
 
@@ -478,7 +541,12 @@ def probe_layers(
     if kind == "ridge" and not numeric:
         invalid("target", func, "numeric values for kind='ridge'", description)
     if isinstance(target, str) and target == "persona" and config.group_by == "persona":
-        invalid("config", func, "group_by='question' for persona identity (a held-out persona's name can't be predicted)", "group_by='persona'")
+        invalid(
+            "config",
+            func,
+            "group_by='question' for persona identity (a held-out persona's name can't be predicted)",
+            "group_by='persona'",
+        )
 
     if layers is None:
         lidx = list(range(len(acts.layers)))
@@ -491,9 +559,17 @@ def probe_layers(
     y = grid.reshape(-1)
     if kind == "ridge":
         y = y.astype(np.float64)
-    probe = LinearProbe(kind, C=config.C, alpha=config.alpha, standardize=config.standardize, max_iter=config.max_iter)
+    probe = LinearProbe(
+        kind,
+        C=config.C,
+        alpha=config.alpha,
+        standardize=config.standardize,
+        max_iter=config.max_iter,
+    )
     _check_y(y, len(y), kind, func)
-    splits = list(question_splits(P, Q, n_splits=config.n_splits, cv=config.cv, group_by=config.group_by))
+    splits = list(
+        question_splits(P, Q, n_splits=config.n_splits, cv=config.cv, group_by=config.group_by)
+    )
     groups = _groups(P, Q, config.group_by)
     folds = tuple(tuple(int(g) for g in np.unique(groups[test])) for _, test in splits)
     rng = np.random.default_rng(config.seed)
@@ -506,9 +582,15 @@ def probe_layers(
     hi = np.empty(n_layers)
     fold_scores = np.empty((n_layers, len(splits)))
     baseline = np.empty((n_layers, config.n_shuffles))
-    for j, li in enumerate(tqdm(lidx, desc=f"probing {description}", disable=not progress, leave=False)):
+    for j, li in enumerate(
+        tqdm(lidx, desc=f"probing {description}", disable=not progress, leave=False)
+    ):
         X = x[:, :, li].reshape(P * Q, -1)
-        X = X.detach().to("cpu", torch.float64 if X.dtype == torch.float64 else torch.float32).numpy()
+        X = (
+            X.detach()
+            .to("cpu", torch.float64 if X.dtype == torch.float64 else torch.float32)
+            .numpy()
+        )
         fold_scores[j], oof = _cv_scores(X, y, splits, probe)
         if kind == "logistic":
             score[j] = oof.mean()
@@ -544,5 +626,11 @@ def probe_layers(
         confidence=config.confidence,
         config=config.to_dict(),
     )
-    log.info("probe %s: best layer %d (%s %.3f)", description, result.best_layer, result.metric, result.best_score)
+    log.info(
+        "probe %s: best layer %d (%s %.3f)",
+        description,
+        result.best_layer,
+        result.metric,
+        result.best_score,
+    )
     return result

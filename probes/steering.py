@@ -48,10 +48,18 @@ MarkerCounter = Callable[[Any, Any, Persona, Sequence[str]], tuple[int, int, Seq
 def _unwrap(model: Any) -> Any:
     # A ModelHandle (or anything holding the network in `.model`) is not itself a Module;
     # an HF model's own `.model` attribute is its trunk and must not be unwrapped.
-    if not isinstance(model, torch.nn.Module) and isinstance(getattr(model, "model", None), torch.nn.Module):
+    if not isinstance(model, torch.nn.Module) and isinstance(
+        getattr(model, "model", None), torch.nn.Module
+    ):
         return model.model
     if not isinstance(model, torch.nn.Module):
-        invalid("model", "steer", "a Hugging Face model (peft-wrapped or not) or a ModelHandle", type(model).__name__, exc=TypeError)
+        invalid(
+            "model",
+            "steer",
+            "a Hugging Face model (peft-wrapped or not) or a ModelHandle",
+            type(model).__name__,
+            exc=TypeError,
+        )
     return model
 
 
@@ -75,12 +83,28 @@ def _width(model: torch.nn.Module) -> int:
 def _vector(direction: Direction | Tensor, layer: int, width: int, func: str) -> Tensor:
     if isinstance(direction, Direction):
         if direction.d_model != width:
-            invalid("direction", func, f"a direction of the model's width d_model={width}", f"a direction with d_model={direction.d_model}")
+            invalid(
+                "direction",
+                func,
+                f"a direction of the model's width d_model={width}",
+                f"a direction with d_model={direction.d_model}",
+            )
         return direction.at(layer, func=func)
     if not isinstance(direction, Tensor):
-        invalid("direction", func, "a Direction or a 1-D tensor", type(direction).__name__, exc=TypeError)
+        invalid(
+            "direction",
+            func,
+            "a Direction or a 1-D tensor",
+            type(direction).__name__,
+            exc=TypeError,
+        )
     if direction.ndim != 1 or direction.shape[0] != width:
-        invalid("direction", func, f"a Direction or a tensor shaped [d_model={width}]", tuple(direction.shape))
+        invalid(
+            "direction",
+            func,
+            f"a Direction or a tensor shaped [d_model={width}]",
+            tuple(direction.shape),
+        )
     return direction
 
 
@@ -122,8 +146,18 @@ def steer(
     strength = renamed(strength, alpha, new="strength", old="alpha", func=func)
     if strength is None:
         invalid("strength", func, "a finite float", None, exc=TypeError)
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
-        invalid("strength", func, "a finite float", strength, exc=TypeError if not isinstance(strength, int | float) else ValueError)
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, int | float)
+        or not math.isfinite(strength)
+    ):
+        invalid(
+            "strength",
+            func,
+            "a finite float",
+            strength,
+            exc=TypeError if not isinstance(strength, int | float) else ValueError,
+        )
     vec = _vector(direction, layer, _width(net), func)
     if isinstance(direction, Direction) and direction.model_id:
         name = getattr(getattr(net, "config", None), "_name_or_path", None)
@@ -193,7 +227,11 @@ class DoseResponse:
         """Deprecated name of ``strengths``."""
         import warnings
 
-        warnings.warn("DoseResponse.alphas is renamed DoseResponse.strengths; alphas will be removed.", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "DoseResponse.alphas is renamed DoseResponse.strengths; alphas will be removed.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.strengths
 
     @property
@@ -213,7 +251,14 @@ class DoseResponse:
     def to_frame(self) -> pd.DataFrame:
         """Returns one row per strength: strength, k, n, rate, ci_low, ci_high."""
         return pd.DataFrame(
-            {"strength": self.strengths, "k": self.k, "n": self.n, "rate": self.rate, "ci_low": self.ci_low, "ci_high": self.ci_high}
+            {
+                "strength": self.strengths,
+                "k": self.k,
+                "n": self.n,
+                "rate": self.rate,
+                "ci_low": self.ci_low,
+                "ci_high": self.ci_high,
+            }
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,11 +286,17 @@ class DoseResponse:
         """Returns the rate per strength as a text table, with Spearman's ρ."""
         rho, p = self.spearman()
         head = f"Marker {self.marker!r} source rate for {self.persona}, steering layer {self.layer} along {self.direction}"
-        tail = f"Spearman ρ(strength, rate) = {rho:.3f} (p = {p:.3g})" if not math.isnan(rho) else "Spearman ρ undefined (constant rate or < 3 strengths)"
+        tail = (
+            f"Spearman ρ(strength, rate) = {rho:.3f} (p = {p:.3g})"
+            if not math.isnan(rho)
+            else "Spearman ρ undefined (constant rate or < 3 strengths)"
+        )
         return "\n".join([head, self.to_frame().round(4).to_string(index=False), tail])
 
 
-def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_template: str | None) -> MarkerCounter:
+def _steered_counter(
+    matcher: Any, sampling: Any, *, batch_size: int, chat_template: str | None
+) -> MarkerCounter:
     """Returns a counter that samples through the eval module's HF back end on the in-memory (steered) model.
 
     ``sample_hf`` seeds each batch from ``sampling.seed`` and its position only, so every strength
@@ -255,9 +306,20 @@ def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_templ
     from persona_geometry.prompts import render_prompts
     from persona_geometry.sampling import sample_hf
 
-    def count(model: Any, tokenizer: Any, persona: Persona, questions: Sequence[str]) -> tuple[int, int, list[str]]:
-        prompts = render_prompts(tokenizer, PersonaSet([persona]), list(questions), chat_template=chat_template)
-        completions = sample_hf(_unwrap(model), tokenizer, [p.input_ids for p in prompts], sampling, batch_size=batch_size, progress=False)
+    def count(
+        model: Any, tokenizer: Any, persona: Persona, questions: Sequence[str]
+    ) -> tuple[int, int, list[str]]:
+        prompts = render_prompts(
+            tokenizer, PersonaSet([persona]), list(questions), chat_template=chat_template
+        )
+        completions = sample_hf(
+            _unwrap(model),
+            tokenizer,
+            [p.input_ids for p in prompts],
+            sampling,
+            batch_size=batch_size,
+            progress=False,
+        )
         texts = [t for per_prompt in completions for t in per_prompt]
         return sum(bool(matcher(t)) for t in texts), len(texts), texts
 
@@ -344,23 +406,34 @@ def dose_response(
     check_positive_int(batch_size, "batch_size", func)
     matcher = marker if isinstance(marker, MarkerMatcher) else MarkerMatcher(marker=marker)
     sampling = SamplingSettings(
-        n_completions=n_completions, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        n_completions=n_completions,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
     # Check the layer and direction once, before any generation.
     with steer(model, direction, layer=layer, strength=0.0):
         pass
     custom = counter is not None
     if counter is None:
-        counter = _steered_counter(matcher, sampling, batch_size=batch_size, chat_template=chat_template)
+        counter = _steered_counter(
+            matcher, sampling, batch_size=batch_size, chat_template=chat_template
+        )
     ks, ns, texts = [], [], []
-    for strength in tqdm(strengths, desc=f"dose-response {persona.name}", disable=not progress, leave=False):
+    for strength in tqdm(
+        strengths, desc=f"dose-response {persona.name}", disable=not progress, leave=False
+    ):
         with steer(model, direction, layer=layer, strength=strength):
             k, n, completions = counter(model, tokenizer, persona, list(questions))
         ks.append(int(k))
         ns.append(int(n))
         texts.append(tuple(completions))
         log.info("strength %g: %d/%d completions with %r", strength, k, n, matcher.marker)
-    bounds = [wilson_bounds(k, n, alpha=1 - confidence) if n else (float("nan"), float("nan")) for k, n in zip(ks, ns, strict=True)]
+    bounds = [
+        wilson_bounds(k, n, alpha=1 - confidence) if n else (float("nan"), float("nan"))
+        for k, n in zip(ks, ns, strict=True)
+    ]
     n_layers = len(_blocks(_unwrap(model)))
     result = DoseResponse(
         persona=persona.name,
@@ -374,7 +447,12 @@ def dose_response(
         ci_high=np.asarray([b[1] for b in bounds]),
         completions=tuple(texts),
         confidence=confidence,
-        settings={"sampling": sampling.to_dict(), "matcher": matcher.to_dict(), "questions": list(questions), "custom_counter": custom},
+        settings={
+            "sampling": sampling.to_dict(),
+            "matcher": matcher.to_dict(),
+            "questions": list(questions),
+            "custom_counter": custom,
+        },
     )
     if out_path is not None:
         from persona_geometry._io import atomic_write_json
