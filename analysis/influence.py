@@ -40,7 +40,10 @@ class Influence:
     without_most_influential: Correlation
 
     def to_frame(self) -> pd.DataFrame:
-        """Returns one row per fitted persona: cooks_distance, leverage, studentized_residual, above_threshold."""
+        """Returns one row per fitted persona.
+
+        Columns: persona, cooks_distance, leverage, studentized_residual, above_threshold.
+        """
         return pd.DataFrame(
             {
                 "persona": list(self.personas),
@@ -52,7 +55,8 @@ class Influence:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the schema's cooks_distance, cooks_threshold, influential, without_most_influential."""
+        """Returns the schema's cooks_distance, cooks_threshold, influential and
+        without_most_influential entries."""
         return {
             "cooks_distance": {
                 p: json_float(d) for p, d in zip(self.personas, self.cooks_distance, strict=True)
@@ -68,17 +72,19 @@ class Influence:
     def summary(self) -> str:
         """Returns one line on influence."""
         w = self.without_most_influential
+        named = f" ({', '.join(self.influential)})" if self.influential else ""
         return (
-            f"Cook's distance: {len(self.influential)} of {len(self.personas)} above 4/N = {self.threshold:.3f}"
-            f"{' (' + ', '.join(self.influential) + ')' if self.influential else ''}; without {self.most_influential!r}: "
-            f"r = {w.pearson_r:+.3f} (p = {w.pearson_p:.3g}), rho = {w.spearman_rho:+.3f} (p = {w.spearman_p:.3g})."
+            f"Cook's distance: {len(self.influential)} of {len(self.personas)} above "
+            f"4/N = {self.threshold:.3f}{named}; without {self.most_influential!r}: "
+            f"r = {w.pearson_r:+.3f} (p = {w.pearson_p:.3g}), "
+            f"rho = {w.spearman_rho:+.3f} (p = {w.spearman_p:.3g})."
         )
 
 
 def influence(
     res: Any, x: np.ndarray, y: np.ndarray, names: list[str], fit_names: list[str]
 ) -> Influence:
-    """Returns the ``Influence`` of the fitted personas (statsmodels ``OLSInfluence`` of ``res``)."""
+    """Returns the ``Influence`` of the fitted personas (statsmodels ``OLSInfluence``)."""
     from statsmodels.stats.outliers_influence import OLSInfluence
 
     infl = OLSInfluence(res)

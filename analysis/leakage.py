@@ -101,7 +101,9 @@ class LeakageCorrelation:
         j = 2 if self.statistic == "spearman" else 0
         name = "rho" if self.statistic == "spearman" else "r"
         lines = [
-            f"Leakage vs pairwise cosine: {len(self.sources)} sources x {len(self.targets)} targets, {len(self.layers)} layers."
+            f"Leakage vs pairwise cosine: {len(self.sources)} sources x "
+            f"{len(self.targets)} targets, "
+            f"{len(self.layers)} layers."
         ]
         for label, arr, n, pmax in (
             ("directed", self.directed, self.n_directed, self.max_p_directed),

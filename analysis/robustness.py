@@ -147,7 +147,10 @@ class Robustness:
         return len(self.personas)
 
     def to_frame(self) -> pd.DataFrame:
-        """Returns one row per persona: x, rate, counts, Wilson CI, category, role, Cook's distance, prediction."""
+        """Returns one row per persona.
+
+        Columns: x, rate, counts, Wilson CI, category, role, Cook's distance, prediction.
+        """
         held = {h.persona: h for h in self.holdout}
         cooks = dict(zip(self.influence.personas, self.influence.cooks_distance, strict=True))
         rows = []
@@ -222,9 +225,11 @@ class Robustness:
         c = self.correlation
         where = f" at layer {self.layer}" if self.layer is not None else ""
         lines = [
-            f"{self.n_personas} personas{where}: Pearson r = {c.pearson_r:+.3f} (p = {c.pearson_p:.3g}), "
+            f"{self.n_personas} personas{where}: "
+            f"Pearson r = {c.pearson_r:+.3f} (p = {c.pearson_p:.3g}), "
             f"Spearman rho = {c.spearman_rho:+.3f} (p = {c.spearman_p:.3g}).",
-            f"OLS on {self.fit.n} personas: rate = {self.fit.intercept:.3f} {self.fit.slope:+.3f} * {self.x_name}, R^2 = {self.fit.r2:.3f}.",
+            f"OLS on {self.fit.n} personas: rate = {self.fit.intercept:.3f} "
+            f"{self.fit.slope:+.3f} * {self.x_name}, R^2 = {self.fit.r2:.3f}.",
         ]
         for h in self.holdout:
             lines.append(
@@ -239,7 +244,8 @@ class Robustness:
         if self.partial_spearman is not None:
             ps = self.partial_spearman
             lines.append(
-                f"Partial Spearman controlling for {ps.covariate}: rho = {ps.rho:+.3f} (p = {ps.p:.3g}), VIF = {ps.vif:.2f}."
+                f"Partial Spearman controlling for {ps.covariate}: "
+                f"rho = {ps.rho:+.3f} (p = {ps.p:.3g}), VIF = {ps.vif:.2f}."
             )
         for cat in self.within_category:
             if cat.correlation is None:
@@ -249,12 +255,14 @@ class Robustness:
             else:
                 cc = cat.correlation
                 lines.append(
-                    f"Category {cat.category!r} (n = {cc.n}): r = {cc.pearson_r:+.3f}, rho = {cc.spearman_rho:+.3f}."
+                    f"Category {cat.category!r} (n = {cc.n}): "
+                    f"r = {cc.pearson_r:+.3f}, rho = {cc.spearman_rho:+.3f}."
                 )
         if self.without_reference is not None:
             w = self.without_reference
             lines.append(
-                f"Without the reference {self.reference!r} (n = {w.n}): r = {w.pearson_r:+.3f} (p = {w.pearson_p:.3g}), "
+                f"Without the reference {self.reference!r} (n = {w.n}): "
+                f"r = {w.pearson_r:+.3f} (p = {w.pearson_p:.3g}), "
                 f"rho = {w.spearman_rho:+.3f} (p = {w.spearman_p:.3g})."
             )
         return "\n".join(lines)
@@ -374,7 +382,7 @@ def robustness_at_layer(
 def _unpack_cosines(
     x: Any, personas: Any, categories: Any, reference: str | None, layer: int | None, func: str
 ) -> tuple[Any, Any, Any, str | None]:
-    """Returns ``(x, personas, categories, reference)``, read from a CosineToReference at ``layer``."""
+    """Returns ``(x, personas, categories, reference)``, read off a CosineToReference."""
     if not isinstance(x, CosineToReference):
         return x, personas, categories, reference
     if layer is None:
@@ -436,7 +444,7 @@ def _exclude_reference(
 def _split_fit_holdout(
     data: _PersonaData, holdout: list[str], func: str
 ) -> tuple[list[int], list[int]]:
-    """Returns the positions of the fitted and of the held-out personas, after checking enough vary."""
+    """Returns the positions of the fitted and of the held-out personas, checked to vary."""
     names, x_arr, rate = data.names, data.x, data.rate
     if len(names) < 3:
         invalid("personas", func, "at least 3 personas", f"{len(names)}: {names}")

@@ -213,38 +213,44 @@ class LayerSweep:
         }
 
     def summary(self) -> str:
-        """Returns a few lines a person reads: the primary layer first, then the exploratory best."""
+        """Returns a few lines a person reads: the primary layer, then the exploratory best."""
         name = "rho" if self.statistic == "spearman" else "r"
         stat = self.spearman_rho if self.statistic == "spearman" else self.pearson_r
         p = self.spearman_p if self.statistic == "spearman" else self.pearson_p
         holm_p = self.spearman_p_holm if self.statistic == "spearman" else self.pearson_p_holm
         j = self.layers.index(self.best_layer)
         lines = [
-            f"Layer sweep: {self.n_personas} personas x {len(self.layers)} layers, statistic {self.statistic}."
+            f"Layer sweep: {self.n_personas} personas x {len(self.layers)} layers, "
+            f"statistic {self.statistic}."
         ]
         if self.primary_layer is not None:
             i = self.layers.index(self.primary_layer)
             lines.append(
-                f"Primary result, layer {self.primary_layer} (declared in advance): {name} = {stat[i]:+.3f} "
-                f"(p = {p[i]:.3g}); Pearson r = {self.pearson_r[i]:+.3f} (p = {self.pearson_p[i]:.3g})."
+                f"Primary result, layer {self.primary_layer} (declared in advance): "
+                f"{name} = {stat[i]:+.3f} (p = {p[i]:.3g}); "
+                f"Pearson r = {self.pearson_r[i]:+.3f} (p = {self.pearson_p[i]:.3g})."
             )
         best = (
             "Exploratory: strongest layer" if self.primary_layer is not None else "Strongest layer"
         )
         lines.append(
-            f"{best} {self.best_layer}: {name} = {stat[j]:+.3f} (p = {p[j]:.3g}, Holm p = {holm_p[j]:.3g})."
+            f"{best} {self.best_layer}: {name} = {stat[j]:+.3f} "
+            f"(p = {p[j]:.3g}, Holm p = {holm_p[j]:.3g})."
         )
         if self.n_permutations:
             lines.append(
-                f"Max-over-layers permutation test (is the strongest layer more than the best of noise?): "
-                f"|{name}|max = {self.max_statistic:.3f}, p = {self.max_statistic_p:.3g} ({self.n_permutations} permutations)."
+                "Max-over-layers permutation test "
+                "(is the strongest layer more than the best of noise?): "
+                f"|{name}|max = {self.max_statistic:.3f}, p = {self.max_statistic_p:.3g} "
+                f"({self.n_permutations} permutations)."
             )
         if self.without_reference is not None:
             w = self.without_reference
             ws = w.spearman_rho if self.statistic == "spearman" else w.pearson_r
             wl = self.primary_layer if self.primary_layer is not None else self.best_layer
             lines.append(
-                f"Without the reference persona {self.reference!r} (n = {w.n_personas}), layer {wl}: "
+                f"Without the reference persona {self.reference!r} (n = {w.n_personas}), "
+                f"layer {wl}: "
                 f"{name} = {ws[w.layers.index(wl)]:+.3f}; strongest layer {w.best_layer}."
             )
         if self.excluded:
@@ -663,7 +669,8 @@ def _cosine_matrix(
                 layers = [int(c) for c in cosine.columns]
             except (TypeError, ValueError) as e:
                 raise ValueError(
-                    f"The 'cosine' parameter of {func} must be a wide table whose columns are layer numbers. "
+                    f"The 'cosine' parameter of {func} must be a wide table whose columns "
+                    "are layer numbers. "
                     f"Got columns {list(cosine.columns)} instead."
                 ) from e
     elif isinstance(cosine, torch.Tensor):

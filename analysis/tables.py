@@ -65,7 +65,10 @@ class PooledCounts:
 
     def summary(self) -> str:
         """Returns one line: how many personas and seeds were pooled."""
-        return f"Pooled {len(self.personas)} personas over {self.per_seed.shape[1]} seeds (counts add; per-seed rates kept)."
+        return (
+            f"Pooled {len(self.personas)} personas over {self.per_seed.shape[1]} seeds "
+            "(counts add; per-seed rates kept)."
+        )
 
 
 def pool_seeds(
@@ -141,11 +144,13 @@ def read_table(table: pd.DataFrame | str | os.PathLike[str], func: str) -> pd.Da
         invalid("table", func, "a DataFrame or a CSV path", type(table).__name__, exc=TypeError)
     if not os.path.exists(table):
         raise FileNotFoundError(
-            f"The 'table' parameter of {func} must be an existing CSV file. Got {str(table)!r} instead."
+            f"The 'table' parameter of {func} must be an existing CSV file. "
+            f"Got {str(table)!r} instead."
         )
     try:
         return pd.read_csv(table)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ValueError(
-            f"The 'table' parameter of {func} must be a readable CSV file. Got {str(table)!r} ({e}) instead."
+            f"The 'table' parameter of {func} must be a readable CSV file. "
+            f"Got {str(table)!r} ({e}) instead."
         ) from e

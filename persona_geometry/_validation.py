@@ -40,11 +40,12 @@ def check_positive_int(value: Any, param: str, func: str) -> int:
 
 def check_probability(value: Any, param: str, func: str, *, open_low: bool = True) -> float:
     """Returns ``value`` as a float after checking it lies in (0, 1) (or [0, 1) if not open_low)."""
+    interval = "(0, 1)" if open_low else "[0, 1)"
     try:
         x = float(value)
     except (TypeError, ValueError) as e:
         raise TypeError(
-            f"The {param!r} parameter of {func} must be a float in {'(0, 1)' if open_low else '[0, 1)'}. "
+            f"The {param!r} parameter of {func} must be a float in {interval}. "
             f"Got {value!r} instead."
         ) from e
     ok = (0.0 < x < 1.0) if open_low else (0.0 <= x < 1.0)
@@ -114,7 +115,7 @@ def _np_integer() -> type:
 def renamed(
     new_value: Any, old_value: Any, *, new: str, old: str, func: str, default: Any = None
 ) -> Any:
-    """Returns the value of a renamed parameter, warning (DeprecationWarning) when the old name was used.
+    """Returns the value of a renamed parameter, warning if the old name was used.
 
     ``default`` is the value meaning "not given"; giving both names is an error.
     """

@@ -45,13 +45,13 @@ _HOOK_NAME = re.compile(r"blocks\.(\d+)\.hook_(\w+)")
 
 
 def _parse_hook_name(key: object) -> tuple[int, str] | None:
-    """Returns ``(layer, point)`` of a TransformerLens name ``blocks.{layer}.hook_{point}``, else None."""
+    """Returns ``(layer, point)`` of a name ``blocks.{layer}.hook_{point}``, else None."""
     match = _HOOK_NAME.fullmatch(key) if isinstance(key, str) else None
     return (int(match.group(1)), match.group(2)) if match else None
 
 
 class _MissingHook(KeyError, ValueError):
-    """An absent key: a ``KeyError`` for the ``Mapping`` contract, a ``ValueError`` for bad input."""
+    """An absent key: a ``KeyError`` (the ``Mapping`` contract) and a ``ValueError`` (bad input)."""
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -67,7 +67,8 @@ class ActivationSet(Mapping[str, Tensor]):
     as ``acts["blocks.3.hook_resid_post"]`` gives block 3's ``[persona, question, d_model]``.
 
     Args:
-        activations: Hook name (see ``HOOK_POINTS``) to tensor ``[persona, question, layer, d_model]``.
+        activations: Hook name (see ``HOOK_POINTS``) to tensor
+            ``[persona, question, layer, d_model]``.
         personas: The personas along the first axis.
         questions: The questions along the second axis.
         layers: The block indices along the third axis.
@@ -112,7 +113,8 @@ class ActivationSet(Mapping[str, Tensor]):
                 invalid(
                     "activations",
                     "ActivationSet",
-                    f"tensors shaped [persona={expected[0]}, question={expected[1]}, layer={expected[2]}, d_model]",
+                    f"tensors shaped [persona={expected[0]}, question={expected[1]}, "
+                    f"layer={expected[2]}, d_model]",
                     f"{hook}: {tuple(tensor.shape)}",
                 )
             self._acts[hook] = tensor
@@ -144,8 +146,9 @@ class ActivationSet(Mapping[str, Tensor]):
             if point in self._acts and layer in self.layers:
                 return self._acts[point][:, :, self.layers.index(layer)]
         raise _MissingHook(
-            f"The 'hook' parameter of ActivationSet.__getitem__ must be one of the stored hooks {list(self._acts)} "
-            f"or a name blocks.<layer>.hook_<point> with a stored layer in {list(self.layers)}. Got {key!r} instead."
+            "The 'hook' parameter of ActivationSet.__getitem__ must be one of the stored hooks "
+            f"{list(self._acts)} or a name blocks.<layer>.hook_<point> with a stored layer in "
+            f"{list(self.layers)}. Got {key!r} instead."
         )
 
     def __contains__(self, key: object) -> bool:
@@ -165,7 +168,8 @@ class ActivationSet(Mapping[str, Tensor]):
 
     def __repr__(self) -> str:
         shapes = {k: tuple(v.shape) for k, v in self._acts.items()}
-        return f"ActivationSet(model={self.manifest.get('model_id')!r}, hooks={shapes}, dtype={self.dtype})"
+        model = self.manifest.get("model_id")
+        return f"ActivationSet(model={model!r}, hooks={shapes}, dtype={self.dtype})"
 
     # Labels -------------------------------------------------------------------------------------
     @property
@@ -247,14 +251,14 @@ class ActivationSet(Mapping[str, Tensor]):
 
     # Storage ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes the set to the folder ``path`` (safetensors + JSON manifest) atomically; returns it."""
+        """Writes the set to the folder ``path`` (safetensors + JSON) atomically; returns it."""
         return save_activations(self, path)
 
     @classmethod
     def load(
         cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
     ) -> ActivationSet:
-        """Returns the set stored in the folder ``path``; reads safetensors and JSON, never unpickles."""
+        """Returns the set stored in the folder ``path`` (safetensors and JSON, never pickle)."""
         return load_activations(path, device=device)
 
     def _replace(self, acts: Mapping[str, Tensor]) -> ActivationSet:

@@ -95,7 +95,8 @@ class KeyedFolder:
         """
         state = self.state()
         if state == "foreign":
-            invalid("folder", "KeyedFolder.begin", "absent, empty or a folder this toolkit wrote (with its record)",
+            invalid("folder", "KeyedFolder.begin",
+                    "absent, empty or a folder this toolkit wrote (with its record)",
                     str(self.folder), exc=FileExistsError)  # fmt: skip
         resume = state in ("finished", "unfinished") and not force
         if not resume and state != "absent":

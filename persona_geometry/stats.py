@@ -182,7 +182,8 @@ def per_persona(
             arr = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError) as e:
             raise TypeError(
-                f"The {param!r} parameter of {func} must be numbers, one per persona. Got {values!r} instead."
+                f"The {param!r} parameter of {func} must be numbers, one per persona. "
+                f"Got {values!r} instead."
             ) from e
         if arr.ndim != 1 or arr.shape[0] != len(personas):
             invalid(
@@ -263,7 +264,7 @@ def check_counts(k: np.ndarray, n: np.ndarray, personas: Sequence[str], func: st
 def wilson_interval(
     k: PerPersona, n: PerPersona, *, alpha: float = 0.05
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns Wilson score intervals ``(lower, upper)`` of ``k / n`` (statsmodels ``proportion_confint``).
+    """Returns Wilson score intervals ``(lower, upper)`` of ``k / n`` (statsmodels).
 
     Raises:
         ValueError: If ``k > n``, ``k < 0``, ``n < 1``, or counts are not whole numbers.

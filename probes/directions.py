@@ -278,7 +278,7 @@ class Projection:
         return self.questions is not None
 
     def at(self, layer: int) -> dict[str, float]:
-        """Returns ``{persona: projection}`` at block ``layer`` (mean over questions when per prompt)."""
+        """Returns ``{persona: projection}`` at block ``layer`` (means over questions)."""
         if layer not in self.layers:
             invalid("layer", "Projection.at", f"one of the layers {list(self.layers)}", layer)
         j = self.layers.index(layer)
@@ -481,7 +481,7 @@ def assistant_axis(
     hook: str = "resid_post",
     layers: int | Sequence[int] | None = None,
 ) -> Direction:
-    """Returns the assistant axis: the reference persona's centered centroid, unit length, per layer.
+    """Returns the assistant axis: the reference's centered centroid, unit length, per layer.
 
     With the default centering (every persona in ``acts``, as ``center`` does) this is
     ``reference − mean(others)`` up to a positive factor. The centered cosine of the study is
@@ -561,7 +561,8 @@ def _fit_centering(centering: Any, cents: Centroids, hook: str, func: str) -> Ce
         invalid(
             "centering",
             func,
-            "None, 'all', a list of persona names, a Centroids, an ActivationSet or a fitted Centering",
+            "None, 'all', a list of persona names, a Centroids, an ActivationSet "
+            "or a fitted Centering",
             centering,
         )
     try:

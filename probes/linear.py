@@ -344,7 +344,7 @@ class ProbeResult:
         }
 
     def to_frame(self) -> pd.DataFrame:
-        """Returns one row per layer: score, CI, fold mean/sd, shuffled baseline mean/max, chance."""
+        """Returns one row per layer: score, CI, fold mean/sd, shuffled baseline, chance."""
         has_base = self.baseline.shape[1] > 0
         return pd.DataFrame(
             {
@@ -414,7 +414,8 @@ def _target(acts: ActivationSet, target: Any, func: str) -> tuple[np.ndarray, st
             invalid(
                 "target",
                 func,
-                "'persona', 'category', a {persona: value} mapping, or values per persona or per prompt",
+                "'persona', 'category', a {persona: value} mapping, "
+                "or values per persona or per prompt",
                 target,
             )
         return np.repeat(labels[:, None], Q, axis=1), target
@@ -469,7 +470,7 @@ def _cv_scores(
         oof = (pred == y).astype(np.float64)
         scores = np.array([accuracy_score(y[test], pred[test]) for _, test in splits])
         return scores, oof
-    # R² of a fold whose held-out values are all equal is undefined (scikit-learn would report 1 or 0).
+    # R² of a fold whose held-out values are all equal is undefined (scikit-learn says 1 or 0).
     scores = np.array(
         [r2_score(y[test], pred[test]) if np.ptp(y[test]) > 0 else math.nan for _, test in splits]
     )
@@ -477,7 +478,7 @@ def _cv_scores(
 
 
 def _wilson(k: float | int, n: int, confidence: float) -> tuple[float, float]:
-    """Returns the Wilson score interval of ``k / n`` (the eval module's, at level ``confidence``)."""
+    """Returns the Wilson score interval of ``k / n`` at level ``confidence``."""
     from persona_geometry.stats import wilson_bounds
 
     return wilson_bounds(int(round(k)), int(n), alpha=1 - confidence)
@@ -503,7 +504,7 @@ def probe_layers(
     config: ProbeConfig | None = None,
     progress: bool = True,
 ) -> ProbeResult:
-    """Returns per-layer cross-validated probe scores, with CIs, a shuffled baseline and the best layer.
+    """Returns per-layer cross-validated probe scores, CIs, a shuffled baseline, the best layer.
 
     Every prompt's last-token activation at a layer is one sample. Folds hold out whole
     questions (or whole personas with ``config.group_by="persona"``), so no question sits on
@@ -544,7 +545,8 @@ def probe_layers(
         invalid(
             "config",
             func,
-            "group_by='question' for persona identity (a held-out persona's name can't be predicted)",
+            "group_by='question' for persona identity "
+            "(a held-out persona's name can't be predicted)",
             "group_by='persona'",
         )
 

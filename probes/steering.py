@@ -285,7 +285,10 @@ class DoseResponse:
     def summary(self) -> str:
         """Returns the rate per strength as a text table, with Spearman's ρ."""
         rho, p = self.spearman()
-        head = f"Marker {self.marker!r} source rate for {self.persona}, steering layer {self.layer} along {self.direction}"
+        head = (
+            f"Marker {self.marker!r} source rate for {self.persona}, "
+            f"steering layer {self.layer} along {self.direction}"
+        )
         tail = (
             f"Spearman ρ(strength, rate) = {rho:.3f} (p = {p:.3g})"
             if not math.isnan(rho)
@@ -297,7 +300,7 @@ class DoseResponse:
 def _steered_counter(
     matcher: Any, sampling: Any, *, batch_size: int, chat_template: str | None
 ) -> MarkerCounter:
-    """Returns a counter that samples through the eval module's HF back end on the in-memory (steered) model.
+    """Returns a counter sampling with the HF back end on the in-memory (steered) model.
 
     ``sample_hf`` seeds each batch from ``sampling.seed`` and its position only, so every strength
     sees the same random numbers: differences between strengths are less noisy than independent
