@@ -26,6 +26,7 @@ from persona_geometry._validation import check_one_of, invalid
 from persona_geometry.analysis.robustness import SCHEMA, Robustness, analyze, read_table
 from persona_geometry.analysis.sweep import LayerSweep, layer_sweep
 from persona_geometry.provenance import package_versions
+from persona_geometry.stats import check_rates
 
 __all__ = [
     "SCHEMA",
@@ -277,6 +278,8 @@ def read_sweep_table(
     for col in value_cols:
         if pd.to_numeric(frame[col], errors="coerce").isna().any():
             invalid(col, func, "numbers in every row", "missing or non-numeric values")
+    if rate is not None:
+        check_rates(frame[rate].to_numpy(dtype=np.float64), frame[persona].tolist(), rate, func)
 
     if layout == "long":
         if frame.duplicated([persona, layer]).any():

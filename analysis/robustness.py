@@ -46,7 +46,14 @@ from persona_geometry.analysis.influence import Influence, influence
 from persona_geometry.analysis.partial import PartialSpearman, partial_spearman, vif
 from persona_geometry.analysis.tables import PooledCounts, pool_seeds, read_table, require_columns
 from persona_geometry.geometry import CosineToReference
-from persona_geometry.stats import PerPersona, json_float, per_persona, rates_from, wilson_interval
+from persona_geometry.stats import (
+    PerPersona,
+    check_rates,
+    json_float,
+    per_persona,
+    rates_from,
+    wilson_interval,
+)
 
 __all__ = [
     "SCHEMA",
@@ -576,6 +583,9 @@ def analyze(
             invalid(
                 col, func, "finite numbers in every row", f"missing or non-numeric values for {bad}"
             )
+    if rate is not None:
+        rates = pd.to_numeric(frame[rate]).to_numpy(dtype=np.float64)
+        check_rates(rates, frame[persona].tolist(), rate, func)
     frame = frame.assign(**{persona: frame[persona].astype(str)})
 
     if seed_column is not None:

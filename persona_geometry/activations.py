@@ -21,6 +21,7 @@ from torch import Tensor
 from persona_geometry._io import atomic_dir, atomic_write_json
 from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import PersonaSet
+from persona_geometry.settings import HOOK_POINTS
 
 __all__ = [
     "ActivationSet",
@@ -30,9 +31,6 @@ __all__ = [
     "load_activations",
     "save_activations",
 ]
-
-# Hook points per block, in TransformerLens naming (`blocks.{l}.hook_<name>`).
-HOOK_POINTS: tuple[str, ...] = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
 
 # On disk an ActivationSet is a folder with these two files (see ``save_activations``).
 FORMAT = "persona-geometry.activations"

@@ -20,9 +20,10 @@ import numpy as np
 from scipy import special, stats
 
 from persona_geometry._validation import check_probability, invalid
+from persona_geometry.settings import (
+    STATISTICS as STATISTICS,  # re-exported: sweep and leakage check against it
+)
 
-# The correlation statistics a sweep, a leakage test or a study can rank layers by.
-STATISTICS = ("spearman", "pearson")
 # Elements per chunk of vectorised permutation work: bounds memory to tens of MB whatever the
 # number of personas, layers or resamples.
 CHUNK_ELEMENTS = 1 << 22
@@ -292,3 +293,13 @@ def wilson_bounds(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     """Returns the Wilson score interval of one count ``k`` of ``n`` as two floats."""
     low, high = wilson_interval([k], [n], alpha=alpha)
     return float(low[0]), float(high[0])
+
+
+def check_rates(values: np.ndarray, personas: Sequence[Any], param: str, func: str) -> None:
+    """Raises ValueError naming the first personas whose rate lies outside [0, 1] (fractions)."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~((values >= 0) & (values <= 1))
+    if bad.any():
+        names = np.asarray(personas, dtype=object)[bad][:3]
+        shown = {str(p): float(v) for p, v in zip(names, values[bad][:3], strict=True)}
+        invalid(param, func, "rates in [0, 1] (fractions, not percentages)", shown)
