@@ -216,7 +216,7 @@ def analyze_table(
     holdout: Sequence[str] | None = None,
     reference: str | None = None,
     exclude_reference: bool = False,
-    seed: str | None = None,
+    seed_column: str | None = None,
     layer: int | None = None,
     json_path: str | os.PathLike[str] | None = None,
     markdown_path: str | os.PathLike[str] | None = None,
@@ -228,7 +228,7 @@ def analyze_table(
     """
     arguments = dict(
         x=x, k=k, n=n, rate=rate, persona=persona, category=category, covariate=covariate,
-        holdout=list(holdout or []), reference=reference, exclude_reference=exclude_reference, seed=seed, layer=layer,
+        holdout=list(holdout or []), reference=reference, exclude_reference=exclude_reference, seed_column=seed_column, layer=layer,
     )  # fmt: skip
     result = analyze(table, **arguments)
     write_analysis(

@@ -376,7 +376,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         holdout=list(settings["holdout"]),
         reference=args.reference,
         exclude_reference=settings["exclude_reference"],
-        seed=args.seed_column,
+        seed_column=args.seed_column,
         layer=args.layer,
         json_path=args.json,
         markdown_path=args.markdown,
