@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from persona_geometry import distributed
 from persona_geometry._validation import (
     check_layers,
     check_one_of,
@@ -99,6 +100,11 @@ def extract_activations(
     one-prompt-at-a-time bfloat16 runs, against 3e-7 in float32. Treat bfloat16 cosine
     differences below 1e-3 as batching noise, or extract in float32.
 
+    Under ``torchrun`` (or with ``torch.distributed`` initialised), each rank extracts one
+    contiguous block of the personas and the blocks are gathered: every rank returns the same,
+    whole set, with tensors equal to a one-process run (float32 on CPU: byte for byte); each
+    block has its own cache entry and chunked resume (``persona_geometry.distributed``).
+
     Args:
         model: A ``ModelHandle`` from ``load_model``; a model folder or Hugging Face id (loaded
             with ``load_model(model, dtype=dtype, device=device)``); or a TransformerLens
@@ -149,6 +155,14 @@ def extract_activations(
         max_batch_size = check_positive_int(max_batch_size, "max_batch_size", _FUNC)
     personas = _check_personas(personas)
     questions = _check_questions(questions)
+    if distributed.world_size() > 1 and distributed.init_process_group():
+        # Under torchrun: persona blocks across the ranks, gathered on every rank (distributed.py).
+        return distributed.extract_across_ranks(
+            extract_activations, model, personas, questions, hooks=hooks, layers=layers, engine=engine,
+            batch_tokens=batch_tokens, max_batch_size=max_batch_size, chunk_prompts=chunk_prompts,
+            chat_template=chat_template, cache_dir=cache_dir, layer_template=layer_template, dtype=dtype,
+            device=device, share_prefix=share_prefix, progress=progress,
+        )  # fmt: skip
 
     bridge = model if _is_bridge(model) else None
     if bridge is None:
