@@ -43,6 +43,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (overrides model.dtype)")
     p.add_argument("--force", action="store_true", help="re-run the chosen stages even if their outputs are current")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--executor", choices=("auto", "inprocess", "torchrun", "ray"), default="auto",
+                   help="where units run: auto (torchrun under a launcher, else in process), inprocess, torchrun, ray")
+    p.add_argument("--shard", metavar="I/N", default=None,
+                   help="array job I of N: run only this slice of the extract/data/train/eval units, then exit")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (executor ray; default: start a local instance)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs for the Ray executor: one per unit when > 0 (default: those Ray sees)")
     p.set_defaults(func=_run_study)
 
 
@@ -58,7 +64,10 @@ def _run_study(args: argparse.Namespace) -> int:
         config = StudyConfig.from_dict({**config.to_dict(), "model": {**config.model.to_dict(), **overrides}})
     if args.out is not None:
         config = config.with_overrides(out=args.out)
-    result = run_study(config, stages=args.stages, force=args.force, progress=not args.no_progress)
+    result = run_study(
+        config, stages=args.stages, force=args.force, progress=not args.no_progress,
+        executor=args.executor, shard=args.shard, ray_address=args.ray_address, gpus=args.gpus,
+    )  # fmt: skip
     print(result.summary())
     return 0
 
@@ -82,11 +91,13 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
+    from persona_geometry import distributed
     from persona_geometry.extract import extract_activations
     from persona_geometry.models import load_model
     from persona_geometry.personas import PersonaSet
     from persona_geometry.questions import load_questions
 
+    distributed.pin_local_device()  # under torchrun: each rank its own GPU, before CUDA starts
     handle = load_model(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     acts = extract_activations(
         handle,
@@ -98,8 +109,9 @@ def _run_extract(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens,
         cache_dir=args.cache_dir,
     )
-    out = acts.save(args.out)
-    log.info("wrote %s to %s", acts, out)
+    if distributed.rank() == 0:  # under torchrun every rank holds the whole set; one writes it
+        out = acts.save(args.out)
+        log.info("wrote %s to %s", acts, out)
     return 0
 
 

@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,11 +61,31 @@ class ModelConfig(ConfigDict):
     dtype: str = "auto"
     device: str | None = None
     chat_template: str | None = None
+    # A model larger than one GPU: accelerate's device_map ("auto", "balanced", "sequential" or
+    # {module: device}) and the most memory per device ({0: 70GiB, 1: 70GiB, cpu: 200GiB}).
+    device_map: str | dict[str, Any] | None = None
+    max_memory: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             invalid("name", "ModelConfig", "a model id or folder", self.name)
         check_one_of(self.dtype, "dtype", "ModelConfig", _DTYPES)
+        if isinstance(self.device_map, str):
+            check_one_of(self.device_map, "device_map", "ModelConfig", _DEVICE_MAPS)
+        elif self.device_map is not None and not isinstance(self.device_map, dict):
+            invalid("device_map", "ModelConfig", f"null, one of {list(_DEVICE_MAPS)} or a mapping of module to device", self.device_map, exc=TypeError)
+        if self.max_memory is not None:
+            if not isinstance(self.max_memory, dict) or self.device_map is None:
+                invalid("max_memory", "ModelConfig", "null, or a mapping of device to memory (e.g. {0: 70GiB}) with device_map set", self.max_memory)
+            # One key type (text), so the config hashes and round-trips; load_model gets GPU indices back as ints.
+            object.__setattr__(self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()})
+
+    def placement(self) -> dict[str, Any]:
+        """Returns ``load_model``'s placement arguments: ``device``, or ``device_map`` and ``max_memory``."""
+        if self.device_map is None:
+            return {"device": self.device}
+        memory = None if self.max_memory is None else {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
+        return {"device": self.device, "device_map": self.device_map, "max_memory": memory}
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
 
