@@ -127,6 +127,7 @@ def ranks(args) -> None:
         result["extract_speedup"] = result["extract_1gpu_s"] / result["extract_2gpu_s"]
         result["extract_agreement"] = _compare(two, one)
         result["ranks"] = world
+        (out / "ranks.json").write_text(json.dumps(result, indent=2))  # kept if training fails
     del handle, two
     if rank == 0:
         del one
@@ -194,13 +195,19 @@ def device_map_phase(args) -> dict:
     placement = sorted({str(v) for v in split.model.hf_device_map.values()})
     timings = {}
     results = {}
+    errors = {}
     for name, handle in (("one_gpu", plain), ("device_map", split)):
-        extract_activations(handle, personas[:2], QUESTIONS, **kw)  # warm-up
-        _sync()
-        t = time.perf_counter()
-        results[name] = extract_activations(handle, personas, QUESTIONS, **kw)
-        _sync()
-        timings[name] = time.perf_counter() - t
+        try:
+            extract_activations(handle, personas[:2], QUESTIONS, **kw)  # warm-up
+            _sync()
+            t = time.perf_counter()
+            results[name] = extract_activations(handle, personas, QUESTIONS, **kw)
+            _sync()
+            timings[name] = time.perf_counter() - t
+        except Exception as e:  # recorded, not hidden: the JSON says what failed
+            errors[name] = f"{type(e).__name__}: {e}"[:500]
+    if errors:
+        return {"placement": placement, "errors": errors, "timings": timings}
     return {
         "placement": placement,
         "n_prompts": len(personas) * len(QUESTIONS),
@@ -250,7 +257,7 @@ def main() -> int:
     report["build_s"] = time.perf_counter() - t
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0", __file__,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
            "--phase", "ranks", "--out", str(out), "--model", args.model, "--work", str(work),
            "--personas", str(args.personas), "--train-rows", str(args.train_rows), "--batch-tokens", str(args.batch_tokens)]  # fmt: skip
     if args.smoke:
@@ -259,12 +266,13 @@ def main() -> int:
     t = time.perf_counter()
     done = subprocess.run(cmd, env=env)
     report["torchrun_phase_wall_s"] = time.perf_counter() - t
-    if done.returncode == 0:
+    if (work / "ranks.json").is_file():
         report["ranks"] = json.loads((work / "ranks.json").read_text())
-        out.write_text(json.dumps(report, indent=2))  # the rank phase's numbers, in case the next phase fails
-        report["device_map"] = device_map_phase(args)
-    else:
+    if done.returncode != 0:
         report["ranks_error"] = f"torchrun exited with {done.returncode}"
+    out.write_text(json.dumps(report, indent=2))  # the rank phase's numbers, in case the next phase fails
+    if (work / "one_gpu").is_dir():
+        report["device_map"] = device_map_phase(args)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return done.returncode

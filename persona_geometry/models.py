@@ -100,13 +100,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, *, func
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(
             f"The 'device' parameter of load_model must be a torch device such as 'cpu' or 'cuda:0'. Got {device!r} instead."
         ) from e
+    if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
+        # An explicit index: transformers reads a bare "cuda" as cuda:LOCAL_RANK, which does not
+        # exist when a launcher shows each rank only its own GPU (distributed.pin_local_device).
+        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count())
+    return resolved
 
 
 def _first_device(device_map: str | dict[str, Any], max_memory: dict[Any, Any] | None) -> str:
