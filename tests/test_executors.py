@@ -117,7 +117,7 @@ def test_a_bad_shard_is_one_line_error(reference, tmp_path):
 
 def _torchrun(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "persona_geometry.pipeline.cli", *args]  # fmt: skip
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

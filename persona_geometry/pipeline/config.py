@@ -64,7 +64,7 @@ class ModelConfig(ConfigDict):
     # A model larger than one GPU: accelerate's device_map ("auto", "balanced", "sequential" or
     # {module: device}) and the most memory per device ({0: 70GiB, 1: 70GiB, cpu: 200GiB}).
     device_map: str | dict[str, Any] | None = None
-    max_memory: dict[str, str] | None = None
+    max_memory: dict[Any, Any] | None = None  # stored with text keys
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -187,6 +187,7 @@ class ResponsesConfig(ConfigDict):
     max_new_tokens: int = 512
     seed: int = 0
     backend: str | None = None  # None: the eval back end.
+    tensor_parallel_size: int = 1  # vLLM: GPUs one engine spans (a model larger than one GPU)
 
     def __post_init__(self) -> None:
         from persona_geometry.sampling import SamplingSettings
@@ -194,6 +195,9 @@ class ResponsesConfig(ConfigDict):
         SamplingSettings(n_completions=1, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed)
         if self.backend is not None:
             check_one_of(self.backend, "backend", "ResponsesConfig", BACKENDS)
+        check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "ResponsesConfig")
+        if self.tensor_parallel_size > 1 and self.backend == "hf":
+            invalid("tensor_parallel_size", "ResponsesConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,10 +212,14 @@ class EvalConfig(ConfigDict):
     seed: int = 0
     regex: bool = False
     batch_size: int = 64
+    tensor_parallel_size: int = 1  # vLLM: GPUs one engine spans (a model larger than one GPU)
 
     def __post_init__(self) -> None:
         check_one_of(self.backend, "backend", "EvalConfig", BACKENDS)
         check_positive_int(self.batch_size, "batch_size", "EvalConfig")
+        check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "EvalConfig")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            invalid("tensor_parallel_size", "EvalConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
         self.sampling()
 
     def sampling(self) -> Any:

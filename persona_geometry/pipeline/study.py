@@ -466,6 +466,7 @@ def _data_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw
         max_new_tokens=r.max_new_tokens,
         seed=r.seed,
         backend=r.backend or config.eval.backend,
+        vllm_kwargs=_tensor_parallel(r.tensor_parallel_size),
         device=config.model.device,
         dtype=None if config.model.dtype == "auto" else config.model.dtype,
         chat_template=_chat_template(config),
@@ -540,12 +541,17 @@ def _eval_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw
         marker=config.data.marker,
         regex=e.regex,
         batch_size=e.batch_size,
+        vllm_kwargs=_tensor_parallel(e.tensor_parallel_size),
         device=config.model.device,
         dtype=None if config.model.dtype == "auto" else config.model.dtype,
         chat_template=_chat_template(config),
         progress=False,  # one bar over the adapters instead
     )
     return {f"eval:{source}:seed{seed}": str(folder / "run_result.json")}
+
+
+def _tensor_parallel(size: int) -> dict[str, Any] | None:
+    return {"tensor_parallel_size": size} if size > 1 else None
 
 
 _UNIT_RUNNERS = {"extract": _extract_unit, "data": _data_unit, "train": _train_unit, "eval": _eval_unit}
