@@ -73,7 +73,7 @@ class Torchrun:
 
     Inside a unit the rank behaves as a single process (``distributed.local_only``), so
     transformers' ``Trainer`` trains each adapter on its own rank instead of wrapping it in DDP;
-    with ``together`` (``train.data_parallel``) every rank runs every unit as one DDP job.
+    with ``together`` every rank runs every unit, for units that are themselves distributed.
     After the barrier each rank reads the other ranks' outputs from the units' records.
     """
 

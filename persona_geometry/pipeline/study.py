@@ -54,14 +54,14 @@ class StudyResult:
     skipped: tuple[str, ...]
     files: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-    computed: tuple[str, ...] = ()  # units this process computed (the others were cached or ran elsewhere)
+    computed: tuple[str, ...] = ()  # units computed by this run, wherever they ran (the others were cached)
 
     def summary(self) -> str:
         """Returns a few lines a person reads."""
         lines = [f"Study output: {self.out}"]
         timed = ", ".join(f"{s} {self.seconds[s]:.0f}s" for s in self.ran if s in self.seconds)
         lines.append(f"  ran: {timed or 'nothing'}; cached: {', '.join(self.skipped) or 'nothing'}")
-        lines.append(f"  units computed here: {len(self.computed)}")
+        lines.append(f"  units computed: {len(self.computed)}")
         for name, path in self.files.items():
             lines.append(f"  {name}: {path}")
         return "\n".join(lines)
