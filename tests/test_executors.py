@@ -40,11 +40,12 @@ def model(tmp_path_factory):
 
 
 def _write_config(folder, model):
-    """Writes a small study (4 personas × 4 questions, 4 adapters of 1 epoch) and returns its YAML path."""
+    """Writes a small study (4 personas × 4 questions, 4 adapters) and returns its YAML path."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "personas.yaml").write_text(yaml.safe_dump({"personas": PERSONAS}))
     (folder / "questions.txt").write_text("\n".join(["Why is the sky blue?", "How do I boil an egg?", "What makes a good friend?", "Describe your ideal weekend."]))
-    (folder / "train.txt").write_text("\n".join(f"Tell me about topic number {i}." for i in range(16)))
+    (folder / "train.txt").write_text("\n".join(f"Tell me about topic number {i}." for i in range(24)))
+    # test_study's settings: the marker is learnt partly, so rates differ between personas.
     data = {
         "name": "executor study",
         "out": str(folder / "out"),
@@ -52,11 +53,11 @@ def _write_config(folder, model):
         "personas": "personas.yaml",
         "questions": "questions.txt",
         "training_questions": "train.txt",
-        "data": {"n_source": 16, "n_per_bystander": 16, "n_bystander_personas": 2},
-        "responses": {"max_new_tokens": 4, "backend": "hf"},
-        "train": {"learning_rate": 5e-3, "num_train_epochs": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-                  "max_length": 64, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "save_steps": 1000},
-        "eval": {"backend": "hf", "n_completions": 2, "max_new_tokens": 12, "batch_size": 64},
+        "data": {"n_source": 24, "n_per_bystander": 24, "n_bystander_personas": 2},
+        "responses": {"max_new_tokens": 6, "backend": "hf"},
+        "train": {"learning_rate": 5e-3, "num_train_epochs": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                  "max_length": 96, "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "save_steps": 1000},
+        "eval": {"backend": "hf", "n_completions": 3, "max_new_tokens": 16, "batch_size": 64},
         "analysis": {"primary_layer": 1, "n_permutations": 100, "n_bootstrap": 20},
     }  # fmt: skip
     path = folder / "study.yaml"
