@@ -181,6 +181,15 @@ def extract_activations(
             names the parameter.
         TypeError: If ``model`` is none of the accepted kinds.
     """
+    if distributed.world_size() > 1 and distributed.init_process_group():
+        # Under torchrun: persona blocks across the ranks, gathered on every rank (distributed.py).
+        return distributed.extract_across_ranks(
+            extract_activations, model, _check_personas(personas), _check_questions(questions), hooks=hooks,
+            layers=layers, engine=engine, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
+            chunk_prompts=chunk_prompts, chat_template=chat_template, cache_dir=cache_dir,
+            layer_template=layer_template, dtype=dtype, device=device, share_prefix=share_prefix, pack=pack,
+            max_memory_gib=max_memory_gib, compile_blocks=compile_blocks, progress=progress,
+        )  # fmt: skip
     req = _validate(
         model, personas, questions, hooks=hooks, engine=engine, batch_tokens=batch_tokens,
         max_batch_size=max_batch_size, chunk_prompts=chunk_prompts, dtype=dtype, device=device,
@@ -295,14 +304,6 @@ def _validate(
         invalid("compile_blocks", _FUNC, "True or False", compile_blocks, exc=TypeError)
     personas = _check_personas(personas)
     questions = _check_questions(questions)
-    if distributed.world_size() > 1 and distributed.init_process_group():
-        # Under torchrun: persona blocks across the ranks, gathered on every rank (distributed.py).
-        return distributed.extract_across_ranks(
-            extract_activations, model, personas, questions, hooks=hooks, layers=layers, engine=engine,
-            batch_tokens=batch_tokens, max_batch_size=max_batch_size, chunk_prompts=chunk_prompts,
-            chat_template=chat_template, cache_dir=cache_dir, layer_template=layer_template, dtype=dtype,
-            device=device, share_prefix=share_prefix, progress=progress,
-        )  # fmt: skip
 
     bridge = model if _is_bridge(model) else None
     if bridge is None:
