@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 # The variables a launcher (torchrun, accelerate, MPI) sets and libraries read to go distributed.
 _LAUNCHER_VARS = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+    "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
     "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE",
 )  # fmt: skip
 # Units can run for hours while other ranks wait at a barrier: far above torch's 30-minute default.
@@ -55,7 +56,10 @@ def _dist() -> Any:
 
 
 def world_size() -> int:
-    """Returns the number of ranks: the process group's size, else ``WORLD_SIZE``, else 1 (also 1 inside ``local_only``)."""
+    """Returns the number of ranks: the group's size, else ``WORLD_SIZE``, else 1.
+
+    Inside ``local_only`` it is 1.
+    """
     if _local.get():
         return 1
     d = _dist()
@@ -63,7 +67,7 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """Returns this process's rank: the process group's, else ``RANK``, else 0 (also 0 inside ``local_only``)."""
+    """Returns this process's rank: the group's, else ``RANK``, else 0 (0 inside ``local_only``)."""
     if _local.get():
         return 0
     d = _dist()
@@ -89,7 +93,9 @@ def init_process_group() -> bool:
         return False
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend, timeout=_TIMEOUT)
-    log.info("rank %d of %d: process group up (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    log.info(
+        "rank %d of %d: process group up (%s)", dist.get_rank(), dist.get_world_size(), backend
+    )
     return True
 
 
@@ -129,14 +135,23 @@ def local_only() -> Iterator[None]:
 
 
 def block_of(n_items: int, n_blocks: int, index: int) -> range:
-    """Returns the ``index``-th of ``n_blocks`` contiguous, near-equal blocks of ``range(n_items)`` (the first ones one longer)."""
+    """Returns block ``index`` of ``n_blocks`` contiguous, near-equal blocks of ``range(n_items)``.
+
+    The first ``n_items % n_blocks`` blocks are one longer.
+    """
     base, extra = divmod(n_items, n_blocks)
     start = index * base + min(index, extra)
     return range(start, start + base + (index < extra))
 
 
-def extract_across_ranks(extract: Callable[..., Any], model: Any, personas: Any, questions: Sequence[str] | None, **kwargs: Any) -> Any:
-    """Returns ``extract(model, personas, questions, **kwargs)``, computed in persona blocks across the ranks.
+def extract_across_ranks(
+    extract: Callable[..., Any],
+    model: Any,
+    personas: Any,
+    questions: Sequence[str] | None,
+    **kwargs: Any,
+) -> Any:
+    """Returns ``extract(model, personas, questions, **kwargs)``, in persona blocks across ranks.
 
     Rank ``r`` of ``N`` extracts the ``r``-th contiguous block of personas (in one process, as
     usual: its cache entry and chunked resume are its own, keyed by its personas), and the blocks
@@ -155,10 +170,27 @@ def extract_across_ranks(extract: Callable[..., Any], model: Any, personas: Any,
     block = block_of(len(personas), n, r)
     part = None
     if len(block):
-        log.info("rank %d of %d: extracting personas %d-%d of %d", r, n, block.start, block.stop - 1, len(personas))
+        log.info(
+            "rank %d of %d: extracting personas %d-%d of %d",
+            r,
+            n,
+            block.start,
+            block.stop - 1,
+            len(personas),
+        )
         with local_only():
             part = extract(model, PersonaSet(personas[i] for i in block), questions, **kwargs)
-    payload = None if part is None else ({h: part[h].cpu() for h in part.hooks}, part.n_tokens, part.manifest, part.layers, part.questions)
+    payload = (
+        None
+        if part is None
+        else (
+            {h: part[h].cpu() for h in part.hooks},
+            part.n_tokens,
+            part.manifest,
+            part.layers,
+            part.questions,
+        )
+    )
     gathered: list[Any] = [None] * n
     dist.all_gather_object(gathered, payload)
     parts = [p for p in gathered if p is not None]

@@ -59,12 +59,12 @@ from persona_geometry.prefix_cache import SharedPrefixes, prefix_engine, shared_
 from persona_geometry.prompts import PromptSet, chat_template_of, left_pad, render_prompts
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions
+from persona_geometry.settings import ENGINES
 
 __all__ = ["DEFAULT_MAX_MEMORY_GIB", "ENGINES", "FORWARD_PATHS", "extract_activations", "plan_batches"]
 
 log = logging.getLogger(__name__)
 
-ENGINES: tuple[str, ...] = ("hf", "transformer_lens")
 # How the forward runs, recorded as manifest["forward"]: the packed paths of the hf engine, its
 # fallbacks (left-padded batches, with or without each persona's prefix cached), TransformerLens.
 FORWARD_PATHS: tuple[str, ...] = (*PACKED_PATHS, "prefix_cache", "padded", "transformer_lens")

@@ -17,12 +17,11 @@ from typing import Any
 from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.provenance import stable_seed
+from persona_geometry.settings import BACKENDS, setting
 
 __all__ = ["BACKENDS", "SamplingSettings", "generate_completions", "generate_completions_vllm", "adapter_rank"]
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("vllm", "hf")
 
 # vLLM only accepts these LoRA ranks for max_lora_rank; an adapter's rank is rounded up to one.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -40,11 +39,11 @@ class SamplingSettings(ConfigDict):
         seed: Base seed; every completion's randomness derives from it.
     """
 
-    n_completions: int = 5
-    temperature: float | int = 1.0
-    top_p: float | int = 0.95
-    max_new_tokens: int = 512
-    seed: int = 0
+    n_completions: int = setting(5, help="completions per prompt")
+    temperature: float | int = setting(1.0, help="sampling temperature (0 is greedy)")
+    top_p: float | int = setting(0.95, help="nucleus sampling mass, in (0, 1]")
+    max_new_tokens: int = setting(512, help="the most tokens a completion may have")
+    seed: int = setting(0, help="base seed of sampling; every completion's seed derives from it")
 
     def __post_init__(self) -> None:
         func = "SamplingSettings"
@@ -116,7 +115,8 @@ def generate_completions(
         backend: ``"vllm"`` or ``"hf"``.
         batch_size: Sequences per batch on the HF back end (prompts × completions).
         device: Torch device for the HF back end; CUDA when available, else CPU.
-        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; bf16 on GPU and fp32 on CPU when None.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; None or ``"auto"`` is the rule of
+            ``persona_geometry.models.resolve_precision`` (bf16 on GPU, fp32 on CPU).
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``).
         progress: Show a progress bar while sampling.
 
@@ -132,21 +132,14 @@ def generate_completions(
         invalid("prompt_ids", func, "a non-empty list of token-id lists", prompt_ids)
     if any(not p for p in prompt_ids):
         invalid("prompt_ids", func, "token-id lists that are each non-empty", "an empty prompt")
-    if dtype is not None:
-        check_one_of(dtype, "dtype", func, ("bfloat16", "float16", "float32"))
+    from persona_geometry.models import dtype_name, resolve_precision
+
+    torch_device, torch_dtype = resolve_precision(device, dtype, func=func)
     if backend == "vllm":
-        return _generate_vllm(model, prompt_ids, sampling, adapter=adapter, dtype=dtype, vllm_kwargs=vllm_kwargs or {}, progress=progress)
-    return _generate_hf(model, prompt_ids, sampling, adapter=adapter, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
-
-
-def _resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[Any, Any]:
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
-    return torch.device(device), getattr(torch, dtype)
+        return _generate_vllm(
+            model, prompt_ids, sampling, adapter=adapter, dtype=dtype_name(torch_dtype), vllm_kwargs=vllm_kwargs or {}, progress=progress
+        )
+    return _generate_hf(model, prompt_ids, sampling, adapter=adapter, batch_size=batch_size, device=torch_device, dtype=torch_dtype, progress=progress)
 
 
 def _load_hf_model(model: str | os.PathLike[str], *, device: Any, dtype: Any, adapter: Any = None) -> tuple[Any, Any]:
@@ -164,13 +157,12 @@ def _generate_hf(
     *,
     adapter: str | os.PathLike[str] | None,
     batch_size: int,
-    device: str | None,
-    dtype: str | None,
+    device: Any,
+    dtype: Any,
     progress: bool = True,
 ) -> list[list[str]]:
-    torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
     # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
-    hf_model, tokenizer = _load_hf_model(model, device=torch_device, dtype=torch_dtype, adapter=adapter)
+    hf_model, tokenizer = _load_hf_model(model, device=device, dtype=dtype, adapter=adapter)
     return sample_hf(hf_model, tokenizer, prompt_ids, sampling, batch_size=batch_size, progress=progress)
 
 
@@ -273,7 +265,7 @@ def _generate_vllm(
     sampling: SamplingSettings,
     *,
     adapter: str | os.PathLike[str] | None,
-    dtype: str | None,
+    dtype: str,
     vllm_kwargs: dict[str, Any],
     progress: bool = True,
 ) -> list[list[str]]:

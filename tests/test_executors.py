@@ -151,7 +151,7 @@ def test_torchrun_study_on_two_ranks_equals_one_process(reference, model, tmp_pa
     _torchrun("run", str(path), "--no-progress", cwd=tmp_path)
     _assert_same_study(tmp_path / "out", ref.out)
     # The adapters were split across the ranks, one process each (no DDP).
-    pids = {json.loads((tmp_path / "out" / "train" / p["name"] / "seed42" / ".unit.json").read_text())["pid"] for p in PERSONAS}
+    pids = {json.loads((tmp_path / "out" / "train" / p["name"] / "seed42" / ".stage.json").read_text())["pid"] for p in PERSONAS}
     assert len(pids) == 2
 
 
@@ -163,7 +163,7 @@ def test_ray_tasks_retry_a_killed_worker_and_equal_one_process(reference, model,
     # GPU counts are labels here: each unit asks for one of two "GPUs", so two run at once.
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
     try:
-        target = tmp_path / "out" / "train" / "villain" / "seed42" / ".unit.json"
+        target = tmp_path / "out" / "train" / "villain" / "seed42" / ".stage.json"
         killed = {}
 
         def kill_mid_unit():

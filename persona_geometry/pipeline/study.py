@@ -36,6 +36,7 @@ from persona_geometry.personas import PersonaSet, builtin_personas
 from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions, load_questions, training_questions
+from persona_geometry.resume import KeyedFolder
 
 __all__ = ["STAGES", "UNIT_STAGES", "StudyResult", "Unit", "run_study", "run_unit", "study_inputs", "study_units", "unit_outputs"]
 
@@ -118,50 +119,13 @@ def study_inputs(config: StudyConfig) -> _Inputs:
     )
 
 
-class _StageMarker:
-    """A marker file recording the input key a stage (or one unit of it) started and finished with."""
+def _stage_record(folder: Path, key: str) -> KeyedFolder:
+    """Returns the ``.stage.json`` record of the input key a stage (or one unit of it) started and finished with.
 
-    def __init__(self, folder: Path, key: str, *, name: str = _MARKER_FILE):
-        self.folder, self.key = folder, key
-        self.path = folder / name
-
-    def _read(self) -> dict[str, Any]:
-        import json
-
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def done(self) -> bool:
-        """Whether the folder's outputs were finished with this key."""
-        state = self._read()
-        return state.get("key") == self.key and state.get("done", True)
-
-    def files(self) -> dict[str, str]:
-        """Returns the output files recorded when the outputs were finished."""
-        return dict(self._read().get("files", {}))
-
-    def begin(self, *, force: bool = False, **extra: Any) -> None:
-        """Clears the folder if it holds outputs of other inputs (or ``force``), then records this key.
-
-        An interrupted unit with the same key keeps its folder, so training resumes from its
-        last checkpoint; one made with other settings is removed rather than mixed in. The
-        record counts the attempts at this key (a unit retried after its worker died shows 2).
-        """
-        import shutil
-
-        state = self._read()
-        if self.folder.exists() and (force or (state and state.get("key") != self.key)):
-            log.info("removing %s: made with other inputs", self.folder)
-            shutil.rmtree(self.folder)
-            state = {}
-        attempt = state.get("attempt", 0) + 1 if state.get("key") == self.key else 1
-        atomic_write_json(self.path, {"key": self.key, "done": False, "attempt": attempt, **extra})
-
-    def mark(self, **extra: Any) -> None:
-        """Records that the outputs are finished for this key."""
-        atomic_write_json(self.path, {**self._read(), "key": self.key, "done": True, **extra})
+    An interrupted unit with the same key keeps its folder, so training resumes from its last
+    checkpoint; one made with other settings is removed rather than mixed in.
+    """
+    return KeyedFolder(folder, key, record=_MARKER_FILE)
 
 
 def run_study(
@@ -225,7 +189,7 @@ def run_study(
             continue
         if stage not in UNIT_STAGES and not ex.assembles:
             continue  # an array shard stops after its units; torchrun's rank 0 assembles
-        marker = _StageMarker(out / stage, keys[stage])
+        marker = _stage_record(out / stage, keys[stage])
         if marker.done() and not force:
             log.info("stage %s: inputs unchanged, skipped", stage)
             skipped.append(stage)
@@ -234,7 +198,7 @@ def run_study(
         start = time.perf_counter()
         if stage in UNIT_STAGES:
             units = study_units(config, stage, inputs=inputs)
-            before = {u.name: _StageMarker(Path(u.folder), u.key, name=_UNIT_FILE).done() and not force for u in units}
+            before = {u.name: _stage_record(Path(u.folder), u.key).done() and not force for u in units}
             run = partial(run_unit, config, force=force, progress=progress and len(units) == 1)
             # Every array shard needs the (single) data unit; the shards compute it once, under a lock.
             results = ex.map(units, run, together=stage == "data" and ex.name == "shard")
@@ -249,7 +213,7 @@ def run_study(
         seconds[stage] = time.perf_counter() - start
         log.info("stage %s: done in %.1f s", stage, seconds[stage])
         if ex.assembles:
-            marker.mark(stage=stage, files=produced, seconds=round(seconds[stage], 2))
+            marker.finish(stage=stage, files=produced, seconds=round(seconds[stage], 2))
         files.update(produced)
         ran.append(stage)
     if hasattr(ex, "finish"):
@@ -285,7 +249,6 @@ def _stage_keys(config: StudyConfig, inputs: _Inputs) -> dict[str, str]:
 # --- units ------------------------------------------------------------------------------------
 # Prompts per extraction unit: whole personas, about this many prompts (one cache chunk).
 _UNIT_PROMPTS = 1024
-_UNIT_FILE = ".unit.json"
 UNIT_STAGES: tuple[str, ...] = ("extract", "data", "train", "eval")
 
 
@@ -293,7 +256,7 @@ UNIT_STAGES: tuple[str, ...] = ("extract", "data", "train", "eval")
 class Unit:
     """One content-addressed, idempotent piece of a unit stage, run by any executor.
 
-    ``folder`` holds its record (``.unit.json``: key, attempts, where it ran, its output files)
+    ``folder`` holds its record (``.stage.json``: key, attempts, where it ran, its output files)
     and its log (``unit.log``); ``args`` say which piece (a persona block, a source and seed).
     """
 
@@ -340,36 +303,40 @@ def unit_outputs(unit: Unit) -> dict[str, str]:
     Raises:
         ValueError: If the unit has not finished with its current key.
     """
-    marker = _StageMarker(Path(unit.folder), unit.key, name=_UNIT_FILE)
-    if not marker.done():
+    record = _stage_record(Path(unit.folder), unit.key)
+    if not record.done():
         raise ValueError(f"Unit {unit.name} has not finished (no current record in {unit.folder}).")
-    return marker.files()
+    return dict(record.info().get("files", {}))
 
 
 def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: bool = False) -> dict[str, str]:
     """Returns a unit's output files, running it unless its folder records it finished with its key.
 
-    The unit logs where it runs (host, process, device) and writes its log next to its output.
+    The unit logs where it runs (host, process, device) and writes its log next to its output;
+    its record counts the attempts at its key (a unit retried after its worker died shows 2).
     """
     import os
     import socket
 
     folder = Path(unit.folder)
-    marker = _StageMarker(folder, unit.key, name=_UNIT_FILE)
-    if marker.done() and not force:
+    record = _stage_record(folder, unit.key)
+    if record.done() and not force:
         log.info("unit %s: cached", unit.name)
-        return marker.files()
-    where = {"host": socket.gethostname(), "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    marker.begin(force=force, unit=unit.name, **where)
+        return dict(record.info().get("files", {}))
+    previous = record.info()
+    attempt = previous.get("attempt", 1) + 1 if record.state() == "unfinished" and not force else 1
+    where = {"unit": unit.name, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(),
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
+    record.begin(force=force, **where)
     with _unit_log(folder / "unit.log"):
-        log.info("unit %s: running on %s (pid %d, CUDA_VISIBLE_DEVICES=%s)", unit.name, where["host"], where["pid"], where["cuda_visible_devices"])
+        log.info("unit %s: running on %s (pid %d, CUDA_VISIBLE_DEVICES=%s, attempt %d)", unit.name, where["host"], where["pid"], where["cuda_visible_devices"], attempt)
         start = time.perf_counter()
         inputs = study_inputs(config)
         with _quiet_loading():
             files = _UNIT_RUNNERS[unit.stage](config, inputs, Path(config.out), unit, progress=progress)
         seconds = time.perf_counter() - start
         log.info("unit %s: done in %.1f s", unit.name, seconds)
-    marker.mark(files=files, seconds=round(seconds, 2))
+    record.finish(**where, files=files, seconds=round(seconds, 2))
     return files
 
 
@@ -468,7 +435,7 @@ def _data_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw
         backend=r.backend or config.eval.backend,
         vllm_kwargs=_tensor_parallel(r.tensor_parallel_size),
         device=config.model.device,
-        dtype=None if config.model.dtype == "auto" else config.model.dtype,
+        dtype=config.model.dtype,
         chat_template=_chat_template(config),
         progress=kw["progress"],
     )
@@ -509,7 +476,7 @@ def _train_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **k
         config.model.name,
         out / "data" / f"{source}.jsonl",
         folder,
-        dataclasses.replace(config.train, seed=seed),
+        dataclasses.replace(config.train, seed=seed, dtype=config.train_dtype()),
         source=source,
         marker=config.data.marker,
         device=config.model.device,
@@ -543,7 +510,7 @@ def _eval_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw
         batch_size=e.batch_size,
         vllm_kwargs=_tensor_parallel(e.tensor_parallel_size),
         device=config.model.device,
-        dtype=None if config.model.dtype == "auto" else config.model.dtype,
+        dtype=config.model.dtype,
         chat_template=_chat_template(config),
         progress=False,  # one bar over the adapters instead
     )
