@@ -22,6 +22,7 @@ __all__ = [
     "DTYPES",
     "ENGINES",
     "HOOK_POINTS",
+    "META_METHODS",
     "REPORT_TO",
     "STATISTICS",
     "TRAIN_DTYPES",
@@ -37,6 +38,9 @@ ENGINES: tuple[str, ...] = ("hf", "transformer_lens")
 HOOK_POINTS: tuple[str, ...] = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
 # The correlation statistics a sweep, a leakage test or a study can rank layers by.
 STATISTICS: tuple[str, ...] = ("spearman", "pearson")
+# Between-study variance estimators of the meta-analysis across studies (statsmodels'
+# ``combine_effects``): DerSimonian-Laird, Paule-Mandel (iterated), and chi2.
+META_METHODS: tuple[str, ...] = ("dl", "iterated", "chi2")
 # Weight dtypes. "auto" (and None) is the one device rule every stage applies
 # (``persona_geometry.models.resolve_precision``): float32 on CPU, bfloat16 on a GPU.
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
