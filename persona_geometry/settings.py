@@ -25,6 +25,7 @@ __all__ = [
     "META_METHODS",
     "REPORT_TO",
     "STATISTICS",
+    "TABLE_LAYOUTS",
     "TRAIN_DTYPES",
     "check_choices",
     "setting",
@@ -38,14 +39,15 @@ ENGINES: tuple[str, ...] = ("hf", "transformer_lens")
 HOOK_POINTS: tuple[str, ...] = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
 # The correlation statistics a sweep, a leakage test or a study can rank layers by.
 STATISTICS: tuple[str, ...] = ("spearman", "pearson")
-# Between-study variance estimators of the meta-analysis across studies (statsmodels'
-# ``combine_effects``): DerSimonian-Laird, Paule-Mandel (iterated), and chi2.
-META_METHODS: tuple[str, ...] = ("dl", "iterated", "chi2")
 # Weight dtypes. "auto" (and None) is the one device rule every stage applies
 # (``persona_geometry.models.resolve_precision``): float32 on CPU, bfloat16 on a GPU.
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 # Training runs in float32 or bfloat16 autocast; float16 training would need loss scaling.
 TRAIN_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
+# Layouts of a sweep table: one row per persona and layer, one row per persona, or guessed.
+TABLE_LAYOUTS: tuple[str, ...] = ("auto", "long", "wide")
+# Between-study variance estimators of a random-effects comparison (statsmodels' combine_effects).
+META_METHODS: tuple[str, ...] = ("dl", "iterated", "chi2")
 # Where training may also report its loss (``loss_curve.json`` is always written).
 REPORT_TO: tuple[str, ...] = ("none", "tensorboard", "wandb")
 # Said wherever a dtype default is shown.
