@@ -566,7 +566,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=float, default=None, help="relative depth in [0, 1] of the combined estimate (default: the first study's primary layer)")
     p.add_argument("--statistic", choices=STATISTICS, default=None, help="statistic of the comparison (default: the first study's sweep statistic)")
     p.add_argument("--intersect", action="store_true", help="compare on the personas every study shares (recomputes each study there)")
-    p.add_argument("--method-re", choices=META_METHODS, default="dl", help="between-study variance estimator (default: dl, DerSimonian-Laird)")
+    p.add_argument("--method-re", choices=META_METHODS, default=META_METHODS[0], help="between-study variance estimator (default: dl, DerSimonian-Laird)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level; intervals are 1 - alpha (default: 0.05)")
     p.set_defaults(func=_run_compare)
 
