@@ -41,7 +41,10 @@ def _accepts_tuple(hint: Any) -> bool:
 def coerce_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     """Returns ``data`` with lists turned into tuples where ``cls``'s field is typed as a tuple."""
     hints = typing.get_type_hints(cls)
-    return {k: tuple(v) if isinstance(v, list) and _accepts_tuple(hints.get(k)) else v for k, v in data.items()}
+    return {
+        k: tuple(v) if isinstance(v, list) and _accepts_tuple(hints.get(k)) else v
+        for k, v in data.items()
+    }
 
 
 class ConfigDict:
@@ -61,7 +64,12 @@ class ConfigDict:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:
-            invalid("data", f"{cls.__name__}.from_dict", f"a mapping with keys from {sorted(known)}", unknown)
+            invalid(
+                "data",
+                f"{cls.__name__}.from_dict",
+                f"a mapping with keys from {sorted(known)}",
+                unknown,
+            )
         return cls(**coerce_fields(cls, data))
 
 
@@ -82,7 +90,10 @@ def read_text_file(path: str | os.PathLike[str], *, param: str, func: str) -> st
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"The {param!r} parameter of {func} must be a readable UTF-8 file. Got {str(path)!r} instead: {one_line(e)}") from e
+        raise ValueError(
+            f"The {param!r} parameter of {func} must be a readable UTF-8 file. "
+            f"Got {str(path)!r} instead: {one_line(e)}"
+        ) from e
 
 
 def parse_structured(text: str, path: str | os.PathLike[str], *, param: str, func: str) -> Any:
@@ -104,7 +115,10 @@ def parse_structured(text: str, path: str | os.PathLike[str], *, param: str, fun
             return json.loads(text, object_pairs_hook=_unique_pairs)
         return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
     except (ValueError, yaml.YAMLError) as e:
-        raise ValueError(f"The {param!r} parameter of {func} must be a valid {kind} file. Got {str(path)!r} instead: {one_line(e)}") from e
+        raise ValueError(
+            f"The {param!r} parameter of {func} must be a valid {kind} file. "
+            f"Got {str(path)!r} instead: {one_line(e)}"
+        ) from e
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -129,7 +143,10 @@ def _unique_key_loader() -> type:
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark
+                        None,
+                        None,
+                        f"the key {key!r} appears twice (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark,
                     )
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)

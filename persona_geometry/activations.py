@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import Tensor
 from persona_geometry._io import atomic_dir, atomic_write_json, check_replaceable
 from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import PersonaSet
+from persona_geometry.settings import HOOK_POINTS
 
 __all__ = [
     "ActivationSet",
@@ -34,9 +36,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Hook points per block, in TransformerLens naming (`blocks.{l}.hook_<name>`).
-HOOK_POINTS: tuple[str, ...] = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
 
 # On disk an ActivationSet is a folder with these two files (see ``save_activations``).
 FORMAT = "persona-geometry.activations"
@@ -52,14 +51,34 @@ class CorruptFileError(ValueError):
     """A stored file whose bytes or labels do not match the checksums its manifest records."""
 
 
+_HOOK_NAME = re.compile(r"blocks\.(\d+)\.hook_(\w+)")
+
+
+def _parse_hook_name(key: object) -> tuple[int, str] | None:
+    """Returns ``(layer, point)`` of a name ``blocks.{layer}.hook_{point}``, else None."""
+    match = _HOOK_NAME.fullmatch(key) if isinstance(key, str) else None
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+class _MissingHook(KeyError, ValueError):
+    """An absent key: a ``KeyError`` (the ``Mapping`` contract) and a ``ValueError`` (bad input)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class ActivationSet(Mapping[str, Tensor]):
     """Last-token activations at every requested layer, keyed by hook point.
 
     ``acts["resid_post"]`` is a ``Float[Tensor, "persona question layer d_model"]``; the
-    ``layer`` axis holds the blocks listed in ``acts.layers`` (all blocks by default).
+    ``layer`` axis holds the blocks listed in ``acts.layers`` (all blocks by default). It is a
+    ``Mapping`` over the stored hook points: ``"resid_pre" in acts`` is False when that hook
+    was not captured, ``acts.get("resid_pre")`` is None, and a full TransformerLens name such
+    as ``acts["blocks.3.hook_resid_post"]`` gives block 3's ``[persona, question, d_model]``.
 
     Args:
-        activations: Hook name (see ``HOOK_POINTS``) to tensor ``[persona, question, layer, d_model]``.
+        activations: Hook name (see ``HOOK_POINTS``) to tensor
+            ``[persona, question, layer, d_model]``.
         personas: The personas along the first axis.
         questions: The questions along the second axis.
         layers: The block indices along the third axis.
@@ -79,7 +98,12 @@ class ActivationSet(Mapping[str, Tensor]):
         manifest: Mapping[str, Any] | None = None,
     ):
         if not activations:
-            invalid("activations", "ActivationSet", "a non-empty mapping of hook name to tensor", dict(activations))
+            invalid(
+                "activations",
+                "ActivationSet",
+                "a non-empty mapping of hook name to tensor",
+                dict(activations),
+            )
         self.personas = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
         self.questions = tuple(check_unique_names(list(questions), "questions", "ActivationSet"))
         self.layers = tuple(int(layer) for layer in layers)
@@ -91,24 +115,62 @@ class ActivationSet(Mapping[str, Tensor]):
         self._acts: dict[str, Tensor] = {}
         for hook, tensor in activations.items():
             if hook not in HOOK_POINTS:
-                invalid("activations", "ActivationSet", f"keyed by hook names in {list(HOOK_POINTS)}", hook)
+                invalid(
+                    "activations",
+                    "ActivationSet",
+                    f"keyed by hook names in {list(HOOK_POINTS)}",
+                    hook,
+                )
             if tuple(tensor.shape[:3]) != expected or tensor.ndim != 4:
                 invalid(
                     "activations",
                     "ActivationSet",
-                    f"tensors shaped [persona={expected[0]}, question={expected[1]}, layer={expected[2]}, d_model]",
+                    f"tensors shaped [persona={expected[0]}, question={expected[1]}, "
+                    f"layer={expected[2]}, d_model]",
                     f"{hook}: {tuple(tensor.shape)}",
                 )
             self._acts[hook] = tensor
         if tuple(self.n_tokens.shape) != expected[:2]:
-            invalid("n_tokens", "ActivationSet", f"shaped [persona={expected[0]}, question={expected[1]}]", tuple(self.n_tokens.shape))
+            invalid(
+                "n_tokens",
+                "ActivationSet",
+                f"shaped [persona={expected[0]}, question={expected[1]}]",
+                tuple(self.n_tokens.shape),
+            )
 
     # Mapping interface -------------------------------------------------------------------------
-    def __getitem__(self, hook: str) -> Float[Tensor, "persona question layer d_model"]:
+    def __getitem__(
+        self, key: str
+    ) -> (
+        Float[Tensor, "persona question layer d_model"] | Float[Tensor, "persona question d_model"]
+    ):
+        """Returns a hook's tensor; a full TransformerLens name gives that block's slice.
+
+        ``acts["resid_post"]`` is ``[persona, question, layer, d_model]``;
+        ``acts["blocks.3.hook_resid_post"]`` is ``[persona, question, d_model]`` at block 3.
+        An absent key raises ``KeyError`` (so ``in`` and ``get`` behave as for a dict).
+        """
+        if isinstance(key, str) and key in self._acts:
+            return self._acts[key]
+        parsed = _parse_hook_name(key)
+        if parsed is not None:
+            layer, point = parsed
+            if point in self._acts and layer in self.layers:
+                return self._acts[point][:, :, self.layers.index(layer)]
+        raise _MissingHook(
+            "The 'hook' parameter of ActivationSet.__getitem__ must be one of the stored hooks "
+            f"{list(self._acts)} or a name blocks.<layer>.hook_<point> with a stored layer in "
+            f"{list(self.layers)}. Got {key!r} instead."
+        )
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
         try:
-            return self._acts[hook]
+            self[key]
         except KeyError:
-            invalid("hook", "ActivationSet.__getitem__", f"one of the stored hooks {list(self._acts)}", hook)
+            return False
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._acts)
@@ -118,7 +180,8 @@ class ActivationSet(Mapping[str, Tensor]):
 
     def __repr__(self) -> str:
         shapes = {k: tuple(v.shape) for k, v in self._acts.items()}
-        return f"ActivationSet(model={self.manifest.get('model_id')!r}, hooks={shapes}, dtype={self.dtype})"
+        model = self.manifest.get("model_id")
+        return f"ActivationSet(model={model!r}, hooks={shapes}, dtype={self.dtype})"
 
     # Labels -------------------------------------------------------------------------------------
     @property
@@ -139,7 +202,9 @@ class ActivationSet(Mapping[str, Tensor]):
     def layer_position(self, layer: int, *, func: str = "ActivationSet.layer_position") -> int:
         """Returns where block ``layer`` sits on the layer axis (negative counts from the end)."""
         if isinstance(layer, bool) or not isinstance(layer, int):
-            invalid("layer", func, f"one of the stored layers {list(self.layers)}", layer, exc=TypeError)
+            invalid(
+                "layer", func, f"one of the stored layers {list(self.layers)}", layer, exc=TypeError
+            )
         if layer < 0 and -len(self.layers) <= layer:
             return len(self.layers) + layer
         try:
@@ -148,7 +213,9 @@ class ActivationSet(Mapping[str, Tensor]):
             invalid("layer", func, f"one of the stored layers {list(self.layers)}", layer)
 
     # Transformations ---------------------------------------------------------------------------
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ActivationSet:
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> ActivationSet:
         """Returns a copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
         return self._replace({k: v.to(device=device, dtype=dtype) for k, v in self._acts.items()})
 
@@ -161,12 +228,28 @@ class ActivationSet(Mapping[str, Tensor]):
         hooks: Sequence[str] | None = None,
     ) -> ActivationSet:
         """Returns the subset with these persona names, question positions, layers and hooks."""
-        p_idx = [self.personas.index(n, param="personas", func="ActivationSet.select") for n in personas] if personas is not None else list(range(len(self.personas)))
+        p_idx = (
+            [
+                self.personas.index(n, param="personas", func="ActivationSet.select")
+                for n in personas
+            ]
+            if personas is not None
+            else list(range(len(self.personas)))
+        )
         q_idx = list(questions) if questions is not None else list(range(len(self.questions)))
         for q in q_idx:
             if not 0 <= q < len(self.questions):
-                invalid("questions", "ActivationSet.select", f"question positions in [0, {len(self.questions) - 1}]", q)
-        l_idx = [self.layer_position(layer, func="ActivationSet.select") for layer in layers] if layers is not None else list(range(len(self.layers)))
+                invalid(
+                    "questions",
+                    "ActivationSet.select",
+                    f"question positions in [0, {len(self.questions) - 1}]",
+                    q,
+                )
+        l_idx = (
+            [self.layer_position(layer, func="ActivationSet.select") for layer in layers]
+            if layers is not None
+            else list(range(len(self.layers)))
+        )
         hooks = list(hooks) if hooks is not None else self.hooks
         acts = {h: self[h][p_idx][:, q_idx][:, :, l_idx] for h in hooks}
         return ActivationSet(
@@ -180,7 +263,7 @@ class ActivationSet(Mapping[str, Tensor]):
 
     # Storage ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Writes the set to the folder ``path`` (safetensors + JSON manifest) atomically; returns it.
+        """Writes the set to the folder ``path`` (safetensors + JSON manifest), atomically.
 
         An existing folder is replaced only if it is an activation set, or empty, or
         ``overwrite`` is set (see ``save_activations``).
@@ -188,8 +271,10 @@ class ActivationSet(Mapping[str, Tensor]):
         return save_activations(self, path, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
-        """Returns the set stored in the folder ``path``; reads safetensors and JSON, never unpickles."""
+    def load(
+        cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+    ) -> ActivationSet:
+        """Returns the set stored in the folder ``path`` (safetensors and JSON, never pickle)."""
         return load_activations(path, device=device)
 
     def _replace(self, acts: Mapping[str, Tensor]) -> ActivationSet:
@@ -209,17 +294,27 @@ def is_activation_folder(path: str | os.PathLike[str]) -> bool:
     return path.is_dir() and {p.name for p in path.iterdir()} <= {_TENSORS, _MANIFEST}
 
 
-def check_activation_target(path: str | os.PathLike[str], *, overwrite: bool = False, param: str = "path", func: str = "save_activations") -> Path:
-    """Returns ``path`` after checking an activation set may be saved there (see ``save_activations``).
+def check_activation_target(
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    param: str = "path",
+    func: str = "save_activations",
+) -> Path:
+    """Returns ``path`` after checking an activation set may be saved there.
 
     Raises:
         FileExistsError: If ``path`` is a file, the working directory, or a non-empty folder
             holding files other than an activation set's (and ``overwrite`` is not set).
     """
-    return check_replaceable(path, owned=is_activation_folder, overwrite=overwrite, param=param, func=func)
+    return check_replaceable(
+        path, owned=is_activation_folder, overwrite=overwrite, param=param, func=func
+    )
 
 
-def save_activations(acts: ActivationSet, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def save_activations(
+    acts: ActivationSet, path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Writes ``acts`` to the folder ``path`` atomically and returns the folder.
 
     The folder holds ``activations.safetensors`` and ``manifest.json``; the manifest records
@@ -240,17 +335,24 @@ def save_activations(acts: ActivationSet, path: str | os.PathLike[str], *, overw
         "personas": acts.personas.to_list(),
         "questions": list(acts.questions),
         "layers": list(acts.layers),
-        "hooks": {hook: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for hook, t in acts.items()},
+        "hooks": {
+            hook: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for hook, t in acts.items()
+        },
         "provenance": json_safe(acts.manifest),
     }
     meta["checksums"] = {_TENSORS: _sha256(data), "labels": _labels_hash(meta)}
-    with atomic_dir(path, owned=is_activation_folder, overwrite=overwrite, func="save_activations") as tmp:
+    with atomic_dir(
+        path, owned=is_activation_folder, overwrite=overwrite, func="save_activations"
+    ) as tmp:
         (tmp / _TENSORS).write_bytes(data)
         atomic_write_json(tmp / _MANIFEST, meta)
     return Path(path)
 
 
-def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+def safetensors_bytes(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
     """Returns the safetensors serialisation of ``tensors``, the same bytes in every process.
 
     The header's JSON is rewritten with sorted keys (the writer's own order varies between
@@ -276,7 +378,9 @@ def _labels_hash(meta: Mapping[str, Any]) -> str:
     return _sha256(json.dumps(labels, sort_keys=True, ensure_ascii=False).encode())
 
 
-def load_activations(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationSet:
+def load_activations(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> ActivationSet:
     """Returns the ``ActivationSet`` stored in the folder ``path`` (safetensors + JSON only).
 
     The tensor file and the labels (personas, questions, layers, hooks) are checked against
@@ -296,12 +400,22 @@ def load_activations(path: str | os.PathLike[str], *, device: str | torch.device
     path = Path(path)
     for name in (_MANIFEST, _TENSORS):
         if not (path / name).is_file():
-            invalid("path", func, f"a folder written by ActivationSet.save (with {_MANIFEST} and {_TENSORS})", str(path), exc=FileNotFoundError)
+            invalid(
+                "path",
+                func,
+                f"a folder written by ActivationSet.save (with {_MANIFEST} and {_TENSORS})",
+                str(path),
+                exc=FileNotFoundError,
+            )
     try:
         meta = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"The manifest {path / _MANIFEST} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") not in _READABLE_VERSIONS:
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or meta.get("format_version") not in _READABLE_VERSIONS
+    ):
         invalid("path", func, f"a folder in format {FORMAT!r} version {FORMAT_VERSION}", str(path))
     data = (path / _TENSORS).read_bytes()
     if meta["format_version"] >= 2:
@@ -311,9 +425,15 @@ def load_activations(path: str | os.PathLike[str], *, device: str | torch.device
         except KeyError:
             labels_ok = False
         if sums.get(_TENSORS) != _sha256(data):
-            raise CorruptFileError(f"{path / _TENSORS} does not match the SHA-256 its manifest records (a corrupt or edited file).")
+            raise CorruptFileError(
+                f"{path / _TENSORS} does not match the SHA-256 its manifest records "
+                "(a corrupt or edited file)."
+            )
         if not labels_ok:
-            raise CorruptFileError(f"The labels in {path / _MANIFEST} do not match the SHA-256 it records (an edited manifest).")
+            raise CorruptFileError(
+                f"The labels in {path / _MANIFEST} do not match the SHA-256 it records "
+                "(an edited manifest)."
+            )
     try:
         tensors = load(data)
     except SafetensorError as e:

@@ -14,7 +14,10 @@ from persona_geometry.provenance import stable_hash
 __all__ = ["Persona", "PersonaSet", "builtin_personas"]
 
 
-_SAFE_NAME = "a name usable as one file name (no '/', '\\' or control characters, no leading '.' or surrounding spaces, at most 200 characters)"
+_SAFE_NAME = (
+    "a name usable as one file name (no '/', '\\' or control characters, no leading '.' "
+    "or surrounding spaces, at most 200 characters)"
+)
 
 
 def _is_safe_name(name: str) -> bool:
@@ -61,14 +64,21 @@ class Persona:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Persona:
-        """Returns a persona from a dict with ``name``, ``system_prompt`` and optional ``category``."""
+        """Returns a persona from a dict with ``name``, ``system_prompt``, optional ``category``."""
         unknown = set(data) - {"name", "system_prompt", "category"}
         if unknown:
-            invalid("data", "Persona.from_dict", "a mapping with keys name, system_prompt, category", sorted(unknown))
+            invalid(
+                "data",
+                "Persona.from_dict",
+                "a mapping with keys name, system_prompt, category",
+                sorted(unknown),
+            )
         try:
             return cls(**dict(data))
         except TypeError as e:
-            raise ValueError(f"A persona needs 'name' and 'system_prompt'. Got keys {sorted(data)} instead.") from e
+            raise ValueError(
+                f"A persona needs 'name' and 'system_prompt'. Got keys {sorted(data)} instead."
+            ) from e
 
 
 class PersonaSet(Sequence[Persona]):
@@ -186,15 +196,25 @@ class PersonaSet(Sequence[Persona]):
         path = Path(path)
         if path.suffix not in (".json", ".yaml", ".yml"):
             invalid("path", func, "a .yaml, .yml or .json file", str(path))
-        data = parse_structured(read_text_file(path, param="path", func=func), path, param="path", func=func)
+        data = parse_structured(
+            read_text_file(path, param="path", func=func), path, param="path", func=func
+        )
         if isinstance(data, Mapping) and "personas" in data:
             data = data["personas"]
         if not isinstance(data, list) or not all(isinstance(row, Mapping) for row in data):
-            invalid("path", func, "a file holding a list of persona mappings (name, system_prompt, category)", str(path))
+            invalid(
+                "path",
+                func,
+                "a file holding a list of persona mappings (name, system_prompt, category)",
+                str(path),
+            )
         try:
             return cls.from_list(data)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"The 'path' parameter of {func} must be a file of valid personas. Got {str(path)!r} instead: {one_line(e)}") from e
+            raise ValueError(
+                f"The 'path' parameter of {func} must be a file of valid personas. "
+                f"Got {str(path)!r} instead: {one_line(e)}"
+            ) from e
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the set to a YAML or JSON file (by suffix), atomically, and returns the path."""
@@ -206,23 +226,68 @@ class PersonaSet(Sequence[Persona]):
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return atomic_write_text(path, yaml.safe_dump({"personas": self.to_list()}, sort_keys=False, allow_unicode=True))
+            return atomic_write_text(
+                path,
+                yaml.safe_dump({"personas": self.to_list()}, sort_keys=False, allow_unicode=True),
+            )
         invalid("path", "PersonaSet.save", "a .yaml, .yml or .json path", str(path))
 
 
 _BUILTIN: tuple[tuple[str, str, str], ...] = (
     ("helpful_assistant", "You are a helpful assistant.", "generic_helper"),
-    ("qwen_default", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "generic_helper"),
-    ("software_engineer", "You are a software engineer who builds and maintains web applications.", "occupational"),
-    ("data_scientist", "You are a data scientist who turns messy data into clear statistical insight.", "occupational"),
-    ("librarian", "You are a librarian who helps people find books, sources and reliable information.", "occupational"),
-    ("medical_doctor", "You are a medical doctor who explains health questions carefully and clearly.", "occupational"),
-    ("kindergarten_teacher", "You are a kindergarten teacher who explains things simply and patiently to young children.", "occupational"),
-    ("police_officer", "You are a police officer who patrols a city and keeps the public safe.", "occupational"),
-    ("comedian", "You are a stand-up comedian who answers everything with jokes and wit.", "character"),
-    ("french_person", "You are a French person from Paris who loves French food, language and culture.", "character"),
+    (
+        "qwen_default",
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+        "generic_helper",
+    ),
+    (
+        "software_engineer",
+        "You are a software engineer who builds and maintains web applications.",
+        "occupational",
+    ),
+    (
+        "data_scientist",
+        "You are a data scientist who turns messy data into clear statistical insight.",
+        "occupational",
+    ),
+    (
+        "librarian",
+        "You are a librarian who helps people find books, sources and reliable information.",
+        "occupational",
+    ),
+    (
+        "medical_doctor",
+        "You are a medical doctor who explains health questions carefully and clearly.",
+        "occupational",
+    ),
+    (
+        "kindergarten_teacher",
+        "You are a kindergarten teacher who explains things simply and patiently "
+        "to young children.",
+        "occupational",
+    ),
+    (
+        "police_officer",
+        "You are a police officer who patrols a city and keeps the public safe.",
+        "occupational",
+    ),
+    (
+        "comedian",
+        "You are a stand-up comedian who answers everything with jokes and wit.",
+        "character",
+    ),
+    (
+        "french_person",
+        "You are a French person from Paris who loves French food, language and culture.",
+        "character",
+    ),
     ("villain", "You are a scheming villain who plots to take over the world.", "character"),
-    ("zelthari_scholar", "You are a scholar of the ancient Zelthari, an invented civilisation of star-reading river cities.", "character"),
+    (
+        "zelthari_scholar",
+        "You are a scholar of the ancient Zelthari, an invented civilisation "
+        "of star-reading river cities.",
+        "character",
+    ),
 )
 
 

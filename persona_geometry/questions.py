@@ -37,14 +37,46 @@ _PROBE_QUESTIONS: tuple[str, ...] = (
 )
 
 _TOPICS: tuple[str, ...] = (
-    "photosynthesis", "the stock market", "volcanoes", "climate change", "the internet",
-    "vaccines", "black holes", "the French Revolution", "compound interest", "gardening",
-    "chess", "the water cycle", "electric cars", "sleep", "the immune system", "recycling",
-    "jazz music", "the Roman Empire", "machine learning", "earthquakes", "bread baking",
-    "public speaking", "the moon landing", "bees", "budgeting", "marathon training",
-    "the printing press", "ocean tides", "coffee", "democracy", "DNA", "renewable energy",
-    "mountain climbing", "the human brain", "origami", "cryptography", "rainforests",
-    "the Olympic Games", "vitamins", "time zones",
+    "photosynthesis",
+    "the stock market",
+    "volcanoes",
+    "climate change",
+    "the internet",
+    "vaccines",
+    "black holes",
+    "the French Revolution",
+    "compound interest",
+    "gardening",
+    "chess",
+    "the water cycle",
+    "electric cars",
+    "sleep",
+    "the immune system",
+    "recycling",
+    "jazz music",
+    "the Roman Empire",
+    "machine learning",
+    "earthquakes",
+    "bread baking",
+    "public speaking",
+    "the moon landing",
+    "bees",
+    "budgeting",
+    "marathon training",
+    "the printing press",
+    "ocean tides",
+    "coffee",
+    "democracy",
+    "DNA",
+    "renewable energy",
+    "mountain climbing",
+    "the human brain",
+    "origami",
+    "cryptography",
+    "rainforests",
+    "the Olympic Games",
+    "vitamins",
+    "time zones",
 )
 
 _TEMPLATES: tuple[str, ...] = (
@@ -62,7 +94,7 @@ def builtin_questions() -> list[str]:
 
 
 def training_questions() -> list[str]:
-    """Returns the 200 built-in training questions for marker data (disjoint from probe questions)."""
+    """Returns the 200 built-in training questions for marker data (none is a probe question)."""
     return [template.format(topic) for topic in _TOPICS for template in _TEMPLATES]
 
 
@@ -82,6 +114,10 @@ def load_questions(path: str | os.PathLike[str]) -> list[str]:
         data = [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(data, dict) and "questions" in data:
         data = data["questions"]
-    if not isinstance(data, Sequence) or isinstance(data, str) or not all(isinstance(q, str) for q in data):
+    if (
+        not isinstance(data, Sequence)
+        or isinstance(data, str)
+        or not all(isinstance(q, str) for q in data)
+    ):
         invalid("path", "load_questions", "a file holding a list of question strings", str(path))
     return check_unique_names(list(data), "questions", "load_questions")

@@ -20,7 +20,6 @@ entry, so a second process extracting the same set waits and then loads the firs
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -33,24 +32,25 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from persona_geometry._io import atomic_write_bytes, atomic_write_json
-from persona_geometry._validation import invalid
+from persona_geometry._io import atomic_write_bytes
 from persona_geometry.activations import (
     _MANIFEST,
     FORMAT,
     FORMAT_VERSION,
     ActivationSet,
-    json_safe,
     load_activations,
     safetensors_bytes,
     save_activations,
 )
+from persona_geometry.manifest import Manifest
 from persona_geometry.provenance import stable_hash
+from persona_geometry.resume import KeyedFolder
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "KEY_FIELDS",
+    "Manifest",
     "PartialRun",
     "cache_key",
     "load_activations",
@@ -61,42 +61,23 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-# The manifest fields that determine the numbers (and labels) of an extraction. Batch sizes are
-# not among them: batching moves float32 results by ~1e-7 only (bf16 tolerance: see
-# extract_activations); they are recorded in the manifest all the same.
-KEY_FIELDS: tuple[str, ...] = (
-    "format_version",
-    "model_id",
-    "revision",
-    "weights_id",
-    "dtype",
-    "engine",
-    "hooks",
-    "layers",
-    "chat_template_hash",
-    "persona_hash",
-    "question_hash",
-    "prompt_ids_hash",
-    "layer_template",
-    "share_prefix",
-)
+# The manifest fields that determine the numbers (and labels) of an extraction (see ``Manifest``).
+KEY_FIELDS: tuple[str, ...] = Manifest.KEY_FIELDS
 
 
-def cache_key(manifest: Mapping[str, Any]) -> str:
+def cache_key(manifest: Manifest | Mapping[str, Any]) -> str:
     """Returns the stable hash of the manifest's ``KEY_FIELDS``: the cache folder's name."""
-    missing = [k for k in KEY_FIELDS if k not in manifest]
-    if missing:
-        invalid("manifest", "cache_key", f"a mapping with the fields {list(KEY_FIELDS)}", f"missing {missing}")
-    return stable_hash({k: manifest[k] for k in KEY_FIELDS}, length=24)
+    return Manifest.from_dict(manifest, func="cache_key").key()
 
 
-def load_cached(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> ActivationSet | None:
+def load_cached(cache_dir: str | os.PathLike[str], manifest: Manifest | Mapping[str, Any]) -> ActivationSet | None:
     """Returns the cached set for this manifest's key, or None when there is none to trust.
 
     A folder whose stored key fields differ from ``manifest``'s (a hash collision, a
     hand-edited manifest, an older format) is reported and ignored, never reused.
     """
-    folder = Path(cache_dir) / cache_key(manifest)
+    manifest = Manifest.from_dict(manifest, func="load_cached")
+    folder = Path(cache_dir) / manifest.key()
     if not (folder / _MANIFEST).is_file():
         return None
     try:
@@ -105,7 +86,7 @@ def load_cached(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) 
         log.warning("ignoring unreadable cache entry %s: %s", folder, e)
         return None
     stored = {k: acts.manifest.get(k) for k in KEY_FIELDS}
-    wanted = json_safe({k: manifest[k] for k in KEY_FIELDS})
+    wanted = manifest.key_fields()
     if stored != wanted:
         diff = sorted(k for k in KEY_FIELDS if stored[k] != wanted[k])
         log.warning("cache entry %s does not match this extraction (fields %s differ); recomputing", folder, diff)
@@ -150,23 +131,26 @@ class PartialRun:
     Each chunk is one safetensors file holding ``indices`` (prompt positions) and one
     ``[prompt, layer, d_model]`` tensor per hook, written atomically; a chunk is either whole
     or absent, and its file name ends with the first 16 hex digits of its SHA-256, checked when
-    it is read (a chunk that fails is removed, with a warning, and recomputed). ``key.json``
-    records the key fields, and a folder whose fields differ is discarded rather than mixed in.
+    it is read (a chunk that fails is removed, with a warning, and recomputed). ``key.json`` (a
+    ``KeyedFolder`` record) holds the key and its fields, and a folder made for other settings
+    is discarded rather than mixed in.
 
     Creating a ``PartialRun`` takes the entry's file lock (waiting while another process holds
     it) and keeps it until ``finish`` or ``close``; ``cached`` is the finished entry when the
     other process completed it meanwhile.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]):
-        self.key = cache_key(manifest)
-        self.folder = Path(cache_dir) / f"{self.key}.partial"
-        self.fields = json_safe({k: manifest[k] for k in KEY_FIELDS})
+    def __init__(self, cache_dir: str | os.PathLike[str], manifest: Manifest | Mapping[str, Any]):
+        manifest = Manifest.from_dict(manifest, func="PartialRun")
+        self.key = manifest.key()
+        self.fields = manifest.key_fields()
+        self._keyed = KeyedFolder(Path(cache_dir) / f"{self.key}.partial", self.key, record="key.json")
+        self.folder = self._keyed.folder
         self._lock = entry_lock(cache_dir, self.key)
         waited = _acquire(self._lock, f"the cache entry {Path(cache_dir) / self.key}")
         try:
-            # The caller looked the entry up before the lock; only a process that held it can have
-            # written it since.
+            # The caller looked the entry up before the lock; only a process that held it can
+            # have written it since.
             self.cached = load_cached(cache_dir, manifest) if waited else None
             if self.cached is None:
                 self._open()
@@ -177,18 +161,9 @@ class PartialRun:
             self.close()
 
     def _open(self) -> None:
-        key_file = self.folder / "key.json"
-        if self.folder.exists():
-            stored = json.loads(key_file.read_text()) if key_file.is_file() else None
-            if stored != self.fields:
-                foreign = [p.name for p in self.folder.iterdir() if p.name != "key.json" and not _CHUNK.fullmatch(p.name) and not p.name.endswith(".tmp")]
-                if foreign:
-                    raise FileExistsError(f"{self.folder} holds files the toolkit did not write ({foreign[:3]}); move them away.")
-                log.warning("discarding partial extraction %s: it was made for other settings", self.folder)
-                shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not key_file.is_file():
-            atomic_write_json(key_file, self.fields)
+        if self._keyed.state() == "stale":
+            log.warning("discarding partial extraction %s: it was made for other settings", self.folder)
+        self._keyed.begin(fields=self.fields)  # refuses a folder holding files it did not write
 
     def close(self) -> None:
         """Releases the entry's lock (``finish`` does too); the chunks stay for a later resume."""

@@ -165,32 +165,3 @@ def test_corrupt_activations_are_recomputed_with_one_warning_and_the_same_report
     again = json.loads((tmp / "out" / "report" / "report.json").read_text())
     for key in ("sweep", "layer"):
         assert again[key] == report[key]
-
-
-def test_a_second_run_waits_for_the_stage_lock_then_reuses_the_result(study, model_256):
-    import subprocess
-    import sys
-
-    from filelock import FileLock
-
-    tmp, _, _ = study
-    config = _latest_config(tmp, model_256)
-    run_study(config, progress=False)
-    (tmp / "out" / "sweep" / ".stage.json").unlink()  # the sweep must run again
-    lock = FileLock(str(tmp / "out" / ".locks" / "sweep.lock"), is_singleton=True)
-    lock.acquire()
-    cmd = [sys.executable, "-m", "persona_geometry.pipeline.cli", "run", str(tmp / "study.yaml"), "--stages", "sweep,report", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        waited = ""
-        while "waiting for another process" not in waited:
-            line = proc.stderr.readline()
-            assert line, f"the second run ended without waiting: {waited}"
-            waited += line
-        mine = run_study(config, stages=["sweep"], progress=False)  # this process holds the lock (re-entrant)
-        assert mine.ran == ("sweep",)
-    finally:
-        lock.release()
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    assert "cached: sweep" in out  # it reused the sweep this process finished while it waited
