@@ -5,10 +5,14 @@ Imported as ``persona_geometry.analysis``. The JSON schema of ``persona-geometry
 """
 
 from persona_geometry.analysis.figures import (
+    FigureConfig,
+    check_static_export,
     cosine_heatmap,
+    cosine_heatmap_grid,
     hero_scatter,
     sweep_curve,
     write_figure,
+    write_figures,
 )
 from persona_geometry.analysis.leakage import LeakageCorrelation, leakage_correlation
 from persona_geometry.analysis.report import (
@@ -41,6 +45,7 @@ from persona_geometry.stats import wilson_interval
 __all__ = [
     "SCHEMA",
     "CategoryFit",
+    "FigureConfig",
     "Correlation",
     "HoldoutPrediction",
     "Influence",
@@ -53,7 +58,9 @@ __all__ = [
     "Robustness",
     "analyze",
     "analyze_table",
+    "check_static_export",
     "cosine_heatmap",
+    "cosine_heatmap_grid",
     "hero_scatter",
     "layer_sweep",
     "leakage_correlation",
@@ -68,4 +75,5 @@ __all__ = [
     "wilson_interval",
     "write_analysis",
     "write_figure",
+    "write_figures",
 ]

@@ -16,6 +16,7 @@ A study file has these sections (every key optional except ``model.name``)::
     train: {r: 32, lora_alpha: 64, learning_rate: 1.0e-5, ...}   # MarkerTrainConfig
     eval: {backend: vllm, n_completions: 5, temperature: 1.0, top_p: 0.95, max_new_tokens: 512}
     analysis: {primary_layer: 20, holdout: [], covariate: log_n_tokens, n_permutations: 10000}
+    figures: {formats: [html], width: null, height: null, scale: 1, grid_layers: null, plotlyjs: directory}
 
 An unknown key or a bad value is one ``ValueError`` naming the key (``train.lr``), raised by
 ``StudyConfig.from_dict``/``load`` before anything expensive happens.
@@ -33,6 +34,7 @@ from typing import Any
 from persona_geometry._serialization import ConfigDict, coerce_fields
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.activations import HOOK_POINTS
+from persona_geometry.analysis.figures import FigureConfig
 from persona_geometry.sampling import BACKENDS
 from persona_geometry.training.lora import MarkerTrainConfig
 
@@ -251,6 +253,7 @@ _SECTIONS: dict[str, type] = {
     "train": MarkerTrainConfig,
     "eval": EvalConfig,
     "analysis": AnalysisConfig,
+    "figures": FigureConfig,
 }
 
 
@@ -272,6 +275,7 @@ class StudyConfig:
     train: MarkerTrainConfig = field(default_factory=MarkerTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    figures: FigureConfig = field(default_factory=FigureConfig)
 
     def __post_init__(self) -> None:
         for key in ("name", "out", "personas", "questions", "training_questions"):
