@@ -80,8 +80,11 @@ def test_every_stage_runs_and_writes_its_outputs(study):
         low, high = report["wilson"][name]
         assert low <= row["k"] / row["n"] <= high
     assert (out / "config.resolved.yaml").is_file() and (out / "report" / "report.md").read_text().startswith("# tiny study")
-    for fig in ("scatter.html", "sweep.html", "heatmap.html"):
-        assert (out / "report" / fig).stat().st_size > 100_000  # plotly.js is embedded: works offline
+    md = (out / "report" / "report.md").read_text()
+    for fig in ("scatter.html", "sweep.html", "heatmap.html", "heatmap_grid.html"):
+        assert (out / "report" / fig).is_file() and f"]({fig})" in md  # report.md links every figure
+    # One plotly.js per report folder, loaded from beside the figures: offline, not 4.8 MB per file.
+    assert [p.name for p in (out / "report").glob("*.js")] == ["plotly.min.js"]
 
 
 def test_unchanged_inputs_skip_every_stage(study):
@@ -121,3 +124,14 @@ def test_cli_run_rejects_an_unknown_stage(study, capsys):
     _, path, _ = study
     assert main(["run", str(path), "--stages", "extract,plot"]) == 2
     assert "'stages' parameter of run_study" in capsys.readouterr().err
+
+
+def test_declared_holdouts_are_stars_in_the_study_scatter(study, model_256):
+    tmp, _, _ = study
+    path = _config(tmp, model_256, eval={"n_completions": 2}, train={"learning_rate": 4e-3}, analysis={"holdout": ["comedian"]})
+    again = run_study(StudyConfig.load(path), progress=False)
+    assert again.ran == ("sweep", "report")
+    html = (tmp / "out" / "report" / "scatter.html").read_text()
+    assert '"symbol":"star"' in html and "comedian (held out)" not in html and "character (held out)" in html
+    report = json.loads((tmp / "out" / "report" / "report.json").read_text())
+    assert [h["persona"] for h in report["holdout"]] == ["comedian"]
