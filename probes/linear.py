@@ -339,8 +339,19 @@ class ProbeResult:
             f"{self.kind} probe for {self.target}: cross-validated {name} per layer "
             f"({len(self.folds)} folds grouped by {self.group_by}, {self.n_samples} prompts"
             + (f", {self.n_classes} classes" if self.n_classes else "")
-            + f"; {int(self.confidence * 100)}% CI; chance {self.chance:.3f})"
+            + f"; {int(self.confidence * 100)}% CI)"
         )
+        n_shuffles = self.baseline.shape[1]
+        fits = len(self.layers) * (1 + n_shuffles) * len(self.folds)
+        if self.kind == "logistic":
+            head += f"\nmajority-class rate {self.chance:.3f}"
+        else:
+            head += "\npredicting the mean scores R² 0"
+        if n_shuffles:
+            head += (
+                f"; shuffled-label baseline from {n_shuffles} shuffles (baseline_mean/max), each a full cross-validation: "
+                f"{fits} probe fits in all (set ProbeConfig(n_shuffles=0) to skip them)"
+            )
         frame = self.to_frame().round(3).to_string(index=False)
         best = f"best layer: {self.best_layer} ({name} {self.best_score:.3f})"
         return "\n".join([head, frame, best])
@@ -499,7 +510,11 @@ def probe_layers(
     hi = np.empty(n_layers)
     fold_scores = np.empty((n_layers, len(splits)))
     baseline = np.empty((n_layers, config.n_shuffles))
-    for j, li in enumerate(tqdm(lidx, desc=f"probing {description}", disable=not progress, leave=False)):
+    # Each layer is cross-validated once on the labels and once per shuffle: that is the cost.
+    n_fits = len(lidx) * (1 + config.n_shuffles) * len(splits)
+    log.info("probe %s: %d layers × (1 + %d shuffles) × %d folds = %d fits", description, len(lidx), config.n_shuffles, len(splits), n_fits)
+    desc = f"probing {description} ({(1 + config.n_shuffles) * len(splits)} fits per layer)"
+    for j, li in enumerate(tqdm(lidx, desc=desc, disable=not progress, leave=False)):
         X = x[:, :, li].reshape(P * Q, -1)
         X = X.detach().to("cpu", torch.float64 if X.dtype == torch.float64 else torch.float32).numpy()
         fold_scores[j], oof = _cv_scores(X, y, splits, probe)

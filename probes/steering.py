@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -85,6 +86,14 @@ def _vector(direction: Direction | Tensor, layer: int, width: int, func: str) ->
     return direction
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model ids or folders name the same model (a relative and an absolute path do)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 @contextmanager
 def steer(
     model: Any,
@@ -123,7 +132,7 @@ def steer(
     vec = _vector(direction, layer, _width(net), func)
     if isinstance(direction, Direction) and direction.model_id:
         name = getattr(getattr(net, "config", None), "_name_or_path", None)
-        if name and name != direction.model_id:
+        if name and not _same_model(name, direction.model_id):
             log.warning("steering %s with a direction computed on %s", name, direction.model_id)
     delta = float(alpha) * vec.detach()
     cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}

@@ -231,3 +231,23 @@ def test_dose_response_accepts_a_model_handle(tiny_qwen_path):
     by_model = dose_response(handle.model, handle.tokenizer, _direction(seed=7), **kw)
     assert [list(c) for c in by_handle.completions] == [list(c) for c in by_model.completions]
     assert by_handle.n.tolist() == [2, 2]
+
+
+def test_a_relative_and_an_absolute_path_are_the_same_model(tiny, tiny_qwen_path, caplog, monkeypatch):
+    import dataclasses
+    import logging
+    import os
+
+    model, _ = tiny
+    monkeypatch.chdir(tiny_qwen_path.parent)
+    relative = os.path.relpath(tiny_qwen_path)
+    model.config._name_or_path = str(tiny_qwen_path.resolve())
+    same = dataclasses.replace(_direction(), model_id=relative)
+    other = dataclasses.replace(_direction(), model_id="Qwen/Qwen2.5-7B-Instruct")
+    with caplog.at_level(logging.WARNING, logger="persona_geometry.probes.steering"):
+        with steer(model, same, layer=LAYER, alpha=1.0):
+            pass
+        assert "computed on" not in caplog.text
+        with steer(model, other, layer=LAYER, alpha=1.0):
+            pass
+    assert "computed on Qwen/Qwen2.5-7B-Instruct" in caplog.text
