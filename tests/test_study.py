@@ -135,3 +135,19 @@ def test_declared_holdouts_are_stars_in_the_study_scatter(study, model_256):
     assert '"symbol":"star"' in html and "comedian (held out)" not in html and "character (held out)" in html
     report = json.loads((tmp / "out" / "report" / "report.json").read_text())
     assert [h["persona"] for h in report["holdout"]] == ["comedian"]
+
+
+def test_demo_headline_says_the_result_once(study):
+    from scipy import stats
+
+    from persona_geometry.pipeline.demo import DISCLAIMER, demo_headline
+
+    tmp, _, result = study
+    report = json.loads((tmp / "out" / "report" / "report.json").read_text())
+    text = demo_headline(result)
+    # The primary layer is the report's layer: its rho is the rank correlation of the report's x and rates.
+    rho, p = stats.spearmanr(report["x"], report["rates"])
+    assert f"primary layer 1 (declared in advance): Spearman ρ = {rho:+.2f} (p = {p:.3g}, n = 4)" in text
+    assert f"strongest layer {report['sweep']['best_layer']}:" in text and "max-over-layers p = " in text
+    assert str(tmp / "out" / "report" / "report.md") in text
+    assert text.count(DISCLAIMER) == 1 and len(text.splitlines()) == 5

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,7 +444,10 @@ def train_marker(
     if not examples:
         invalid("dataset", func, "rows with answer tokens within max_length", f"{len(rows)} rows, none usable")
 
-    peft_model = get_peft_model(hf_model, _lora_config(config))
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated is_gradient_checkpointing alias when it wraps a model.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(hf_model, _lora_config(config))
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
     resolved = {

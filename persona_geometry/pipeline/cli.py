@@ -444,12 +444,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from persona_geometry.pipeline.demo import DISCLAIMER, run_demo
+    from persona_geometry.pipeline.demo import demo_headline, run_demo
 
-    print(DISCLAIMER, flush=True)
     result = run_demo(args.out, progress=not args.no_progress)
-    print(result.summary())
-    print(DISCLAIMER)
+    print(demo_headline(result))
     return 0
 
 
