@@ -26,6 +26,7 @@ __all__ = ["Assumptions", "StagePlan", "StudyPlan", "plan_study"]
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # The sweep and the robustness fit need this many personas with a source rate.
 MIN_PERSONAS = 3
+_MODEL_STAGES = frozenset({"extract", "data", "train", "eval"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +73,7 @@ class StudyPlan:
     name: str
     out: Path
     model: str
-    model_folder: Path
+    model_folder: Path | None
     n_parameters: int
     n_layers: int
     d_model: int
@@ -90,7 +91,7 @@ class StudyPlan:
     def to_dict(self) -> dict[str, Any]:
         """Returns the plan as a JSON-safe dict."""
         return {
-            "name": self.name, "out": str(self.out), "model": self.model, "model_folder": str(self.model_folder),
+            "name": self.name, "out": str(self.out), "model": self.model, "model_folder": None if self.model_folder is None else str(self.model_folder),
             "n_parameters": self.n_parameters, "n_layers": self.n_layers, "d_model": self.d_model, "dtype": self.dtype,
             "device": self.device, "chat_template": self.chat_template, "personas": list(self.personas),
             "sources": list(self.sources), "seeds": list(self.seeds), "layers": list(self.layers),
@@ -102,11 +103,12 @@ class StudyPlan:
         a = self.assumptions
         lines = [
             f"Plan for study {self.name!r} (nothing loaded, nothing written)",
-            f"  model    {self.model} ({_si(self.n_parameters)} parameters, {self.n_layers} layers, d_model {self.d_model}, "
-            f"{self.dtype} on {self.device}) from {self.model_folder}",
+            (f"  model    {self.model} ({_si(self.n_parameters)} parameters, {self.n_layers} layers, d_model {self.d_model}, "
+             f"{self.dtype} on {self.device}) from {self.model_folder}") if self.model_folder is not None
+            else f"  model    {self.model} (not loaded by these stages)",
             f"  template {self.chat_template}",
             f"  personas {len(self.personas)}; sources {len(self.sources)} × seeds {list(self.seeds)} = "
-            f"{len(self.sources) * len(self.seeds)} adapters; layers {_span(self.layers)}",
+            f"{len(self.sources) * len(self.seeds)} adapters; layers {_span(self.layers) if self.layers else 'as extracted'}",
             f"  output   {self.out}",
             "",
             f"  {'stage':<8} {'units':>6}  {'tokens':>8}  {'memory':>10}  {'time':>8}  work",
@@ -179,6 +181,17 @@ def _model_folder(config: StudyConfig) -> Path:
         ) from e
 
 
+def _model_files(config: StudyConfig) -> tuple[Path, Any, Any]:
+    """Returns the model's folder, its config and its tokenizer (no weights)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = _model_folder(config)
+    try:
+        return folder, AutoConfig.from_pretrained(folder, local_files_only=True), AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"study plan: model {config.model.name!r} at {folder} has no loadable config or tokenizer: {str(e).splitlines()[0]}") from e
+
+
 def _count_parameters(model_config: Any) -> int:
     """Returns the model's parameter count, built on the meta device (shapes only, no memory)."""
     import torch
@@ -229,42 +242,39 @@ def plan_study(config: StudyConfig, *, stages: list[str] | tuple[str, ...] | Non
             end, a persona or layer that does not exist, too few personas for the sweep, an
             output folder that cannot be written, or a static figure format without kaleido.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     from persona_geometry.pipeline.study import STAGES, study_inputs
     from persona_geometry.prompts import render_prompts
 
     chosen = set(STAGES if stages is None else stages)
     inputs = study_inputs(config)  # personas, questions, sources, holdouts, template file
-    folder = _model_folder(config)
-    try:
-        model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"study plan: model {config.model.name!r} at {folder} has no loadable config or tokenizer: {str(e).splitlines()[0]}") from e
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    n_layers = int(text_config.num_hidden_layers)
-    d_model = int(text_config.hidden_size)
-
-    template = config.model.template_text()
-    if template is None and not getattr(tokenizer, "chat_template", None):
-        _fail(f"model {config.model.name!r} has no chat template and model.chat_template is not set.")
-    template_note = "model.chat_template" if template is not None else "the tokenizer's own"
-    try:
-        prompts = render_prompts(tokenizer, inputs.personas, list(inputs.questions), chat_template=template)
-    except Exception as e:  # a template that does not render these messages
-        raise ValueError(f"study plan: the chat template does not render the prompts: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    # Only the stages that run the model need it: sweep and report read what earlier stages wrote.
+    needs_model = bool(chosen & _MODEL_STAGES)
+    folder, model_config, prompts, template_note = None, None, None, "not needed by these stages"
+    n_layers = d_model = 0
+    if needs_model:
+        folder, model_config, tokenizer = _model_files(config)
+        text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        n_layers = int(text_config.num_hidden_layers)
+        d_model = int(text_config.hidden_size)
+        template = config.model.template_text()
+        if template is None and not getattr(tokenizer, "chat_template", None):
+            _fail(f"model {config.model.name!r} has no chat template and model.chat_template is not set.")
+        template_note = "model.chat_template" if template is not None else "the tokenizer's own"
+        try:
+            prompts = render_prompts(tokenizer, inputs.personas, list(inputs.questions), chat_template=template)
+        except Exception as e:  # a template that does not render these messages
+            raise ValueError(f"study plan: the chat template does not render the prompts: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
     layers = tuple(config.extract.layers) if config.extract.layers is not None else tuple(range(n_layers))
-    for value in layers:
+    for value in layers if needs_model else ():
         if not 0 <= value < n_layers:
             _fail(f"extract.layers names layer {value}; {config.model.name} has blocks 0–{n_layers - 1}.")
-    for key in ("primary_layer", "layer"):
-        value = getattr(config.analysis, key)
-        if value is not None and value not in layers:
-            _fail(f"analysis.{key} is {value}, which is not among the extracted layers {_span(layers)}.")
-    if config.figures.grid_layers is not None:
-        for value in config.figures.grid_layers:
+    if layers:  # unknown without the model when extract.layers is not set
+        for key in ("primary_layer", "layer"):
+            value = getattr(config.analysis, key)
+            if value is not None and value not in layers:
+                _fail(f"analysis.{key} is {value}, which is not among the extracted layers {_span(layers)}.")
+        for value in config.figures.grid_layers or ():
             if value not in layers:
                 _fail(f"figures.grid_layers names layer {value}, which is not among the extracted layers {_span(layers)}.")
 
@@ -304,7 +314,7 @@ def plan_study(config: StudyConfig, *, stages: list[str] | tuple[str, ...] | Non
 
         if not torch.cuda.is_available():
             notes.append("no CUDA device on this machine: the plan is for the machine the study will run on.")
-    n_params = _count_parameters(model_config)
+    n_params = _count_parameters(model_config) if needs_model else 0
     plans = _estimate(config, inputs, prompts, n_params, d_model, n_layers, layers, dtype, Assumptions.for_device(device), chosen)
     return StudyPlan(
         name=config.name, out=Path(config.out), model=config.model.name, model_folder=folder, n_parameters=n_params,
@@ -335,7 +345,7 @@ def _estimate(
     weights = n_params * _BYTES[dtype]
     flop_rate = a.tflops * 1e12
     step_seconds = weights / (a.bandwidth_gbs * 1e9)  # one decoding step reads every weight once
-    prompt_tokens = [p.n_tokens for p in prompts.prompts]
+    prompt_tokens = [p.n_tokens for p in prompts.prompts] if prompts is not None else [0]
     mean_prompt = sum(prompt_tokens) / len(prompt_tokens)
     n_adapters = len(inputs.sources) * len(config.marker.seeds)
     hooks = len(config.extract.hooks)
