@@ -108,3 +108,12 @@ def test_a_missing_back_end_and_an_unwritable_output_fail_early(tiny_qwen_path, 
         plan_study(_config(tmp_path, tiny_qwen_path, out=str(tmp_path / "file")))
     with pytest.raises(ValueError, match="is not a writable folder"):
         plan_study(_config(tmp_path, tiny_qwen_path, out=str(tmp_path / "file" / "sub")))
+
+
+def test_sweep_and_report_alone_need_no_model(tmp_path):
+    config = StudyConfig.from_dict({"model": {"name": "not-a-cached/model"}, "out": str(tmp_path / "out")})
+    plan = plan_study(config, stages=["sweep", "report"])
+    assert plan.model_folder is None and [s.stage for s in plan.stages] == ["sweep", "report"]
+    assert "not loaded by these stages" in plan.summary()
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        plan_study(config, stages=["extract"])
