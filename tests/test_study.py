@@ -93,6 +93,34 @@ def test_unchanged_inputs_skip_every_stage(study):
     assert again.ran == () and len(again.skipped) == 6
 
 
+def test_declared_holdouts_are_stars_in_the_study_scatter(study, model_256):
+    tmp, _, _ = study
+    # The fixture's settings plus a held-out persona: only sweep and report depend on the analysis.
+    path = _config(tmp, model_256, analysis={"holdout": ["comedian"]})
+    again = run_study(StudyConfig.load(path), progress=False)
+    assert again.ran == ("sweep", "report")
+    html = (tmp / "out" / "report" / "scatter.html").read_text()
+    assert '"symbol":"star"' in html and "comedian (held out)" not in html and "character (held out)" in html
+    report = json.loads((tmp / "out" / "report" / "report.json").read_text())
+    assert [h["persona"] for h in report["holdout"]] == ["comedian"]
+
+
+def test_demo_headline_says_the_result_once(study):
+    from scipy import stats
+
+    from persona_geometry.pipeline.demo import DISCLAIMER, demo_headline
+
+    tmp, _, result = study
+    report = json.loads((tmp / "out" / "report" / "report.json").read_text())
+    text = demo_headline(result)
+    # The primary layer is the report's layer: its rho is the rank correlation of the report's x and rates.
+    rho, p = stats.spearmanr(report["x"], report["rates"])
+    assert f"primary layer 1 (declared in advance): Spearman ρ = {rho:+.2f} (p = {p:.3g}, n = 4)" in text
+    assert f"strongest layer {report['sweep']['best_layer']}:" in text and "max-over-layers p = " in text
+    assert str(tmp / "out" / "report" / "report.md") in text
+    assert text.count(DISCLAIMER) == 1 and len(text.splitlines()) == 5
+
+
 def test_changed_eval_settings_rerun_only_what_depends_on_them(study, model_256):
     tmp, _, _ = study
     path = _config(tmp, model_256, eval={"n_completions": 2})
@@ -125,29 +153,3 @@ def test_cli_run_rejects_an_unknown_stage(study, capsys):
     assert main(["run", str(path), "--stages", "extract,plot"]) == 2
     assert "'stages' parameter of run_study" in capsys.readouterr().err
 
-
-def test_declared_holdouts_are_stars_in_the_study_scatter(study, model_256):
-    tmp, _, _ = study
-    path = _config(tmp, model_256, eval={"n_completions": 2}, train={"learning_rate": 4e-3}, analysis={"holdout": ["comedian"]})
-    again = run_study(StudyConfig.load(path), progress=False)
-    assert again.ran == ("sweep", "report")
-    html = (tmp / "out" / "report" / "scatter.html").read_text()
-    assert '"symbol":"star"' in html and "comedian (held out)" not in html and "character (held out)" in html
-    report = json.loads((tmp / "out" / "report" / "report.json").read_text())
-    assert [h["persona"] for h in report["holdout"]] == ["comedian"]
-
-
-def test_demo_headline_says_the_result_once(study):
-    from scipy import stats
-
-    from persona_geometry.pipeline.demo import DISCLAIMER, demo_headline
-
-    tmp, _, result = study
-    report = json.loads((tmp / "out" / "report" / "report.json").read_text())
-    text = demo_headline(result)
-    # The primary layer is the report's layer: its rho is the rank correlation of the report's x and rates.
-    rho, p = stats.spearmanr(report["x"], report["rates"])
-    assert f"primary layer 1 (declared in advance): Spearman ρ = {rho:+.2f} (p = {p:.3g}, n = 4)" in text
-    assert f"strongest layer {report['sweep']['best_layer']}:" in text and "max-over-layers p = " in text
-    assert str(tmp / "out" / "report" / "report.md") in text
-    assert text.count(DISCLAIMER) == 1 and len(text.splitlines()) == 5
