@@ -24,7 +24,7 @@ $(BASE_STAMP): pyproject.toml constraints.txt
 	touch $(BASE_STAMP)
 
 $(STAMP): $(BASE_STAMP)
-	$(QUIET_BUILD) $(PY) -m pip install -q -c constraints.txt -e '.[dev,tl,figures]'
+	$(QUIET_BUILD) $(PY) -m pip install -q -c constraints.txt -e '.[dev,tl,figures,tensorboard,ray]'
 	touch $(STAMP)
 
 demo: $(BASE_STAMP)

@@ -15,7 +15,6 @@ from persona_geometry.analysis.compare import (
     write_comparison,
 )
 from persona_geometry.analysis.figures import (
-    FigureConfig,
     check_static_export,
     cosine_heatmap,
     cosine_heatmap_grid,
@@ -55,7 +54,6 @@ from persona_geometry.stats import wilson_interval
 __all__ = [
     "SCHEMA",
     "CategoryFit",
-    "FigureConfig",
     "Correlation",
     "HoldoutPrediction",
     "Influence",

@@ -15,21 +15,19 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 
 from persona_geometry._io import atomic_path, atomic_write_text
-from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import check_one_of, invalid
 from persona_geometry.analysis.robustness import Robustness, ols, prediction_intervals
 from persona_geometry.analysis.sweep import LayerSweep
 from persona_geometry.geometry import PairwiseCosine
+from persona_geometry.settings import PLOTLYJS_MODES, STATIC_FORMATS
 
 __all__ = [
-    "FigureConfig",
     "check_static_export",
     "cosine_heatmap",
     "cosine_heatmap_grid",
@@ -43,57 +41,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
-STATIC_FORMATS = ("png", "pdf", "svg", "jpeg", "jpg", "webp")
-FIGURE_FORMATS = ("html", *STATIC_FORMATS)
-PLOTLYJS_MODES = ("directory", "inline", "cdn")
 _PLOTLYJS_FILE = "plotly.min.js"
 # Pixel size every figure is laid out for; static exports use it unless told otherwise.
 _WIDTH, _HEIGHT = 960, 640
 _FONT = {"family": "Arial, Helvetica, sans-serif", "size": 14}
-
-
-@dataclass(frozen=True, kw_only=True)
-class FigureConfig(ConfigDict):
-    """How a study writes its figures: formats, static size and scale, heatmap layers, plotly.js.
-
-    Attributes:
-        formats: File formats of every figure: ``html`` and/or static ``png``, ``pdf``, ``svg``...
-            A static format needs the ``figures`` extra (kaleido) and a Chromium.
-        width: Static image width in pixels (before ``scale``); None keeps the figure's own.
-        height: Static image height in pixels (before ``scale``); None keeps the figure's own.
-        scale: Multiplies the pixel size of PNG/JPEG/WebP images (2 for a slide, 3 for print).
-        grid_layers: Layers of the small-multiples heatmap grid (the one for a PDF); None picks
-            up to six evenly spaced layers including the primary one.
-        plotlyjs: ``directory`` (one ``plotly.min.js`` per folder, offline), ``inline`` (each
-            HTML file self-contained) or ``cdn`` (needs a network to open).
-    """
-
-    formats: tuple[str, ...] = ("html",)
-    width: int | None = None
-    height: int | None = None
-    scale: float | int = 1.0
-    grid_layers: tuple[int, ...] | None = None
-    plotlyjs: str = "directory"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.formats, str) or not self.formats:
-            invalid("formats", "FigureConfig", f"a non-empty list from {list(FIGURE_FORMATS)}", self.formats)
-        for f in self.formats:
-            check_one_of(f, "formats", "FigureConfig", FIGURE_FORMATS)
-        for key in ("width", "height"):
-            v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 16):
-                invalid(key, "FigureConfig", "null or an int of at least 16 pixels", v)
-        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float) or not 0 < self.scale <= 10:
-            invalid("scale", "FigureConfig", "a number in (0, 10]", self.scale)
-        if self.grid_layers is not None and (not self.grid_layers or any(isinstance(v, bool) or not isinstance(v, int) for v in self.grid_layers)):
-            invalid("grid_layers", "FigureConfig", "null or a non-empty list of layer indices", self.grid_layers)
-        check_one_of(self.plotlyjs, "plotlyjs", "FigureConfig", PLOTLYJS_MODES)
-
-    @property
-    def static_formats(self) -> tuple[str, ...]:
-        """The formats that need kaleido."""
-        return tuple(f for f in self.formats if f != "html")
 
 
 # --- the scatter ------------------------------------------------------------------------------
@@ -627,23 +578,30 @@ def write_figure(
 
 
 def write_figures(
-    figures: dict[str, go.Figure], folder: str | os.PathLike[str], config: FigureConfig | None = None
+    figures: dict[str, go.Figure],
+    folder: str | os.PathLike[str],
+    *,
+    formats: Sequence[str] = ("html",),
+    width: int | None = None,
+    height: int | None = None,
+    scale: float | int = 1.0,
+    plotlyjs: str = "directory",
 ) -> dict[str, Path]:
-    """Writes every figure in every format of ``config`` into ``folder``; returns ``{name.fmt: path}``.
+    """Writes every figure in every format into ``folder``; returns ``{name.fmt: path}``.
+
+    The other arguments mean what they mean in ``write_figure``.
 
     Raises:
         ImportError, RuntimeError: Before writing anything, when a static format cannot be made.
     """
-    config = config or FigureConfig()
-    check_static_export(config.static_formats)
+    static = [f for f in formats if f.lower() in STATIC_FORMATS]
+    check_static_export(static)
     folder = Path(folder)
     written: dict[str, Path] = {}
-    with _kaleido_server(bool(config.static_formats)):
+    with _kaleido_server(bool(static)):
         for name, fig in figures.items():
-            for fmt in config.formats:
-                written[f"{name}.{fmt}"] = write_figure(
-                    fig, folder / f"{name}.{fmt}", width=config.width, height=config.height, scale=config.scale, plotlyjs=config.plotlyjs
-                )
+            for fmt in formats:
+                written[f"{name}.{fmt}"] = write_figure(fig, folder / f"{name}.{fmt}", width=width, height=height, scale=scale, plotlyjs=plotlyjs)
     return written
 
 

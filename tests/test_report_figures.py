@@ -249,14 +249,13 @@ def test_cosine_heatmap_grid_shares_one_scale_over_chosen_layers():
 def test_static_export_without_kaleido_fails_before_writing_anything(tmp_path, monkeypatch):
     import sys
 
-    from persona_geometry.analysis import FigureConfig, figures, write_figures
+    from persona_geometry.analysis import figures, write_figures
 
     res, sweep, *_ = _result()
     monkeypatch.setattr(figures, "_static_ok", False)
     monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido raises ImportError
-    config = FigureConfig(formats=("html", "png"))
     with pytest.raises(ImportError, match=r"persona-geometry\[figures\]"):
-        write_figures({"scatter": hero_scatter(res), "sweep": sweep_curve(sweep)}, tmp_path / "out", config)
+        write_figures({"scatter": hero_scatter(res), "sweep": sweep_curve(sweep)}, tmp_path / "out", formats=("html", "png"))
     assert not (tmp_path / "out").exists()
 
 
@@ -293,7 +292,7 @@ def _static_export_available():
 def test_every_figure_renders_to_static_images_at_the_chosen_size(tmp_path):
     import struct
 
-    from persona_geometry.analysis import FigureConfig, write_figures
+    from persona_geometry.analysis import write_figures
 
     if not _static_export_available():
         pytest.skip("kaleido or a Chromium is missing")
@@ -301,7 +300,7 @@ def test_every_figure_renders_to_static_images_at_the_chosen_size(tmp_path):
     v = torch.tensor(np.random.default_rng(0).uniform(-1, 1, size=(3, 10, 10)))
     pc = PairwiseCosine(values=v, personas=tuple(res.personas), layers=(7, 8, 9), centered_on=tuple(res.personas))
     figs = {"scatter": hero_scatter(res), "sweep": sweep_curve(sweep), "heatmap": cosine_heatmap(pc), "grid": cosine_heatmap_grid(pc)}
-    written = write_figures(figs, tmp_path, FigureConfig(formats=("png", "svg"), width=800, height=500, scale=2))
+    written = write_figures(figs, tmp_path, formats=("png", "svg"), width=800, height=500, scale=2)
     assert len(written) == 8
     for name in figs:
         png = (tmp_path / f"{name}.png").read_bytes()
