@@ -117,3 +117,21 @@ def test_sweep_and_report_alone_need_no_model(tmp_path):
     assert "not loaded by these stages" in plan.summary()
     with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
         plan_study(config, stages=["extract"])
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(tiny_qwen_path, tmp_path, capsys):
+    import yaml
+
+    from persona_geometry.pipeline.cli import main
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": str(tiny_qwen_path), "device": "cpu"}, "out": str(tmp_path / "out"),
+                                    "eval": {"backend": "hf"}}))  # fmt: skip
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Plan for study" in out and "extract" in out and "240 prompts" in out and "12 adapters" in out
+    assert not (tmp_path / "out").exists()
+    path.write_text(yaml.safe_dump({"model": {"name": str(tiny_qwen_path)}, "out": str(tmp_path / "out"),
+                                    "marker": {"sources": ["villain", "librarian"]}, "eval": {"backend": "hf"}}))  # fmt: skip
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "at least 3 personas" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -380,7 +380,7 @@ def _estimate(
         if t.max_steps > 0:
             per_adapter = min(per_adapter, t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * seq)
         tokens = int(per_adapter * n_adapters)
-        train_dtype = t.dtype or ("bfloat16" if a.device.startswith("GPU") else "float32")
+        train_dtype = t.dtype if t.dtype in _BYTES else dtype
         base = n_params * _BYTES[train_dtype]
         lora = 2 * t.r * d_model * len(t.target_modules) * n_layers  # about r × (d_in + d_out) per module
         optimizer = lora * 16  # fp32 weights, grads and two Adam moments
