@@ -394,19 +394,24 @@ class ProbeResult:
             + (f", {self.n_classes} classes" if self.n_classes else "")
             + f"; {int(self.confidence * 100)}% CI)"
         )
+        # The majority class, not 1/classes, is what a constant guess scores; the shuffled-label
+        # runs (baseline_mean) are the baseline that accounts for the folds.
+        floor = (
+            f"majority-class rate {self.chance:.3f}"
+            if self.metric == "accuracy"
+            else "predicting the mean scores R² 0"
+        )
+        head += f"\n{floor}; shuffled-label baseline per layer in baseline_mean"
         n_shuffles = self.baseline.shape[1]
-        fits = len(self.layers) * (1 + n_shuffles) * len(self.folds)
-        if self.kind == "logistic":
-            head += f"\nmajority-class rate {self.chance:.3f}"
-        else:
-            head += "\npredicting the mean scores R² 0"
         if n_shuffles:
+            fits = len(self.layers) * (1 + n_shuffles) * len(self.folds)
             head += (
-                f"; shuffled-label baseline from {n_shuffles} shuffles (baseline_mean/max), "
-                f"each a full cross-validation: {fits} probe fits in all "
-                "(set ProbeConfig(n_shuffles=0) to skip them)"
+                f", from {n_shuffles} shuffles, each a full cross-validation: {fits} probe fits "
+                "in all (set ProbeConfig(n_shuffles=0) to skip them)"
             )
-        frame = self.to_frame().round(3).to_string(index=False)
+        floor_column = "majority_class_rate" if self.metric == "accuracy" else "mean_r2"
+        frame = self.to_frame().rename(columns={"chance": floor_column})
+        frame = frame.round(3).to_string(index=False)
         best = f"best layer: {self.best_layer} ({name} {self.best_score:.3f})"
         return "\n".join([head, frame, best])
 

@@ -472,3 +472,13 @@ def dose_response(
 
         atomic_write_json(out_path, {**result.to_dict(), "package_versions": package_versions()})
     return result
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model ids name the same model: equal, or paths to the same folder."""
+    if a == b:
+        return True
+    from pathlib import Path
+
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

@@ -94,6 +94,8 @@ class ModelConfig(ConfigDict):
                 invalid("max_memory", "ModelConfig", "null, or a mapping of device to memory (e.g. {0: 70GiB}) with device_map set", self.max_memory)
             # One key type (text), so the config hashes and round-trips; load_model gets GPU indices back as ints.
             object.__setattr__(self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()})
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
 
     def placement(self) -> dict[str, Any]:
         """Returns ``load_model``'s placement arguments: ``device``, or ``device_map`` and ``max_memory``."""
@@ -101,8 +103,6 @@ class ModelConfig(ConfigDict):
             return {"device": self.device}
         memory = None if self.max_memory is None else {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
         return {"device": self.device, "device_map": self.device_map, "max_memory": memory}
-        if self.chat_template is not None and not isinstance(self.chat_template, str):
-            invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
 
     def template_text(self) -> str | None:
         """Returns the chat template to use: the file's text when ``chat_template`` is a path.
