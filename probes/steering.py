@@ -238,8 +238,8 @@ class DoseResponse:
 def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_template: str | None) -> MarkerCounter:
     """Returns a counter that samples through the eval module's HF back end on the in-memory (steered) model.
 
-    ``sample_hf`` seeds each batch from ``sampling.seed`` and its position only, so every alpha
-    sees the same random numbers: differences between alphas are less noisy than independent
+    ``sample_hf`` seeds each completion from ``sampling.seed``, its prompt index and its
+    completion index only, so every alpha sees the same random numbers: differences between alphas are less noisy than independent
     draws would make them. Pass ``counter=`` to ``dose_response`` to replace it.
     """
     from persona_geometry.prompts import render_prompts
