@@ -373,7 +373,7 @@ def _add_eval_marker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--marker", help="marker text (default: recorded with the adapter, else [ZLT])")
     p.add_argument("--regex", action="store_true", help="treat --marker as a regular expression")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per batch on the hf back end")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch on the hf back end (default: sized to memory)")
     p.add_argument("--device", help="torch device for the hf back end (default: cuda if available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
 

@@ -186,11 +186,12 @@ class EvalConfig(ConfigDict):
     max_new_tokens: int = 512
     seed: int = 0
     regex: bool = False
-    batch_size: int = 64
+    batch_size: int | None = None  # HF rows per batch; None sizes batches to memory (results do not depend on it)
 
     def __post_init__(self) -> None:
         check_one_of(self.backend, "backend", "EvalConfig", BACKENDS)
-        check_positive_int(self.batch_size, "batch_size", "EvalConfig")
+        if self.batch_size is not None:
+            check_positive_int(self.batch_size, "batch_size", "EvalConfig")
         self.sampling()
 
     def sampling(self) -> Any:

@@ -353,42 +353,45 @@ def _train(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str]
 
 
 def _eval(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
-    from tqdm.auto import tqdm
-
-    from persona_geometry.eval import source_rates
+    from persona_geometry.eval import source_rates_by_adapter
 
     e = config.eval
     files = {}
-    units = _units(config, inputs)
+    pending: dict[int, dict[str, tuple[str, Path, _StageMarker]]] = {}
+    for source, seed in _units(config, inputs):
+        folder = out / "eval" / source / f"seed{seed}"
+        unit = _StageMarker(folder, stable_hash([keys["eval"], source, seed]))
+        if not unit.done() or kw["force"]:
+            unit.begin(force=kw["force"])
+            pending.setdefault(seed, {})[f"{source}/seed{seed}"] = (source, folder, unit)
+        files[f"eval:{source}:seed{seed}"] = str(folder / "run_result.json")
+    # One pass per training seed (its sampling seed is e.seed + seed): the base model is loaded
+    # once and every source's adapter shares its batches.
     with _quiet_loading():
-        for source, seed in tqdm(units, desc="evaluate source rates", unit="adapter", disable=not kw["progress"]):
-            folder = out / "eval" / source / f"seed{seed}"
-            unit = _StageMarker(folder, stable_hash([keys["eval"], source, seed]))
-            if not unit.done() or kw["force"]:
-                unit.begin(force=kw["force"])
-                source_rates(
-                    config.model.name,
-                    out / "train" / source / f"seed{seed}" / "adapter",
-                    inputs.personas,
-                    list(inputs.questions),
-                    source=source,
-                    n_completions=e.n_completions,
-                    temperature=e.temperature,
-                    top_p=e.top_p,
-                    max_new_tokens=e.max_new_tokens,
-                    seed=e.seed + seed,
-                    backend=e.backend,
-                    out_dir=folder,
-                    marker=config.data.marker,
-                    regex=e.regex,
-                    batch_size=e.batch_size,
-                    device=config.model.device,
-                    dtype=None if config.model.dtype == "auto" else config.model.dtype,
-                    chat_template=_chat_template(config),
-                    progress=False,  # one bar over the adapters instead
-                )
+        for seed, units in pending.items():
+            source_rates_by_adapter(
+                config.model.name,
+                {key: out / "train" / source / f"seed{seed}" / "adapter" for key, (source, _, _) in units.items()},
+                inputs.personas,
+                list(inputs.questions),
+                sources={key: source for key, (source, _, _) in units.items()},
+                out_dirs={key: folder for key, (_, folder, _) in units.items()},
+                n_completions=e.n_completions,
+                temperature=e.temperature,
+                top_p=e.top_p,
+                max_new_tokens=e.max_new_tokens,
+                seed=e.seed + seed,
+                backend=e.backend,
+                marker=config.data.marker,
+                regex=e.regex,
+                batch_size=e.batch_size,
+                device=config.model.device,
+                dtype=None if config.model.dtype == "auto" else config.model.dtype,
+                chat_template=_chat_template(config),
+                progress=kw["progress"],
+            )
+            for source, _, unit in units.values():
                 unit.mark(source=source, seed=seed)
-            files[f"eval:{source}:seed{seed}"] = str(folder / "run_result.json")
     return files
 
 
