@@ -4,8 +4,11 @@ One decode loop serves the HF back end of source-rate evaluation, response gener
 steering. What makes it fast and repeatable:
 
 - rows (adapter × prompt × completion) are ordered by adapter and prompt length and cut into
-  batches that stay full across adapter boundaries; peft applies each row's adapter
-  (``adapter_names=``), so one base model in memory serves every adapter, unmerged;
+  batches that stay full across adapter boundaries; one base model in memory serves every
+  adapter, unmerged: a batch holds a few contiguous runs of rows per adapter, and a forward hook
+  on each LoRA layer adds each run's own low-rank update to the base output (two matmuls per
+  run, on views, without the per-row index lists of peft's ``adapter_names=`` path, which
+  remains the fallback for LoRA variants such as DoRA);
 - each batch prefills every distinct (adapter, prompt) once and copies its KV cache to the
   completions that share it;
 - a row stops at its end token; when a quarter of a batch has stopped, the finished rows are
@@ -19,7 +22,8 @@ steering. What makes it fast and repeatable:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +155,7 @@ def sample_token_ids(
         longest = max(len(p) for p in prompt_ids) + max_new_tokens
         batch_size = auto_batch_size(model, max_tokens=longest, n_rows=len(rows))
     out: list[list[list[list[int]]]] = [[[[] for _ in range(n_completions)] for _ in prompt_ids] for _ in names]
+    lora = _SegmentedLora.of(model, [n for n in names if n is not None and n != BASE_ADAPTER]) if adapters is not None else None
     bar = tqdm(total=len(rows), desc="sampling (hf)", unit="completion", disable=not progress)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -163,6 +168,7 @@ def sample_token_ids(
             [(r.adapter, r.prompt) for r in batch],
             [names[r.adapter] for r in batch] if adapters is not None else None,
             uniforms,
+            lora=lora,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             temperature=float(temperature),
@@ -175,6 +181,81 @@ def sample_token_ids(
         bar.update(len(batch))
     bar.close()
     return out
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+class _SegmentedLora:
+    """Per-row LoRA for rows grouped by adapter: each run of rows gets its adapter's update.
+
+    Attributes:
+        rows: The peft adapter name of every row of the current batch (runs are contiguous).
+    """
+
+    def __init__(self, model: Any, layers: list[tuple[Any, dict[str, tuple[Any, Any]]]]):
+        self.model, self.layers, self.rows = model, layers, []
+
+    @classmethod
+    def of(cls, model: Any, names: Sequence[str]) -> _SegmentedLora | None:
+        """Returns the hooks' weights for ``names``, or None where peft's own path must serve (variants)."""
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        if not hasattr(model, "disable_adapter"):
+            return None
+        layers = []
+        for module in model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            if getattr(module, "lora_variant", None) or any(module.use_dora.get(n, False) for n in names):
+                return None
+            if not hasattr(module, "get_base_layer") or not isinstance(module.get_base_layer(), torch.nn.Linear):
+                return None
+            weights = {}
+            for name in names:
+                if name in module.lora_A:
+                    a = module.lora_A[name].weight  # [r, in]
+                    b = module.lora_B[name].weight * module.scaling[name]  # [out, r], scale folded in
+                    weights[name] = (a.t(), b.t().contiguous())
+            layers.append((module, weights))
+        return cls(model, layers)
+
+    def _runs(self) -> list[tuple[str, int, int]]:
+        runs: list[tuple[str, int, int]] = []
+        for i, name in enumerate(self.rows):
+            if runs and runs[-1][0] == name:
+                runs[-1] = (name, runs[-1][1], i + 1)
+            else:
+                runs.append((name, i, i + 1))
+        return runs
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Disables peft's own LoRA path and adds each run's update through forward hooks."""
+        state: dict[str, Any] = {}
+
+        def hook(module: Any, args: tuple[Any, ...], output: Any, weights: dict[str, tuple[Any, Any]]) -> None:
+            if state.get("rows") is not self.rows:
+                state["rows"], state["runs"] = self.rows, self._runs()
+            x = args[0]
+            for name, start, stop in state["runs"]:
+                if name in weights:
+                    a_t, b_t = weights[name]
+                    out = output[start:stop].view(-1, output.shape[-1])
+                    out.addmm_(x[start:stop].reshape(-1, x.shape[-1]) @ a_t, b_t)
+
+        handles = []
+        try:
+            with self.model.disable_adapter():
+                for module, weights in self.layers:
+                    handles.append(module.register_forward_hook(lambda m, a, o, w=weights: hook(m, a, o, w)))
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _cache_keyword(model: Any) -> str:
@@ -192,6 +273,7 @@ def _decode_batch(
     adapter_names: list[str] | None,
     uniforms: Any | None,
     *,
+    lora: _SegmentedLora | None,
     max_new_tokens: int,
     min_new_tokens: int,
     temperature: float,
@@ -216,11 +298,20 @@ def _decode_batch(
     ids, mask = left_pad([prompts[i] for i in firsts], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     extra: dict[str, Any] = {}
-    if adapter_names is not None:
-        extra["adapter_names"] = [adapter_names[i] for i in firsts]
     cache = DynamicCache()
     extra[_cache_keyword(model)] = cache
-    with torch.inference_mode():
+    names = list(adapter_names) if adapter_names is not None else None
+
+    def set_rows(row_names: list[str] | None) -> None:
+        if row_names is None:
+            return
+        if lora is not None:
+            lora.rows = row_names
+        else:
+            extra["adapter_names"] = row_names
+
+    set_rows(None if names is None else [names[i] for i in firsts])
+    with torch.inference_mode(), (lora.applied() if lora is not None else _nothing()):
         output = model(
             input_ids=ids,
             attention_mask=mask,
@@ -236,7 +327,7 @@ def _decode_batch(
         positions = mask.sum(-1)  # the position of the next token
         eos = torch.tensor(eos_ids, device=device, dtype=torch.long) if eos_ids else None
         active = torch.arange(n, device=device)  # original row of each live row
-        names = list(adapter_names) if adapter_names is not None else None
+        set_rows(names)
         result = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
         lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -263,11 +354,9 @@ def _decode_batch(
                     active, done, mask, positions, token = active[keep], done[keep], mask[keep], positions[keep], token[keep]
                     noise = noise[keep] if noise is not None else None
                     if names is not None:
-                        kept = keep.tolist()
-                        names = [names[i] for i in kept]
+                        names = [names[i] for i in keep.tolist()]
+                        set_rows(names)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-            if names is not None:
-                extra["adapter_names"] = names
             output = model(
                 input_ids=token.unsqueeze(-1),
                 attention_mask=mask,

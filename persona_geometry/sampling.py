@@ -253,7 +253,15 @@ def _generate_hf(
 ) -> dict[Any, list[list[str]]]:
     """Returns completions per adapter key (key None: the plain base model)."""
     torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
-    hf_model, tokenizer, names = load_with_adapters(model, adapters or {None: None}, device=torch_device, dtype=torch_dtype)
+    adapters = adapters or {None: None}
+    if len(adapters) == 1:
+        # One adapter alone: merged into the weights, it costs nothing per step.
+        from persona_geometry.models import load_model
+
+        ((key, path),) = adapters.items()
+        handle = load_model(model, device=torch_device, dtype=torch_dtype, adapter=path)
+        return {key: sample_hf(handle.model, handle.tokenizer, prompt_ids, sampling, batch_size=batch_size, progress=progress)}
+    hf_model, tokenizer, names = load_with_adapters(model, adapters, device=torch_device, dtype=torch_dtype)
     # A plain model (no adapter anywhere) takes no adapter_names.
     adapter_names = list(names.values()) if any(n != BASE_ADAPTER for n in names.values()) else None
     texts = sample_hf(
