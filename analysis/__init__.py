@@ -4,6 +4,16 @@ Imported as ``persona_geometry.analysis``. The JSON schema of ``persona-geometry
 ``SCHEMA`` (also ``Robustness.to_dict``).
 """
 
+from persona_geometry.analysis.compare import (
+    MetaAnalysis,
+    SeedGroup,
+    StudyComparison,
+    StudyRecord,
+    compare_studies,
+    comparison_markdown,
+    read_study,
+    write_comparison,
+)
 from persona_geometry.analysis.figures import (
     cosine_heatmap,
     hero_scatter,
@@ -48,17 +58,24 @@ __all__ = [
     "LeakageCorrelation",
     "LinearFit",
     "LooCoverage",
+    "MetaAnalysis",
     "PartialSpearman",
     "PooledCounts",
     "Robustness",
+    "SeedGroup",
+    "StudyComparison",
+    "StudyRecord",
     "analyze",
     "analyze_table",
+    "compare_studies",
+    "comparison_markdown",
     "cosine_heatmap",
     "hero_scatter",
     "layer_sweep",
     "leakage_correlation",
     "partial_spearman",
     "pool_seeds",
+    "read_study",
     "read_sweep_table",
     "robustness_at_layer",
     "robustness_markdown",
@@ -67,5 +84,6 @@ __all__ = [
     "sweep_table",
     "wilson_interval",
     "write_analysis",
+    "write_comparison",
     "write_figure",
 ]

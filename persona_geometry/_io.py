@@ -1,4 +1,9 @@
-"""Atomic file writes: a reader never sees a half-written file, even after a crash."""
+"""Atomic file writes: a reader never sees a half-written file, even after a crash.
+
+The data is written to a temporary file beside the target, flushed to the disk (``fsync``),
+renamed onto the target, and the folder's entry flushed in turn; so after a crash the target
+holds either the old content or the whole new content.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +35,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         # mkstemp creates files readable by the owner only; give the result the mode any new
         # file would get, so reports and figures can be shared as usual.
         os.chmod(tmp_path, 0o666 & ~_umask())
+        # Without fsync a crash after the rename can leave the new name pointing at empty or
+        # partial data (the rename reaches the journal before the blocks reach the disk).
+        _fsync_file(tmp_path)
         os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -49,12 +58,41 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp_dir
         os.chmod(tmp_dir, 0o777 & ~_umask())
+        for f in sorted(tmp_dir.rglob("*")):
+            if f.is_file() and not f.is_symlink():
+                _fsync_file(f)
+        for d in sorted({f.parent for f in tmp_dir.rglob("*")} | {tmp_dir}):
+            _fsync_dir(d)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp_dir, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flushes a file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flushes a folder's entries (a rename into it) to the disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the data itself is flushed
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -430,6 +430,41 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compare ----------------------------------------------------------------------------------
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare finished studies across models, seeds and layers",
+        description=(
+            "Put finished studies side by side: model, blocks, primary and strongest layer, max-over-layers p; "
+            "their sweep curves on relative depth (layer / number of blocks); a random-effects meta-analysis "
+            "(Fisher z) at one relative depth with tau^2 and I^2; and, for studies of one model that differ only "
+            "in seeds, rates pooled over seeds and the conclusions that hold in every seed. Studies over "
+            "different personas are refused unless --intersect."
+        ),
+    )
+    p.add_argument("studies", nargs="+", metavar="RUN_DIR", help="two or more study output folders (the config's 'out')")
+    p.add_argument("--out", default="comparison", help="folder for compare.md, compare.json, CSVs and the figure (default: comparison)")
+    p.add_argument("--depth", type=float, default=None, help="relative depth in [0, 1] of the combined estimate (default: the first study's primary layer)")
+    p.add_argument("--statistic", choices=["spearman", "pearson"], default=None, help="default: the first study's sweep statistic")
+    p.add_argument("--intersect", action="store_true", help="compare on the personas every study shares (recomputes each study there)")
+    p.add_argument("--method-re", choices=["dl", "iterated", "chi2"], default="dl", help="between-study variance estimator (default: dl, DerSimonian-Laird)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level; intervals are 1 - alpha (default: 0.05)")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from persona_geometry.analysis import compare_studies, write_comparison
+
+    result = compare_studies(
+        args.studies, depth=args.depth, statistic=args.statistic, intersect=args.intersect, method_re=args.method_re, alpha=args.alpha
+    )
+    written = write_comparison(result, args.out)
+    print(result.summary())
+    print(f"Written: {written['markdown']}, {written['json']}, {written['figure']}")
+    return 0
+
+
 # --- demo -------------------------------------------------------------------------------------
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -462,6 +497,7 @@ _SUBCOMMANDS = (
     _add_train_marker,
     _add_eval_marker,
     _add_report,
+    _add_compare,
     _add_demo,
 )
 
