@@ -153,7 +153,8 @@ def sample_token_ids(
     greedy = temperature == 0
     if batch_size is None:
         longest = max(len(p) for p in prompt_ids) + max_new_tokens
-        batch_size = auto_batch_size(model, max_tokens=longest, n_rows=len(rows))
+        fit = auto_batch_size(model, max_tokens=longest, n_rows=len(rows))
+        batch_size = -(-len(rows) // -(-len(rows) // fit))  # as many batches as needed, evenly filled
     out: list[list[list[list[int]]]] = [[[[] for _ in range(n_completions)] for _ in prompt_ids] for _ in names]
     lora = _SegmentedLora.of(model, [n for n in names if n is not None and n != BASE_ADAPTER]) if adapters is not None else None
     bar = tqdm(total=len(rows), desc="sampling (hf)", unit="completion", disable=not progress)
