@@ -153,7 +153,8 @@ def bench_new_sampling(model, *, vocab: int, adapters: int, prompts_per_adapter:
     common = dict(n_completions=n, temperature=1.0, top_p=0.95, seed=0, pad_id=0, eos_ids=[], adapters=names, progress=False)
     sample_token_ids(peft_model, prompts[:4], max_new_tokens=4, min_new_tokens=4, batch_size=batch_size, **common)
     rows = adapters * prompts_per_adapter * n
-    size = batch_size or auto_batch_size(peft_model, max_tokens=prompt_len + new_tokens, n_rows=rows)
+    fit = auto_batch_size(peft_model, max_tokens=prompt_len + new_tokens, n_rows=rows)
+    size = batch_size or -(-rows // -(-rows // fit))  # what sample_token_ids picks by itself
     _sync()
     started = time.perf_counter()
     out = sample_token_ids(peft_model, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, batch_size=size, **common)
