@@ -189,7 +189,12 @@ def bench_train(model, *, vocab: int, packing: bool, micro: int, accumulation: i
     from peft import get_peft_model
     from transformers import TrainerCallback
 
-    from persona_geometry.training.lora import IGNORE_INDEX, MarkerTrainConfig, _lora_config, _make_trainer
+    from persona_geometry.training.lora import (
+        IGNORE_INDEX,
+        MarkerTrainConfig,
+        _lora_config,
+        _make_trainer,
+    )
 
     config = MarkerTrainConfig(
         max_steps=warmup + steps, save_steps=10**6, logging_steps=1, packing=packing,
