@@ -216,10 +216,11 @@ class _SegmentedLora:
             if not hasattr(module, "get_base_layer") or not isinstance(module.get_base_layer(), torch.nn.Linear):
                 return None
             weights = {}
+            dtype = module.get_base_layer().weight.dtype  # peft may keep LoRA weights in float32
             for name in names:
                 if name in module.lora_A:
-                    a = module.lora_A[name].weight  # [r, in]
-                    b = module.lora_B[name].weight * module.scaling[name]  # [out, r], scale folded in
+                    a = module.lora_A[name].weight.to(dtype)  # [r, in]
+                    b = (module.lora_B[name].weight * module.scaling[name]).to(dtype)  # [out, r], scale folded in
                     weights[name] = (a.t(), b.t().contiguous())
             layers.append((module, weights))
         return cls(model, layers)
