@@ -278,6 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts-per-adapter", type=int, default=120, help="x 5 completions per adapter")
     parser.add_argument("--old-rows", type=int, default=240)
     parser.add_argument("--skip-old-sampling", action="store_true")
+    parser.add_argument("--training-from", default=None, help="take the training section from this earlier results JSON instead of training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -316,7 +317,13 @@ def main(argv=None) -> int:
     save()
 
     train: dict = {}
-    for key, packing, micro, acc in [("old", False, 4, 4), ("packed_4x4", True, 4, 4), ("packed_16x1", True, 16, 1)]:
+    configs = [("old", False, 4, 4), ("packed_4x4", True, 4, 4), ("packed_16x1", True, 16, 1)]
+    if args.training_from:
+        earlier = json.loads(Path(args.training_from).read_text())
+        train = earlier["training"]
+        result["training_from"] = {"file": args.training_from, "machine": earlier["machine"], "note": "training measured in an earlier run"}
+        configs = []
+    for key, packing, micro, acc in configs:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -326,6 +333,7 @@ def main(argv=None) -> int:
         log.info("%s", train[key])
         result["training"] = train
         save()
+    result["training"] = train
     best = max((v for k, v in train.items() if k != "old"), key=lambda v: v["samples_per_s"])
     result.update(training_samples_per_s=best["samples_per_s"], training_path=best["path"],
                   training_speedup=best["samples_per_s"] / train["old"]["samples_per_s"], training_mfu=best["mfu"])  # fmt: skip
