@@ -123,3 +123,15 @@ def test_nucleus_sampling_matches_the_distribution_by_hand():
 def test_generate_adapter_completions_rejects_no_adapters(tiny_qwen_path):
     with pytest.raises(ValueError, match="'adapters' parameter of generate_adapter_completions"):
         generate_adapter_completions(tiny_qwen_path, [[1, 2]], SamplingSettings(), {}, backend="hf")
+
+
+def test_row_cumsum_by_one_scan_matches_the_plain_cumsum():
+    """The CUDA path (rows scanned as one sequence, offsets removed) equals torch's row-wise cumsum."""
+    import torch
+
+    from persona_geometry import hf_decode
+
+    probs = torch.softmax(torch.randn(7, 5003, generator=torch.Generator().manual_seed(0)), dim=-1)
+    expected = probs.double().cumsum(dim=-1)
+    torch.testing.assert_close(hf_decode._cumsum_by_one_scan(probs.double()), expected, atol=1e-13, rtol=0)
+    torch.testing.assert_close(hf_decode.row_cumsum(probs), expected, atol=0, rtol=0)
