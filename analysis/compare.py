@@ -856,8 +856,11 @@ def compare_studies(
             whose personas or reference persona differ (without ``intersect``), or a bad argument.
     """
     func = "compare_studies"
-    if isinstance(studies, str | os.PathLike) or len(studies) < 2:
-        invalid("studies", func, "two or more study output folders", studies)
+    if isinstance(studies, str | os.PathLike | StudyRecord):
+        invalid("studies", func, "a list of two or more study output folders", studies, exc=TypeError)
+    studies = list(studies)
+    if len(studies) < 2:
+        invalid("studies", func, "two or more study output folders", [str(s) for s in studies])
     alpha = check_probability(alpha, "alpha", func)
     method_re = check_one_of(method_re, "method_re", func, META_METHODS)
     records = [s if isinstance(s, StudyRecord) else read_study(s) for s in studies]

@@ -135,11 +135,11 @@ def source_rates(
     questions: Sequence[str] | None = None,
     *,
     source: str | None = None,
-    n_completions: int = 5,
-    temperature: float | int = 1.0,
-    top_p: float | int = 0.95,
-    max_new_tokens: int = 512,
-    seed: int = 0,
+    n_completions: int = SamplingSettings.n_completions,
+    temperature: float | int = SamplingSettings.temperature,
+    top_p: float | int = SamplingSettings.top_p,
+    max_new_tokens: int = SamplingSettings.max_new_tokens,
+    seed: int = SamplingSettings.seed,
     backend: str = "vllm",
     out_dir: str | os.PathLike[str] | None = None,
     marker: str | MarkerMatcher | None = None,
@@ -178,7 +178,7 @@ def source_rates(
         batch_size: Sequences per batch on the HF back end; sized to memory when None. The
             completions do not depend on it.
         device: Torch device for the HF back end.
-        dtype: Model dtype; bf16 on GPU, fp32 on CPU when None.
+        dtype: Model dtype; None or ``"auto"`` is bf16 on GPU, fp32 on CPU (``resolve_precision``).
         chat_template: A Jinja template to use instead of the tokenizer's own.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
         progress: Show a progress bar while sampling.
@@ -222,11 +222,11 @@ def source_rates_by_adapter(
     *,
     sources: Mapping[str, str] | None = None,
     out_dirs: Mapping[str, str | os.PathLike[str]] | None = None,
-    n_completions: int = 5,
-    temperature: float | int = 1.0,
-    top_p: float | int = 0.95,
-    max_new_tokens: int = 512,
-    seed: int = 0,
+    n_completions: int = SamplingSettings.n_completions,
+    temperature: float | int = SamplingSettings.temperature,
+    top_p: float | int = SamplingSettings.top_p,
+    max_new_tokens: int = SamplingSettings.max_new_tokens,
+    seed: int = SamplingSettings.seed,
     backend: str = "vllm",
     marker: str | MarkerMatcher | None = None,
     regex: bool = False,
@@ -262,7 +262,7 @@ def source_rates_by_adapter(
         regex: Treat a string ``marker`` as a regular expression.
         batch_size: Sequences per HF batch, across adapters; sized to memory when None.
         device: Torch device for the HF back end.
-        dtype: Model dtype; bf16 on GPU, fp32 on CPU when None.
+        dtype: Model dtype; None or ``"auto"`` is bf16 on GPU, fp32 on CPU (``resolve_precision``).
         chat_template: A Jinja template to use instead of the tokenizer's own.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
         progress: Show a progress bar while sampling.
@@ -276,6 +276,10 @@ def source_rates_by_adapter(
         sampling=SamplingSettings(n_completions=n_completions, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
         func=func,
     )  # fmt: skip
+    from persona_geometry.models import dtype_name, resolve_precision
+
+    # The one precision rule of every stage; the dtype it resolves to is recorded with the rates.
+    run_device, run_dtype = resolve_precision(device, dtype, func=func)
     prompts = _render(model, plan, chat_template=chat_template, func=func)
     started = time.time()
     completions = generate_adapter_completions(
@@ -285,8 +289,8 @@ def source_rates_by_adapter(
         dict(adapters),
         backend=backend,
         batch_size=batch_size,
-        device=device,
-        dtype=dtype,
+        device=str(run_device),
+        dtype=dtype_name(run_dtype),
         vllm_kwargs=vllm_kwargs,
         progress=progress,
     )
@@ -294,7 +298,8 @@ def source_rates_by_adapter(
     results = {}
     for key, adapter in adapters.items():
         results[key] = _assemble(
-            model, adapter, plan, prompts, completions[key], key=key, dtype=dtype, seconds=elapsed / len(adapters)
+            model, adapter, plan, prompts, completions[key], key=key, dtype=dtype_name(run_dtype),
+            device=str(run_device) if backend == "hf" else None, seconds=elapsed / len(adapters),
         )
     return results
 
@@ -393,7 +398,8 @@ def _assemble(
     completions: list[list[str]],
     *,
     key: str,
-    dtype: str | None,
+    dtype: str,
+    device: str | None,
     seconds: float,
 ) -> SourceRates:
     """Returns one adapter's counts, keyed by the persona objects themselves (never a re-derived name), written to its folder."""
@@ -424,6 +430,7 @@ def _assemble(
         "adapter": None if adapter is None else str(adapter),
         "adapter_config_hash": None if adapter is None else _adapter_hash(adapter),
         "dtype": dtype,
+        "device": device,
         "chat_template_hash": prompts.chat_template_hash,
         "prompt_hash": prompts.content_hash(),
         "personas_hash": plan.personas.content_hash(),

@@ -1,11 +1,13 @@
 """Last-token activations of every ``persona × question`` prompt, at every requested layer.
 
-``extract_activations`` renders the prompts with the model's chat template, runs them in
-length-sorted, token-budgeted, left-padded batches, keeps only the final position of each
-requested block, and returns an ``ActivationSet``. Two engines:
+``extract_activations`` renders the prompts with the model's chat template, runs them
+(packed end to end with each persona's prefix once, or in length-sorted, token-budgeted,
+left-padded batches), keeps only the final position of each requested block, and returns an
+``ActivationSet``. It runs in named steps: validate → plan and key → cache → run → assemble.
+Two engines:
 
 - ``"hf"`` (default): forward hooks on the Hugging Face decoder blocks. Only a
-  ``[batch, layer, d_model]`` buffer per hook point is kept on the device; the forward is cut
+  ``[prompt, layer, d_model]`` buffer per hook point is kept on the device; the forward is cut
   right after the last requested block, so neither the final norm nor the unembedding runs.
 - ``"transformer_lens"``: TransformerLens 4.x ``TransformerBridge.run_with_cache``, for hook
   points inside a block (``resid_mid``, ``attn_out``, ``mlp_out``).
@@ -21,8 +23,9 @@ import copy
 import datetime as _dt
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,22 +42,35 @@ from persona_geometry._validation import (
 from persona_geometry.activations import HOOK_POINTS, ActivationSet
 from persona_geometry.hooks import HF_HOOK_POINTS, find_layers, hook_name, record_last_token
 from persona_geometry.models import ModelHandle, dtype_name, load_model, model_fingerprint
+from persona_geometry.packing import (
+    PACKED_PATHS,
+    Pack,
+    build_pack,
+    group_prefix_lengths,
+    pack_budget,
+    packed_engine,
+    packed_path,
+    plan_packs,
+    pretrained_model,
+)
 from persona_geometry.personas import Persona, PersonaSet, builtin_personas
 from persona_geometry.prefix_cache import SharedPrefixes, prefix_engine, shared_prefixes
-from persona_geometry.prompts import chat_template_of, left_pad, render_prompts
+from persona_geometry.prompts import PromptSet, chat_template_of, left_pad, render_prompts
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions
+from persona_geometry.settings import ENGINES
 
-__all__ = ["ENGINES", "extract_activations", "plan_batches"]
+__all__ = ["DEFAULT_MAX_MEMORY_GIB", "ENGINES", "FORWARD_PATHS", "extract_activations", "plan_batches"]
 
 log = logging.getLogger(__name__)
 
-ENGINES: tuple[str, ...] = ("hf", "transformer_lens")
+# How the forward runs, recorded as manifest["forward"]: the packed paths of the hf engine, its
+# fallbacks (left-padded batches, with or without each persona's prefix cached), TransformerLens.
+FORWARD_PATHS: tuple[str, ...] = (*PACKED_PATHS, "prefix_cache", "padded", "transformer_lens")
+# Device memory the packed engine may use above the weights, by default.
+DEFAULT_MAX_MEMORY_GIB = 2.0
+_PADDED_BATCH_TOKENS = 8192
 _FUNC = "extract_activations"
-
-# A batch forward: lists of token ids in, {hook: [batch, layer, d_model]} (float32, on the
-# model's device) out.
-BatchFn = Callable[[Sequence[Sequence[int]]], dict[str, Tensor]]
 
 
 def extract_activations(
@@ -65,7 +81,7 @@ def extract_activations(
     hooks: Sequence[str] | str = ("resid_post",),
     layers: int | Sequence[int] | None = None,
     engine: str | None = None,
-    batch_tokens: int = 8192,
+    batch_tokens: int | None = None,
     max_batch_size: int | None = None,
     chunk_prompts: int = 1024,
     chat_template: str | None = None,
@@ -74,6 +90,9 @@ def extract_activations(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     share_prefix: bool = True,
+    pack: bool | None = None,
+    max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB,
+    compile_blocks: bool = False,
     progress: bool = True,
 ) -> ActivationSet:
     """Returns the last-token activations of every persona × question prompt, per layer.
@@ -85,19 +104,23 @@ def extract_activations(
     ``hidden_states[l + 1]`` except for the last block: HF's last entry has the final norm
     applied, and that post-norm state is never used.
 
-    Prompts run in batches sorted by length and filled up to ``batch_tokens`` padded tokens,
-    left-padded with a matching attention mask and position ids, and the results are put back
-    in prompt order. Activations come back in float32 (bfloat16 values upcast exactly).
+    The ``hf`` engine runs a **packed** forward where the model allows it
+    (``persona_geometry.packing``): prompts end to end in sequences of at most ``batch_tokens``
+    tokens, each persona's shared prefix once, a prefix-tree attention mask, no padding, last
+    tokens gathered by index; FlexAttention with a block-sparse mask on a GPU, a dense mask on
+    the CPU. Where it cannot run (attention without custom masks), prompts run in batches sorted
+    by length and filled up to ``batch_tokens`` padded tokens, left-padded, with each persona's
+    prefix cached once (``persona_geometry.prefix_cache``). ``manifest["forward"]`` records the
+    path taken. Results come back in prompt order, in float32 (bfloat16 values upcast exactly).
 
-    Numerics: in float32 the ``hf`` engine matches a one-prompt-at-a-time
-    ``output_hidden_states`` reference within 1e-5 (max abs, tiny test models; 2e-6 relative
-    on a 25M-parameter model), and the two engines agree as closely. In bfloat16, batch
-    composition (padding, batch size) changes kernel reduction orders and so perturbs
-    activations (up to ~2% relative per prompt). Measured on the built-in 240 prompts
-    (``benchmarks/bf16_tolerance.py``, CPU), the centered ``cosine_to_reference`` moved by at
-    most 6.4e-4 (4-layer tiny model) and 9.4e-4 (25M-parameter model) between batched and
-    one-prompt-at-a-time bfloat16 runs, against 3e-7 in float32. Treat bfloat16 cosine
-    differences below 1e-3 as batching noise, or extract in float32.
+    Numerics: in float32 every path matches a one-prompt-at-a-time ``output_hidden_states``
+    reference within 1e-5 (max abs, tiny test models; 2e-6 relative on a 25M-parameter model).
+    In bfloat16, batch composition (padding, batch size, packing) changes kernel reduction
+    orders and so perturbs activations (up to ~2% relative per prompt). Measured on the built-in
+    240 prompts (``benchmarks/bf16_tolerance.py``, CPU), the centered ``cosine_to_reference``
+    moved by at most 6.4e-4 (4-layer tiny model) and 9.4e-4 (25M-parameter model) between
+    batched and one-prompt-at-a-time bfloat16 runs, against 3e-7 in float32. Treat bfloat16
+    cosine differences below 1e-3 as batching noise, or extract in float32.
 
     Args:
         model: A ``ModelHandle`` from ``load_model``; a model folder or Hugging Face id (loaded
@@ -111,10 +134,13 @@ def extract_activations(
         layers: Block indices (negative count from the end); all blocks by default.
         engine: ``"hf"`` or ``"transformer_lens"``; by default ``"hf"``, or
             ``"transformer_lens"`` when ``model`` is a ``TransformerBridge``.
-        batch_tokens: Most padded tokens in one batch (a prompt longer than this runs alone).
-        max_batch_size: Most prompts in one batch; unlimited by default.
-        chunk_prompts: Prompts per chunk written to ``cache_dir`` while running; an interrupted
-            run resumes from the last finished chunk.
+        batch_tokens: Most tokens in one forward: a pack's tokens (packed), or padded tokens of
+            a batch (a prompt longer than this runs alone). By default a pack holds what
+            ``max_memory_gib`` allows, and a padded batch 8192 tokens.
+        max_batch_size: Most prompts in one forward; unlimited by default.
+        chunk_prompts: Most prompts per chunk written to ``cache_dir`` while running; an
+            interrupted run resumes from the last finished chunk. The packed engine makes
+            chunks smaller when their results would take over an eighth of ``max_memory_gib``.
         chat_template: A Jinja chat template to use instead of the tokenizer's own.
         cache_dir: A folder for the content-addressed cache. The same extraction (same
             weights, dtype, engine, hooks, layers, personas, questions, template, token ids)
@@ -123,11 +149,19 @@ def extract_activations(
             the built-in templates miss (``hf`` engine).
         dtype: Weights dtype when ``model`` is a path or id (see ``load_model``).
         device: Device when ``model`` is a path or id (see ``load_model``).
-        share_prefix: ``hf`` engine: run each persona's shared prompt prefix (system turn and
-            user header) once and the questions against its cached keys and values, which
-            halves the tokens of the built-in study; the activations are the same to rounding
-            (≤ 1e-5 in float32). Turn off for models whose attention does not accept a cache
-            with padded rows.
+        share_prefix: ``hf`` engine: compute each persona's shared prompt prefix (system turn
+            and user header) once and only the questions' own tokens after it, which halves
+            the tokens of the built-in study; the activations are the same to rounding
+            (≤ 1e-5 in float32).
+        pack: ``hf`` engine: ``None`` (default) packs where the model allows it and falls back
+            to padded batches otherwise; ``True`` requires packing (ValueError if the model's
+            attention cannot take the mask); ``False`` always runs padded batches.
+        max_memory_gib: Device memory the packed engine may use above the weights, in GiB
+            (activations of one forward, the mask, and the results of one chunk).
+        compile_blocks: Packed engine: run each decoder block through ``torch.compile``
+            (norms, rotary embedding, MLP and residual adds fused; the hooks stay outside).
+            The first call in a process compiles for tens of seconds, so this pays for large
+            or repeated extractions (``benchmarks/extract_gpu.py`` measures it).
         progress: Show a progress bar with prompts/s.
 
     Returns:
@@ -136,17 +170,123 @@ def extract_activations(
 
     Raises:
         ValueError: On an unknown hook or engine, a layer out of range, empty or duplicate
-            persona names or questions, or a tokenizer without a chat template (and no
-            ``chat_template``). Each message names the parameter.
+            persona names or questions, a tokenizer without a chat template (and no
+            ``chat_template``), or ``pack=True`` for a model that cannot be packed. Each message
+            names the parameter.
         TypeError: If ``model`` is none of the accepted kinds.
     """
+    req = _validate(
+        model, personas, questions, hooks=hooks, engine=engine, batch_tokens=batch_tokens,
+        max_batch_size=max_batch_size, chunk_prompts=chunk_prompts, dtype=dtype, device=device,
+        pack=pack, max_memory_gib=max_memory_gib, compile_blocks=compile_blocks,
+    )  # fmt: skip
+    prompts = render_prompts(req.tokenizer, req.personas, req.questions, chat_template=chat_template_of(req.tokenizer, chat_template, func=_FUNC))
+    plan = _plan(req, prompts, layers=layers, layer_template=layer_template, share_prefix=share_prefix)
+    manifest = _manifest(req, prompts, plan)
+
+    from persona_geometry.store import PartialRun, load_cached
+
+    partial = None
+    if cache_dir is not None:
+        cached = load_cached(cache_dir, manifest)
+        if cached is not None:
+            log.info("loaded cached activations %s from %s", manifest["cache_key"], cache_dir)
+            return cached
+        partial = PartialRun(cache_dir, manifest)
+
+    flat = _run(req, prompts, plan, partial, progress=progress)
+    P, Q = len(req.personas), len(req.questions)
+    acts = ActivationSet(
+        {hook: flat[hook].reshape(P, Q, *flat[hook].shape[1:]) for hook in req.hooks},  # in the order asked for
+        personas=req.personas,
+        questions=req.questions,
+        layers=plan.layers,
+        n_tokens=torch.tensor(prompts.n_tokens(), dtype=torch.long),
+        manifest=manifest,
+    )
+    if partial is not None:
+        partial.finish(acts)
+    return acts
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The checked arguments of one extraction."""
+
+    handle: ModelHandle | None  # None with a bridge
+    bridge: Any
+    engine: str
+    hooks: list[str]
+    personas: PersonaSet
+    questions: tuple[str, ...]
+    batch_tokens: int | None
+    max_batch_size: int | None
+    chunk_prompts: int
+    pack: bool | None
+    max_memory_bytes: float
+    compile_blocks: bool
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.bridge.tokenizer if self.bridge is not None else self.handle.tokenizer
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How an extraction runs: its layers, forward path, budgets and prefix sharing."""
+
+    layers: list[int]
+    n_layers: int
+    layer_template: str | None
+    identity: dict[str, Any]
+    forward: str  # one of FORWARD_PATHS
+    batch_tokens: int
+    chunk_prompts: int
+    compile_blocks: bool = False  # packed paths only
+    shared: SharedPrefixes | None = None  # the prefix_cache path
+    prefix_lens: tuple[int, ...] | None = None  # packed paths: per persona
+
+    @property
+    def packed(self) -> bool:
+        return self.forward in PACKED_PATHS
+
+    @property
+    def share_prefix(self) -> bool:
+        return self.shared is not None or bool(self.prefix_lens and any(self.prefix_lens))
+
+
+# --- step 1: validate -----------------------------------------------------------------------
+def _validate(
+    model: Any,
+    personas: PersonaSet | Sequence[Persona] | None,
+    questions: Sequence[str] | None,
+    *,
+    hooks: Sequence[str] | str,
+    engine: str | None,
+    batch_tokens: int | None,
+    max_batch_size: int | None,
+    chunk_prompts: int,
+    dtype: str | torch.dtype | None,
+    device: str | torch.device | None,
+    pack: bool | None,
+    max_memory_gib: float,
+    compile_blocks: bool,
+) -> _Request:
+    """Returns the checked arguments, with the model loaded when a path or id was given."""
     hooks = _check_hooks(hooks)
     if engine is not None:
         check_one_of(engine, "engine", _FUNC, ENGINES)
-    batch_tokens = check_positive_int(batch_tokens, "batch_tokens", _FUNC)
+    if batch_tokens is not None:
+        batch_tokens = check_positive_int(batch_tokens, "batch_tokens", _FUNC)
     chunk_prompts = check_positive_int(chunk_prompts, "chunk_prompts", _FUNC)
     if max_batch_size is not None:
         max_batch_size = check_positive_int(max_batch_size, "max_batch_size", _FUNC)
+    if pack is not None and not isinstance(pack, bool):
+        invalid("pack", _FUNC, "None, True or False", pack, exc=TypeError)
+    if isinstance(max_memory_gib, bool) or not isinstance(max_memory_gib, int | float) or not max_memory_gib > 0:
+        invalid("max_memory_gib", _FUNC, "a positive number of GiB", max_memory_gib)
+    if not isinstance(compile_blocks, bool):
+        invalid("compile_blocks", _FUNC, "True or False", compile_blocks, exc=TypeError)
     personas = _check_personas(personas)
     questions = _check_questions(questions)
 
@@ -173,12 +313,29 @@ def extract_activations(
                     f"{[h for h in HOOK_POINTS if h not in HF_HOOK_POINTS]})",
                     hook,
                 )
+    elif pack:
+        invalid("pack", _FUNC, "None or False with engine='transformer_lens' (packing is an 'hf' engine path)", pack)
+    return _Request(
+        handle=None if bridge is not None else model,
+        bridge=bridge,
+        engine=engine,
+        hooks=hooks,
+        personas=personas,
+        questions=questions,
+        batch_tokens=batch_tokens,
+        max_batch_size=max_batch_size,
+        chunk_prompts=chunk_prompts,
+        pack=pack,
+        max_memory_bytes=float(max_memory_gib) * 2**30,
+        compile_blocks=compile_blocks,
+    )
 
-    tokenizer = bridge.tokenizer if bridge is not None else model.tokenizer
-    template = chat_template_of(tokenizer, chat_template, func=_FUNC)
-    prompts = render_prompts(tokenizer, personas, questions, chat_template=template)
 
-    if bridge is not None:
+# --- step 2: plan and key -------------------------------------------------------------------
+def _plan(req: _Request, prompts: PromptSet, *, layers: Any, layer_template: str | None, share_prefix: bool) -> _Plan:
+    """Returns the layers, the forward path and its budgets, and the shared prefixes."""
+    if req.bridge is not None:
+        bridge = req.bridge
         n_layers = int(bridge.cfg.n_layers)
         identity = {
             "model_id": str(getattr(bridge.cfg, "model_name", "unknown")),
@@ -190,67 +347,93 @@ def extract_activations(
         }
         template_path = None
     else:
-        template_path, blocks = find_layers(model.model, layer_template)
+        handle = req.handle
+        template_path, blocks = find_layers(handle.model, layer_template)
         n_layers = len(blocks)
-        identity = model.provenance()
+        identity = handle.provenance()
         if not identity["weights_id"]:  # A hand-made handle: identify the weights by their values.
-            identity["weights_id"] = f"params:{model_fingerprint(model.model)}"
+            identity["weights_id"] = f"params:{model_fingerprint(handle.model)}"
     layer_list = check_layers(layers, n_layers, _FUNC)
+    common = dict(layers=layer_list, n_layers=n_layers, layer_template=template_path, identity=identity)
+    if req.engine == "transformer_lens":
+        return _Plan(**common, forward="transformer_lens", batch_tokens=req.batch_tokens or _PADDED_BATCH_TOKENS, chunk_prompts=req.chunk_prompts)
 
-    from persona_geometry.store import FORMAT_VERSION, PartialRun, cache_key, load_cached
+    ids = [p.input_ids for p in prompts]
+    Q = len(req.questions)
+    groups = [list(range(i * Q, (i + 1) * Q)) for i in range(len(req.personas))]
+    path = packed_path(req.handle.model, req.handle.device) if req.pack is not False else None
+    if req.pack and path is None:
+        invalid("pack", _FUNC, "None or False for this model: its attention takes no custom mask (sdpa, eager or flex_attention)", req.pack)
+    if path is not None:
+        config = pretrained_model(req.handle.model).config
+        # An eighth of the budget for the results of a chunk, the rest for the forward.
+        per_prompt = 4 * len(layer_list) * len(req.hooks) * int(getattr(config, "hidden_size", None) or config.n_embd)
+        chunk = max(1, min(req.chunk_prompts, int(req.max_memory_bytes / 8 / per_prompt)))
+        forward_bytes = req.max_memory_bytes - 2 * chunk * per_prompt
+        budget = pack_budget(config, req.handle.dtype, path, forward_bytes, cap=req.batch_tokens)
+        prefix_lens = group_prefix_lengths(ids, groups) if share_prefix else [0] * len(groups)
+        return _Plan(**common, compile_blocks=req.compile_blocks, forward=path, batch_tokens=budget, chunk_prompts=chunk, prefix_lens=tuple(prefix_lens))
+    shared = shared_prefixes([[ids[i] for i in g] for g in groups]) if share_prefix else None
+    return _Plan(
+        **common,
+        forward="prefix_cache" if shared is not None else "padded",
+        batch_tokens=req.batch_tokens or _PADDED_BATCH_TOKENS,
+        chunk_prompts=req.chunk_prompts,
+        shared=shared,
+    )
+
+
+def _manifest(req: _Request, prompts: PromptSet, plan: _Plan) -> dict[str, Any]:
+    """Returns the provenance manifest, with the cache key of everything the activations depend on."""
+    from persona_geometry.store import FORMAT_VERSION, cache_key
 
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        **identity,
-        "engine": engine,
-        "hooks": list(hooks),
-        "layers": layer_list,
-        "n_layers": n_layers,
-        "layer_template": template_path,
+        **plan.identity,
+        "engine": req.engine,
+        "forward": plan.forward,
+        "hooks": list(req.hooks),
+        "layers": plan.layers,
+        "n_layers": plan.n_layers,
+        "layer_template": plan.layer_template,
         "chat_template_hash": prompts.chat_template_hash,
-        "persona_hash": personas.content_hash(),
-        "question_hash": stable_hash(list(questions)),
+        "persona_hash": req.personas.content_hash(),
+        "question_hash": stable_hash(list(req.questions)),
         "prompt_ids_hash": prompts.content_hash(),
         "n_prompts": len(prompts),
-        "batch_tokens": batch_tokens,
-        "max_batch_size": max_batch_size,
+        "batch_tokens": plan.batch_tokens,
+        "max_batch_size": req.max_batch_size,
+        "chunk_prompts": plan.chunk_prompts,
+        "share_prefix": plan.share_prefix,
+        "compile_blocks": plan.compile_blocks,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "package_versions": package_versions(),
     }
-
-    ids = [p.input_ids for p in prompts]
-    shared = None
-    if engine == "hf" and share_prefix:
-        Q = len(questions)
-        shared = shared_prefixes([ids[i * Q : (i + 1) * Q] for i in range(len(personas))])
-    manifest["share_prefix"] = shared is not None
     manifest["cache_key"] = cache_key(manifest)
-    partial = None
-    if cache_dir is not None:
-        cached = load_cached(cache_dir, manifest)
-        if cached is not None:
-            log.info("loaded cached activations %s from %s", manifest["cache_key"], cache_dir)
-            return cached
-        partial = PartialRun(cache_dir, manifest)
+    return manifest
 
+
+# --- step 3: run ----------------------------------------------------------------------------
+def _run(req: _Request, prompts: PromptSet, plan: _Plan, partial: Any, *, progress: bool) -> dict[str, Tensor]:
+    """Returns ``{hook: [prompt, layer, d_model]}`` in prompt order, computing what the cache lacks."""
+    ids = [p.input_ids for p in prompts]
     done = partial.done() if partial is not None else set()
-    chunks = _plan_chunks(ids, done, chunk_prompts)
+    if plan.packed:
+        # Persona-major order keeps each persona's prompts together, so they share a pack.
+        remaining = [i for i in range(len(ids)) if i not in done]
+        chunks = [remaining[s : s + plan.chunk_prompts] for s in range(0, len(remaining), plan.chunk_prompts)]
+    else:
+        chunks = _plan_chunks(ids, done, plan.chunk_prompts)
     results: list[tuple[list[int], dict[str, Tensor]]] = []
-    # No engine (no bridge, no prefix pass) when every chunk is already on disk.
-    run: Any = nullcontext()
-    if engine == "hf" and chunks:
-        run = _hf_engine(model, layer_list, hooks, layer_template, shared, batch_tokens)
-    elif chunks:
-        run = _tl_engine(bridge if bridge is not None else _bridge_from_handle(model), layer_list, hooks, n_layers)
-    # What a batch's token budget counts: the tokens it computes (the suffix, with a shared prefix).
-    costs = [len(x) for x in ids] if shared is None else [len(x) - len(shared.prefix_for(x)) for x in ids]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(ids), initial=len(done), unit="prompt", desc=f"extract ({engine})", disable=not progress)
+    bar = tqdm(total=len(ids), initial=len(done), unit="prompt", desc=f"extract ({plan.forward})", disable=not progress)
     try:
-        with run as forward:
+        # No engine (no bridge, no prefix pass) when every chunk is already on disk.
+        with _engine(req, plan) if chunks else nullcontext() as forward:
             for chunk in chunks:
-                order, out = _run_chunk(forward, ids, costs, chunk, batch_tokens, max_batch_size, bar)
+                work = _pack_work(req, plan, ids, chunk) if plan.packed else _batch_work(req, plan, ids, chunk)
+                order, out = _run_chunk(forward, chunk, work, bar)
                 if partial is not None:
                     partial.write(order, out)
                 else:
@@ -259,28 +442,56 @@ def extract_activations(
         bar.close()
 
     if partial is not None:
-        flat = partial.assemble(len(ids), hooks)
-    elif len(results) == 1:
-        flat = results[0][1]  # one chunk of every prompt, already in prompt order
+        return partial.assemble(len(ids), req.hooks)
+    if len(results) == 1:
+        return results[0][1]  # one chunk of every prompt, already in prompt order
+    flat = {}
+    for hook in req.hooks:
+        first = results[0][1][hook]
+        flat[hook] = torch.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+        for order, out in results:
+            flat[hook][torch.as_tensor(order)] = out[hook]
+    return flat
+
+
+@contextmanager
+def _engine(req: _Request, plan: _Plan) -> Iterator[Callable[[Any], dict[str, Tensor]]]:
+    """Yields the forward of the plan's path: one unit of work in, ``{hook: [prompt, layer, d_model]}`` out."""
+    if plan.forward == "transformer_lens":
+        bridge = req.bridge if req.bridge is not None else _bridge_from_handle(req.handle)
+        with _tl_engine(bridge, plan.layers, req.hooks, plan.n_layers) as forward:
+            yield forward
     else:
-        flat = {}
-        for hook in hooks:
-            first = results[0][1][hook]
-            flat[hook] = torch.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
-            for order, out in results:
-                flat[hook][torch.as_tensor(order)] = out[hook]
-    P, Q = len(personas), len(questions)
-    acts = ActivationSet(
-        {hook: flat[hook].reshape(P, Q, *flat[hook].shape[1:]) for hook in hooks},  # in the order asked for
-        personas=personas,
-        questions=questions,
-        layers=layer_list,
-        n_tokens=torch.tensor(prompts.n_tokens(), dtype=torch.long),
-        manifest=manifest,
-    )
-    if partial is not None:
-        partial.finish(acts)
-    return acts
+        with _hf_engine(req.handle, plan, req.hooks) as forward:
+            yield forward
+
+
+def _batch_work(req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int]) -> list[tuple[list[int], Any]]:
+    """Returns the chunk's padded batches: (prompt positions, their token ids)."""
+    shared = plan.shared
+    # What a batch's token budget counts: the tokens it computes (the suffix, with a shared prefix).
+    costs = [len(ids[i]) - (len(shared.prefix_for(ids[i])) if shared is not None else 0) for i in chunk]
+    work = []
+    for batch in plan_batches(costs, plan.batch_tokens, req.max_batch_size):
+        positions = [chunk[j] for j in batch]
+        work.append((positions, [ids[i] for i in positions]))
+    return work
+
+
+def _pack_work(req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int]) -> Iterator[tuple[list[int], Pack]]:
+    """Yields the chunk's packs, built one at a time: (prompt positions, pack)."""
+    Q = len(req.questions)
+    groups: list[list[int]] = []
+    for i in chunk:  # chunks are in persona-major order
+        if groups and groups[-1][0] // Q == i // Q:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    lens = [plan.prefix_lens[g[0] // Q] for g in groups]
+    pad_id = _pad_id(req.handle.tokenizer)
+    for p in plan_packs(ids, groups, lens, plan.batch_tokens, req.max_batch_size):
+        built = build_pack(ids, p, pad_id=pad_id)
+        yield list(built.prompts), built
 
 
 # --- validation -----------------------------------------------------------------------------
@@ -356,33 +567,31 @@ def _plan_chunks(ids: Sequence[Sequence[int]], done: set[int], chunk_prompts: in
 
 
 def _run_chunk(
-    forward: BatchFn,
-    ids: Sequence[Sequence[int]],
-    costs: Sequence[int],
+    forward: Callable[[Any], dict[str, Tensor]],
     chunk: list[int],
-    batch_tokens: int,
-    max_batch_size: int | None,
+    work: Iterable[tuple[list[int], Any]],
     bar: Any,
 ) -> tuple[list[int], dict[str, Float[Tensor, "prompt layer d_model"]]]:
     """Returns the chunk's prompt positions in ascending order and ``{hook: [prompt, layer, d_model]}`` on the CPU, in that order.
 
-    Each batch's rows are scattered into a per-chunk buffer on the model's device, and the
-    buffer crosses to the host once, into page-locked memory: one fast copy instead of a
-    host-side scatter per batch. Rows come back in prompt order, so a run that fits one chunk
-    needs no reordering at all.
+    Each unit of work (a padded batch or a pack) returns the rows of its prompts, which are
+    scattered into a per-chunk buffer on the model's device, and the buffer crosses to the host
+    once, into page-locked memory: one fast copy instead of a host-side scatter per batch. Rows
+    come back in prompt order, so a run that fits one chunk needs no reordering at all.
     """
     order = sorted(chunk)
     row_of = {prompt: row for row, prompt in enumerate(order)}
     buffers: dict[str, Tensor] = {}
-    for batch in plan_batches([costs[i] for i in chunk], batch_tokens, max_batch_size):
-        prompts = [chunk[j] for j in batch]
-        out = forward([ids[i] for i in prompts])
+    for prompts, item in work:
+        out = forward(item)
         rows = torch.as_tensor([row_of[i] for i in prompts])
         for hook, t in out.items():
             if hook not in buffers:
                 buffers[hook] = torch.empty((len(chunk), *t.shape[1:]), dtype=t.dtype, device=t.device)
-            buffers[hook].index_copy_(0, rows.to(t.device), t)
-        bar.update(len(batch))
+            # No host wait on a GPU (page-locked, non-blocking): the next batch is prepared meanwhile.
+            on_device = rows.pin_memory().to(t.device, non_blocking=True) if t.device.type == "cuda" else rows
+            buffers[hook].index_copy_(0, on_device, t)
+        bar.update(len(prompts))
     return order, {hook: _to_host(t) for hook, t in buffers.items()}
 
 
@@ -426,36 +635,38 @@ def _pad_id(tokenizer: Any) -> int:
 
 # --- engines --------------------------------------------------------------------------------
 @contextmanager
-def _hf_engine(
-    handle: ModelHandle,
-    layers: list[int],
-    hooks: list[str],
-    layer_template: str | None,
-    shared: SharedPrefixes | None = None,
-    batch_tokens: int = 8192,
-) -> Iterator[BatchFn]:
-    """Yields the ``hf`` engine's batch function: forward hooks on the decoder blocks, last position only.
+def _hf_engine(handle: ModelHandle, plan: _Plan, hooks: list[str]) -> Iterator[Callable[[Any], dict[str, Tensor]]]:
+    """Yields the ``hf`` engine's forward: forward hooks on the decoder blocks, last positions only.
 
     The base model (no unembedding) runs with ``use_cache=False``, and the forward stops right
     after the last requested block, so the final norm and later blocks are skipped too. The
-    only per-layer Python is the hook itself, one ``copy_`` of ``[batch, d_model]``. With
-    ``shared`` prefixes, each prefix runs once and the batches run only the suffixes against
-    its cached keys and values (``persona_geometry.prefix_cache``).
+    only per-layer Python is the hook itself, one ``copy_`` of ``[prompt, d_model]``. Packed
+    paths take a ``Pack`` (``persona_geometry.packing``); the ``prefix_cache`` path runs each
+    prefix once and the batches' suffixes against its cached keys and values
+    (``persona_geometry.prefix_cache``); ``padded`` runs left-padded batches of token ids.
     """
     model = handle.model
     base = getattr(model, "base_model", None) or model
     pad_id = _pad_id(handle.tokenizer)
-    with record_last_token(model, layers, points=hooks, layer_template=layer_template) as recorder:
-        if shared is not None:
+    layers = plan.layers
+    with record_last_token(model, layers, points=hooks, layer_template=plan.layer_template) as recorder:
+        if plan.packed:
+            compiled = find_layers(model, plan.layer_template)[1][: max(layers) + 1] if plan.compile_blocks else []
+            with packed_engine(
+                model, base, recorder, path=plan.forward, device=handle.device, dtype=handle.dtype, compile_blocks=compiled
+            ) as forward:
+                yield forward
+            return
+        if plan.shared is not None:
             with prefix_engine(
                 base,
                 recorder,
-                shared,
+                plan.shared,
                 # The forward stops after the last hook: block max(layers) runs only for resid_post.
                 n_cached_layers=max(layers) + ("resid_post" in hooks),
                 pad_id=pad_id,
                 device=handle.device,
-                batch_tokens=batch_tokens,
+                batch_tokens=plan.batch_tokens,
             ) as forward:
                 yield forward
             return
@@ -495,7 +706,7 @@ def _bridge_from_handle(handle: ModelHandle) -> Any:
 
 
 @contextmanager
-def _tl_engine(bridge: Any, layers: list[int], hooks: list[str], n_layers: int) -> Iterator[BatchFn]:
+def _tl_engine(bridge: Any, layers: list[int], hooks: list[str], n_layers: int) -> Iterator[Callable[[Any], dict[str, Tensor]]]:
     """Yields the ``transformer_lens`` engine's batch function: ``run_with_cache``, last position only."""
     names = {hook_name(layer, point) for layer in layers for point in hooks}
     pad_id = _pad_id(bridge.tokenizer)

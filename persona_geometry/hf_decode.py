@@ -50,7 +50,7 @@ class _Row:
 
 
 def completion_uniforms(seed: int, prompt_index: int, completion_index: int, n_steps: int) -> Any:
-    """Returns the ``n_steps`` uniforms in [0, 1) that drive one completion's sampling (float64, CPU)."""
+    """Returns the ``n_steps`` uniforms in [0, 1) that drive one completion's sampling (float64)."""
     import torch
 
     g = torch.Generator().manual_seed(stable_seed(seed, "hf", prompt_index, completion_index))
@@ -80,7 +80,9 @@ def next_tokens(logits: Any, uniforms: Any | None, *, temperature: float, top_p:
         before = row_cumsum(ordered) - ordered  # mass of the tokens ranked above each one
         n_keep = (before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
         threshold = ordered.gather(-1, n_keep - 1)
-        probs = torch.where(probs >= threshold, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+        probs = torch.where(
+            probs >= threshold, probs, torch.zeros((), dtype=probs.dtype, device=probs.device)
+        )
     cdf = row_cumsum(probs)
     target = uniforms.to(cdf.device, torch.float64).unsqueeze(-1) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, target, right=True).squeeze(-1)
@@ -121,7 +123,9 @@ def auto_batch_size(model: Any, *, max_tokens: int, n_rows: int, cap: int = 2048
     device = next(model.parameters()).device
     if device.type != "cuda":
         return max(1, min(n_rows, 64))
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     itemsize = next(model.parameters()).element_size()
@@ -147,7 +151,7 @@ def sample_token_ids(
     min_new_tokens: int = 0,
     progress: bool = True,
 ) -> list[list[list[list[int]]]]:
-    """Returns new token ids, cut before the first end token, as ``[adapter][prompt][completion][token]``.
+    """Returns new token ids, cut before the first end token: ``[adapter][prompt][completion][token]``.
 
     Args:
         model: A causal LM (a peft model holding every adapter named in ``adapters``, unmerged).
@@ -169,7 +173,12 @@ def sample_token_ids(
     from tqdm.auto import tqdm
 
     names = list(adapters) if adapters is not None else [None]
-    rows = [_Row(a, p, c) for a in range(len(names)) for p in range(len(prompt_ids)) for c in range(n_completions)]
+    rows = [
+        _Row(a, p, c)
+        for a in range(len(names))
+        for p in range(len(prompt_ids))
+        for c in range(n_completions)
+    ]
     # Longest prompts first within an adapter: batches hold prompts of similar length, and the
     # largest cache is allocated first.
     rows.sort(key=lambda r: (r.adapter, -len(prompt_ids[r.prompt]), r.prompt, r.completion))
@@ -177,15 +186,25 @@ def sample_token_ids(
     if batch_size is None:
         longest = max(len(p) for p in prompt_ids) + max_new_tokens
         fit = auto_batch_size(model, max_tokens=longest, n_rows=len(rows))
-        batch_size = -(-len(rows) // -(-len(rows) // fit))  # as many batches as needed, evenly filled
-    out: list[list[list[list[int]]]] = [[[[] for _ in range(n_completions)] for _ in prompt_ids] for _ in names]
-    lora = _SegmentedLora.of(model, [n for n in names if n is not None and n != BASE_ADAPTER]) if adapters is not None else None
+        batch_size = -(
+            -len(rows) // -(-len(rows) // fit)
+        )  # as many batches as needed, evenly filled
+    out: list[list[list[list[int]]]] = [
+        [[[] for _ in range(n_completions)] for _ in prompt_ids] for _ in names
+    ]
+    lora = (
+        _SegmentedLora.of(model, [n for n in names if n is not None and n != BASE_ADAPTER])
+        if adapters is not None
+        else None
+    )
     bar = tqdm(total=len(rows), desc="sampling (hf)", unit="completion", disable=not progress)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         uniforms = None
         if not greedy:
-            uniforms = torch.stack([completion_uniforms(seed, r.prompt, r.completion, max_new_tokens) for r in batch])
+            uniforms = torch.stack(
+                [completion_uniforms(seed, r.prompt, r.completion, max_new_tokens) for r in batch]
+            )
         tokens = _decode_batch(
             model,
             [prompt_ids[r.prompt] for r in batch],
@@ -224,7 +243,7 @@ class _SegmentedLora:
 
     @classmethod
     def of(cls, model: Any, names: Sequence[str]) -> _SegmentedLora | None:
-        """Returns the hooks' weights for ``names``, or None where peft's own path must serve (variants)."""
+        """Returns the hooks' weights for ``names``, or None where peft's own path must serve."""
         import torch
         from peft.tuners.lora import LoraLayer
 
@@ -234,16 +253,22 @@ class _SegmentedLora:
         for module in model.modules():
             if not isinstance(module, LoraLayer):
                 continue
-            if getattr(module, "lora_variant", None) or any(module.use_dora.get(n, False) for n in names):
+            if getattr(module, "lora_variant", None) or any(
+                module.use_dora.get(n, False) for n in names
+            ):
                 return None
-            if not hasattr(module, "get_base_layer") or not isinstance(module.get_base_layer(), torch.nn.Linear):
+            if not hasattr(module, "get_base_layer") or not isinstance(
+                module.get_base_layer(), torch.nn.Linear
+            ):
                 return None
             weights = {}
             dtype = module.get_base_layer().weight.dtype  # peft may keep LoRA weights in float32
             for name in names:
                 if name in module.lora_A:
                     a = module.lora_A[name].weight.to(dtype)  # [r, in]
-                    b = (module.lora_B[name].weight * module.scaling[name]).to(dtype)  # [out, r], scale folded in
+                    b = (module.lora_B[name].weight * module.scaling[name]).to(
+                        dtype
+                    )  # [out, r], scale folded in
                     weights[name] = (a.t(), b.t().contiguous())
             layers.append((module, weights))
         return cls(model, layers)
@@ -262,7 +287,9 @@ class _SegmentedLora:
         """Disables peft's own LoRA path and adds each run's update through forward hooks."""
         state: dict[str, Any] = {}
 
-        def hook(module: Any, args: tuple[Any, ...], output: Any, weights: dict[str, tuple[Any, Any]]) -> None:
+        def hook(
+            module: Any, args: tuple[Any, ...], output: Any, weights: dict[str, tuple[Any, Any]]
+        ) -> None:
             if state.get("rows") is not self.rows:
                 state["rows"], state["runs"] = self.rows, self._runs()
             x = args[0]
@@ -276,7 +303,9 @@ class _SegmentedLora:
         try:
             with self.model.disable_adapter():
                 for module, weights in self.layers:
-                    handles.append(module.register_forward_hook(lambda m, a, o, w=weights: hook(m, a, o, w)))
+                    handles.append(
+                        module.register_forward_hook(lambda m, a, o, w=weights: hook(m, a, o, w))
+                    )
                 yield
         finally:
             for handle in handles:
@@ -336,7 +365,7 @@ def _decode_batch(
             extra["adapter_names"] = row_names
 
     set_rows(None if names is None else [names[i] for i in firsts])
-    with torch.inference_mode(), (lora.applied() if lora is not None else _nothing()):
+    with torch.inference_mode(), lora.applied() if lora is not None else _nothing():
         output = model(
             input_ids=ids,
             attention_mask=mask,
@@ -360,7 +389,12 @@ def _decode_batch(
         for step in range(max_new_tokens):
             if eos is not None and step < min_new_tokens:
                 logits[:, eos] = float("-inf")
-            token = next_tokens(logits, None if noise is None else noise[:, step], temperature=temperature, top_p=top_p)
+            token = next_tokens(
+                logits,
+                None if noise is None else noise[:, step],
+                temperature=temperature,
+                top_p=top_p,
+            )
             token = torch.where(done, torch.full_like(token, pad_id), token)
             result[active, step] = token
             if eos is not None:
@@ -376,7 +410,13 @@ def _decode_batch(
                 if n_done >= _COMPACT_FRACTION * len(done):
                     keep = (~done).nonzero().squeeze(-1)
                     cache.batch_select_indices(keep)
-                    active, done, mask, positions, token = active[keep], done[keep], mask[keep], positions[keep], token[keep]
+                    active, done, mask, positions, token = (
+                        active[keep],
+                        done[keep],
+                        mask[keep],
+                        positions[keep],
+                        token[keep],
+                    )
                     noise = noise[keep] if noise is not None else None
                     if names is not None:
                         names = [names[i] for i in keep.tolist()]

@@ -61,7 +61,8 @@ def find_layers(model: nn.Module, template: str | None = None) -> tuple[str, lis
     """Returns the decoder-block path template and the blocks, in order.
 
     Args:
-        model: A Hugging Face model (a ``...ForCausalLM`` or its base model).
+        model: A Hugging Face model (a ``...ForCausalLM`` or its base model), or a peft model
+            around one (its blocks are found inside; the template is relative to the inner model).
         template: A path with ``{num}`` where the block index goes, e.g. ``"model.layers.{num}"``;
             by default each of ``LAYER_TEMPLATES`` is tried.
 
@@ -71,6 +72,13 @@ def find_layers(model: nn.Module, template: str | None = None) -> tuple[str, lis
     if template is not None and (not isinstance(template, str) or "{num}" not in template or not template.endswith(".{num}")):
         invalid("layer_template", "find_layers", "a module path ending in '.{num}', e.g. 'model.layers.{num}'", template)
     candidates = (template,) if template is not None else LAYER_TEMPLATES
+    # A peft model wraps the Hugging Face model: look inside it too.
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and get_base() is not model:
+        try:
+            return find_layers(get_base(), template)
+        except ValueError:
+            pass
     for tmpl in candidates:
         prefix = tmpl.removesuffix(".{num}")
         paths = [prefix]
@@ -105,8 +113,7 @@ class LastTokenRecorder:
     buffers on the model's device, runs ``forward``, and returns the buffers.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], layers: Sequence[int], points: Sequence[str], *, stop_early: bool):
-        self.blocks = list(blocks)
+    def __init__(self, layers: Sequence[int], points: Sequence[str], *, stop_early: bool):
         self.layers = list(layers)
         self.points = list(points)
         self.stop_early = stop_early
@@ -114,6 +121,7 @@ class LastTokenRecorder:
         self._filled = 0
         self._batch_size = 0
         self._dtype = torch.float32
+        self._index: Tensor | None = None
         # The last hook to fire in a forward: the last layer's output, or its input if only
         # resid_pre is asked for (then that block need not run at all).
         last = max(self.layers)
@@ -127,7 +135,8 @@ class LastTokenRecorder:
             buffer = self._buffers[point] = torch.empty(
                 (self._batch_size, len(self.layers), hidden.shape[-1]), dtype=self._dtype, device=hidden.device
             )
-        buffer[:, position].copy_(hidden[:, -1])
+        # Left-padded batches end every prompt in the last column; a pack gathers by index.
+        buffer[:, position].copy_(hidden[:, -1] if self._index is None else hidden[0].index_select(0, self._index))
         self._filled += 1
         if self.stop_early and (layer, point) == self._last:
             raise _StopForward
@@ -150,12 +159,18 @@ class LastTokenRecorder:
         batch_size: int,
         *,
         dtype: torch.dtype = torch.float32,
+        index: Tensor | None = None,
     ) -> dict[str, Float[Tensor, "batch layer d_model"]]:
         """Returns ``{point: [batch, layer, d_model]}`` captured while ``forward()`` runs.
 
         The buffers live on the device of the hidden states, in ``dtype`` (float32 by default:
-        bfloat16 values upcast exactly).
+        bfloat16 values upcast exactly). By default each row's last position is kept; with
+        ``index`` (a packed forward of one sequence), the positions ``index`` of that sequence,
+        ``batch_size == len(index)``.
         """
+        if index is not None and len(index) != batch_size:
+            invalid("index", "LastTokenRecorder.run", f"{batch_size} positions (batch_size)", len(index))
+        self._index = index
         self._buffers = {}
         self._filled = 0
         self._batch_size = batch_size
@@ -170,7 +185,7 @@ class LastTokenRecorder:
                 f"Only {self._filled} of {expected} block hooks fired during the forward pass; the blocks found "
                 "are not the ones the model runs (pass layer_template=...)."
             )
-        buffers, self._buffers = self._buffers, {}
+        buffers, self._buffers, self._index = self._buffers, {}, None
         return buffers
 
 
@@ -202,7 +217,7 @@ def record_last_token(
         if point not in HF_HOOK_POINTS:
             invalid("points", "record_last_token", f"hook points in {list(HF_HOOK_POINTS)}", point)
     _, blocks = find_layers(model, layer_template)
-    recorder = LastTokenRecorder([blocks[layer] for layer in layers], layers, points, stop_early=stop_early)
+    recorder = LastTokenRecorder(layers, points, stop_early=stop_early)
     handles = []
     try:
         for position, layer in enumerate(layers):

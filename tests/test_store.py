@@ -142,8 +142,10 @@ def test_an_entry_whose_manifest_does_not_match_is_recomputed(qwen, tmp_path):
     assert json.loads((entry / "manifest.json").read_text())["provenance"]["weights_id"] == qwen.weights_id
 
 
-def test_an_interrupted_run_resumes_and_ends_with_the_same_tensor(qwen, tmp_path):
-    kw = dict(chunk_prompts=4, max_batch_size=2, progress=False)  # 12 prompts: 3 chunks of 2 batches
+@pytest.mark.parametrize("pack", [False, None])
+def test_an_interrupted_run_resumes_and_ends_with_the_same_tensor(qwen, tmp_path, pack):
+    # 12 prompts: 3 chunks of 2 batches (or packs)
+    kw = dict(chunk_prompts=4, max_batch_size=2, pack=pack, progress=False)
     uninterrupted = extract_activations(qwen, PERSONAS, QUESTIONS, **kw)
     with ForwardCounter(qwen, fail_on=4) as counter, pytest.raises(KeyboardInterrupt):
         extract_activations(qwen, PERSONAS, QUESTIONS, cache_dir=tmp_path, **kw)
@@ -152,13 +154,14 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_tensor(qwen, tmp_path
     assert not list(partial.glob(".*.tmp"))  # no half-written file
     with ForwardCounter(qwen) as counter:
         resumed = extract_activations(qwen, PERSONAS, QUESTIONS, cache_dir=tmp_path, **kw)
-    assert counter.calls == 1 + 4  # the shared-prefix pass, then only the two remaining chunks
+    # Only the two remaining chunks, after the shared-prefix pass of the padded engine (packs hold their prefixes).
+    assert counter.calls == (1 if pack is False else 0) + 4
     assert torch.equal(resumed["resid_post"], uninterrupted["resid_post"])
     assert not partial.exists() and (tmp_path / resumed.manifest["cache_key"]).is_dir()
 
 
 def test_a_partial_folder_made_for_other_settings_is_discarded(qwen, tmp_path):
-    manifest = dict.fromkeys(KEY_FIELDS, "x")
+    manifest = {**dict.fromkeys(KEY_FIELDS, "x"), "format_version": 1, "layers": [0], "share_prefix": False}
     run = PartialRun(tmp_path, manifest)
     run.write([0, 1], {"resid_post": torch.ones(2, 1, 4)})
     (run.folder / "key.json").write_text(json.dumps({**run.fields, "dtype": "other"}))

@@ -35,6 +35,7 @@ from persona_geometry.personas import PersonaSet, builtin_personas
 from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions, load_questions, training_questions
+from persona_geometry.resume import KeyedFolder
 
 __all__ = ["STAGES", "StudyResult", "run_study", "study_inputs"]
 
@@ -115,43 +116,13 @@ def study_inputs(config: StudyConfig) -> _Inputs:
     )
 
 
-class _StageMarker:
-    """A ``.stage.json`` recording the input key a stage (or one unit of it) started and finished with."""
+def _stage_record(folder: Path, key: str) -> KeyedFolder:
+    """Returns the ``.stage.json`` record of the input key a stage (or one unit of it) started and finished with.
 
-    def __init__(self, folder: Path, key: str):
-        self.folder, self.key = folder, key
-        self.path = folder / _MARKER_FILE
-
-    def _read(self) -> dict[str, Any]:
-        import json
-
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def done(self) -> bool:
-        """Whether the folder's outputs were finished with this key."""
-        state = self._read()
-        return state.get("key") == self.key and state.get("done", True)
-
-    def begin(self, *, force: bool = False) -> None:
-        """Clears the folder if it holds outputs of other inputs (or ``force``), then records this key.
-
-        An interrupted unit with the same key keeps its folder, so training resumes from its
-        last checkpoint; one made with other settings is removed rather than mixed in.
-        """
-        import shutil
-
-        state = self._read()
-        if self.folder.exists() and (force or (state and state.get("key") != self.key)):
-            log.info("removing %s: made with other inputs", self.folder)
-            shutil.rmtree(self.folder)
-        atomic_write_json(self.path, {"key": self.key, "done": False})
-
-    def mark(self, **extra: Any) -> None:
-        """Records that the outputs are finished for this key."""
-        atomic_write_json(self.path, {"key": self.key, "done": True, **extra})
+    An interrupted unit with the same key keeps its folder, so training resumes from its last
+    checkpoint; one made with other settings is removed rather than mixed in.
+    """
+    return KeyedFolder(folder, key, record=_MARKER_FILE)
 
 
 def run_study(
@@ -194,7 +165,7 @@ def run_study(
     for stage in STAGES:
         if stage not in chosen:
             continue
-        marker = _StageMarker(out / stage, keys[stage])
+        marker = _stage_record(out / stage, keys[stage])
         if marker.done() and not force:
             log.info("stage %s: inputs unchanged, skipped", stage)
             skipped.append(stage)
@@ -204,7 +175,7 @@ def run_study(
         produced = runners[stage](config, inputs, out, keys, progress=progress, force=force)
         seconds[stage] = time.perf_counter() - start
         log.info("stage %s: done in %.1f s", stage, seconds[stage])
-        marker.mark(stage=stage, files=produced, seconds=round(seconds[stage], 2))
+        marker.finish(stage=stage, files=produced, seconds=round(seconds[stage], 2))
         files.update(produced)
         ran.append(stage)
     if "report" in chosen:
@@ -291,7 +262,7 @@ def _data(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str],
         seed=r.seed,
         backend=r.backend or config.eval.backend,
         device=config.model.device,
-        dtype=None if config.model.dtype == "auto" else config.model.dtype,
+        dtype=config.model.dtype,
         chat_template=_chat_template(config),
         progress=kw["progress"],
     )
@@ -333,21 +304,21 @@ def _train(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str]
     with _quiet_loading():
         for source, seed in tqdm(units, desc="train marker adapters", unit="adapter", disable=not kw["progress"]):
             folder = out / "train" / source / f"seed{seed}"
-            unit = _StageMarker(folder, stable_hash([keys["train"], source, seed]))
+            unit = _stage_record(folder, stable_hash([keys["train"], source, seed]))
             if not unit.done() or kw["force"]:
                 unit.begin(force=kw["force"])
                 train_marker(
                     config.model.name,
                     out / "data" / f"{source}.jsonl",
                     folder,
-                    dataclasses.replace(config.train, seed=seed),
+                    dataclasses.replace(config.train, seed=seed, dtype=config.train_dtype()),
                     source=source,
                     marker=config.data.marker,
                     device=config.model.device,
                     chat_template=_chat_template(config),
                     progress=False,  # one bar over the adapters instead
                 )
-                unit.mark(source=source, seed=seed)
+                unit.finish(source=source, seed=seed)
             files[f"adapter:{source}:seed{seed}"] = str(folder / "adapter")
     return files
 
@@ -357,10 +328,10 @@ def _eval(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str],
 
     e = config.eval
     files = {}
-    pending: dict[int, dict[str, tuple[str, Path, _StageMarker]]] = {}
+    pending: dict[int, dict[str, tuple[str, Path, KeyedFolder]]] = {}
     for source, seed in _units(config, inputs):
         folder = out / "eval" / source / f"seed{seed}"
-        unit = _StageMarker(folder, stable_hash([keys["eval"], source, seed]))
+        unit = _stage_record(folder, stable_hash([keys["eval"], source, seed]))
         if not unit.done() or kw["force"]:
             unit.begin(force=kw["force"])
             pending.setdefault(seed, {})[f"{source}/seed{seed}"] = (source, folder, unit)
@@ -386,12 +357,12 @@ def _eval(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str],
                 regex=e.regex,
                 batch_size=e.batch_size,
                 device=config.model.device,
-                dtype=None if config.model.dtype == "auto" else config.model.dtype,
+                dtype=config.model.dtype,
                 chat_template=_chat_template(config),
                 progress=kw["progress"],
             )
             for source, _, unit in units.values():
-                unit.mark(source=source, seed=seed)
+                unit.finish(source=source, seed=seed)
     return files
 
 

@@ -1,0 +1,287 @@
+"""Packed extraction: the layout, the masks, and the activations against one-prompt-at-a-time HF forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persona_geometry import ModelHandle, Persona, extract_activations, load_model, render_prompts
+from persona_geometry.hooks import find_layers
+from persona_geometry.packing import (
+    BLOCK,
+    block_counts,
+    block_mask,
+    build_pack,
+    dense_mask,
+    group_prefix_lengths,
+    pack_budget,
+    packed_path,
+    plan_packs,
+)
+
+# A question the template renders as nothing, so its prompt is the shortest of its persona.
+EMPTY = "(nothing)"
+TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | replace('(nothing)', '') + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# System prompts that are prefixes of each other, and one of a very different length.
+PERSONAS = [
+    Persona(name="short", system_prompt="You are a pirate."),
+    Persona(name="longer", system_prompt="You are a pirate. You sail the seas and speak in rhymes."),
+    Persona(name="longest", system_prompt="You are a pirate. You sail the seas and speak in rhymes. " * 6),
+]
+QUESTIONS = [
+    "Hi?",
+    EMPTY,
+    "Describe, step by step and in great detail, how a ship is built, rigged, launched and sailed across an ocean. " * 3,
+    "What is two plus two?",
+]
+
+
+def reference(model, ids: list[tuple[int, ...]], n_layers: int) -> torch.Tensor:
+    """Returns ``[prompt, layer, d_model]``: block outputs at the last token, one unpadded prompt at a time.
+
+    Layer l < L-1 is ``hidden_states[l + 1]``; the last block's output comes from a hook on that
+    block (HF's last hidden state has the final norm applied).
+    """
+    _, blocks = find_layers(model)
+    captured = {}
+    handle = blocks[-1].register_forward_hook(lambda m, a, o: captured.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    rows = []
+    try:
+        with torch.no_grad():
+            for x in ids:
+                hs = model(torch.tensor([x]), output_hidden_states=True).hidden_states
+                rows.append(torch.stack([hs[layer + 1][0, -1] for layer in range(n_layers - 1)] + [captured["out"][0, -1]]))
+    finally:
+        handle.remove()
+    return torch.stack(rows).float()
+
+
+def _gpt2_handle(tokenizer) -> ModelHandle:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=3, n_head=2, n_positions=512)
+    model = GPT2LMHeadModel(config).eval()
+    return ModelHandle(
+        model=model, tokenizer=tokenizer, model_id="tiny-gpt2", revision=None,
+        dtype=torch.float32, device=torch.device("cpu"), weights_id="test-gpt2",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["qwen", "llama", "gpt2"])
+def handle(request):
+    if request.param == "gpt2":
+        return _gpt2_handle(request.getfixturevalue("tiny_tokenizer"))
+    return load_model(request.getfixturevalue(f"tiny_{request.param}_path"), dtype="float32", device="cpu")
+
+
+def _check_against_reference(handle, acts, personas, questions):
+    prompts = render_prompts(handle.tokenizer, personas, questions, chat_template=TEMPLATE)
+    n_layers = len(find_layers(handle.model)[1])
+    ref = reference(handle.model, [p.input_ids for p in prompts], n_layers)
+    got = acts["resid_post"].reshape(len(prompts), n_layers, -1)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_packed_engine_matches_one_prompt_at_a_time(handle):
+    """Rotary (Qwen2, Llama) and learned positions (GPT-2); prefixes that are prefixes of each other."""
+    acts = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, hooks=["resid_post", "resid_pre"], progress=False)
+    assert acts.manifest["forward"] == "packed_sdpa" and acts.manifest["share_prefix"]
+    lengths = acts.n_tokens.flatten().tolist()
+    assert max(lengths) > 4 * min(lengths)  # very different lengths
+    _check_against_reference(handle, acts, PERSONAS, QUESTIONS)
+    # resid_pre of block l is the output of block l - 1.
+    assert (acts["resid_pre"][:, :, 1:] - acts["resid_post"][:, :, :-1]).abs().max().item() <= 1e-5
+
+
+def test_packed_engine_with_small_packs_split_groups_and_layer_subsets(handle):
+    """A budget smaller than a persona splits its prompts over packs, each repeating the prefix."""
+    prompts = render_prompts(handle.tokenizer, PERSONAS, QUESTIONS, chat_template=TEMPLATE)
+    budget = max(p.n_tokens for p in prompts) + 1  # every prompt fits, no persona does
+    acts = extract_activations(
+        handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, batch_tokens=budget, layers=[0, -1], progress=False
+    )
+    assert acts.manifest["batch_tokens"] == -(-budget // BLOCK) * BLOCK
+    full = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, pack=False, share_prefix=False, progress=False)
+    assert full.manifest["forward"] == "padded"
+    n_layers = full["resid_post"].shape[2]
+    assert acts.layers == (0, n_layers - 1)
+    assert (acts["resid_post"] - full["resid_post"][:, :, [0, n_layers - 1]]).abs().max().item() <= 1e-5
+
+
+def test_one_question_per_persona_and_no_sharing(handle):
+    one = extract_activations(handle, PERSONAS, QUESTIONS[2:3], chat_template=TEMPLATE, progress=False)
+    assert one.manifest["forward"] == "packed_sdpa" and not one.manifest["share_prefix"]
+    _check_against_reference(handle, one, PERSONAS, QUESTIONS[2:3])
+    unshared = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, share_prefix=False, progress=False)
+    assert not unshared.manifest["share_prefix"]
+    _check_against_reference(handle, unshared, PERSONAS, QUESTIONS)
+
+
+def test_peft_adapter_is_extracted_packed(tiny_qwen_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(tiny_qwen_path, dtype="float32", device="cpu")
+    torch.manual_seed(0)
+    model = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)).eval()
+    handle = ModelHandle(
+        model=model, tokenizer=base.tokenizer, model_id="tiny-qwen+lora", revision=None,
+        dtype=torch.float32, device=torch.device("cpu"), weights_id="test-lora",
+    )  # fmt: skip
+    acts = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, progress=False)
+    assert acts.manifest["forward"] == "packed_sdpa"
+    _check_against_reference(handle, acts, PERSONAS, QUESTIONS)
+    # The adapter changes the activations: the base model alone (get_peft_model wrapped the
+    # loaded one in place) gives others.
+    plain = extract_activations(load_model(tiny_qwen_path, dtype="float32", device="cpu"), PERSONAS, QUESTIONS, chat_template=TEMPLATE, progress=False)
+    assert (plain["resid_post"] - acts["resid_post"]).abs().max().item() > 1e-3
+
+
+def test_eager_attention_takes_the_additive_mask(tiny_llama_path):
+    from transformers import AutoModelForCausalLM
+
+    base = load_model(tiny_llama_path, dtype="float32", device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, attn_implementation="eager").eval()
+    handle = ModelHandle(
+        model=model, tokenizer=base.tokenizer, model_id="tiny-llama-eager", revision=None,
+        dtype=torch.float32, device=torch.device("cpu"), weights_id="test-eager",
+    )  # fmt: skip
+    acts = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, progress=False)
+    assert acts.manifest["forward"] == "packed_eager"
+    _check_against_reference(handle, acts, PERSONAS, QUESTIONS)
+    assert model.config._attn_implementation == "eager"  # switched back, if switched at all
+
+
+def test_models_without_custom_masks_fall_back_and_pack_true_refuses(tiny_qwen_path, monkeypatch):
+    base = load_model(tiny_qwen_path, dtype="float32", device="cpu")
+    # Attention without custom masks but able to switch: packed through sdpa, switched back after.
+    base.model.config._attn_implementation_internal = "flash_attention_2"
+    try:
+        assert packed_path(base.model, base.device) == "packed_sdpa"
+    finally:
+        base.model.config._attn_implementation_internal = "sdpa"
+    # A model that cannot switch its attention (not built on transformers' attention interface).
+    monkeypatch.setattr(type(base.model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    assert packed_path(base.model, base.device) is None
+    acts = extract_activations(base, PERSONAS[:2], QUESTIONS[:2], chat_template=TEMPLATE, progress=False)
+    assert acts.manifest["forward"] == "prefix_cache"
+    with pytest.raises(ValueError, match="'pack' parameter of extract_activations"):
+        extract_activations(base, PERSONAS[:2], QUESTIONS[:2], chat_template=TEMPLATE, pack=True, progress=False)
+
+
+# --- layout and masks --------------------------------------------------------------------------
+IDS = [
+    (1, 2, 3, 4, 5, 6),  # group 0 shares (1, 2, 3, 4)
+    (1, 2, 3, 4, 7),
+    (1, 2, 3, 4, 8, 9, 10),
+    (5, 5),  # group 1: one prompt, no prefix
+    (1, 2, 3, 9, 9),  # group 2: (1, 2, 3), a prefix of group 0's
+    (1, 2, 3, 8),
+]
+GROUPS = [[0, 1, 2], [3], [4, 5]]
+
+
+# The hand layout of IDS packed: group and segment (0 = the group's prefix, k = suffix k) per token.
+GROUP = [0] * 10 + [1] * 2 + [2] * 6
+SEGMENT = [0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 0, 0, 0, 5, 5, 6]
+
+
+def _intended(q: int, kv: int) -> bool:
+    """The rule in words: a token sees earlier tokens of its group that are in the group's prefix
+    or in its own suffix; padding sees itself only."""
+    if q >= len(GROUP) or kv >= len(GROUP):
+        return q == kv
+    return GROUP[q] == GROUP[kv] and kv <= q and SEGMENT[kv] in (0, SEGMENT[q])
+
+
+def test_plan_and_build_a_pack_by_hand():
+    lens = group_prefix_lengths(IDS, GROUPS)
+    assert lens == [4, 0, 3]
+    plans = plan_packs(IDS, GROUPS, lens, budget=1000)
+    assert len(plans) == 1 and plans[0].prompts == [0, 1, 2, 3, 4, 5]
+    pack = build_pack(IDS, plans[0], pad_id=0, pad_to=16)
+    # [1 2 3 4 | 5 6 | 7 | 8 9 10] [5 5] [1 2 3 | 9 9 | 8] + padding to 32
+    assert pack.n_real == 4 + 2 + 1 + 3 + 2 + 3 + 2 + 1 and pack.length == 32
+    assert pack.input_ids[0, : pack.n_real].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 5, 5, 1, 2, 3, 9, 9, 8]
+    assert pack.position_ids[0, : pack.n_real].tolist() == [0, 1, 2, 3, 4, 5, 4, 4, 5, 6, 0, 1, 0, 1, 2, 3, 4, 3]
+    assert pack.last.tolist() == [5, 6, 9, 11, 16, 17]
+    # Each prompt's last token sees exactly its own tokens, in order.
+    for prompt, last in zip(pack.prompts, pack.last.tolist(), strict=True):
+        seen = [kv for kv in range(pack.length) if _intended(last, kv)]
+        assert pack.input_ids[0, seen].tolist() == list(IDS[prompt])
+        assert pack.position_ids[0, seen].tolist() == list(range(len(IDS[prompt])))
+    mask = dense_mask(pack)[0, 0]
+    for q in range(pack.length):
+        for kv in range(pack.length):
+            assert mask[q, kv].item() == _intended(q, kv)
+    assert all(mask[q].nonzero().flatten().tolist() == [q] for q in range(pack.n_real, pack.length))  # pads: self only
+    additive = dense_mask(pack, additive_dtype=torch.float32)[0, 0]
+    assert torch.equal(additive == 0, mask) and additive.min().item() == torch.finfo(torch.float32).min
+
+
+def test_budgets_split_groups_and_repeat_the_prefix():
+    lens = group_prefix_lengths(IDS, GROUPS)
+    plans = plan_packs(IDS, GROUPS, lens, budget=7)
+    for plan in plans:
+        assert plan.n_tokens <= 7
+        assert plan.n_tokens == sum(s.prefix_len + sum(len(IDS[i]) - s.prefix_len for i in s.prompts) for s in plan.segments)
+    assert sorted(i for p in plans for i in p.prompts) == list(range(len(IDS)))
+    # Group 0 (4 + 2 + 1 + 3 tokens) is split, each piece with its prefix of 4.
+    pieces = [s for p in plans for s in p.segments if s.prompts[0] in (0, 1, 2)]
+    assert [s.prompts for s in pieces] == [(0, 1), (2,)] and all(s.prefix_len == 4 for s in pieces)
+    # A prompt longer than the budget gets a pack of its own.
+    assert [p.prompts for p in plan_packs(IDS, GROUPS, lens, budget=3)][:3] == [[0], [1], [2]]
+    assert all(len(p.prompts) <= 2 for p in plan_packs(IDS, GROUPS, lens, budget=1000, max_prompts=2))
+    with pytest.raises(ValueError, match="'prefix_lens' parameter of plan_packs"):
+        plan_packs(IDS, GROUPS, [0], budget=10)
+
+
+def test_block_mask_tiles_agree_with_the_dense_mask():
+    """Many groups over several 128-token tiles: every tile is listed as full, partial or absent rightly."""
+    g = torch.Generator().manual_seed(0)
+    ids, groups = [], []
+    for _ in range(9):
+        prefix = torch.randint(1, 50, (int(torch.randint(2, 90, (1,), generator=g)),), generator=g).tolist()
+        group = []
+        for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+            group.append(len(ids))
+            ids.append(tuple(prefix + torch.randint(1, 50, (int(torch.randint(1, 70, (1,), generator=g)),), generator=g).tolist()))
+        groups.append(group)
+    plans = plan_packs(ids, groups, group_prefix_lengths(ids, groups), budget=1000)
+    pack = build_pack(ids, plans[0], pad_id=0)
+    assert pack.length % BLOCK == 0 and pack.length >= 3 * BLOCK
+    dense = dense_mask(pack)[0, 0]
+    nb = pack.length // BLOCK
+    tiles = dense.reshape(nb, BLOCK, nb, BLOCK).sum((1, 3))
+    assert torch.equal(block_counts(pack), tiles)
+    bm = block_mask(pack)
+    rebuilt = torch.zeros_like(dense)
+    q = torch.arange(pack.length)
+    for i in range(nb):
+        rows = slice(i * BLOCK, (i + 1) * BLOCK)
+        for j in bm.full_kv_indices[0, 0, i, : bm.full_kv_num_blocks[0, 0, i]].tolist():
+            rebuilt[rows, j * BLOCK : (j + 1) * BLOCK] = True
+        for j in bm.kv_indices[0, 0, i, : bm.kv_num_blocks[0, 0, i]].tolist():
+            kv = torch.arange(j * BLOCK, (j + 1) * BLOCK)
+            rebuilt[rows, j * BLOCK : (j + 1) * BLOCK] = bm.mask_mod(torch.tensor(0), torch.tensor(0), q[rows, None], kv[None, :])
+    assert torch.equal(rebuilt, dense)
+    assert int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()) < nb * (nb + 1) // 2  # sparse: not every causal tile
+
+
+def test_pack_budget_fits_memory_and_caps_dense_packs():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_attention_heads=28)
+    flex = pack_budget(config, torch.bfloat16, "packed_flex", 1.5 * 2**30)
+    per_token = 2 * (3 * 18944 + 8 * 3584)
+    assert flex % BLOCK == 0 and flex <= 1.5 * 2**30 / per_token < flex + BLOCK
+    assert pack_budget(config, torch.bfloat16, "packed_flex", 1.5 * 2**30, cap=1000) == 1024
+    sdpa = pack_budget(config, torch.bfloat16, "packed_sdpa", 1.5 * 2**30)
+    assert sdpa < flex and per_token * sdpa + 3 * sdpa**2 <= 1.5 * 2**30
+    assert pack_budget(config, torch.bfloat16, "packed_flex", 1.0) == BLOCK
