@@ -151,7 +151,7 @@ def sample_token_ids(
     min_new_tokens: int = 0,
     progress: bool = True,
 ) -> list[list[list[list[int]]]]:
-    """Returns new token ids cut before the first end token, ``[adapter][prompt][completion][token]``.
+    """Returns new token ids cut before the first end token, ``[adapter][prompt][completion][tok]``.
 
     Args:
         model: A causal LM (a peft model holding every adapter named in ``adapters``, unmerged).
