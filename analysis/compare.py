@@ -36,6 +36,7 @@ import pandas as pd
 from jaxtyping import Float
 
 from persona_geometry._validation import check_one_of, check_probability, invalid
+from persona_geometry.settings import META_METHODS
 from persona_geometry.stats import STATISTICS, json_float
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Between-study variance estimators of statsmodels' combine_effects.
-META_METHODS = ("dl", "iterated", "chi2")
 # Settings that change neither what a study measures nor how: two studies that differ only in
 # these (and in any key named seed or seeds) are seed replicates of one another.
 _NOT_DESIGN = {("name",), ("out",), ("model", "device"), ("extract", "batch_tokens"), ("eval", "batch_size")}

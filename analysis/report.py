@@ -26,6 +26,7 @@ from persona_geometry._validation import check_one_of, invalid
 from persona_geometry.analysis.robustness import SCHEMA, Robustness, analyze, read_table
 from persona_geometry.analysis.sweep import LayerSweep, layer_sweep
 from persona_geometry.provenance import package_versions
+from persona_geometry.settings import TABLE_LAYOUTS
 from persona_geometry.stats import check_rates
 
 __all__ = [
@@ -262,7 +263,7 @@ def read_sweep_table(
     """
     func = "sweep"
     frame = read_table(table, func)
-    layout = check_one_of(layout, "layout", func, ("auto", "long", "wide"))
+    layout = check_one_of(layout, "layout", func, TABLE_LAYOUTS)
     if (k is None) != (n is None) or (rate is None) == (k is None):
         invalid("k", func, "given with n (raw counts), or rate given instead", {"k": k, "n": n, "rate": rate})
     needed = {"persona": persona, "k": k, "n": n, "rate": rate}

@@ -22,8 +22,10 @@ __all__ = [
     "DTYPES",
     "ENGINES",
     "HOOK_POINTS",
+    "META_METHODS",
     "REPORT_TO",
     "STATISTICS",
+    "TABLE_LAYOUTS",
     "TRAIN_DTYPES",
     "check_choices",
     "setting",
@@ -42,6 +44,10 @@ STATISTICS: tuple[str, ...] = ("spearman", "pearson")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 # Training runs in float32 or bfloat16 autocast; float16 training would need loss scaling.
 TRAIN_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
+# Layouts of a sweep table: one row per persona and layer, one row per persona, or guessed.
+TABLE_LAYOUTS: tuple[str, ...] = ("auto", "long", "wide")
+# Between-study variance estimators of a random-effects comparison (statsmodels' combine_effects).
+META_METHODS: tuple[str, ...] = ("dl", "iterated", "chi2")
 # Where training may also report its loss (``loss_curve.json`` is always written).
 REPORT_TO: tuple[str, ...] = ("none", "tensorboard", "wandb")
 # Said wherever a dtype default is shown.

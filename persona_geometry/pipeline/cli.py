@@ -27,7 +27,7 @@ from persona_geometry.pipeline.config import (
     ModelConfig,
     ResponsesConfig,
 )
-from persona_geometry.settings import STATISTICS
+from persona_geometry.settings import META_METHODS, STATISTICS, TABLE_LAYOUTS
 from persona_geometry.training.data import MarkerDataConfig
 from persona_geometry.training.lora import MarkerTrainConfig
 
@@ -281,7 +281,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", metavar="COLUMN", help="column of completions per persona")
     p.add_argument("--rate", metavar="COLUMN", help="column of rates in [0, 1], instead of --k/--n")
     p.add_argument("--persona", default="persona", metavar="COLUMN", help="column of persona names")
-    p.add_argument("--layout", choices=("auto", "long", "wide"), default="auto", help="table layout; auto is long when the --layer-column and --cosine columns exist")
+    p.add_argument("--layout", choices=TABLE_LAYOUTS, default="auto", help="table layout; auto is long when the --layer-column and --cosine columns exist")
     p.add_argument("--layer-column", default="layer", metavar="COLUMN", help="long layout: column of layer indices")
     p.add_argument("--cosine", default="cosine", metavar="COLUMN", help="long layout: column of cosines")
     p.add_argument(
@@ -553,7 +553,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=float, default=None, help="relative depth in [0, 1] of the combined estimate (default: the first study's primary layer)")
     p.add_argument("--statistic", choices=STATISTICS, default=None, help="statistic of the comparison (default: the first study's sweep statistic)")
     p.add_argument("--intersect", action="store_true", help="compare on the personas every study shares (recomputes each study there)")
-    p.add_argument("--method-re", choices=["dl", "iterated", "chi2"], default="dl", help="between-study variance estimator (default: dl, DerSimonian-Laird)")
+    p.add_argument("--method-re", choices=META_METHODS, default=META_METHODS[0], help="between-study variance estimator (default: dl, DerSimonian-Laird)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level; intervals are 1 - alpha (default: 0.05)")
     p.set_defaults(func=_run_compare)
 
