@@ -707,7 +707,12 @@ def _meta_analysis(studies: Sequence[StudyRecord], depth: float, depth_choice: s
     res = combine_effects(z, var, method_re=method_re, row_names=[s.label for s in studies], alpha=alpha)
     frame = res.summary_frame()
     fixed, rand = frame.loc["fixed effect"], frame.loc["random effect"]
-    p_random = float(2 * stats.norm.sf(abs(res.mean_effect_re / res.sd_eff_w_re)))
+    tau2, sd_random = float(res.tau2), float(res.sd_eff_w_re)
+    if tau2 < 0:
+        # statsmodels' one-step (dl, chi2) estimate is (Q - df) / c, not truncated at zero when
+        # Q < df; DerSimonian-Laird truncates it, and with tau² = 0 random effects are fixed effects.
+        tau2, rand, sd_random = 0.0, fixed, float(res.sd_eff_w_fe)
+    p_random = float(2 * stats.norm.sf(abs(rand["eff"] / sd_random)))
     signs = np.sign(r)
     return MetaAnalysis(
         depth=float(depth),
@@ -727,8 +732,8 @@ def _meta_analysis(studies: Sequence[StudyRecord], depth: float, depth_choice: s
         random_r=math.tanh(rand["eff"]),
         random_ci=(math.tanh(rand["ci_low"]), math.tanh(rand["ci_upp"])),
         random_p=p_random,
-        tau2=float(res.tau2),
-        i2=float(res.i2),
+        tau2=tau2,
+        i2=max(0.0, float(res.i2)),  # I² is truncated at 0 (Higgins & Thompson); statsmodels reports (Q - df) / Q
         q=float(res.q),
         q_p=float(res.test_homogeneity().pvalue),
         sign_agrees=bool(signs[0] != 0 and (signs == signs[0]).all()),
