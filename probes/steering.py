@@ -161,7 +161,7 @@ def steer(
     vec = _vector(direction, layer, _width(net), func)
     if isinstance(direction, Direction) and direction.model_id:
         name = getattr(getattr(net, "config", None), "_name_or_path", None)
-        if name and name != direction.model_id:
+        if name and not _same_model(name, direction.model_id):
             log.warning("steering %s with a direction computed on %s", name, direction.model_id)
     delta = float(strength) * vec.detach()
     cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -463,3 +463,13 @@ def dose_response(
 
         atomic_write_json(out_path, {**result.to_dict(), "package_versions": package_versions()})
     return result
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model ids name the same model: equal, or paths to the same folder."""
+    if a == b:
+        return True
+    from pathlib import Path
+
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

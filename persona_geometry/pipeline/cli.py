@@ -27,7 +27,7 @@ from persona_geometry.pipeline.config import (
     ModelConfig,
     ResponsesConfig,
 )
-from persona_geometry.settings import META_METHODS, STATISTICS, TABLE_LAYOUTS
+from persona_geometry.settings import EXECUTORS, META_METHODS, STAGES, STATISTICS, TABLE_LAYOUTS
 from persona_geometry.training.data import MarkerDataConfig
 from persona_geometry.training.lora import MarkerTrainConfig
 
@@ -180,8 +180,6 @@ _OVERRIDES = ("device", "dtype")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    from persona_geometry.pipeline.study import STAGES
-
     p = _subparser(
         sub,
         "run",
@@ -195,6 +193,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _add_settings(p, ModelConfig, _OVERRIDES, override="the config's model section")
     p.add_argument("--force", action="store_true", help="re-run the chosen stages even if their outputs are current")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--executor", choices=EXECUTORS, default=EXECUTORS[0],
+                   help="where units run: auto (torchrun under a launcher, else in process), inprocess, torchrun, ray")
+    p.add_argument("--shard", metavar="I/N", default=None,
+                   help="array job I of N: run only this slice of the extract/data/train/eval units, then exit")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (executor ray; default: start a local instance)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs for the Ray executor: one per unit when > 0 (default: those Ray sees)")
     p.set_defaults(func=_run_study)
 
 
@@ -209,7 +213,11 @@ def _run_study(args: argparse.Namespace) -> int:
         config = StudyConfig.from_dict({**config.to_dict(), "model": {**config.model.to_dict(), **overrides}})
     if args.out is not None:
         config = config.with_overrides(out=args.out)
-    result = run_study(config, stages=list(args.stages) if args.stages is not None else None, force=args.force, progress=not args.no_progress)
+    result = run_study(
+        config, stages=list(args.stages) if args.stages is not None else None, force=args.force,
+        progress=not args.no_progress, executor=args.executor, shard=args.shard, ray_address=args.ray_address,
+        gpus=args.gpus,
+    )  # fmt: skip
     print(result.summary())
     return 0
 
@@ -235,11 +243,13 @@ def _run_extract(args: argparse.Namespace) -> int:
     model = ModelConfig(**_settings(args, ModelConfig, _EXTRACT_MODEL))
     extract = ExtractConfig(**_settings(args, ExtractConfig, _fields(ExtractConfig)))
 
+    from persona_geometry import distributed
     from persona_geometry.extract import extract_activations
     from persona_geometry.models import load_model
     from persona_geometry.personas import PersonaSet
     from persona_geometry.questions import load_questions
 
+    distributed.pin_local_device()  # under torchrun: each rank its own GPU, before CUDA starts
     handle = load_model(model.name, dtype=model.dtype, device=model.device, revision=model.revision, adapter=args.adapter)
     acts = extract_activations(
         handle,
@@ -252,9 +262,10 @@ def _run_extract(args: argparse.Namespace) -> int:
         chat_template=model.template_text(),
         cache_dir=args.cache_dir,
     )
-    out = acts.save(args.out)
-    log.info("saved %s", acts)
-    _written(out)
+    if distributed.rank() == 0:  # under torchrun every rank holds the whole set; one writes it
+        out = acts.save(args.out)
+        log.info("saved %s", acts)
+        _written(out)
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_geometry._serialization import ConfigDict, coerce_fields
-from persona_geometry._validation import check_positive_int, invalid
+from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.sampling import SamplingSettings
 from persona_geometry.settings import (
     AUTO_DTYPE,
@@ -59,6 +59,9 @@ __all__ = [
     "DataConfig",
 ]
 
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(ConfigDict):
     """Which model to study: a Hugging Face id (from the local cache) or a local folder, and the
@@ -69,13 +72,33 @@ class ModelConfig(ConfigDict):
     dtype: str = setting("auto", choices=DTYPES, help="weights dtype", shown=AUTO_DTYPE)
     device: str | None = setting(None, help="torch device: cpu, cuda, cuda:1, ...", shown="cuda when available")
     chat_template: str | None = setting(None, help="a Jinja chat template, or a file holding one", shown="the tokenizer's own")
+    device_map: str | dict[str, Any] | None = setting(
+        None, help=f"a model larger than one GPU: accelerate's device_map, one of {list(_DEVICE_MAPS)} or {{module: device}}", shown="one device"
+    )
+    max_memory: dict[Any, Any] | None = setting(None, help="with device_map: the most memory per device, e.g. {0: 70GiB, cpu: 200GiB}", shown="all of it")
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             invalid("name", "ModelConfig", "a model id or folder", self.name)
         check_choices(self)
+        if isinstance(self.device_map, str):
+            check_one_of(self.device_map, "device_map", "ModelConfig", _DEVICE_MAPS)
+        elif self.device_map is not None and not isinstance(self.device_map, dict):
+            invalid("device_map", "ModelConfig", f"null, one of {list(_DEVICE_MAPS)} or a mapping of module to device", self.device_map, exc=TypeError)
+        if self.max_memory is not None:
+            if not isinstance(self.max_memory, dict) or self.device_map is None:
+                invalid("max_memory", "ModelConfig", "null, or a mapping of device to memory (e.g. {0: 70GiB}) with device_map set", self.max_memory)
+            # One key type (text), so the config hashes and round-trips; load_model gets GPU indices back as ints.
+            object.__setattr__(self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()})
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
+
+    def placement(self) -> dict[str, Any]:
+        """Returns ``load_model``'s placement arguments: ``device``, or ``device_map`` and ``max_memory``."""
+        if self.device_map is None:
+            return {"device": self.device}
+        memory = None if self.max_memory is None else {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
+        return {"device": self.device, "device_map": self.device_map, "max_memory": memory}
 
     def template_text(self) -> str | None:
         """Returns the chat template to use: the file's text when ``chat_template`` is a path.
@@ -151,10 +174,14 @@ class ResponsesConfig(SamplingSettings):
 
     n_completions: int = setting(1, choices=(1,), help="one answer per persona and training question")
     backend: str | None = setting(None, choices=BACKENDS, help="sampling back end", shown="the eval back end")
+    tensor_parallel_size: int = setting(1, help="vLLM: GPUs one engine spans, for a model larger than one GPU")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self)
+        check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "ResponsesConfig")
+        if self.tensor_parallel_size > 1 and self.backend == "hf":
+            invalid("tensor_parallel_size", "ResponsesConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,11 +191,15 @@ class EvalConfig(SamplingSettings):
     backend: str = setting("vllm", choices=BACKENDS, help="sampling back end")
     regex: bool = setting(False, help="treat the marker as a regular expression")
     batch_size: int = setting(64, help="sequences per batch on the hf back end")
+    tensor_parallel_size: int = setting(1, help="vLLM: GPUs one engine spans, for a model larger than one GPU")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self)
         check_positive_int(self.batch_size, "batch_size", "EvalConfig")
+        check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "EvalConfig")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            invalid("tensor_parallel_size", "EvalConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
 
     def sampling(self) -> SamplingSettings:
         """Returns the ``SamplingSettings`` these values describe."""
