@@ -36,6 +36,7 @@ import pandas as pd
 from jaxtyping import Float
 
 from persona_geometry._validation import check_one_of, check_probability, invalid
+from persona_geometry.settings import META_METHODS
 from persona_geometry.stats import STATISTICS, json_float
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Between-study variance estimators of statsmodels' combine_effects.
-META_METHODS = ("dl", "iterated", "chi2")
 # Settings that change neither what a study measures nor how: two studies that differ only in
 # these (and in any key named seed or seeds) are seed replicates of one another.
 _NOT_DESIGN = {("name",), ("out",), ("model", "device"), ("extract", "batch_tokens"), ("eval", "batch_size")}
@@ -856,8 +855,11 @@ def compare_studies(
             whose personas or reference persona differ (without ``intersect``), or a bad argument.
     """
     func = "compare_studies"
-    if isinstance(studies, str | os.PathLike) or len(studies) < 2:
-        invalid("studies", func, "two or more study output folders", studies)
+    if isinstance(studies, str | os.PathLike | StudyRecord):
+        invalid("studies", func, "a list of two or more study output folders", studies, exc=TypeError)
+    studies = list(studies)
+    if len(studies) < 2:
+        invalid("studies", func, "two or more study output folders", [str(s) for s in studies])
     alpha = check_probability(alpha, "alpha", func)
     method_re = check_one_of(method_re, "method_re", func, META_METHODS)
     records = [s if isinstance(s, StudyRecord) else read_study(s) for s in studies]

@@ -90,14 +90,21 @@ class LeakageCorrelation:
             "max_p_symmetric": json_float(self.max_p_symmetric),
             "n_permutations": self.n_permutations,
             "seed": self.seed,
-            "per_layer": [{k: (json_float(v) if k != "layer" else int(v)) for k, v in row.items()} for row in self.to_frame().to_dict("records")],
+            "per_layer": [
+                {k: (json_float(v) if k != "layer" else int(v)) for k, v in row.items()}
+                for row in self.to_frame().to_dict("records")
+            ],
         }
 
     def summary(self) -> str:
         """Returns the strongest layer for directed and symmetrised pairs, with Mantel p-values."""
         j = 2 if self.statistic == "spearman" else 0
         name = "rho" if self.statistic == "spearman" else "r"
-        lines = [f"Leakage vs pairwise cosine: {len(self.sources)} sources x {len(self.targets)} targets, {len(self.layers)} layers."]
+        lines = [
+            f"Leakage vs pairwise cosine: {len(self.sources)} sources x "
+            f"{len(self.targets)} targets, "
+            f"{len(self.layers)} layers."
+        ]
         for label, arr, n, pmax in (
             ("directed", self.directed, self.n_directed, self.max_p_directed),
             ("symmetrised", self.symmetric, self.n_symmetric, self.max_p_symmetric),
@@ -124,6 +131,7 @@ def leakage_correlation(
     n_permutations: int = 10_000,
     seed: int = 0,
     statistic: str = "spearman",
+    progress: bool = True,
 ) -> LeakageCorrelation:
     """Returns the per-layer correlation of leakage with pairwise cosine, Mantel-tested.
 
@@ -137,6 +145,7 @@ def leakage_correlation(
         n_permutations: Permutations of persona labels (Mantel test); must be >= 1.
         seed: Seeds the permutations.
         statistic: ``"spearman"`` or ``"pearson"`` for the max-over-layers test.
+        progress: Show a progress bar over the permutations (on a terminal).
 
     Raises:
         ValueError: On NaN leakage, unknown personas, fewer than 3 directed pairs, or a
@@ -144,7 +153,11 @@ def leakage_correlation(
     """
     func = "leakage_correlation"
     statistic = check_one_of(statistic, "statistic", func, STATISTICS)
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int | np.integer) or n_permutations < 1:
+    if (
+        isinstance(n_permutations, bool)
+        or not isinstance(n_permutations, int | np.integer)
+        or n_permutations < 1
+    ):
         invalid("n_permutations", func, "an int >= 1", n_permutations)
     if isinstance(leakage, pd.DataFrame):
         sources = [str(s) for s in leakage.index] if sources is None else sources
@@ -153,11 +166,19 @@ def leakage_correlation(
     else:
         leak = np.asarray(leakage, dtype=np.float64)
         if sources is None or targets is None:
-            invalid("sources", func, "the row and column names (sources= and targets=) of an array leakage matrix", None, exc=TypeError)
+            invalid(
+                "sources",
+                func,
+                "the row and column names (sources= and targets=) of an array leakage matrix",
+                None,
+                exc=TypeError,
+            )
     sources = check_unique_names([str(s) for s in sources], "sources", func)
     targets = check_unique_names([str(t) for t in targets], "targets", func)
     if leak.shape != (len(sources), len(targets)):
-        invalid("leakage", func, f"shaped [source={len(sources)}, target={len(targets)}]", leak.shape)
+        invalid(
+            "leakage", func, f"shaped [source={len(sources)}, target={len(targets)}]", leak.shape
+        )
 
     if isinstance(pairwise, PairwiseCosine):
         cos = pairwise.values.detach().cpu().double().numpy()
@@ -166,10 +187,21 @@ def leakage_correlation(
     else:
         cos = np.asarray(pairwise, dtype=np.float64)
         if personas is None:
-            invalid("personas", func, "the persona names of an array pairwise matrix", None, exc=TypeError)
+            invalid(
+                "personas",
+                func,
+                "the persona names of an array pairwise matrix",
+                None,
+                exc=TypeError,
+            )
     names = check_unique_names([str(p) for p in personas], "personas", func)
     if cos.ndim != 3 or cos.shape[1:] != (len(names), len(names)):
-        invalid("pairwise", func, f"shaped [layer, persona={len(names)}, persona={len(names)}]", cos.shape)
+        invalid(
+            "pairwise",
+            func,
+            f"shaped [layer, persona={len(names)}, persona={len(names)}]",
+            cos.shape,
+        )
     layers = list(range(cos.shape[0])) if layers is None else [int(layer) for layer in layers]
     if len(layers) != cos.shape[0]:
         invalid("layers", func, f"{cos.shape[0]} layer labels", len(layers))
@@ -185,25 +217,53 @@ def leakage_correlation(
     if not np.isfinite(cos_u).all():
         invalid("pairwise", func, "finite cosines", "NaN or inf values")
 
-    directed = [(u_index[s], u_index[t], leak[i, j], (s, t)) for i, s in enumerate(sources) for j, t in enumerate(targets) if s != t]
+    directed = [
+        (u_index[s], u_index[t], leak[i, j], (s, t))
+        for i, s in enumerate(sources)
+        for j, t in enumerate(targets)
+        if s != t
+    ]
     bad = [pair[3] for pair in directed if not math.isfinite(pair[2])]
     if bad:
-        invalid("leakage", func, "finite rates for every off-diagonal (source, target) pair", f"NaN/inf for {bad[:5]}")
+        invalid(
+            "leakage",
+            func,
+            "finite rates for every off-diagonal (source, target) pair",
+            f"NaN/inf for {bad[:5]}",
+        )
     if len(directed) < 3:
         invalid("leakage", func, "at least 3 off-diagonal (source, target) pairs", len(directed))
     both = [p for p in universe if p in sources and p in targets]
     sym = []
     for a_i, a in enumerate(both):
         for b in both[a_i + 1 :]:
-            value = 0.5 * (leak[sources.index(a), targets.index(b)] + leak[sources.index(b), targets.index(a)])
+            value = 0.5 * (
+                leak[sources.index(a), targets.index(b)] + leak[sources.index(b), targets.index(a)]
+            )
             sym.append((u_index[a], u_index[b], value, (a, b)))
 
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     perms = _permutations(len(universe), n_permutations, rng)
-    d_stats, d_max = _mantel(cos_u, directed, perms, statistic, closed=set(sources) == set(targets) == set(universe), func=func)
+    d_stats, d_max = _mantel(
+        cos_u,
+        directed,
+        perms,
+        statistic,
+        closed=set(sources) == set(targets) == set(universe),
+        func=func,
+        progress=progress,
+    )
     s_stats, s_max = (None, math.nan)
     if len(sym) >= 3:
-        s_stats, s_max = _mantel(cos_u, sym, perms, statistic, closed=len(both) == len(universe), func=func)
+        s_stats, s_max = _mantel(
+            cos_u,
+            sym,
+            perms,
+            statistic,
+            closed=len(both) == len(universe),
+            func=func,
+            progress=progress,
+        )
     return LeakageCorrelation(
         layers=tuple(layers),
         sources=tuple(sources),
@@ -226,7 +286,14 @@ def _permutations(m: int, n_permutations: int, rng: np.random.Generator) -> np.n
 
 
 def _mantel(
-    cos: np.ndarray, pairs: list[tuple[int, int, float, Any]], perms: np.ndarray, statistic: str, *, closed: bool, func: str
+    cos: np.ndarray,
+    pairs: list[tuple[int, int, float, Any]],
+    perms: np.ndarray,
+    statistic: str,
+    *,
+    closed: bool,
+    func: str,
+    progress: bool = True,
 ) -> tuple[np.ndarray, float]:
     """Returns ``[layer, 4]`` (r, p, ρ, p) and the max-over-layers p for one set of pairs.
 
@@ -241,10 +308,20 @@ def _mantel(
     obs_cos = cos[:, a, b]  # [layer, pair]
     ls, lr = standardize(leak), standardize(rank(leak))
     if np.isnan(ls).any():
-        invalid("leakage", func, "rates that vary across the off-diagonal pairs", f"every rate = {leak[0]!r}")
+        invalid(
+            "leakage",
+            func,
+            "rates that vary across the off-diagonal pairs",
+            f"every rate = {leak[0]!r}",
+        )
     cs, cr = standardize(obs_cos, axis=1), standardize(rank(obs_cos, axis=1), axis=1)
     if np.isnan(cs).any():
-        invalid("pairwise", func, "cosines that vary across the pairs at every layer", "a constant cosine")
+        invalid(
+            "pairwise",
+            func,
+            "cosines that vary across the pairs at every layer",
+            "a constant cosine",
+        )
     obs_r, obs_rho = cs @ ls, cr @ lr
     rank_matrix = None
     if closed:
@@ -258,7 +335,13 @@ def _mantel(
     cnt_max = 0
     obs_stat = np.abs(obs_rho if statistic == "spearman" else obs_r)
     max_obs = obs_stat.max()
-    with tqdm(total=len(perms), desc="Mantel permutations", unit="perm", disable=None, leave=False) as bar:
+    with tqdm(
+        total=len(perms),
+        desc="Mantel permutations",
+        unit="perm",
+        disable=None if progress else True,
+        leave=False,
+    ) as bar:
         for start in range(0, len(perms), chunk):
             block = perms[start : start + chunk]
             pa, pb = block[:, a], block[:, b]  # [chunk, pair]
@@ -273,10 +356,16 @@ def _mantel(
             cnt_rho += (np.abs(rho) >= np.abs(obs_rho)[:, None] - TIE_TOL).sum(axis=1)
             stat = np.abs(rho if statistic == "spearman" else r)
             # A permutation that makes a layer constant over the pairs has no correlation there.
-            cnt_max += int((np.nanmax(np.where(np.isnan(stat), -np.inf, stat), axis=0) >= max_obs - TIE_TOL).sum())
+            cnt_max += int(
+                (
+                    np.nanmax(np.where(np.isnan(stat), -np.inf, stat), axis=0) >= max_obs - TIE_TOL
+                ).sum()
+            )
             bar.update(len(block))
     b_total = len(perms)
-    out = np.column_stack([obs_r, (1 + cnt_r) / (1 + b_total), obs_rho, (1 + cnt_rho) / (1 + b_total)])
+    out = np.column_stack(
+        [obs_r, (1 + cnt_r) / (1 + b_total), obs_rho, (1 + cnt_rho) / (1 + b_total)]
+    )
     return out, (1 + cnt_max) / (1 + b_total)
 
 

@@ -26,6 +26,8 @@ from persona_geometry._validation import check_one_of, invalid
 from persona_geometry.analysis.robustness import SCHEMA, Robustness, analyze, read_table
 from persona_geometry.analysis.sweep import LayerSweep, layer_sweep
 from persona_geometry.provenance import package_versions
+from persona_geometry.settings import TABLE_LAYOUTS
+from persona_geometry.stats import check_rates
 
 __all__ = [
     "SCHEMA",
@@ -214,7 +216,7 @@ def analyze_table(
     holdout: Sequence[str] | None = None,
     reference: str | None = None,
     exclude_reference: bool = False,
-    seed: str | None = None,
+    seed_column: str | None = None,
     layer: int | None = None,
     json_path: str | os.PathLike[str] | None = None,
     markdown_path: str | os.PathLike[str] | None = None,
@@ -226,7 +228,7 @@ def analyze_table(
     """
     arguments = dict(
         x=x, k=k, n=n, rate=rate, persona=persona, category=category, covariate=covariate,
-        holdout=list(holdout or []), reference=reference, exclude_reference=exclude_reference, seed=seed, layer=layer,
+        holdout=list(holdout or []), reference=reference, exclude_reference=exclude_reference, seed_column=seed_column, layer=layer,
     )  # fmt: skip
     result = analyze(table, **arguments)
     write_analysis(
@@ -261,7 +263,7 @@ def read_sweep_table(
     """
     func = "sweep"
     frame = read_table(table, func)
-    layout = check_one_of(layout, "layout", func, ("auto", "long", "wide"))
+    layout = check_one_of(layout, "layout", func, TABLE_LAYOUTS)
     if (k is None) != (n is None) or (rate is None) == (k is None):
         invalid("k", func, "given with n (raw counts), or rate given instead", {"k": k, "n": n, "rate": rate})
     needed = {"persona": persona, "k": k, "n": n, "rate": rate}
@@ -277,6 +279,8 @@ def read_sweep_table(
     for col in value_cols:
         if pd.to_numeric(frame[col], errors="coerce").isna().any():
             invalid(col, func, "numbers in every row", "missing or non-numeric values")
+    if rate is not None:
+        check_rates(frame[rate].to_numpy(dtype=np.float64), frame[persona].tolist(), rate, func)
 
     if layout == "long":
         if frame.duplicated([persona, layer]).any():

@@ -35,10 +35,9 @@ from persona_geometry.stats import (
     TIE_TOL,
     PerPersona,
     bonferroni,
-    clip_r,
+    correlate,
     holm,
     json_float,
-    p_from_r,
     rank,
     rates_from,
     standardize,
@@ -208,36 +207,50 @@ class LayerSweep:
             "seed": self.seed,
             "reference": self.reference,
             "excluded": list(self.excluded),
-            "without_reference": None if self.without_reference is None else self.without_reference.to_dict(),
+            "without_reference": None
+            if self.without_reference is None
+            else self.without_reference.to_dict(),
         }
 
     def summary(self) -> str:
-        """Returns a few lines a person reads: the primary layer first, then the exploratory best."""
+        """Returns a few lines a person reads: the primary layer, then the exploratory best."""
         name = "rho" if self.statistic == "spearman" else "r"
         stat = self.spearman_rho if self.statistic == "spearman" else self.pearson_r
         p = self.spearman_p if self.statistic == "spearman" else self.pearson_p
         holm_p = self.spearman_p_holm if self.statistic == "spearman" else self.pearson_p_holm
         j = self.layers.index(self.best_layer)
-        lines = [f"Layer sweep: {self.n_personas} personas x {len(self.layers)} layers, statistic {self.statistic}."]
+        lines = [
+            f"Layer sweep: {self.n_personas} personas x {len(self.layers)} layers, "
+            f"statistic {self.statistic}."
+        ]
         if self.primary_layer is not None:
             i = self.layers.index(self.primary_layer)
             lines.append(
-                f"Primary result, layer {self.primary_layer} (declared in advance): {name} = {stat[i]:+.3f} "
-                f"(p = {p[i]:.3g}); Pearson r = {self.pearson_r[i]:+.3f} (p = {self.pearson_p[i]:.3g})."
+                f"Primary result, layer {self.primary_layer} (declared in advance): "
+                f"{name} = {stat[i]:+.3f} (p = {p[i]:.3g}); "
+                f"Pearson r = {self.pearson_r[i]:+.3f} (p = {self.pearson_p[i]:.3g})."
             )
-        best = "Exploratory: strongest layer" if self.primary_layer is not None else "Strongest layer"
-        lines.append(f"{best} {self.best_layer}: {name} = {stat[j]:+.3f} (p = {p[j]:.3g}, Holm p = {holm_p[j]:.3g}).")
+        best = (
+            "Exploratory: strongest layer" if self.primary_layer is not None else "Strongest layer"
+        )
+        lines.append(
+            f"{best} {self.best_layer}: {name} = {stat[j]:+.3f} "
+            f"(p = {p[j]:.3g}, Holm p = {holm_p[j]:.3g})."
+        )
         if self.n_permutations:
             lines.append(
-                f"Max-over-layers permutation test (is the strongest layer more than the best of noise?): "
-                f"|{name}|max = {self.max_statistic:.3f}, p = {self.max_statistic_p:.3g} ({self.n_permutations} permutations)."
+                "Max-over-layers permutation test "
+                "(is the strongest layer more than the best of noise?): "
+                f"|{name}|max = {self.max_statistic:.3f}, p = {self.max_statistic_p:.3g} "
+                f"({self.n_permutations} permutations)."
             )
         if self.without_reference is not None:
             w = self.without_reference
             ws = w.spearman_rho if self.statistic == "spearman" else w.pearson_r
             wl = self.primary_layer if self.primary_layer is not None else self.best_layer
             lines.append(
-                f"Without the reference persona {self.reference!r} (n = {w.n_personas}), layer {wl}: "
+                f"Without the reference persona {self.reference!r} (n = {w.n_personas}), "
+                f"layer {wl}: "
                 f"{name} = {ws[w.layers.index(wl)]:+.3f}; strongest layer {w.best_layer}."
             )
         if self.excluded:
@@ -246,7 +259,10 @@ class LayerSweep:
 
 
 def layer_sweep(
-    cosine: Float[Tensor, "persona layer"] | Float[np.ndarray, "persona layer"] | CosineToReference | pd.DataFrame,
+    cosine: Float[Tensor, "persona layer"]
+    | Float[np.ndarray, "persona layer"]
+    | CosineToReference
+    | pd.DataFrame,
     y: PerPersona = None,
     *,
     k: PerPersona = None,
@@ -261,6 +277,7 @@ def layer_sweep(
     confidence: float = 0.95,
     seed: int = 0,
     statistic: str = "spearman",
+    progress: bool = True,
 ) -> LayerSweep:
     """Returns per-layer Pearson/Spearman correlations of ``cosine`` with the rate, honestly.
 
@@ -285,6 +302,7 @@ def layer_sweep(
         seed: Seeds the permutations and the bootstrap (independent streams).
         statistic: ``"spearman"`` or ``"pearson"``: which statistic picks the strongest layer
             and is maximised in the permutation test.
+        progress: Show progress bars over permutations and resamples (on a terminal).
 
     Returns:
         A ``LayerSweep``.
@@ -318,7 +336,13 @@ def layer_sweep(
 
     keep = [i for i, name in enumerate(names) if name not in excluded]
     kept = tuple(names[i] for i in keep)
-    log.info("layer sweep: %d personas x %d layers, %d permutations, %d bootstrap resamples", len(keep), len(layer_labels), n_permutations, n_bootstrap)
+    log.info(
+        "layer sweep: %d personas x %d layers, %d permutations, %d bootstrap resamples",
+        len(keep),
+        len(layer_labels),
+        n_permutations,
+        n_bootstrap,
+    )
     settings = dict(
         layers=tuple(layer_labels),
         statistic=statistic,
@@ -329,14 +353,19 @@ def layer_sweep(
         primary_layer=None if primary_layer is None else int(primary_layer),
         reference=reference,
         excluded=excluded,
+        progress=bool(progress),
     )
     without_reference = None
     if reference is not None and reference in kept:
         no_ref = [i for i in keep if names[i] != reference]
         try:
-            without_reference = _sweep(x[no_ref], rate[no_ref], tuple(names[i] for i in no_ref), **settings)
+            without_reference = _sweep(
+                x[no_ref], rate[no_ref], tuple(names[i] for i in no_ref), **settings
+            )
         except ValueError as e:  # e.g. two personas left, or a constant rate without the reference
-            log.warning("layer sweep without the reference persona %r not computed: %s", reference, e)
+            log.warning(
+                "layer sweep without the reference persona %r not computed: %s", reference, e
+            )
     return _sweep(x[keep], rate[keep], kept, without_reference=without_reference, **settings)
 
 
@@ -354,23 +383,38 @@ def _sweep(
     primary_layer: int | None,
     reference: str | None,
     excluded: tuple[str, ...],
+    progress: bool = True,
     without_reference: LayerSweep | None = None,
 ) -> LayerSweep:
     func = "layer_sweep"
     n_p = x.shape[0]
     if n_p < 3:
-        invalid("cosine", func, "values for at least 3 personas (after exclusions)", f"{n_p}: {list(personas)}")
+        invalid(
+            "cosine",
+            func,
+            "values for at least 3 personas (after exclusions)",
+            f"{n_p}: {list(personas)}",
+        )
     xs, ys = standardize(x, 0), standardize(y)
     if np.isnan(ys).any():
-        invalid("y", func, "rates that vary across personas (a constant rate has no correlation)", f"every rate = {y[0]!r}")
+        invalid(
+            "y",
+            func,
+            "rates that vary across personas (a constant rate has no correlation)",
+            f"every rate = {y[0]!r}",
+        )
     constant = [layers[j] for j in np.flatnonzero(np.isnan(xs).any(axis=0))]
     if constant:
-        invalid("cosine", func, "values that vary across personas at every layer", f"a constant cosine at layers {constant}")
+        invalid(
+            "cosine",
+            func,
+            "values that vary across personas at every layer",
+            f"a constant cosine at layers {constant}",
+        )
     xr, yr = standardize(rank(x, 0), 0), standardize(rank(y))
 
-    r = clip_r(xs.T @ ys)
-    rho = clip_r(xr.T @ yr)
-    pr, prho = p_from_r(r, n_p - 2), p_from_r(rho, n_p - 2)
+    r, pr = correlate(x, y[:, None], axis=0)
+    rho, prho = correlate(rank(x, 0), rank(y)[:, None], axis=0)
 
     ss_perm, ss_boot = np.random.SeedSequence(seed).spawn(2)
     basis, target = (xr, yr) if statistic == "spearman" else (xs, ys)
@@ -378,12 +422,21 @@ def _sweep(
     best = int(np.argmax(observed))
     max_obs = float(observed[best])
     if n_permutations:
-        max_p, p_maxt = _max_permutation_test(basis, target, observed, n_permutations, np.random.default_rng(ss_perm))
+        max_p, p_maxt = _max_permutation_test(
+            basis,
+            target,
+            observed,
+            n_permutations,
+            np.random.default_rng(ss_perm),
+            progress=progress,
+        )
     else:
         max_p, p_maxt = math.nan, np.full(len(layers), np.nan)
 
     if n_bootstrap:
-        boot_r, boot_rho = _bootstrap(x, y, n_bootstrap, np.random.default_rng(ss_boot))
+        boot_r, boot_rho = _bootstrap(
+            x, y, n_bootstrap, np.random.default_rng(ss_boot), progress=progress
+        )
         q = 100 * np.array([(1 - confidence) / 2, (1 + confidence) / 2])
         with np.errstate(invalid="ignore"):
             r_ci = np.nanpercentile(boot_r, q, axis=0).T
@@ -420,7 +473,9 @@ def _sweep(
     )
 
 
-def _permutation_chunks(target: np.ndarray, n_permutations: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def _permutation_chunks(
+    target: np.ndarray, n_permutations: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
     """Yields ``[chunk, persona]`` blocks of ``target`` shuffled independently per row."""
     chunk = max(1, CHUNK_ELEMENTS // target.shape[0])
     done = 0
@@ -431,7 +486,13 @@ def _permutation_chunks(target: np.ndarray, n_permutations: int, rng: np.random.
 
 
 def _max_permutation_test(
-    basis: np.ndarray, target: np.ndarray, observed: np.ndarray, n_permutations: int, rng: np.random.Generator
+    basis: np.ndarray,
+    target: np.ndarray,
+    observed: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+    *,
+    progress: bool = True,
 ) -> tuple[float, np.ndarray]:
     """Returns the permutation p-value of ``max(observed)`` and the per-layer max-T p-values.
 
@@ -441,7 +502,13 @@ def _max_permutation_test(
     max_obs = observed.max()
     count_max = 0
     count_layer = np.zeros(observed.shape[0], dtype=np.int64)
-    with tqdm(total=n_permutations, desc="permutations", unit="perm", disable=None, leave=False) as bar:
+    with tqdm(
+        total=n_permutations,
+        desc="permutations",
+        unit="perm",
+        disable=None if progress else True,
+        leave=False,
+    ) as bar:
         for block in _permutation_chunks(target, n_permutations, rng):
             maxima = np.abs(block @ basis).max(axis=1)
             count_max += int((maxima >= max_obs - TIE_TOL).sum())
@@ -450,7 +517,9 @@ def _max_permutation_test(
     return (1 + count_max) / (1 + n_permutations), (1 + count_layer) / (1 + n_permutations)
 
 
-def _bootstrap_counts(n_personas: int, n_bootstrap: int, chunk: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def _bootstrap_counts(
+    n_personas: int, n_bootstrap: int, chunk: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
     """Yields ``[chunk, persona]`` draw counts of bootstrap resamples (each row sums to P).
 
     Resample ``b`` draws ``rng.integers(0, P, size=P)``; a row of counts says how many times
@@ -478,11 +547,15 @@ def _tie_groups(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     first = np.maximum.accumulate(np.where(new, pos, 0), axis=-1)
     end = np.ones(sorted_values.shape, dtype=bool)
     end[..., :-1] = new[..., 1:]
-    last = np.flip(np.minimum.accumulate(np.flip(np.where(end, pos, p - 1), axis=-1), axis=-1), axis=-1)
+    last = np.flip(
+        np.minimum.accumulate(np.flip(np.where(end, pos, p - 1), axis=-1), axis=-1), axis=-1
+    )
     return first, last
 
 
-def _resample_ranks(ws: np.ndarray, first: np.ndarray, last: np.ndarray, tied: np.ndarray) -> np.ndarray:
+def _resample_ranks(
+    ws: np.ndarray, first: np.ndarray, last: np.ndarray, tied: np.ndarray
+) -> np.ndarray:
     """Returns the average rank of each sorted position within the resamples, ties averaged.
 
     ``ws`` is ``[chunk, column, persona]``: draw counts with personas sorted by the column's
@@ -502,7 +575,14 @@ def _resample_ranks(ws: np.ndarray, first: np.ndarray, last: np.ndarray, tied: n
     return ranks
 
 
-def _bootstrap(x: np.ndarray, y: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _bootstrap(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_bootstrap: int,
+    rng: np.random.Generator,
+    *,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns ``[n_bootstrap, layer]`` Pearson and Spearman values over persona resamples.
 
     A resample is a row of draw counts ``w``. Pearson's weighted moments are then matrix
@@ -524,7 +604,13 @@ def _bootstrap(x: np.ndarray, y: np.ndarray, n_bootstrap: int, rng: np.random.Ge
     mid = (p + 1) / 2.0
     chunk = max(1, _BOOT_CHUNK_ELEMENTS // (p * n_layers))
     out_r, out_rho = [], []
-    with tqdm(total=n_bootstrap, desc="bootstrap", unit="resample", disable=None, leave=False) as bar:
+    with tqdm(
+        total=n_bootstrap,
+        desc="bootstrap",
+        unit="resample",
+        disable=None if progress else True,
+        leave=False,
+    ) as bar:
         for w in _bootstrap_counts(p, n_bootstrap, chunk, rng):
             # Pearson: weighted moments (weights sum to P) as matrix products.
             mx, my = (w @ xc) / p, (w @ yc)[:, None] / p
@@ -546,7 +632,9 @@ def _bootstrap(x: np.ndarray, y: np.ndarray, n_bootstrap: int, rng: np.random.Ge
     return np.concatenate(out_r), np.concatenate(out_rho)
 
 
-def _safe_corr(cov: np.ndarray, vx: np.ndarray, vy: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
+def _safe_corr(
+    cov: np.ndarray, vx: np.ndarray, vy: np.ndarray, scale: np.ndarray | float
+) -> np.ndarray:
     """Returns ``cov / sqrt(vx * vy)``, NaN where a resample leaves a variable (near) constant."""
     tiny = 1e-20 * np.asarray(scale) ** 2
     degenerate = (vx <= tiny) | (vy <= tiny)
@@ -581,7 +669,8 @@ def _cosine_matrix(
                 layers = [int(c) for c in cosine.columns]
             except (TypeError, ValueError) as e:
                 raise ValueError(
-                    f"The 'cosine' parameter of {func} must be a wide table whose columns are layer numbers. "
+                    f"The 'cosine' parameter of {func} must be a wide table whose columns "
+                    "are layer numbers. "
                     f"Got columns {list(cosine.columns)} instead."
                 ) from e
     elif isinstance(cosine, torch.Tensor):
@@ -589,7 +678,13 @@ def _cosine_matrix(
     elif isinstance(cosine, np.ndarray):
         values = np.asarray(cosine, dtype=np.float64)
     else:
-        invalid("cosine", func, "a [persona, layer] tensor/array, a wide DataFrame or a CosineToReference", type(cosine).__name__, exc=TypeError)
+        invalid(
+            "cosine",
+            func,
+            "a [persona, layer] tensor/array, a wide DataFrame or a CosineToReference",
+            type(cosine).__name__,
+            exc=TypeError,
+        )
     if values.ndim != 2:
         invalid("cosine", func, "2-D, shaped [persona, layer]", f"shape {values.shape}")
     n_p, n_l = values.shape
@@ -599,11 +694,21 @@ def _cosine_matrix(
     check_unique_names(names, "personas", func)
     labels = list(range(n_l)) if layers is None else [int(layer) for layer in layers]
     if len(labels) != n_l:
-        invalid("layers", func, f"{n_l} layer labels (one per column of cosine)", f"{len(labels)} labels")
+        invalid(
+            "layers",
+            func,
+            f"{n_l} layer labels (one per column of cosine)",
+            f"{len(labels)} labels",
+        )
     if len(set(labels)) != n_l:
         invalid("layers", func, "unique layer labels", labels)
     bad = ~np.isfinite(values)
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        invalid("cosine", func, "finite values (no NaN or inf)", f"{values[i, j]} for {names[i]!r} at layer {labels[j]}")
+        invalid(
+            "cosine",
+            func,
+            "finite values (no NaN or inf)",
+            f"{values[i, j]} for {names[i]!r} at layer {labels[j]}",
+        )
     return values, names, labels, reference

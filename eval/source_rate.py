@@ -135,11 +135,11 @@ def source_rates(
     questions: Sequence[str] | None = None,
     *,
     source: str | None = None,
-    n_completions: int = 5,
-    temperature: float | int = 1.0,
-    top_p: float | int = 0.95,
-    max_new_tokens: int = 512,
-    seed: int = 0,
+    n_completions: int = SamplingSettings.n_completions,
+    temperature: float | int = SamplingSettings.temperature,
+    top_p: float | int = SamplingSettings.top_p,
+    max_new_tokens: int = SamplingSettings.max_new_tokens,
+    seed: int = SamplingSettings.seed,
     backend: str = "vllm",
     out_dir: str | os.PathLike[str] | None = None,
     marker: str | MarkerMatcher | None = None,
@@ -176,7 +176,7 @@ def source_rates(
         regex: Treat a string ``marker`` as a regular expression.
         batch_size: Sequences per batch on the HF back end.
         device: Torch device for the HF back end.
-        dtype: Model dtype; bf16 on GPU, fp32 on CPU when None.
+        dtype: Model dtype; None or ``"auto"`` is bf16 on GPU, fp32 on CPU (``resolve_precision``).
         chat_template: A Jinja template to use instead of the tokenizer's own.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
         progress: Show a progress bar while sampling.
@@ -221,6 +221,10 @@ def source_rates(
         matcher = MarkerMatcher(marker=marker if marker is not None else info.get("marker", DEFAULT_MARKER), regex=regex)
     if backend == "vllm":
         _require_vllm()
+    from persona_geometry.models import dtype_name, resolve_precision
+
+    # The one precision rule of every stage; the dtype it resolves to is recorded with the rates.
+    run_device, run_dtype = resolve_precision(device, dtype, func=func)
 
     from transformers import AutoTokenizer
 
@@ -239,8 +243,8 @@ def source_rates(
         adapter=adapter,
         backend=backend,
         batch_size=batch_size,
-        device=device,
-        dtype=dtype,
+        device=str(run_device),
+        dtype=dtype_name(run_dtype),
         vllm_kwargs=vllm_kwargs,
         progress=progress,
     )
@@ -272,7 +276,8 @@ def source_rates(
         "model": str(model),
         "adapter": None if adapter is None else str(adapter),
         "adapter_config_hash": None if adapter is None else _adapter_hash(adapter),
-        "dtype": dtype,
+        "dtype": dtype_name(run_dtype),
+        "device": str(run_device) if backend == "hf" else None,
         "chat_template_hash": prompts.chat_template_hash,
         "prompt_hash": prompts.content_hash(),
         "personas_hash": persona_set.content_hash(),

@@ -38,7 +38,10 @@ def _accepts_tuple(hint: Any) -> bool:
 def coerce_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     """Returns ``data`` with lists turned into tuples where ``cls``'s field is typed as a tuple."""
     hints = typing.get_type_hints(cls)
-    return {k: tuple(v) if isinstance(v, list) and _accepts_tuple(hints.get(k)) else v for k, v in data.items()}
+    return {
+        k: tuple(v) if isinstance(v, list) and _accepts_tuple(hints.get(k)) else v
+        for k, v in data.items()
+    }
 
 
 class ConfigDict:
@@ -58,5 +61,10 @@ class ConfigDict:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:
-            invalid("data", f"{cls.__name__}.from_dict", f"a mapping with keys from {sorted(known)}", unknown)
+            invalid(
+                "data",
+                f"{cls.__name__}.from_dict",
+                f"a mapping with keys from {sorted(known)}",
+                unknown,
+            )
         return cls(**coerce_fields(cls, data))

@@ -13,7 +13,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 
-def invalid(param: str, func: str, allowed: str, got: Any, *, exc: type[Exception] = ValueError) -> NoReturn:
+def invalid(
+    param: str, func: str, allowed: str, got: Any, *, exc: type[Exception] = ValueError
+) -> NoReturn:
     """Raises ``exc`` with the project's one message shape for a bad parameter."""
     raise exc(f"The {param!r} parameter of {func} must be {allowed}. Got {got!r} instead.")
 
@@ -38,11 +40,12 @@ def check_positive_int(value: Any, param: str, func: str) -> int:
 
 def check_probability(value: Any, param: str, func: str, *, open_low: bool = True) -> float:
     """Returns ``value`` as a float after checking it lies in (0, 1) (or [0, 1) if not open_low)."""
+    interval = "(0, 1)" if open_low else "[0, 1)"
     try:
         x = float(value)
     except (TypeError, ValueError) as e:
         raise TypeError(
-            f"The {param!r} parameter of {func} must be a float in {'(0, 1)' if open_low else '[0, 1)'}. "
+            f"The {param!r} parameter of {func} must be a float in {interval}. "
             f"Got {value!r} instead."
         ) from e
     ok = (0.0 < x < 1.0) if open_low else (0.0 <= x < 1.0)
@@ -59,7 +62,9 @@ def check_one_of(value: Any, param: str, func: str, options: Iterable[Any]) -> A
     return value
 
 
-def check_layers(layers: int | Sequence[int] | None, n_layers: int, func: str, param: str = "layers") -> list[int]:
+def check_layers(
+    layers: int | Sequence[int] | None, n_layers: int, func: str, param: str = "layers"
+) -> list[int]:
     """Returns the sorted unique layer indices, all layers when ``layers`` is None.
 
     Negative indices count from the end, as in Python (``-1`` is the last block).
@@ -88,7 +93,13 @@ def check_unique_names(names: Sequence[str], param: str, func: str) -> list[str]
     seen: set[str] = set()
     for name in names:
         if not isinstance(name, str) or not name.strip():
-            invalid(param, func, "non-empty strings", name, exc=TypeError if not isinstance(name, str) else ValueError)
+            invalid(
+                param,
+                func,
+                "non-empty strings",
+                name,
+                exc=TypeError if not isinstance(name, str) else ValueError,
+            )
         if name in seen:
             invalid(param, func, "unique names", f"{name!r} twice")
         seen.add(name)
@@ -99,3 +110,30 @@ def _np_integer() -> type:
     import numpy as np
 
     return np.integer
+
+
+def renamed(
+    new_value: Any, old_value: Any, *, new: str, old: str, func: str, default: Any = None
+) -> Any:
+    """Returns the value of a renamed parameter, warning if the old name was used.
+
+    ``default`` is the value meaning "not given"; giving both names is an error.
+    """
+    if old_value is default:
+        return new_value
+    if new_value is not default:
+        invalid(
+            old,
+            func,
+            f"left out (it was renamed {new!r}; give only {new!r})",
+            old_value,
+            exc=TypeError,
+        )
+    import warnings
+
+    warnings.warn(
+        f"The {old!r} parameter of {func} is renamed {new!r}; {old!r} will be removed.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value

@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from persona_geometry._validation import invalid
 from persona_geometry.provenance import stable_hash
 
-__all__ = ["ADAPTER_INFO_FILE", "architecture_fingerprint", "read_adapter_info", "check_adapter_matches"]
+__all__ = ["ADAPTER_INFO_FILE", "ARCHITECTURE_KEYS", "architecture_fields", "architecture_fingerprint", "read_adapter_info", "check_adapter_matches"]
 
 # Written by persona_geometry.training next to peft's adapter_config.json.
 ADAPTER_INFO_FILE = "persona_geometry_adapter.json"
 
-_SHAPE_KEYS = (
+# The config fields that make two models "the same architecture" for an adapter: the one
+# definition, used by load_model's adapter check and by the fingerprint stored with each adapter.
+ARCHITECTURE_KEYS: tuple[str, ...] = (
     "model_type",
     "hidden_size",
     "num_hidden_layers",
@@ -31,13 +34,23 @@ _SHAPE_KEYS = (
 )
 
 
+def architecture_fields(config: Any) -> dict[str, Any]:
+    """Returns the ``ARCHITECTURE_KEYS`` of a model config (a transformers config or a ``config.json`` dict).
+
+    For a multimodal config the text model's fields are read, falling back to the top level.
+    """
+    if isinstance(config, Mapping):
+        text = config.get("text_config") or {}
+        return {key: text.get(key, config.get(key)) for key in ARCHITECTURE_KEYS}
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {key: getattr(text_config, key, getattr(config, key, None)) for key in ARCHITECTURE_KEYS}
+
+
 def architecture_fingerprint(model: str | os.PathLike[str]) -> dict[str, Any]:
     """Returns the base model's architecture fields and their stable hash, from its config only."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model))
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    fields = {key: getattr(text_config, key, getattr(config, key, None)) for key in _SHAPE_KEYS}
+    fields = architecture_fields(AutoConfig.from_pretrained(str(model)))
     return {"fields": fields, "hash": stable_hash(fields)}
 
 

@@ -45,14 +45,18 @@ _IDENTITY_KEYS = (
 )
 
 
-def _check_same_source(old: Mapping[str, Any], new: Mapping[str, Any], param: str, func: str) -> None:
+def _check_same_source(
+    old: Mapping[str, Any], new: Mapping[str, Any], param: str, func: str
+) -> None:
     """Raises if two manifests disagree on any identity key they both carry."""
-    diffs = {k: (old[k], new[k]) for k in _IDENTITY_KEYS if k in old and k in new and old[k] != new[k]}
+    diffs = {
+        k: (old[k], new[k]) for k in _IDENTITY_KEYS if k in old and k in new and old[k] != new[k]
+    }
     if diffs:
         detail = "; ".join(f"{k}: cached {a!r} vs {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(
-            f"The {param!r} parameter of {func} must produce activations from the same model, dtype and chat "
-            f"template as the cached set. Got a mismatch instead ({detail})."
+            f"The {param!r} parameter of {func} must produce activations from the same model, "
+            f"dtype and chat template as the cached set. Got a mismatch instead ({detail})."
         )
 
 
@@ -67,11 +71,15 @@ def _model_identity(model: Any, chat_template: str | None) -> dict[str, Any]:
         out.update({k: v for k, v in provenance().items() if k in _IDENTITY_KEYS})
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
-        out["chat_template_hash"] = stable_hash(chat_template_of(tokenizer, chat_template, func="extend"))
+        out["chat_template_hash"] = stable_hash(
+            chat_template_of(tokenizer, chat_template, func="extend")
+        )
     return out
 
 
-def _extended_manifest(acts: ActivationSet, model: Any, chat_template: str | None, parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+def _extended_manifest(
+    acts: ActivationSet, model: Any, chat_template: str | None, parts: list[Mapping[str, Any]]
+) -> dict[str, Any]:
     """Returns the cached manifest with the content hashes of the grown set.
 
     The hashes are those a full extraction of the union would record, so the extended set's
@@ -86,15 +94,29 @@ def _extended_manifest(acts: ActivationSet, model: Any, chat_template: str | Non
     manifest["question_hash"] = stable_hash(list(acts.questions))
     manifest["n_prompts"] = len(acts.personas) * len(acts.questions)
     if tokenizer is not None:
-        prompts = render_prompts(tokenizer, acts.personas, acts.questions, chat_template=chat_template)
+        prompts = render_prompts(
+            tokenizer, acts.personas, acts.questions, chat_template=chat_template
+        )
         manifest["prompt_ids_hash"] = prompts.content_hash()
     if "cache_key" in manifest:
         from persona_geometry.store import KEY_FIELDS, cache_key
 
         if all(k in manifest for k in KEY_FIELDS):
-            manifest["extended_from"] = acts.manifest.get("extended_from", acts.manifest["cache_key"])
+            manifest["extended_from"] = acts.manifest.get(
+                "extended_from", acts.manifest["cache_key"]
+            )
             manifest["cache_key"] = cache_key(manifest)
-    manifest["extensions"] = [*acts.manifest.get("extensions", []), *({"cache_key": p.get("cache_key"), "created": p.get("created"), "n_prompts": p.get("n_prompts")} for p in parts)]
+    manifest["extensions"] = [
+        *acts.manifest.get("extensions", []),
+        *(
+            {
+                "cache_key": p.get("cache_key"),
+                "created": p.get("created"),
+                "n_prompts": p.get("n_prompts"),
+            }
+            for p in parts
+        ),
+    ]
     return manifest
 
 
@@ -152,20 +174,39 @@ def concat_questions(a: ActivationSet, b: ActivationSet) -> ActivationSet:
     )
 
 
-def _check_joinable(a: ActivationSet, b: ActivationSet, func: str, *, same_questions: bool, same_personas: bool) -> None:
+def _check_joinable(
+    a: ActivationSet, b: ActivationSet, func: str, *, same_questions: bool, same_personas: bool
+) -> None:
     for name, x in (("a", a), ("b", b)):
         if not isinstance(x, ActivationSet):
             invalid(name, func, "an ActivationSet", type(x).__name__, exc=TypeError)
     if b.layers != a.layers:
-        invalid("b", func, f"activations on the same layers as 'a' {list(a.layers)}", list(b.layers))
+        invalid(
+            "b", func, f"activations on the same layers as 'a' {list(a.layers)}", list(b.layers)
+        )
     if sorted(b.hooks) != sorted(a.hooks):
         invalid("b", func, f"activations at the same hooks as 'a' {a.hooks}", b.hooks)
     if b.d_model != a.d_model:
-        invalid("b", func, f"activations of the same width as 'a' (d_model={a.d_model})", f"d_model={b.d_model}")
+        invalid(
+            "b",
+            func,
+            f"activations of the same width as 'a' (d_model={a.d_model})",
+            f"d_model={b.d_model}",
+        )
     if same_questions and b.questions != a.questions:
-        invalid("b", func, "activations on the same questions as 'a', in the same order", list(b.questions))
+        invalid(
+            "b",
+            func,
+            "activations on the same questions as 'a', in the same order",
+            list(b.questions),
+        )
     if same_personas and b.personas != a.personas:
-        invalid("b", func, f"activations of the same personas as 'a' {a.personas.names}", b.personas.names)
+        invalid(
+            "b",
+            func,
+            f"activations of the same personas as 'a' {a.personas.names}",
+            b.personas.names,
+        )
     _check_same_source(a.manifest, b.manifest, "b", func)
 
 
@@ -225,7 +266,9 @@ def extend(
         from persona_geometry.models import load_model
 
         # Loaded once for both parts, in the cached set's dtype.
-        model = load_model(model, dtype=acts.manifest.get("dtype"), device=extract_kwargs.pop("device", None))
+        model = load_model(
+            model, dtype=acts.manifest.get("dtype"), device=extract_kwargs.pop("device", None)
+        )
         extract_kwargs.pop("dtype", None)
     _check_same_source(acts.manifest, _model_identity(model, chat_template), "model", func)
 
@@ -236,7 +279,11 @@ def extend(
     out = acts
     parts = []
     if new_questions:
-        log.info("extracting %d cached personas × %d new questions", len(acts.personas), len(new_questions))
+        log.info(
+            "extracting %d cached personas × %d new questions",
+            len(acts.personas),
+            len(new_questions),
+        )
         part = extract_activations(model, acts.personas, new_questions, **kwargs)
         _check_same_source(acts.manifest, part.manifest, "model", func)
         out = concat_questions(out, part)
@@ -265,7 +312,7 @@ def recenter(
     reference: str = "helpful_assistant",
     hook: str = "resid_post",
 ) -> CosineToReference:
-    """Returns the centered cosine to ``reference`` per layer, centered on another set; no model needed.
+    """Returns the cosine to ``reference`` per layer, centered on another set; no model needed.
 
     This is ``cosine_to_reference(center(centroids(acts), centering), reference)`` with one
     addition: a centering ``ActivationSet`` is checked to come from the same model and layers.

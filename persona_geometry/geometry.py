@@ -54,9 +54,16 @@ class Centroids:
 
     def __post_init__(self) -> None:
         if self.values.shape[:2] != (len(self.personas), len(self.layers)):
-            invalid("values", "Centroids", f"shaped [persona={len(self.personas)}, layer={len(self.layers)}, d_model]", tuple(self.values.shape))
+            invalid(
+                "values",
+                "Centroids",
+                f"shaped [persona={len(self.personas)}, layer={len(self.layers)}, d_model]",
+                tuple(self.values.shape),
+            )
 
-    def persona_position(self, name: str, *, param: str = "persona", func: str = "Centroids") -> int:
+    def persona_position(
+        self, name: str, *, param: str = "persona", func: str = "Centroids"
+    ) -> int:
         """Returns the position of persona ``name``; a clear error lists the known names."""
         try:
             return self.personas.index(name)
@@ -109,8 +116,13 @@ class Centering:
             idx = list(range(len(reference.personas)))
         else:
             if len(personas) == 0:
-                invalid("personas", "Centering.fit", "a non-empty list of persona names", list(personas))
-            idx = [reference.persona_position(n, param="personas", func="Centering.fit") for n in personas]
+                invalid(
+                    "personas", "Centering.fit", "a non-empty list of persona names", list(personas)
+                )
+            idx = [
+                reference.persona_position(n, param="personas", func="Centering.fit")
+                for n in personas
+            ]
         self.mean_: Float[Tensor, "layer d_model"] = reference.values[idx].mean(dim=0)
         self.personas_: tuple[str, ...] = tuple(reference.personas[i] for i in idx)
         self.layers_: tuple[int, ...] = reference.layers
@@ -151,7 +163,13 @@ def center(cents: Centroids, centering: Centroids | Sequence[str] | None = None)
     if isinstance(centering, Centroids):
         return Centering().fit(centering).transform(cents)
     if isinstance(centering, str):
-        invalid("centering", "center", "None, a list of persona names, or a Centroids", centering, exc=TypeError)
+        invalid(
+            "centering",
+            "center",
+            "None, a list of persona names, or a Centroids",
+            centering,
+            exc=TypeError,
+        )
     return Centering().fit(cents, list(centering)).transform(cents)
 
 
@@ -177,7 +195,9 @@ class CosineToReference:
     def at(self, layer: int) -> dict[str, float]:
         """Returns ``{persona: cosine}`` at block ``layer``."""
         if layer not in self.layers:
-            invalid("layer", "CosineToReference.at", f"one of the layers {list(self.layers)}", layer)
+            invalid(
+                "layer", "CosineToReference.at", f"one of the layers {list(self.layers)}", layer
+            )
         j = self.layers.index(layer)
         return {p: self.values[i, j].item() for i, p in enumerate(self.personas)}
 
@@ -197,10 +217,14 @@ class CosineToReference:
         """Returns a persona × layer table of cosines."""
         import pandas as pd
 
-        return pd.DataFrame(self.values.double().cpu().numpy(), index=list(self.personas), columns=list(self.layers))
+        return pd.DataFrame(
+            self.values.double().cpu().numpy(), index=list(self.personas), columns=list(self.layers)
+        )
 
 
-def cosine_to_reference(cents: Centroids, reference: str = "helpful_assistant") -> CosineToReference:
+def cosine_to_reference(
+    cents: Centroids, reference: str = "helpful_assistant"
+) -> CosineToReference:
     """Returns the cosine of every persona's (centered) centroid to ``reference``'s, per layer.
 
     Pass centered centroids (``center(...)``) for the study's measure; on raw centroids every
@@ -241,7 +265,7 @@ class PairwiseCosine:
         return pd.DataFrame(m, index=list(self.personas), columns=list(self.personas))
 
     def to_frame(self) -> pd.DataFrame:
-        """Returns one row per layer and ordered persona pair: layer, persona_a, persona_b, cosine."""
+        """Returns one row per layer and ordered persona pair: layer, persona_a/b, cosine."""
         import pandas as pd
 
         rows = []
@@ -249,7 +273,9 @@ class PairwiseCosine:
             m = self.values[k]
             for i, a in enumerate(self.personas):
                 for j, b in enumerate(self.personas):
-                    rows.append({"layer": layer, "persona_a": a, "persona_b": b, "cosine": m[i, j].item()})
+                    rows.append(
+                        {"layer": layer, "persona_a": a, "persona_b": b, "cosine": m[i, j].item()}
+                    )
         return pd.DataFrame(rows)
 
 

@@ -113,8 +113,7 @@ class LastTokenRecorder:
     buffers on the model's device, runs ``forward``, and returns the buffers.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], layers: Sequence[int], points: Sequence[str], *, stop_early: bool):
-        self.blocks = list(blocks)
+    def __init__(self, layers: Sequence[int], points: Sequence[str], *, stop_early: bool):
         self.layers = list(layers)
         self.points = list(points)
         self.stop_early = stop_early
@@ -218,7 +217,7 @@ def record_last_token(
         if point not in HF_HOOK_POINTS:
             invalid("points", "record_last_token", f"hook points in {list(HF_HOOK_POINTS)}", point)
     _, blocks = find_layers(model, layer_template)
-    recorder = LastTokenRecorder([blocks[layer] for layer in layers], layers, points, stop_early=stop_early)
+    recorder = LastTokenRecorder(layers, points, stop_early=stop_early)
     handles = []
     try:
         for position, layer in enumerate(layers):

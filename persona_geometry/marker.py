@@ -43,12 +43,18 @@ class MarkerMatcher:
             pattern = re.compile(source, flags)
         except re.error as e:
             raise ValueError(
-                f"The 'marker' parameter of MarkerMatcher must be a valid regular expression when regex=True. "
+                "The 'marker' parameter of MarkerMatcher must be a valid regular expression "
+                "when regex=True. "
                 f"Got {self.marker!r} instead ({e})."
             ) from e
         if self.regex and pattern.search("") is not None:
             # A pattern that matches the empty string would count every completion.
-            invalid("marker", "MarkerMatcher", "a regular expression that cannot match the empty string", self.marker)
+            invalid(
+                "marker",
+                "MarkerMatcher",
+                "a regular expression that cannot match the empty string",
+                self.marker,
+            )
         object.__setattr__(self, "_pattern", pattern)
 
     def __call__(self, text: str) -> bool:

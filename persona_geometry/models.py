@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,21 +20,14 @@ from typing import Any
 import torch
 
 from persona_geometry._validation import invalid
+from persona_geometry.adapters import architecture_fields
 from persona_geometry.provenance import stable_hash
+from persona_geometry.settings import DTYPES
 
-__all__ = ["ModelHandle", "load_model", "resolve_dtype"]
+__all__ = ["ModelHandle", "load_model", "resolve_precision"]
 
 log = logging.getLogger(__name__)
 
-_DTYPES: dict[str, torch.dtype | str] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "auto": "auto",
-}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})")
 
@@ -85,28 +78,57 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, *, func: str = "load_model") -> torch.dtype | str:
-    """Returns the torch dtype for a name; None means float32 on CPU and bfloat16 on GPU."""
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            invalid("dtype", func, "one of 'float32', 'bfloat16', 'float16', 'auto'", dtype)
-        return dtype
-    if not isinstance(dtype, str) or dtype.lower() not in _DTYPES:
-        invalid("dtype", func, "one of 'float32', 'bfloat16', 'float16', 'auto'", dtype)
-    return _DTYPES[dtype.lower()]
+def resolve_precision(
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    func: str = "load_model",
+    allowed: Sequence[str] = DTYPES,
+) -> tuple[torch.device, torch.dtype]:
+    """Returns the ``(device, dtype)`` a stage runs at: the one rule every stage applies.
 
+    Extraction, response generation, training and evaluation all resolve their precision here,
+    so a study's stages run at the same dtype on the same device.
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+    Args:
+        device: A torch device; None means ``"cuda"`` when available, else ``"cpu"``.
+        dtype: A name from ``allowed`` or a torch dtype; None and ``"auto"`` mean float32 on
+            CPU and bfloat16 on a GPU.
+        func: The public function asking, for the error message.
+        allowed: The dtype names the caller accepts (training takes no float16).
+
+    Raises:
+        ValueError: On an unknown device or a dtype outside ``allowed``.
+    """
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(device)
+        torch_device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(
-            f"The 'device' parameter of load_model must be a torch device such as 'cpu' or 'cuda:0'. Got {device!r} instead."
+            f"The 'device' parameter of {func} must be a torch device such as 'cpu' or 'cuda:0'. Got {device!r} instead."
         ) from e
+    if torch_device.type == "cuda" and torch_device.index is None and torch.cuda.is_available():
+        # An explicit index: transformers reads a bare "cuda" as cuda:LOCAL_RANK, which does not
+        # exist when a launcher shows each rank only its own GPU (distributed.pin_local_device).
+        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count())
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+    if name is None or name == "auto":
+        return torch_device, torch.float32 if torch_device.type == "cpu" else torch.bfloat16
+    if name not in allowed:
+        invalid("dtype", func, f"one of {list(allowed)} or None", dtype)
+    return torch_device, getattr(torch, name)
+
+
+def _first_device(device_map: str | dict[str, Any], max_memory: dict[Any, Any] | None) -> str:
+    """Returns where a dispatched model's inputs go: the first accelerator in the map, else the CPU."""
+    if isinstance(device_map, dict):
+        for where in device_map.values():
+            if where not in ("cpu", "disk"):
+                return f"cuda:{where}" if isinstance(where, int) else str(where)
+        return "cpu"
+    gpus = [k for k in (max_memory or {}) if isinstance(k, int)]
+    return f"cuda:{min(gpus)}" if gpus else ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def _offline() -> bool:
@@ -191,14 +213,6 @@ def _file_hash(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-_SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
-
-
-def _shape_of(config: Any) -> dict[str, Any]:
-    get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k, None)
-    return {k: get(k) for k in _SHAPE_KEYS}
-
-
 def _check_adapter_base(base: str | None, name_or_path: str, folder: Path | None, model: Any, adapter: str) -> None:
     """Raises ValueError when the adapter's recorded base model is clearly not this model."""
     if not base:
@@ -213,8 +227,8 @@ def _check_adapter_base(base: str | None, name_or_path: str, folder: Path | None
     if (base_path / "config.json").is_file():
         import json
 
-        theirs = _shape_of(json.loads((base_path / "config.json").read_text()))
-        ours = _shape_of(model.config)
+        theirs = architecture_fields(json.loads((base_path / "config.json").read_text()))
+        ours = architecture_fields(model.config)
         if theirs != ours:
             raise ValueError(f"{mismatch} with a different shape ({theirs} vs {ours}).")
         return
@@ -265,6 +279,9 @@ def load_model(
     revision: str | None = None,
     adapter: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> ModelHandle:
     """Returns a handle on a causal LM, its tokenizer and its identity, ready for extraction.
 
@@ -276,13 +293,21 @@ def load_model(
     Args:
         name_or_path: A local model folder or a Hugging Face id such as ``"Qwen/Qwen2.5-7B-Instruct"``.
         device: Where to put the weights; defaults to ``"cuda"`` when available, else ``"cpu"``.
-        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"`` (the checkpoint's own) or a
-            torch dtype; defaults to float32 on CPU and bfloat16 on GPU.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype; None or ``"auto"``
+            is float32 on CPU and bfloat16 on GPU (``resolve_precision``, the rule every stage
+            applies).
         revision: A hub branch, tag or commit (hub ids only).
         adapter: A peft (LoRA) adapter folder or id, merged into the weights so that a
             fine-tuned model can be measured. Its recorded base model is checked against this
             model where that is possible.
         trust_remote_code: Run modelling code shipped with the checkpoint. Off unless asked.
+        device_map: For a model larger than one device: ``"auto"`` (or ``"balanced"``,
+            ``"sequential"``) or a dict of module name to device, ``"cpu"`` or ``"disk"``, handed
+            to accelerate's big-model inference. The blocks then run where they sit, one device
+            at a time; extraction hooks gather each block's last token to one device. ``device``
+            is then where the inputs go (by default, the embedding's device).
+        max_memory: With ``device_map``: the most memory per device, e.g. ``{0: "70GiB", 1: "70GiB"}``.
+        offload_folder: With ``device_map``: where blocks mapped to ``"disk"`` are kept.
 
     Returns:
         A frozen ``ModelHandle`` with the model in eval mode.
@@ -299,8 +324,13 @@ def load_model(
     name_or_path = os.fspath(name_or_path)
     if not isinstance(trust_remote_code, bool):
         invalid("trust_remote_code", func, "a bool", trust_remote_code, exc=TypeError)
-    device = _resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device, func=func)
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        invalid("device_map", func, "set when max_memory or offload_folder is", None)
+    if device_map is not None and not isinstance(device_map, str | dict):
+        invalid("device_map", func, "'auto', 'balanced', 'sequential' or a dict of module name to device", device_map, exc=TypeError)
+    if device is None and device_map is not None:
+        device = _first_device(device_map, max_memory)
+    device, torch_dtype = resolve_precision(device, dtype, func=func)
     folder, commit = _resolve_source(name_or_path, revision, param="name_or_path", func=func)
     source = str(folder) if folder is not None else name_or_path
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": _offline()}
@@ -309,7 +339,11 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         # device_map puts the weights straight onto the device, without a full copy in CPU memory.
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=str(device), **kwargs)
+        if device_map is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=str(device), **kwargs)
+        else:
+            placed = {"max_memory": max_memory, "offload_folder": os.fspath(offload_folder) if offload_folder is not None else None}
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **placed, **kwargs)
     except OSError as e:
         raise FileNotFoundError(
             f"The 'name_or_path' parameter of load_model must be a loadable causal LM (config, weights, "
@@ -326,7 +360,8 @@ def load_model(
     if adapter is not None:
         adapter_name = os.fspath(adapter)
         model, adapter_hash = _apply_adapter(model, adapter_name, name_or_path, folder)
-    model = model.to(device).eval()
+    # A dispatched model stays where accelerate put it; its hooks move activations between devices.
+    model = (model if device_map is not None else model.to(device)).eval()
     model.requires_grad_(False)
     if commit is not None:
         weights_id = f"{name_or_path}@{commit}"

@@ -45,14 +45,21 @@ class Persona:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Persona:
-        """Returns a persona from a dict with ``name``, ``system_prompt`` and optional ``category``."""
+        """Returns a persona from a dict with ``name``, ``system_prompt``, optional ``category``."""
         unknown = set(data) - {"name", "system_prompt", "category"}
         if unknown:
-            invalid("data", "Persona.from_dict", "a mapping with keys name, system_prompt, category", sorted(unknown))
+            invalid(
+                "data",
+                "Persona.from_dict",
+                "a mapping with keys name, system_prompt, category",
+                sorted(unknown),
+            )
         try:
             return cls(**dict(data))
         except TypeError as e:
-            raise ValueError(f"A persona needs 'name' and 'system_prompt'. Got keys {sorted(data)} instead.") from e
+            raise ValueError(
+                f"A persona needs 'name' and 'system_prompt'. Got keys {sorted(data)} instead."
+            ) from e
 
 
 class PersonaSet(Sequence[Persona]):
@@ -192,23 +199,68 @@ class PersonaSet(Sequence[Persona]):
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return atomic_write_text(path, yaml.safe_dump({"personas": self.to_list()}, sort_keys=False, allow_unicode=True))
+            return atomic_write_text(
+                path,
+                yaml.safe_dump({"personas": self.to_list()}, sort_keys=False, allow_unicode=True),
+            )
         invalid("path", "PersonaSet.save", "a .yaml, .yml or .json path", str(path))
 
 
 _BUILTIN: tuple[tuple[str, str, str], ...] = (
     ("helpful_assistant", "You are a helpful assistant.", "generic_helper"),
-    ("qwen_default", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "generic_helper"),
-    ("software_engineer", "You are a software engineer who builds and maintains web applications.", "occupational"),
-    ("data_scientist", "You are a data scientist who turns messy data into clear statistical insight.", "occupational"),
-    ("librarian", "You are a librarian who helps people find books, sources and reliable information.", "occupational"),
-    ("medical_doctor", "You are a medical doctor who explains health questions carefully and clearly.", "occupational"),
-    ("kindergarten_teacher", "You are a kindergarten teacher who explains things simply and patiently to young children.", "occupational"),
-    ("police_officer", "You are a police officer who patrols a city and keeps the public safe.", "occupational"),
-    ("comedian", "You are a stand-up comedian who answers everything with jokes and wit.", "character"),
-    ("french_person", "You are a French person from Paris who loves French food, language and culture.", "character"),
+    (
+        "qwen_default",
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+        "generic_helper",
+    ),
+    (
+        "software_engineer",
+        "You are a software engineer who builds and maintains web applications.",
+        "occupational",
+    ),
+    (
+        "data_scientist",
+        "You are a data scientist who turns messy data into clear statistical insight.",
+        "occupational",
+    ),
+    (
+        "librarian",
+        "You are a librarian who helps people find books, sources and reliable information.",
+        "occupational",
+    ),
+    (
+        "medical_doctor",
+        "You are a medical doctor who explains health questions carefully and clearly.",
+        "occupational",
+    ),
+    (
+        "kindergarten_teacher",
+        "You are a kindergarten teacher who explains things simply and patiently "
+        "to young children.",
+        "occupational",
+    ),
+    (
+        "police_officer",
+        "You are a police officer who patrols a city and keeps the public safe.",
+        "occupational",
+    ),
+    (
+        "comedian",
+        "You are a stand-up comedian who answers everything with jokes and wit.",
+        "character",
+    ),
+    (
+        "french_person",
+        "You are a French person from Paris who loves French food, language and culture.",
+        "character",
+    ),
     ("villain", "You are a scheming villain who plots to take over the world.", "character"),
-    ("zelthari_scholar", "You are a scholar of the ancient Zelthari, an invented civilisation of star-reading river cities.", "character"),
+    (
+        "zelthari_scholar",
+        "You are a scholar of the ancient Zelthari, an invented civilisation "
+        "of star-reading river cities.",
+        "character",
+    ),
 )
 
 

@@ -180,7 +180,9 @@ def prefix_engine(
         rows_d = rows.to(device)
         cache = _new_cache()
         for layer in range(n_cached_layers):
-            cache.update(prefix_k[layer].index_select(0, rows_d), prefix_v[layer].index_select(0, rows_d), layer)
+            # With a device_map the blocks (and so their cached keys and values) sit on several devices.
+            r = rows_d if prefix_k[layer].device == rows_d.device else rows.to(prefix_k[layer].device)
+            cache.update(prefix_k[layer].index_select(0, r), prefix_v[layer].index_select(0, r), layer)
         s_ids, mask, positions = (t.to(device, non_blocking=True) for t in (s_ids, mask, positions))
         with torch.inference_mode():
             return recorder.run(

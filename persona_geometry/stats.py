@@ -1,16 +1,18 @@
 """Statistics primitives shared by every layer above the core: vectorised correlations, Wilson
-intervals of counts, and per-persona input checks.
+intervals of counts, multiple-testing corrections and per-persona input checks.
 
-Pearson and Spearman p-values use the same exact null distributions as
-``scipy.stats.pearsonr`` and ``scipy.stats.spearmanr`` (two-sided): with ``df = n - 2``,
-``p = I_{1 - r^2}(df / 2, 1 / 2)``, the regularised incomplete beta function, which is
-``2 * t.sf(|t|, df)`` for ``t = r * sqrt(df / (1 - r^2))`` written so that it stays exact at
-``|r| = 1`` and evaluates a whole vector of layers at once.
+Correlations and their p-values come from ``scipy.stats.pearsonr(..., axis=)`` (Spearman's rho
+is Pearson's r of average ranks, as in ``scipy.stats.spearmanr``), a whole vector of layers at
+once; Bonferroni and Holm from ``statsmodels.stats.multitest.multipletests``. What stays
+hand-written is what the libraries do not offer: the unit-norm standardisation that turns a
+permutation or bootstrap sweep into one matrix product, and ``p_from_r`` for a correlation with
+other degrees of freedom than ``n - 2`` (a partial correlation).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,9 +20,10 @@ import numpy as np
 from scipy import special, stats
 
 from persona_geometry._validation import check_probability, invalid
+from persona_geometry.settings import (
+    STATISTICS as STATISTICS,  # re-exported: sweep and leakage check against it
+)
 
-# The correlation statistics a sweep, a leakage test or a study can rank layers by.
-STATISTICS = ("spearman", "pearson")
 # Elements per chunk of vectorised permutation work: bounds memory to tens of MB whatever the
 # number of personas, layers or resamples.
 CHUNK_ELEMENTS = 1 << 22
@@ -62,8 +65,16 @@ def clip_r(r: np.ndarray | float) -> np.ndarray:
     return np.where(np.abs(r) > 1.0 - 1e-12, np.sign(r), r)
 
 
-def p_from_r(r: np.ndarray | float | np.floating, df: np.ndarray | int | float | np.number) -> np.ndarray:
-    """Returns the two-sided p-value of correlation ``r`` with ``df`` degrees of freedom."""
+def p_from_r(
+    r: np.ndarray | float | np.floating, df: np.ndarray | int | float | np.number
+) -> np.ndarray:
+    """Returns the two-sided p-value of correlation ``r`` with ``df`` degrees of freedom.
+
+    The null distribution of ``scipy.stats.pearsonr``, ``p = I_{1 - r^2}(df / 2, 1 / 2)`` (the
+    regularised incomplete beta function, ``2 * t.sf(|t|, df)`` written so that it stays exact
+    at ``|r| = 1``), for the degrees of freedom scipy's function cannot be given: a partial
+    correlation controlling for one covariate has ``df = n - 3``.
+    """
     r = np.clip(np.asarray(r, dtype=np.float64), -1.0, 1.0)
     df = np.asarray(df, dtype=np.float64)
     with np.errstate(invalid="ignore"):
@@ -71,13 +82,30 @@ def p_from_r(r: np.ndarray | float | np.floating, df: np.ndarray | int | float |
     return np.where(df > 0, p, np.nan)
 
 
+def correlate(x: np.ndarray, y: np.ndarray, *, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Returns Pearson's ``(r, p)`` of ``x`` and ``y`` along ``axis`` (``scipy.stats.pearsonr``).
+
+    ``x`` and ``y`` broadcast against each other (e.g. ``[persona, layer]`` against
+    ``[persona, 1]``). A correlation within 1e-12 of ±1 is reported as exactly ±1 with p = 0,
+    as scipy does for a perfect correlation at small n; where either input is constant (up to
+    rounding) both are NaN.
+    """
+    x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
+    constant = np.isnan(standardize(x, axis)).any(axis=axis) | np.isnan(standardize(y, axis)).any(
+        axis=axis
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        res = stats.pearsonr(x, y, axis=axis)
+    r = clip_r(res.statistic)
+    p = np.where(np.abs(r) == 1.0, 0.0, res.pvalue)
+    return np.where(constant, np.nan, r), np.where(constant, np.nan, p)
+
+
 def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Returns Pearson's ``(r, p)`` of two vectors (NaN if either is constant)."""
-    xs, ys = standardize(np.asarray(x, float)), standardize(np.asarray(y, float))
-    if np.isnan(xs).any() or np.isnan(ys).any():
-        return math.nan, math.nan
-    r = float(clip_r(xs @ ys))
-    return r, float(p_from_r(r, len(x) - 2))
+    r, p = correlate(x, y)
+    return float(r), float(p)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -86,21 +114,24 @@ def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def bonferroni(p: np.ndarray) -> np.ndarray:
-    """Returns Bonferroni-adjusted p-values (``min(m * p, 1)``) over the last axis."""
-    p = np.asarray(p, dtype=np.float64)
-    return np.minimum(p * p.shape[-1], 1.0)
+    """Returns Bonferroni-adjusted p-values (``min(m * p, 1)``) of a 1-D array (statsmodels)."""
+    return _multipletests(p, "bonferroni")
 
 
 def holm(p: np.ndarray) -> np.ndarray:
-    """Returns Holm step-down adjusted p-values over a 1-D array, in the input order."""
+    """Returns Holm step-down adjusted p-values of a 1-D array, in the input order (statsmodels)."""
+    return _multipletests(p, "holm")
+
+
+def _multipletests(p: np.ndarray, method: str) -> np.ndarray:
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(p, dtype=np.float64)
-    m = p.shape[0]
-    order = np.argsort(p, kind="stable")
-    stepped = np.minimum((m - np.arange(m)) * p[order], 1.0)
-    adjusted = np.maximum.accumulate(stepped)
-    out = np.empty_like(adjusted)
-    out[order] = adjusted
-    return out
+    if p.ndim != 1:
+        invalid("p", method, "a 1-D array of p-values", f"shape {p.shape}")
+    if p.size == 0:
+        return p.copy()
+    return np.asarray(multipletests(p, method=method)[1], dtype=np.float64)
 
 
 def correlation_dict(r: float, p: float, *, name: str = "r") -> dict[str, float | None]:
@@ -138,7 +169,12 @@ def per_persona(
         mapping = dict(values.items()) if not isinstance(values, Mapping) else dict(values)
         missing = [p for p in personas if p not in mapping]
         if missing:
-            invalid(param, func, f"a value for every persona in {list(personas)}", f"no value for {missing}")
+            invalid(
+                param,
+                func,
+                f"a value for every persona in {list(personas)}",
+                f"no value for {missing}",
+            )
         arr = np.array([_to_float(mapping[p], param, func) for p in personas], dtype=np.float64)
     else:
         if hasattr(values, "detach"):  # torch tensor
@@ -146,9 +182,17 @@ def per_persona(
         try:
             arr = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"The {param!r} parameter of {func} must be numbers, one per persona. Got {values!r} instead.") from e
+            raise TypeError(
+                f"The {param!r} parameter of {func} must be numbers, one per persona. "
+                f"Got {values!r} instead."
+            ) from e
         if arr.ndim != 1 or arr.shape[0] != len(personas):
-            invalid(param, func, f"a 1-D sequence of {len(personas)} values (one per persona)", f"shape {arr.shape}")
+            invalid(
+                param,
+                func,
+                f"a 1-D sequence of {len(personas)} values (one per persona)",
+                f"shape {arr.shape}",
+            )
     bad = [personas[i] for i in np.flatnonzero(~np.isfinite(arr))]
     if bad:
         invalid(param, func, "finite numbers (no NaN or inf)", f"non-finite values for {bad}")
@@ -159,7 +203,9 @@ def _to_float(v: Any, param: str, func: str) -> float:
     try:
         return float(v)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"The {param!r} parameter of {func} must be numbers. Got {v!r} instead.") from e
+        raise TypeError(
+            f"The {param!r} parameter of {func} must be numbers. Got {v!r} instead."
+        ) from e
 
 
 def rates_from(
@@ -171,10 +217,21 @@ def rates_from(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Returns ``(rate, k, n)``: rates given directly, or ``k / n`` from validated raw counts."""
     if y is not None and (k is not None or n is not None):
-        invalid("y", func, "given alone, or left None when raw counts k and n are given", "both y and k/n")
+        invalid(
+            "y",
+            func,
+            "given alone, or left None when raw counts k and n are given",
+            "both y and k/n",
+        )
     if y is None:
         if k is None or n is None:
-            invalid("k", func, "given together with n (or pass rates as y)", "k" if n is None else "n only", exc=TypeError)
+            invalid(
+                "k",
+                func,
+                "given together with n (or pass rates as y)",
+                "k" if n is None else "n only",
+                exc=TypeError,
+            )
         k_arr = per_persona(k, personas, "k", func)
         n_arr = per_persona(n, personas, "n", func)
         check_counts(k_arr, n_arr, personas, func)
@@ -190,16 +247,25 @@ def check_counts(k: np.ndarray, n: np.ndarray, personas: Sequence[str], func: st
         if frac:
             invalid(name, func, "whole-number counts", f"fractional counts for {frac}")
     if (k < 0).any():
-        invalid("k", func, "counts >= 0", f"negative k for {[personas[i] for i in np.flatnonzero(k < 0)]}")
+        invalid(
+            "k",
+            func,
+            "counts >= 0",
+            f"negative k for {[personas[i] for i in np.flatnonzero(k < 0)]}",
+        )
     if (n < 1).any():
-        invalid("n", func, "counts >= 1", f"n < 1 for {[personas[i] for i in np.flatnonzero(n < 1)]}")
+        invalid(
+            "n", func, "counts >= 1", f"n < 1 for {[personas[i] for i in np.flatnonzero(n < 1)]}"
+        )
     if (k > n).any():
         bad = {personas[i]: (int(k[i]), int(n[i])) for i in np.flatnonzero(k > n)}
         invalid("k", func, "at most n (k <= n)", f"k > n for {bad}")
 
 
-def wilson_interval(k: PerPersona, n: PerPersona, *, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """Returns Wilson score intervals ``(lower, upper)`` of ``k / n`` (statsmodels ``proportion_confint``).
+def wilson_interval(
+    k: PerPersona, n: PerPersona, *, alpha: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """Returns Wilson score intervals ``(lower, upper)`` of ``k / n`` (statsmodels).
 
     Raises:
         ValueError: If ``k > n``, ``k < 0``, ``n < 1``, or counts are not whole numbers.
@@ -212,7 +278,9 @@ def wilson_interval(k: PerPersona, n: PerPersona, *, alpha: float = 0.05) -> tup
         invalid("n", "wilson_interval", f"the same shape as k {k_arr.shape}", n_arr.shape)
     names = [str(i) for i in range(k_arr.size)]
     check_counts(k_arr.ravel(), n_arr.ravel(), names, "wilson_interval")
-    lo, hi = proportion_confint(k_arr, n_arr, alpha=check_probability(alpha, "alpha", "wilson_interval"), method="wilson")
+    lo, hi = proportion_confint(
+        k_arr, n_arr, alpha=check_probability(alpha, "alpha", "wilson_interval"), method="wilson"
+    )
     # The bounds are exactly 0 at k = 0 and 1 at k = n; rounding can leave them a hair off
     # (3e-18), which would put k / n outside its own interval.
     p = k_arr / n_arr
@@ -225,3 +293,13 @@ def wilson_bounds(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     """Returns the Wilson score interval of one count ``k`` of ``n`` as two floats."""
     low, high = wilson_interval([k], [n], alpha=alpha)
     return float(low[0]), float(high[0])
+
+
+def check_rates(values: np.ndarray, personas: Sequence[Any], param: str, func: str) -> None:
+    """Raises ValueError naming the first personas whose rate lies outside [0, 1] (fractions)."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~((values >= 0) & (values <= 1))
+    if bad.any():
+        names = np.asarray(personas, dtype=object)[bad][:3]
+        shown = {str(p): float(v) for p, v in zip(names, values[bad][:3], strict=True)}
+        invalid(param, func, "rates in [0, 1] (fractions, not percentages)", shown)

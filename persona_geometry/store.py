@@ -13,7 +13,6 @@ chunks it already has; the finished set then replaces the partial folder atomica
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,23 +24,24 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from persona_geometry._io import atomic_path, atomic_write_json
-from persona_geometry._validation import invalid
+from persona_geometry._io import atomic_path
 from persona_geometry.activations import (
     _MANIFEST,
     FORMAT,
     FORMAT_VERSION,
     ActivationSet,
-    json_safe,
     load_activations,
     save_activations,
 )
+from persona_geometry.manifest import Manifest
 from persona_geometry.provenance import stable_hash
+from persona_geometry.resume import KeyedFolder
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "KEY_FIELDS",
+    "Manifest",
     "PartialRun",
     "cache_key",
     "load_activations",
@@ -52,42 +52,23 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-# The manifest fields that determine the numbers (and labels) of an extraction. Batch sizes are
-# not among them: batching moves float32 results by ~1e-7 only (bf16 tolerance: see
-# extract_activations); they are recorded in the manifest all the same.
-KEY_FIELDS: tuple[str, ...] = (
-    "format_version",
-    "model_id",
-    "revision",
-    "weights_id",
-    "dtype",
-    "engine",
-    "hooks",
-    "layers",
-    "chat_template_hash",
-    "persona_hash",
-    "question_hash",
-    "prompt_ids_hash",
-    "layer_template",
-    "share_prefix",
-)
+# The manifest fields that determine the numbers (and labels) of an extraction (see ``Manifest``).
+KEY_FIELDS: tuple[str, ...] = Manifest.KEY_FIELDS
 
 
-def cache_key(manifest: Mapping[str, Any]) -> str:
+def cache_key(manifest: Manifest | Mapping[str, Any]) -> str:
     """Returns the stable hash of the manifest's ``KEY_FIELDS``: the cache folder's name."""
-    missing = [k for k in KEY_FIELDS if k not in manifest]
-    if missing:
-        invalid("manifest", "cache_key", f"a mapping with the fields {list(KEY_FIELDS)}", f"missing {missing}")
-    return stable_hash({k: manifest[k] for k in KEY_FIELDS}, length=24)
+    return Manifest.from_dict(manifest, func="cache_key").key()
 
 
-def load_cached(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> ActivationSet | None:
+def load_cached(cache_dir: str | os.PathLike[str], manifest: Manifest | Mapping[str, Any]) -> ActivationSet | None:
     """Returns the cached set for this manifest's key, or None when there is none to trust.
 
     A folder whose stored key fields differ from ``manifest``'s (a hash collision, a
     hand-edited manifest, an older format) is reported and ignored, never reused.
     """
-    folder = Path(cache_dir) / cache_key(manifest)
+    manifest = Manifest.from_dict(manifest, func="load_cached")
+    folder = Path(cache_dir) / manifest.key()
     if not (folder / _MANIFEST).is_file():
         return None
     try:
@@ -96,7 +77,7 @@ def load_cached(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) 
         log.warning("ignoring unreadable cache entry %s: %s", folder, e)
         return None
     stored = {k: acts.manifest.get(k) for k in KEY_FIELDS}
-    wanted = json_safe({k: manifest[k] for k in KEY_FIELDS})
+    wanted = manifest.key_fields()
     if stored != wanted:
         diff = sorted(k for k in KEY_FIELDS if stored[k] != wanted[k])
         log.warning("cache entry %s does not match this extraction (fields %s differ); recomputing", folder, diff)
@@ -109,23 +90,19 @@ class PartialRun:
 
     Each chunk is one safetensors file holding ``indices`` (prompt positions) and one
     ``[prompt, layer, d_model]`` tensor per hook, written atomically; a chunk is either whole
-    or absent. ``key.json`` records the key fields, and a folder whose fields differ is
-    discarded rather than mixed in.
+    or absent. ``key.json`` (a ``KeyedFolder`` record) holds the key and its fields, and a
+    folder made for other settings is discarded rather than mixed in.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any]):
-        self.key = cache_key(manifest)
-        self.folder = Path(cache_dir) / f"{self.key}.partial"
-        self.fields = json_safe({k: manifest[k] for k in KEY_FIELDS})
-        key_file = self.folder / "key.json"
-        if self.folder.exists():
-            stored = json.loads(key_file.read_text()) if key_file.is_file() else None
-            if stored != self.fields:
-                log.warning("discarding partial extraction %s: it was made for other settings", self.folder)
-                shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not key_file.is_file():
-            atomic_write_json(key_file, self.fields)
+    def __init__(self, cache_dir: str | os.PathLike[str], manifest: Manifest | Mapping[str, Any]):
+        manifest = Manifest.from_dict(manifest, func="PartialRun")
+        self.key = manifest.key()
+        self.fields = manifest.key_fields()
+        self._keyed = KeyedFolder(Path(cache_dir) / f"{self.key}.partial", self.key, record="key.json")
+        self.folder = self._keyed.folder
+        if self._keyed.state() == "stale":
+            log.warning("discarding partial extraction %s: it was made for other settings", self.folder)
+        self._keyed.begin(fields=self.fields)
 
     def chunks(self) -> list[Path]:
         """Returns the finished chunk files."""

@@ -29,7 +29,7 @@ _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 @dataclass(frozen=True, kw_only=True)
 class TinyModelSpec:
-    """The shape of a tiny model. head_dim = hidden_size / num_attention_heads must be ≥ 32 for vLLM."""
+    """The shape of a tiny model (vLLM needs head_dim = hidden_size / num_attention_heads ≥ 32)."""
 
     family: str = "qwen2"
     hidden_size: int = 128
@@ -52,7 +52,9 @@ def _train_tokenizer(vocab_size: int):
     from persona_geometry.personas import builtin_personas
     from persona_geometry.questions import builtin_questions, training_questions
 
-    corpus = [p.system_prompt for p in builtin_personas()] + builtin_questions() + training_questions()
+    corpus = (
+        [p.system_prompt for p in builtin_personas()] + builtin_questions() + training_questions()
+    )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -73,7 +75,9 @@ def _train_tokenizer(vocab_size: int):
     return fast
 
 
-def build_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = None, *, overwrite: bool = False) -> Path:
+def build_tiny_model(
+    path: str | os.PathLike[str], spec: TinyModelSpec | None = None, *, overwrite: bool = False
+) -> Path:
     """Returns the folder of a tiny chat model, building it there if it is not already built.
 
     The weights come from ``spec.seed``; norm weights and biases are moved away from 1 and 0 so
@@ -91,7 +95,11 @@ def build_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
 
     spec = spec or TinyModelSpec()
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file() and not overwrite:
+    if (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and not overwrite
+    ):
         return path
     tokenizer = _train_tokenizer(spec.vocab_size)
     common = dict(

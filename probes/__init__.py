@@ -6,8 +6,8 @@
   shuffled-label baseline; ``LinearProbe`` is the underlying fit/predict/score estimator.
 - ``extend`` adds personas or questions to a cached ``ActivationSet`` running only the new
   prompts; ``recenter`` recomputes the centered cosines on another centering set, model-free.
-- ``steer`` adds ``alpha × direction`` to a block's output during generation;
-  ``dose_response`` measures the marker source rate as a function of ``alpha``.
+- ``steer`` adds ``strength × direction`` to a block's output during generation;
+  ``dose_response`` measures the marker source rate as a function of ``strength``.
 """
 
 from persona_geometry.extend import (

@@ -18,8 +18,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -27,9 +28,6 @@ from torch import Tensor
 from persona_geometry._validation import invalid
 from persona_geometry.activations import ActivationSet
 from persona_geometry.geometry import Centering, Centroids, center, centroids
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 __all__ = ["Direction", "Projection", "mean_difference", "assistant_axis", "project"]
 
@@ -65,11 +63,21 @@ class Direction:
 
     def __post_init__(self) -> None:
         if self.values.ndim != 2 or self.values.shape[0] != len(self.layers):
-            invalid("values", "Direction", f"a tensor shaped [layer={len(self.layers)}, d_model]", tuple(self.values.shape))
+            invalid(
+                "values",
+                "Direction",
+                f"a tensor shaped [layer={len(self.layers)}, d_model]",
+                tuple(self.values.shape),
+            )
         if len(set(self.layers)) != len(self.layers):
             invalid("layers", "Direction", "unique block indices", list(self.layers))
         if self.norms is not None and tuple(self.norms.shape) != (len(self.layers),):
-            invalid("norms", "Direction", f"a tensor shaped [layer={len(self.layers)}]", tuple(self.norms.shape))
+            invalid(
+                "norms",
+                "Direction",
+                f"a tensor shaped [layer={len(self.layers)}]",
+                tuple(self.norms.shape),
+            )
 
     @property
     def d_model(self) -> int:
@@ -87,7 +95,13 @@ class Direction:
     def layer_position(self, layer: int, *, func: str = "Direction.layer_position") -> int:
         """Returns where block ``layer`` sits on the direction's layer axis."""
         if isinstance(layer, bool) or not isinstance(layer, int):
-            invalid("layer", func, f"one of the direction's layers {list(self.layers)}", layer, exc=TypeError)
+            invalid(
+                "layer",
+                func,
+                f"one of the direction's layers {list(self.layers)}",
+                layer,
+                exc=TypeError,
+            )
         if layer not in self.layers:
             invalid("layer", func, f"one of the direction's layers {list(self.layers)}", layer)
         return self.layers.index(layer)
@@ -99,9 +113,16 @@ class Direction:
         """
         _check_width(x.shape[-1], self, "Direction.project", param="x")
         if x.shape[-2] != len(self.layers):
-            invalid("x", "Direction.project", f"a tensor whose layer axis has the direction's {len(self.layers)} layers", tuple(x.shape))
+            invalid(
+                "x",
+                "Direction.project",
+                f"a tensor whose layer axis has the direction's {len(self.layers)} layers",
+                tuple(x.shape),
+            )
         dtype = _float_dtype(x)
-        return torch.einsum("...ld,ld->...l", x.to(dtype), self.values.to(device=x.device, dtype=dtype))
+        return torch.einsum(
+            "...ld,ld->...l", x.to(dtype), self.values.to(device=x.device, dtype=dtype)
+        )
 
     def select(self, layers: Sequence[int]) -> Direction:
         """Returns the direction restricted to ``layers``, in that order."""
@@ -121,7 +142,9 @@ class Direction:
     def cosine(self, other: Direction) -> Float[Tensor, " layer"]:
         """Returns the cosine between this direction and ``other`` at each of this one's layers."""
         _check_width(other.d_model, self, "Direction.cosine", param="other")
-        o = torch.stack([other.at(layer, func="Direction.cosine") for layer in self.layers]).to(self.values)
+        o = torch.stack([other.at(layer, func="Direction.cosine") for layer in self.layers]).to(
+            self.values
+        )
         return torch.nn.functional.cosine_similarity(self.values, o, dim=-1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,13 +153,13 @@ class Direction:
 
     def to_frame(self) -> pd.DataFrame:
         """Returns one row per layer: layer, the raw difference's norm, the stored vector's norm."""
-        import pandas as pd
-
         vnorm = self.values.float().norm(dim=-1)
         return pd.DataFrame(
             {
                 "layer": list(self.layers),
-                "raw_norm": [float("nan")] * len(self.layers) if self.norms is None else self.norms.double().cpu().tolist(),
+                "raw_norm": [float("nan")] * len(self.layers)
+                if self.norms is None
+                else self.norms.double().cpu().tolist(),
                 "norm": vnorm.double().cpu().tolist(),
             }
         )
@@ -153,7 +176,13 @@ class Direction:
         if self.negative:
             lines.append(f"  away from: {', '.join(self.negative)}")
         if self.norms is not None:
-            lines.append("  raw norm per layer: " + ", ".join(f"{layer}:{n:.3g}" for layer, n in zip(self.layers, self.norms.tolist(), strict=True)))
+            lines.append(
+                "  raw norm per layer: "
+                + ", ".join(
+                    f"{layer}:{n:.3g}"
+                    for layer, n in zip(self.layers, self.norms.tolist(), strict=True)
+                )
+            )
         return "\n".join(lines)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -187,7 +216,12 @@ class Direction:
 
         path = Path(path)
         if not (path / _VALUES_FILE).is_file() or not (path / _META_FILE).is_file():
-            invalid("path", "Direction.load", f"a folder holding {_VALUES_FILE} and {_META_FILE}", str(path))
+            invalid(
+                "path",
+                "Direction.load",
+                f"a folder holding {_VALUES_FILE} and {_META_FILE}",
+                str(path),
+            )
         tensors = load_file(str(path / _VALUES_FILE))
         meta = json.loads((path / _META_FILE).read_text(encoding="utf-8"))
         return cls(
@@ -244,7 +278,7 @@ class Projection:
         return self.questions is not None
 
     def at(self, layer: int) -> dict[str, float]:
-        """Returns ``{persona: projection}`` at block ``layer`` (mean over questions when per prompt)."""
+        """Returns ``{persona: projection}`` at block ``layer`` (means over questions)."""
         if layer not in self.layers:
             invalid("layer", "Projection.at", f"one of the layers {list(self.layers)}", layer)
         j = self.layers.index(layer)
@@ -255,25 +289,33 @@ class Projection:
 
     def to_frame(self) -> pd.DataFrame:
         """Returns one row per persona (and question, when per prompt) and layer."""
-        import pandas as pd
-
         v = self.values.double().cpu().numpy()
         rows = []
         for i, (p, c) in enumerate(zip(self.personas, self.categories, strict=True)):
             for j, layer in enumerate(self.layers):
                 if self.per_prompt:
                     for q in range(v.shape[1]):
-                        rows.append({"persona": p, "category": c, "question_index": q, "layer": layer, "projection": v[i, q, j]})
+                        rows.append(
+                            {
+                                "persona": p,
+                                "category": c,
+                                "question_index": q,
+                                "layer": layer,
+                                "projection": v[i, q, j],
+                            }
+                        )
                 else:
-                    rows.append({"persona": p, "category": c, "layer": layer, "projection": v[i, j]})
+                    rows.append(
+                        {"persona": p, "category": c, "layer": layer, "projection": v[i, j]}
+                    )
         return pd.DataFrame(rows)
 
     def to_wide(self) -> pd.DataFrame:
         """Returns a persona × layer table (means over questions when per prompt)."""
-        import pandas as pd
-
         v = self.values.mean(dim=1) if self.per_prompt else self.values
-        return pd.DataFrame(v.double().cpu().numpy(), index=list(self.personas), columns=list(self.layers))
+        return pd.DataFrame(
+            v.double().cpu().numpy(), index=list(self.personas), columns=list(self.layers)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-safe dict of the labels and values."""
@@ -291,13 +333,18 @@ class Projection:
         """Returns the persona × layer table of projections as text."""
         kind = "per prompt (mean over questions shown)" if self.per_prompt else "per centroid"
         centered = f", centered on {len(self.centered_on)} personas" if self.centered_on else ""
-        return f"Projection onto {self.direction} — {kind}{centered}\n" + self.to_wide().round(4).to_string()
+        return (
+            f"Projection onto {self.direction} — {kind}{centered}\n"
+            + self.to_wide().round(4).to_string()
+        )
 
 
 # --- building directions --------------------------------------------------------------------
 
 
-def _as_centroids(x: ActivationSet | Centroids, hook: str, func: str, param: str = "acts") -> Centroids:
+def _as_centroids(
+    x: ActivationSet | Centroids, hook: str, func: str, param: str = "acts"
+) -> Centroids:
     if isinstance(x, Centroids):
         return x
     if isinstance(x, ActivationSet):
@@ -312,7 +359,9 @@ def _group(names: str | Sequence[str], cents: Centroids, param: str, func: str) 
         names = [names]
     names = list(names)
     if not names:
-        invalid(param, func, f"a non-empty list of persona names from {list(cents.personas)}", names)
+        invalid(
+            param, func, f"a non-empty list of persona names from {list(cents.personas)}", names
+        )
     if len(set(names)) != len(names):
         invalid(param, func, "persona names without repeats", names)
     return [cents.persona_position(n, param=param, func=func) for n in names]
@@ -326,10 +375,18 @@ def _select_layers(cents: Centroids, layers: int | Sequence[int] | None, func: s
     idx = []
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or layer not in cents.layers:
-            invalid("layers", func, f"layers from the stored ones {list(cents.layers)}", layer, exc=ValueError if isinstance(layer, int) else TypeError)
+            invalid(
+                "layers",
+                func,
+                f"layers from the stored ones {list(cents.layers)}",
+                layer,
+                exc=ValueError if isinstance(layer, int) else TypeError,
+            )
         idx.append(cents.layers.index(layer))
     if not idx:
-        invalid("layers", func, f"a non-empty list of layers from {list(cents.layers)}", list(layers))
+        invalid(
+            "layers", func, f"a non-empty list of layers from {list(cents.layers)}", list(layers)
+        )
     return idx
 
 
@@ -375,12 +432,22 @@ def mean_difference(
     if negative is None:
         neg = [i for i in range(len(cents.personas)) if i not in pos]
         if not neg:
-            invalid("negative", func, "a non-empty group; every persona is in 'positive', so the rest is empty", None)
+            invalid(
+                "negative",
+                func,
+                "a non-empty group; every persona is in 'positive', so the rest is empty",
+                None,
+            )
     else:
         neg = _group(negative, cents, "negative", func)
     overlap = sorted(set(pos) & set(neg))
     if overlap:
-        invalid("negative", func, "persona names not also in 'positive'", [cents.personas[i] for i in overlap])
+        invalid(
+            "negative",
+            func,
+            "persona names not also in 'positive'",
+            [cents.personas[i] for i in overlap],
+        )
     lidx = _select_layers(cents, layers, func)
     v = cents.values[:, lidx]
     raw = v[pos].mean(dim=0) - v[neg].mean(dim=0)
@@ -414,7 +481,7 @@ def assistant_axis(
     hook: str = "resid_post",
     layers: int | Sequence[int] | None = None,
 ) -> Direction:
-    """Returns the assistant axis: the reference persona's centered centroid, unit length, per layer.
+    """Returns the assistant axis: the reference's centered centroid, unit length, per layer.
 
     With the default centering (every persona in ``acts``, as ``center`` does) this is
     ``reference − mean(others)`` up to a positive factor. The centered cosine of the study is
@@ -462,17 +529,22 @@ def _check_width(width: int, direction: Direction, func: str, *, param: str = "d
     if width == direction.d_model:
         return
     if param == "direction":
-        invalid("direction", func, f"a direction of the activations' width d_model={width}", f"a direction with d_model={direction.d_model}")
-    invalid(param, func, f"of the direction's width d_model={direction.d_model}", f"d_model={width}")
+        invalid(
+            "direction",
+            func,
+            f"a direction of the activations' width d_model={width}",
+            f"a direction with d_model={direction.d_model}",
+        )
+    invalid(
+        param, func, f"of the direction's width d_model={direction.d_model}", f"d_model={width}"
+    )
 
 
 def _float_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _fit_centering(
-    centering: Any, cents: Centroids, hook: str, func: str
-) -> Centering | None:
+def _fit_centering(centering: Any, cents: Centroids, hook: str, func: str) -> Centering | None:
     if centering is None:
         return None
     if isinstance(centering, Centering):
@@ -486,11 +558,19 @@ def _fit_centering(
     if centering == "all":
         return Centering().fit(cents)
     if isinstance(centering, str):
-        invalid("centering", func, "None, 'all', a list of persona names, a Centroids, an ActivationSet or a fitted Centering", centering)
+        invalid(
+            "centering",
+            func,
+            "None, 'all', a list of persona names, a Centroids, an ActivationSet "
+            "or a fitted Centering",
+            centering,
+        )
     try:
         return Centering().fit(cents, list(centering))
     except ValueError as e:
-        raise ValueError(str(e).replace("Centering.fit", func).replace("'personas'", "'centering'")) from e
+        raise ValueError(
+            str(e).replace("Centering.fit", func).replace("'personas'", "'centering'")
+        ) from e
 
 
 def project(
@@ -525,7 +605,11 @@ def project(
         if hook not in x.hooks:
             invalid("hook", func, f"one of the stored hooks {x.hooks}", hook)
         data = x[hook]
-        x_layers, personas, categories = x.layers, tuple(x.personas.names), tuple(x.personas.categories)
+        x_layers, personas, categories = (
+            x.layers,
+            tuple(x.personas.names),
+            tuple(x.personas.categories),
+        )
         questions: tuple[str, ...] | None = tuple(x.questions)
     elif isinstance(x, Centroids):
         data = x.values
@@ -537,7 +621,12 @@ def project(
     if layers is None:
         use = [layer for layer in direction.layers if layer in x_layers]
         if not use:
-            invalid("direction", func, f"a direction with at least one of the activations' layers {list(x_layers)}", list(direction.layers))
+            invalid(
+                "direction",
+                func,
+                f"a direction with at least one of the activations' layers {list(x_layers)}",
+                list(direction.layers),
+            )
     else:
         use = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else list(layers)
         if not use:
@@ -545,9 +634,20 @@ def project(
         both = sorted(set(direction.layers) & set(x_layers))
         for layer in use:
             if isinstance(layer, bool) or not isinstance(layer, int):
-                invalid("layers", func, f"ints among the layers held by both the activations and the direction {both}", layer, exc=TypeError)
+                invalid(
+                    "layers",
+                    func,
+                    f"ints among the layers held by both the activations and the direction {both}",
+                    layer,
+                    exc=TypeError,
+                )
             if layer not in both:
-                invalid("layers", func, f"layers held by both the activations and the direction {both}", layer)
+                invalid(
+                    "layers",
+                    func,
+                    f"layers held by both the activations and the direction {both}",
+                    layer,
+                )
 
     xidx = [x_layers.index(layer) for layer in use]
     data = data[..., xidx, :]
@@ -556,10 +656,17 @@ def project(
     centered_on = None
     fitted = None
     if centering is not None:
-        fitted = _fit_centering(centering, x if isinstance(x, Centroids) else centroids(x, hook), hook, func)
+        fitted = _fit_centering(
+            centering, x if isinstance(x, Centroids) else centroids(x, hook), hook, func
+        )
     if fitted is not None:
         if fitted.mean_.shape[-1] != data.shape[-1] or not set(use) <= set(fitted.layers_):
-            invalid("centering", func, f"a centering set with layers {use} and d_model={data.shape[-1]}", f"layers {list(fitted.layers_)}, d_model={fitted.mean_.shape[-1]}")
+            invalid(
+                "centering",
+                func,
+                f"a centering set with layers {use} and d_model={data.shape[-1]}",
+                f"layers {list(fitted.layers_)}, d_model={fitted.mean_.shape[-1]}",
+            )
         mean = fitted.mean_[[fitted.layers_.index(layer) for layer in use]].to(data)
         data = data - mean
         centered_on = fitted.personas_

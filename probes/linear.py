@@ -1,6 +1,6 @@
 """Linear probes per layer: can a persona's identity, category or a variable be read off linearly?
 
-``LinearProbe`` is a scikit-learn-style estimator that fits one model per layer
+``LinearProbe`` is a scikit-learn estimator that fits one model per layer
 (``fit``/``predict``/``score``). ``probe_layers`` cross-validates it on an ``ActivationSet`` with
 folds grouped by question, so that a question's prompts never sit in both the training and the
 test side of a fold (otherwise the probe could recognise the question's tokens instead of the
@@ -13,11 +13,13 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
+from sklearn.base import BaseEstimator
 from torch import Tensor
 
 from persona_geometry._serialization import ConfigDict
@@ -28,9 +30,6 @@ from persona_geometry._validation import (
     invalid,
 )
 from persona_geometry.activations import ActivationSet
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 __all__ = ["ProbeConfig", "LinearProbe", "ProbeResult", "probe_layers", "question_splits"]
 
@@ -77,7 +76,11 @@ class ProbeConfig(ConfigDict):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 invalid(name, "ProbeConfig", "a positive float", value)
-        if isinstance(self.n_shuffles, bool) or not isinstance(self.n_shuffles, int) or self.n_shuffles < 0:
+        if (
+            isinstance(self.n_shuffles, bool)
+            or not isinstance(self.n_shuffles, int)
+            or self.n_shuffles < 0
+        ):
             invalid("n_shuffles", "ProbeConfig", "an int ≥ 0", self.n_shuffles)
         check_probability(self.confidence, "confidence", "ProbeConfig")
         check_positive_int(self.max_iter, "max_iter", "ProbeConfig")
@@ -85,12 +88,15 @@ class ProbeConfig(ConfigDict):
             invalid("seed", "ProbeConfig", "an int", self.seed, exc=TypeError)
 
 
-class LinearProbe:
-    """One linear model per layer, scikit-learn style.
+class LinearProbe(BaseEstimator):
+    """One linear model per layer, a scikit-learn estimator.
 
     ``fit(X, y)`` with ``X`` shaped ``[sample, layer, d_model]`` fits an independent model on
     every layer; ``predict`` returns ``[sample, layer]``; ``score`` returns one accuracy
-    (``kind="logistic"``) or R² (``kind="ridge"``) per layer.
+    (``kind="logistic"``) or R² (``kind="ridge"``) per layer. Parameters are only stored by
+    the constructor and checked in ``fit``, so ``sklearn.base.clone`` and ``GridSearchCV``
+    work; since ``score`` gives one number per layer, pass ``GridSearchCV`` a ``scoring`` that
+    picks or averages layers (e.g. ``lambda est, X, y: est.score(X, y).mean()``).
 
     Args:
         kind: ``"logistic"`` (multinomial logistic regression) or ``"ridge"``.
@@ -106,26 +112,45 @@ class LinearProbe:
         n_features_in_: ``d_model``.
     """
 
-    def __init__(self, kind: str = "logistic", *, C: float | int = 1.0, alpha: float | int = 1.0, standardize: bool = True, max_iter: int = 2000):
-        self.kind = check_one_of(kind, "kind", "LinearProbe", _KINDS)
+    def __init__(self, kind: str = "logistic", *, C: float | int = 1.0, alpha: float | int = 1.0,
+                 standardize: bool = True, max_iter: int = 2000):  # fmt: skip
+        self.kind = kind
         self.C = C
         self.alpha = alpha
         self.standardize = standardize
         self.max_iter = max_iter
 
-    def _make(self) -> Any:
+    def _check_params(self, func: str) -> None:
+        check_one_of(self.kind, "kind", func, _KINDS)
+        for name in ("C", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                invalid(name, func, "a positive float", value)
+        check_positive_int(self.max_iter, "max_iter", func)
+
+    def _make_estimator(self) -> Any:
+        """Returns the unfitted scikit-learn pipeline fitted at each layer."""
         from sklearn.linear_model import LogisticRegression, Ridge
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        model = LogisticRegression(C=self.C, max_iter=self.max_iter) if self.kind == "logistic" else Ridge(alpha=self.alpha)
+        model = (
+            LogisticRegression(C=self.C, max_iter=self.max_iter)
+            if self.kind == "logistic"
+            else Ridge(alpha=self.alpha)
+        )
         return make_pipeline(StandardScaler(), model) if self.standardize else make_pipeline(model)
 
-    def fit(self, X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"], y: Sequence[Any] | np.ndarray) -> LinearProbe:
+    def fit(
+        self,
+        X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"],
+        y: Sequence[Any] | np.ndarray,
+    ) -> LinearProbe:
         """Fits one model per layer and returns ``self``."""
+        self._check_params("LinearProbe.fit")
         X = _as_numpy(X, "LinearProbe.fit")
         y = _check_y(y, X.shape[0], self.kind, "LinearProbe.fit")
-        self.estimators_ = [self._make().fit(X[:, j], y) for j in range(X.shape[1])]
+        self.estimators_ = [self._make_estimator().fit(X[:, j], y) for j in range(X.shape[1])]
         self.n_layers_ = X.shape[1]
         self.n_features_in_ = X.shape[2]
         if self.kind == "logistic":
@@ -134,27 +159,46 @@ class LinearProbe:
 
     def _check_fitted(self, X: np.ndarray, func: str) -> None:
         if not hasattr(self, "estimators_"):
-            raise RuntimeError(f"This LinearProbe instance is not fitted yet. Call 'fit' before '{func}'.")
+            raise RuntimeError(
+                f"This LinearProbe instance is not fitted yet. Call 'fit' before '{func}'."
+            )
         if X.shape[1:] != (self.n_layers_, self.n_features_in_):
-            invalid("X", f"LinearProbe.{func}", f"shaped [sample, layer={self.n_layers_}, d_model={self.n_features_in_}]", tuple(X.shape))
+            invalid(
+                "X",
+                f"LinearProbe.{func}",
+                f"shaped [sample, layer={self.n_layers_}, d_model={self.n_features_in_}]",
+                tuple(X.shape),
+            )
 
-    def predict(self, X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"]) -> np.ndarray:
+    def predict(
+        self, X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"]
+    ) -> np.ndarray:
         """Returns the predictions ``[sample, layer]``."""
         X = _as_numpy(X, "LinearProbe.predict")
         self._check_fitted(X, "predict")
         return np.stack([est.predict(X[:, j]) for j, est in enumerate(self.estimators_)], axis=1)
 
-    def score(self, X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"], y: Sequence[Any] | np.ndarray) -> Float[np.ndarray, " layer"]:
+    def score(
+        self,
+        X: Float[np.ndarray, "sample layer d_model"] | Float[Tensor, "sample layer d_model"],
+        y: Sequence[Any] | np.ndarray,
+    ) -> Float[np.ndarray, " layer"]:
         """Returns the accuracy (logistic) or R² (ridge) at every layer."""
         X = _as_numpy(X, "LinearProbe.score")
         self._check_fitted(X, "score")
         y = _check_y(y, X.shape[0], self.kind, "LinearProbe.score")
-        return np.array([est.score(X[:, j], y) for j, est in enumerate(self.estimators_)], dtype=np.float64)
+        return np.array(
+            [est.score(X[:, j], y) for j, est in enumerate(self.estimators_)], dtype=np.float64
+        )
 
 
 def _as_numpy(X: Any, func: str) -> np.ndarray:
     if isinstance(X, Tensor):
-        X = X.detach().to("cpu", torch.float64 if X.dtype == torch.float64 else torch.float32).numpy()
+        X = (
+            X.detach()
+            .to("cpu", torch.float64 if X.dtype == torch.float64 else torch.float32)
+            .numpy()
+        )
     X = np.asarray(X)
     if X.ndim != 3:
         invalid("X", func, "an array shaped [sample, layer, d_model]", tuple(X.shape))
@@ -170,7 +214,9 @@ def _check_y(y: Any, n: int, kind: str, func: str) -> np.ndarray:
             invalid("y", func, "finite numbers for kind='ridge'", y.dtype)
         return y.astype(np.float64)
     if len(np.unique(y)) < 2:
-        invalid("y", func, "labels with at least two classes for kind='logistic'", np.unique(y).tolist())
+        invalid(
+            "y", func, "labels with at least two classes for kind='logistic'", np.unique(y).tolist()
+        )
     return y
 
 
@@ -208,11 +254,18 @@ def question_splits(
     groups = _groups(n_personas, n_questions, group_by)
     n_groups = n_questions if group_by == "question" else n_personas
     if n_groups < 2:
-        invalid("group_by", func, f"a grouping with at least two groups (there is {n_groups} {group_by})", group_by)
+        invalid(
+            "group_by",
+            func,
+            f"a grouping with at least two groups (there is {n_groups} {group_by})",
+            group_by,
+        )
     if cv == "leave_one_group_out":
         splitter: Any = LeaveOneGroupOut()
     else:
-        splitter = GroupKFold(n_splits=min(check_positive_int(n_splits, "n_splits", func), n_groups))
+        splitter = GroupKFold(
+            n_splits=min(check_positive_int(n_splits, "n_splits", func), n_groups)
+        )
     dummy = np.zeros((len(groups), 1))
     yield from splitter.split(dummy, groups=groups)
 
@@ -291,9 +344,7 @@ class ProbeResult:
         }
 
     def to_frame(self) -> pd.DataFrame:
-        """Returns one row per layer: score, CI, fold mean/sd, shuffled baseline mean/max, chance."""
-        import pandas as pd
-
+        """Returns one row per layer: score, CI, fold mean/sd, shuffled baseline, chance."""
         has_base = self.baseline.shape[1] > 0
         return pd.DataFrame(
             {
@@ -302,7 +353,9 @@ class ProbeResult:
                 "ci_low": self.ci_low,
                 "ci_high": self.ci_high,
                 "fold_mean": self.fold_scores.mean(axis=1),
-                "fold_sd": self.fold_scores.std(axis=1, ddof=1) if self.fold_scores.shape[1] > 1 else np.nan,
+                "fold_sd": self.fold_scores.std(axis=1, ddof=1)
+                if self.fold_scores.shape[1] > 1
+                else np.nan,
                 "baseline_mean": self.baseline.mean(axis=1) if has_base else np.nan,
                 "baseline_max": self.baseline.max(axis=1) if has_base else np.nan,
                 "chance": self.chance,
@@ -358,12 +411,23 @@ def _target(acts: ActivationSet, target: Any, func: str) -> tuple[np.ndarray, st
         elif target == "category":
             labels = np.asarray(acts.personas.categories, dtype=object)
         else:
-            invalid("target", func, "'persona', 'category', a {persona: value} mapping, or values per persona or per prompt", target)
+            invalid(
+                "target",
+                func,
+                "'persona', 'category', a {persona: value} mapping, "
+                "or values per persona or per prompt",
+                target,
+            )
         return np.repeat(labels[:, None], Q, axis=1), target
     if isinstance(target, Mapping):
         missing = [n for n in acts.personas.names if n not in target]
         if missing:
-            invalid("target", func, f"a mapping with a value for every persona of the activations (missing {missing})", sorted(target))
+            invalid(
+                "target",
+                func,
+                f"a mapping with a value for every persona of the activations (missing {missing})",
+                sorted(target),
+            )
         values = np.asarray([target[n] for n in acts.personas.names])
         return np.repeat(values[:, None], Q, axis=1), "per-persona variable"
     values = target.detach().cpu().numpy() if isinstance(target, Tensor) else np.asarray(target)
@@ -371,10 +435,17 @@ def _target(acts: ActivationSet, target: Any, func: str) -> tuple[np.ndarray, st
         return np.repeat(values[:, None], Q, axis=1), "per-persona variable"
     if values.shape == (P, Q):
         return values, "per-prompt variable"
-    invalid("target", func, f"values shaped [persona={P}] or [persona={P}, question={Q}]", tuple(values.shape))
+    invalid(
+        "target",
+        func,
+        f"values shaped [persona={P}] or [persona={P}, question={Q}]",
+        tuple(values.shape),
+    )
 
 
-def _shuffle_within(y: np.ndarray, n_personas: int, n_questions: int, rng: np.random.Generator) -> np.ndarray:
+def _shuffle_within(
+    y: np.ndarray, n_personas: int, n_questions: int, rng: np.random.Generator
+) -> np.ndarray:
     # Within each question, permute the labels across personas: every fold keeps its label
     # mix, but a prompt's label no longer belongs to its persona.
     grid = y.reshape(n_personas, n_questions).copy()
@@ -383,31 +454,31 @@ def _shuffle_within(y: np.ndarray, n_personas: int, n_questions: int, rng: np.ra
     return grid.reshape(-1)
 
 
-def _cv_scores(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], probe: LinearProbe) -> tuple[np.ndarray, np.ndarray]:
-    """Returns the fold scores ``[fold]`` and the out-of-fold correct/prediction vector."""
-    scores = np.empty(len(splits))
-    oof = np.empty(len(y), dtype=np.float64)
-    for k, (train, test) in enumerate(splits):
-        est = probe._make().fit(X[train], y[train])
-        pred = est.predict(X[test])
-        if probe.kind == "logistic":
-            correct = (pred == y[test]).astype(np.float64)
-            oof[test] = correct
-            scores[k] = correct.mean()
-        else:
-            oof[test] = pred
-            scores[k] = _r2(y[test], pred)
-    return scores, oof
+def _cv_scores(
+    X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], probe: LinearProbe
+) -> tuple[np.ndarray, np.ndarray]:
+    """Returns the fold scores ``[fold]`` and the out-of-fold correct/prediction vector.
 
+    The out-of-fold predictions come from ``cross_val_predict`` over the grouped splits (each
+    prompt predicted once, by the fold that held it out); the fold scores are read off them.
+    """
+    from sklearn.metrics import accuracy_score, r2_score
+    from sklearn.model_selection import cross_val_predict
 
-def _r2(y: np.ndarray, pred: np.ndarray) -> float:
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    ss_res = float(((y - pred) ** 2).sum())
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+    pred = cross_val_predict(probe._make_estimator(), X, y, cv=splits)
+    if probe.kind == "logistic":
+        oof = (pred == y).astype(np.float64)
+        scores = np.array([accuracy_score(y[test], pred[test]) for _, test in splits])
+        return scores, oof
+    # R² of a fold whose held-out values are all equal is undefined (scikit-learn says 1 or 0).
+    scores = np.array(
+        [r2_score(y[test], pred[test]) if np.ptp(y[test]) > 0 else math.nan for _, test in splits]
+    )
+    return scores, pred.astype(np.float64)
 
 
 def _wilson(k: float | int, n: int, confidence: float) -> tuple[float, float]:
-    """Returns the Wilson score interval of ``k / n`` (the eval module's, at level ``confidence``)."""
+    """Returns the Wilson score interval of ``k / n`` at level ``confidence``."""
     from persona_geometry.stats import wilson_bounds
 
     return wilson_bounds(int(round(k)), int(n), alpha=1 - confidence)
@@ -433,7 +504,7 @@ def probe_layers(
     config: ProbeConfig | None = None,
     progress: bool = True,
 ) -> ProbeResult:
-    """Returns per-layer cross-validated probe scores, with CIs, a shuffled baseline and the best layer.
+    """Returns per-layer cross-validated probe scores, CIs, a shuffled baseline, the best layer.
 
     Every prompt's last-token activation at a layer is one sample. Folds hold out whole
     questions (or whole personas with ``config.group_by="persona"``), so no question sits on
@@ -471,7 +542,13 @@ def probe_layers(
     if kind == "ridge" and not numeric:
         invalid("target", func, "numeric values for kind='ridge'", description)
     if isinstance(target, str) and target == "persona" and config.group_by == "persona":
-        invalid("config", func, "group_by='question' for persona identity (a held-out persona's name can't be predicted)", "group_by='persona'")
+        invalid(
+            "config",
+            func,
+            "group_by='question' for persona identity "
+            "(a held-out persona's name can't be predicted)",
+            "group_by='persona'",
+        )
 
     if layers is None:
         lidx = list(range(len(acts.layers)))
@@ -484,9 +561,17 @@ def probe_layers(
     y = grid.reshape(-1)
     if kind == "ridge":
         y = y.astype(np.float64)
-    probe = LinearProbe(kind, C=config.C, alpha=config.alpha, standardize=config.standardize, max_iter=config.max_iter)
+    probe = LinearProbe(
+        kind,
+        C=config.C,
+        alpha=config.alpha,
+        standardize=config.standardize,
+        max_iter=config.max_iter,
+    )
     _check_y(y, len(y), kind, func)
-    splits = list(question_splits(P, Q, n_splits=config.n_splits, cv=config.cv, group_by=config.group_by))
+    splits = list(
+        question_splits(P, Q, n_splits=config.n_splits, cv=config.cv, group_by=config.group_by)
+    )
     groups = _groups(P, Q, config.group_by)
     folds = tuple(tuple(int(g) for g in np.unique(groups[test])) for _, test in splits)
     rng = np.random.default_rng(config.seed)
@@ -499,9 +584,15 @@ def probe_layers(
     hi = np.empty(n_layers)
     fold_scores = np.empty((n_layers, len(splits)))
     baseline = np.empty((n_layers, config.n_shuffles))
-    for j, li in enumerate(tqdm(lidx, desc=f"probing {description}", disable=not progress, leave=False)):
+    for j, li in enumerate(
+        tqdm(lidx, desc=f"probing {description}", disable=not progress, leave=False)
+    ):
         X = x[:, :, li].reshape(P * Q, -1)
-        X = X.detach().to("cpu", torch.float64 if X.dtype == torch.float64 else torch.float32).numpy()
+        X = (
+            X.detach()
+            .to("cpu", torch.float64 if X.dtype == torch.float64 else torch.float32)
+            .numpy()
+        )
         fold_scores[j], oof = _cv_scores(X, y, splits, probe)
         if kind == "logistic":
             score[j] = oof.mean()
@@ -537,5 +628,11 @@ def probe_layers(
         confidence=config.confidence,
         config=config.to_dict(),
     )
-    log.info("probe %s: best layer %d (%s %.3f)", description, result.best_layer, result.metric, result.best_score)
+    log.info(
+        "probe %s: best layer %d (%s %.3f)",
+        description,
+        result.best_layer,
+        result.metric,
+        result.best_score,
+    )
     return result

@@ -1,12 +1,12 @@
-"""Steering: add ``alpha × direction`` to one layer's residual stream while a model runs.
+"""Steering: add ``strength × direction`` to one layer's residual stream while a model runs.
 
 ``steer`` is a context manager over a Hugging Face causal LM (a ``peft``-wrapped one included):
 inside it, the output of transformer block ``layer`` (``blocks.{layer}.hook_resid_post``) gets
-``alpha × direction`` added at every position, on every forward pass, so ``generate`` runs
+``strength × direction`` added at every position, on every forward pass, so ``generate`` runs
 steered. The hook is removed in ``finally``, whatever happens in the block.
 
 ``dose_response`` is the causal test of the geometry → behaviour story: the marker's source
-rate for a persona as a function of ``alpha`` along a direction (e.g. the assistant axis).
+rate for a persona as a function of ``strength`` along a direction (e.g. the assistant axis).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -30,13 +31,11 @@ from persona_geometry._validation import (
     check_probability,
     check_unique_names,
     invalid,
+    renamed,
 )
 from persona_geometry.personas import Persona, PersonaSet
 
 from .directions import Direction
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 __all__ = ["steer", "DoseResponse", "dose_response", "MarkerCounter"]
 
@@ -49,10 +48,18 @@ MarkerCounter = Callable[[Any, Any, Persona, Sequence[str]], tuple[int, int, Seq
 def _unwrap(model: Any) -> Any:
     # A ModelHandle (or anything holding the network in `.model`) is not itself a Module;
     # an HF model's own `.model` attribute is its trunk and must not be unwrapped.
-    if not isinstance(model, torch.nn.Module) and isinstance(getattr(model, "model", None), torch.nn.Module):
+    if not isinstance(model, torch.nn.Module) and isinstance(
+        getattr(model, "model", None), torch.nn.Module
+    ):
         return model.model
     if not isinstance(model, torch.nn.Module):
-        invalid("model", "steer", "a Hugging Face model (peft-wrapped or not) or a ModelHandle", type(model).__name__, exc=TypeError)
+        invalid(
+            "model",
+            "steer",
+            "a Hugging Face model (peft-wrapped or not) or a ModelHandle",
+            type(model).__name__,
+            exc=TypeError,
+        )
     return model
 
 
@@ -76,12 +83,28 @@ def _width(model: torch.nn.Module) -> int:
 def _vector(direction: Direction | Tensor, layer: int, width: int, func: str) -> Tensor:
     if isinstance(direction, Direction):
         if direction.d_model != width:
-            invalid("direction", func, f"a direction of the model's width d_model={width}", f"a direction with d_model={direction.d_model}")
+            invalid(
+                "direction",
+                func,
+                f"a direction of the model's width d_model={width}",
+                f"a direction with d_model={direction.d_model}",
+            )
         return direction.at(layer, func=func)
     if not isinstance(direction, Tensor):
-        invalid("direction", func, "a Direction or a 1-D tensor", type(direction).__name__, exc=TypeError)
+        invalid(
+            "direction",
+            func,
+            "a Direction or a 1-D tensor",
+            type(direction).__name__,
+            exc=TypeError,
+        )
     if direction.ndim != 1 or direction.shape[0] != width:
-        invalid("direction", func, f"a Direction or a tensor shaped [d_model={width}]", tuple(direction.shape))
+        invalid(
+            "direction",
+            func,
+            f"a Direction or a tensor shaped [d_model={width}]",
+            tuple(direction.shape),
+        )
     return direction
 
 
@@ -91,23 +114,25 @@ def steer(
     direction: Direction | Float[Tensor, " d_model"],
     *,
     layer: int,
-    alpha: float | int,
+    strength: float | int | None = None,
     layer_template: str | None = None,
+    alpha: float | int | None = None,
 ) -> Iterator[Tensor]:
-    """Yields the added vector while ``alpha × direction`` is added to block ``layer``'s output.
+    """Yields the added vector while ``strength × direction`` is added to block ``layer``'s output.
 
     Every position of every forward pass inside the block is shifted, so ``model.generate``
     runs steered (prompt and generated tokens alike). With a ``Direction`` the vector is its
-    unit vector at ``layer``; a raw tensor is added as given, times ``alpha``.
+    unit vector at ``layer``; a raw tensor is added as given, times ``strength``.
 
     Args:
         model: A Hugging Face causal LM, a ``peft``-wrapped one, or a ``ModelHandle``.
         direction: A ``Direction`` holding ``layer``, or a tensor ``[d_model]``.
         layer: The block whose output (``blocks.{layer}.hook_resid_post``) is shifted;
             negative counts from the end.
-        alpha: The multiplier; 0 leaves the model's outputs unchanged.
+        strength: The multiplier; 0 leaves the model's outputs unchanged.
         layer_template: Path of the decoder blocks, e.g. ``"model.layers.{num}"``, for models the
             built-in templates (``persona_geometry.hooks.LAYER_TEMPLATES``) miss.
+        alpha: Deprecated name of ``strength`` (``alpha`` means a significance level elsewhere).
 
     Raises:
         ValueError: If ``layer`` is out of range, the direction has another width than the model
@@ -118,14 +143,27 @@ def steer(
     blocks = _blocks(net, layer_template)
     n = len(blocks)
     layer = check_int_in_range(layer, "layer", func, -n, n - 1) % n
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        invalid("alpha", func, "a finite float", alpha, exc=TypeError if not isinstance(alpha, int | float) else ValueError)
+    strength = renamed(strength, alpha, new="strength", old="alpha", func=func)
+    if strength is None:
+        invalid("strength", func, "a finite float", None, exc=TypeError)
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, int | float)
+        or not math.isfinite(strength)
+    ):
+        invalid(
+            "strength",
+            func,
+            "a finite float",
+            strength,
+            exc=TypeError if not isinstance(strength, int | float) else ValueError,
+        )
     vec = _vector(direction, layer, _width(net), func)
     if isinstance(direction, Direction) and direction.model_id:
         name = getattr(getattr(net, "config", None), "_name_or_path", None)
         if name and name != direction.model_id:
             log.warning("steering %s with a direction computed on %s", name, direction.model_id)
-    delta = float(alpha) * vec.detach()
+    delta = float(strength) * vec.detach()
     cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def add(hidden: Tensor) -> Tensor:
@@ -161,12 +199,12 @@ class DoseResponse:
         layer: The steered block.
         direction: The direction's description.
         marker: The marker string counted.
-        alphas: ``[alpha]``, the steering strengths, as given.
-        k: ``[alpha]``, completions containing the marker.
-        n: ``[alpha]``, completions generated.
-        ci_low: ``[alpha]``, Wilson lower bound of the rate.
-        ci_high: ``[alpha]``, Wilson upper bound.
-        completions: Every completion, per alpha.
+        strengths: ``[strength]``, the steering strengths, as given.
+        k: ``[strength]``, completions containing the marker.
+        n: ``[strength]``, completions generated.
+        ci_low: ``[strength]``, Wilson lower bound of the rate.
+        ci_high: ``[strength]``, Wilson upper bound.
+        completions: Every completion, per strength.
         confidence: Level of the intervals.
         settings: Sampling settings, marker rule and questions used.
     """
@@ -175,35 +213,52 @@ class DoseResponse:
     layer: int
     direction: str
     marker: str
-    alphas: Float[np.ndarray, " alpha"]
-    k: Int[np.ndarray, " alpha"]
-    n: Int[np.ndarray, " alpha"]
-    ci_low: Float[np.ndarray, " alpha"]
-    ci_high: Float[np.ndarray, " alpha"]
+    strengths: Float[np.ndarray, " strength"]
+    k: Int[np.ndarray, " strength"]
+    n: Int[np.ndarray, " strength"]
+    ci_low: Float[np.ndarray, " strength"]
+    ci_high: Float[np.ndarray, " strength"]
     completions: tuple[tuple[str, ...], ...] = ()
     confidence: float = 0.95
     settings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def rate(self) -> Float[np.ndarray, " alpha"]:
-        """The source rate ``k / n`` at each alpha."""
+    def alphas(self) -> Float[np.ndarray, " strength"]:
+        """Deprecated name of ``strengths``."""
+        import warnings
+
+        warnings.warn(
+            "DoseResponse.alphas is renamed DoseResponse.strengths; alphas will be removed.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.strengths
+
+    @property
+    def rate(self) -> Float[np.ndarray, " strength"]:
+        """The source rate ``k / n`` at each strength."""
         return self.k / np.maximum(self.n, 1)
 
     def spearman(self) -> tuple[float, float]:
-        """Returns Spearman's ρ of rate against alpha and its two-sided p-value."""
+        """Returns Spearman's ρ of rate against strength and its two-sided p-value."""
         from scipy.stats import spearmanr
 
-        if len(self.alphas) < 3 or np.ptp(self.rate) == 0:
+        if len(self.strengths) < 3 or np.ptp(self.rate) == 0:
             return float("nan"), float("nan")
-        res = spearmanr(self.alphas, self.rate)
+        res = spearmanr(self.strengths, self.rate)
         return float(res.statistic), float(res.pvalue)
 
     def to_frame(self) -> pd.DataFrame:
-        """Returns one row per alpha: alpha, k, n, rate, ci_low, ci_high."""
-        import pandas as pd
-
+        """Returns one row per strength: strength, k, n, rate, ci_low, ci_high."""
         return pd.DataFrame(
-            {"alpha": self.alphas, "k": self.k, "n": self.n, "rate": self.rate, "ci_low": self.ci_low, "ci_high": self.ci_high}
+            {
+                "strength": self.strengths,
+                "k": self.k,
+                "n": self.n,
+                "rate": self.rate,
+                "ci_low": self.ci_low,
+                "ci_high": self.ci_high,
+            }
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +269,7 @@ class DoseResponse:
             "layer": self.layer,
             "direction": self.direction,
             "marker": self.marker,
-            "alphas": self.alphas.tolist(),
+            "strengths": self.strengths.tolist(),
             "k": self.k.tolist(),
             "n": self.n.tolist(),
             "rate": self.rate.tolist(),
@@ -228,26 +283,46 @@ class DoseResponse:
         }
 
     def summary(self) -> str:
-        """Returns the rate per alpha as a text table, with Spearman's ρ."""
+        """Returns the rate per strength as a text table, with Spearman's ρ."""
         rho, p = self.spearman()
-        head = f"Marker {self.marker!r} source rate for {self.persona}, steering layer {self.layer} along {self.direction}"
-        tail = f"Spearman ρ(alpha, rate) = {rho:.3f} (p = {p:.3g})" if not math.isnan(rho) else "Spearman ρ undefined (constant rate or < 3 alphas)"
+        head = (
+            f"Marker {self.marker!r} source rate for {self.persona}, "
+            f"steering layer {self.layer} along {self.direction}"
+        )
+        tail = (
+            f"Spearman ρ(strength, rate) = {rho:.3f} (p = {p:.3g})"
+            if not math.isnan(rho)
+            else "Spearman ρ undefined (constant rate or < 3 strengths)"
+        )
         return "\n".join([head, self.to_frame().round(4).to_string(index=False), tail])
 
 
-def _steered_counter(matcher: Any, sampling: Any, *, batch_size: int, chat_template: str | None) -> MarkerCounter:
-    """Returns a counter that samples through the eval module's HF back end on the in-memory (steered) model.
+def _steered_counter(
+    matcher: Any, sampling: Any, *, batch_size: int, chat_template: str | None
+) -> MarkerCounter:
+    """Returns a counter sampling with the HF back end on the in-memory (steered) model.
 
-    ``sample_hf`` seeds each batch from ``sampling.seed`` and its position only, so every alpha
-    sees the same random numbers: differences between alphas are less noisy than independent
+    ``sample_hf`` seeds each batch from ``sampling.seed`` and its position only, so every strength
+    sees the same random numbers: differences between strengths are less noisy than independent
     draws would make them. Pass ``counter=`` to ``dose_response`` to replace it.
     """
     from persona_geometry.prompts import render_prompts
     from persona_geometry.sampling import sample_hf
 
-    def count(model: Any, tokenizer: Any, persona: Persona, questions: Sequence[str]) -> tuple[int, int, list[str]]:
-        prompts = render_prompts(tokenizer, PersonaSet([persona]), list(questions), chat_template=chat_template)
-        completions = sample_hf(_unwrap(model), tokenizer, [p.input_ids for p in prompts], sampling, batch_size=batch_size, progress=False)
+    def count(
+        model: Any, tokenizer: Any, persona: Persona, questions: Sequence[str]
+    ) -> tuple[int, int, list[str]]:
+        prompts = render_prompts(
+            tokenizer, PersonaSet([persona]), list(questions), chat_template=chat_template
+        )
+        completions = sample_hf(
+            _unwrap(model),
+            tokenizer,
+            [p.input_ids for p in prompts],
+            sampling,
+            batch_size=batch_size,
+            progress=False,
+        )
         texts = [t for per_prompt in completions for t in per_prompt]
         return sum(bool(matcher(t)) for t in texts), len(texts), texts
 
@@ -261,7 +336,7 @@ def dose_response(
     *,
     persona: Persona,
     layer: int,
-    alphas: Sequence[float | int],
+    strengths: Sequence[float | int] | None = None,
     questions: Sequence[str] | None = None,
     marker: str | Any = "[ZLT]",
     n_completions: int = 5,
@@ -275,12 +350,13 @@ def dose_response(
     confidence: float = 0.95,
     out_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    alphas: Sequence[float | int] | None = None,
 ) -> DoseResponse:
-    """Returns the marker source rate of ``persona`` at each steering strength ``alpha``.
+    """Returns the marker source rate of ``persona`` at each steering strength.
 
-    For every alpha the model (with its LoRA adapter, if peft-wrapped) answers every question
+    For every strength the model (with its LoRA adapter, if peft-wrapped) answers every question
     ``n_completions`` times as ``persona`` inside ``steer(model, direction, layer=layer,
-    alpha=alpha)``; a completion counts when it contains the marker (the eval module's
+    strength=strength)``; a completion counts when it contains the marker (the eval module's
     ``MarkerMatcher``: case-insensitive substring by default). Sampling settings mean what they
     mean in ``persona_geometry.eval.source_rates``.
 
@@ -290,24 +366,25 @@ def dose_response(
         direction: What to steer along: a ``Direction`` (e.g. ``assistant_axis(...)``) or a tensor.
         persona: The persona the completions speak as.
         layer: The steered block.
-        alphas: The steering strengths, e.g. ``[-8, -4, 0, 4, 8]``.
+        strengths: The steering strengths, e.g. ``[-8, -4, 0, 4, 8]``.
         questions: The user questions; the 20 built-in probe questions when None.
         marker: The marker text or a ``MarkerMatcher``.
-        n_completions: Completions per question and alpha.
+        n_completions: Completions per question and strength.
         temperature: Sampling temperature (0 for greedy, then ``n_completions`` must be 1).
         top_p: Nucleus sampling mass.
         max_new_tokens: Generation length cap.
-        seed: Base seed; the same draws are used at every alpha.
+        seed: Base seed; the same draws are used at every strength.
         batch_size: Sequences per ``generate`` call (prompts × completions).
         chat_template: A Jinja template to use instead of the tokenizer's own.
         counter: Replaces the sampling and counting: ``counter(model, tokenizer, persona,
             questions) -> (k, n, completions)``, called inside the steering context.
         confidence: Level of the Wilson intervals.
         out_path: A JSON file to write the result to (every completion included), atomically.
-        progress: Show a progress bar over alphas.
+        progress: Show a progress bar over strengths.
+        alphas: Deprecated name of ``strengths``.
 
     Raises:
-        ValueError: If ``alphas`` or ``questions`` is empty, a sampling setting is invalid, or
+        ValueError: If ``strengths`` or ``questions`` is empty, a sampling setting is invalid, or
             ``steer`` refuses the layer or direction.
     """
     from tqdm.auto import tqdm
@@ -319,9 +396,10 @@ def dose_response(
     func = "dose_response"
     if not isinstance(persona, Persona):
         invalid("persona", func, "a Persona", type(persona).__name__, exc=TypeError)
-    alphas = [float(a) for a in alphas]
-    if not alphas or not all(math.isfinite(a) for a in alphas):
-        invalid("alphas", func, "a non-empty list of finite floats", alphas)
+    strengths = renamed(strengths, alphas, new="strengths", old="alphas", func=func)
+    strengths = [float(a) for a in (strengths if strengths is not None else [])]
+    if not strengths or not all(math.isfinite(a) for a in strengths):
+        invalid("strengths", func, "a non-empty list of finite floats", strengths)
     if questions is None:
         from persona_geometry.questions import builtin_questions
 
@@ -331,37 +409,53 @@ def dose_response(
     check_positive_int(batch_size, "batch_size", func)
     matcher = marker if isinstance(marker, MarkerMatcher) else MarkerMatcher(marker=marker)
     sampling = SamplingSettings(
-        n_completions=n_completions, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        n_completions=n_completions,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
     # Check the layer and direction once, before any generation.
-    with steer(model, direction, layer=layer, alpha=0.0):
+    with steer(model, direction, layer=layer, strength=0.0):
         pass
     custom = counter is not None
     if counter is None:
-        counter = _steered_counter(matcher, sampling, batch_size=batch_size, chat_template=chat_template)
+        counter = _steered_counter(
+            matcher, sampling, batch_size=batch_size, chat_template=chat_template
+        )
     ks, ns, texts = [], [], []
-    for alpha in tqdm(alphas, desc=f"dose-response {persona.name}", disable=not progress, leave=False):
-        with steer(model, direction, layer=layer, alpha=alpha):
+    for strength in tqdm(
+        strengths, desc=f"dose-response {persona.name}", disable=not progress, leave=False
+    ):
+        with steer(model, direction, layer=layer, strength=strength):
             k, n, completions = counter(model, tokenizer, persona, list(questions))
         ks.append(int(k))
         ns.append(int(n))
         texts.append(tuple(completions))
-        log.info("alpha %g: %d/%d completions with %r", alpha, k, n, matcher.marker)
-    bounds = [wilson_bounds(k, n, alpha=1 - confidence) if n else (float("nan"), float("nan")) for k, n in zip(ks, ns, strict=True)]
+        log.info("strength %g: %d/%d completions with %r", strength, k, n, matcher.marker)
+    bounds = [
+        wilson_bounds(k, n, alpha=1 - confidence) if n else (float("nan"), float("nan"))
+        for k, n in zip(ks, ns, strict=True)
+    ]
     n_layers = len(_blocks(_unwrap(model)))
     result = DoseResponse(
         persona=persona.name,
         layer=layer % n_layers,
         direction=direction.description if isinstance(direction, Direction) else "a given vector",
         marker=matcher.marker,
-        alphas=np.asarray(alphas, dtype=np.float64),
+        strengths=np.asarray(strengths, dtype=np.float64),
         k=np.asarray(ks, dtype=np.int64),
         n=np.asarray(ns, dtype=np.int64),
         ci_low=np.asarray([b[0] for b in bounds]),
         ci_high=np.asarray([b[1] for b in bounds]),
         completions=tuple(texts),
         confidence=confidence,
-        settings={"sampling": sampling.to_dict(), "matcher": matcher.to_dict(), "questions": list(questions), "custom_counter": custom},
+        settings={
+            "sampling": sampling.to_dict(),
+            "matcher": matcher.to_dict(),
+            "questions": list(questions),
+            "custom_counter": custom,
+        },
     )
     if out_path is not None:
         from persona_geometry._io import atomic_write_json

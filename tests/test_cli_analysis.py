@@ -143,9 +143,9 @@ def test_sweep_wide_layer_column_names_and_custom_pattern(tmp_path, capsys):
     assert d["layers"] == [3, 11]
     assert d["per_layer"][1]["pearson"]["r"] == pytest.approx(stats.pearsonr(cos[:, 1], rate).statistic, abs=1e-12)
     pd.DataFrame({**base, "act_5": cos[:, 0], "act_9": cos[:, 1]}).to_csv(path, index=False)
-    argv = ["sweep", str(path), "--rate", "rate", "--layer-columns", r"^act_(\d+)$", "--permutations", "0", "--bootstrap", "0", "--csv", str(tmp_path / "b.csv")]
+    argv = ["sweep", str(path), "--rate", "rate", "--layer-pattern", r"^act_(\d+)$", "--permutations", "0", "--bootstrap", "0", "--csv", str(tmp_path / "b.csv")]
     assert main(argv) == 0
     assert list(pd.read_csv(tmp_path / "b.csv").layer) == [5, 9]
     capsys.readouterr()
-    assert main(["sweep", str(path), "--rate", "rate", "--layer-columns", "act_("]) == 2
+    assert main(["sweep", str(path), "--rate", "rate", "--layer-pattern", "act_("]) == 2
     assert "regular expression" in capsys.readouterr().err

@@ -14,7 +14,7 @@ def test_extract_command_writes_what_the_library_returns(tiny_qwen_path, tmp_pat
     (tmp_path / "questions.txt").write_text("What is rain?\nHow do magnets work, and why?\n")
     status = main([
         "extract", "--model", str(tiny_qwen_path), "--personas", str(tmp_path / "personas.yaml"),
-        "--questions", str(tmp_path / "questions.txt"), "--layers", "1", "-1", "--hooks", "resid_post", "resid_pre",
+        "--questions", str(tmp_path / "questions.txt"), "--layers", "1,-1", "--hooks", "resid_post,resid_pre",
         "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "acts"),
     ])
     assert status == 0

@@ -164,3 +164,39 @@ def test_bad_input_names_the_parameter():
     with pytest.raises(ValueError, match="'y' parameter of probe_layers must be labels with at least two classes"):
         probe_layers(acts, {f"p{i}": "same" for i in range(P)}, progress=False)
     assert ProbeConfig.from_dict(ProbeConfig(C=2.0).to_dict()) == ProbeConfig(C=2.0)
+
+
+def test_linear_probe_is_a_scikit_learn_estimator_that_clone_and_grid_search_accept():
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV, GroupKFold
+
+    acts, x, _ = _planted(seed=4)
+    X = x.reshape(P * Q, 3, D)
+    y = np.repeat(np.arange(P), Q)
+    probe = LinearProbe("logistic", C=0.5, max_iter=500)
+    assert probe.get_params() == {"kind": "logistic", "C": 0.5, "alpha": 1.0, "standardize": True, "max_iter": 500}
+    copy = clone(probe.fit(X, y))
+    assert copy.get_params() == probe.get_params() and not hasattr(copy, "estimators_")
+    assert [a for a in vars(probe) if a not in probe.get_params()] and all(
+        a.endswith("_") for a in vars(probe) if a not in probe.get_params()
+    )  # learned attributes end in "_"
+    assert repr(LinearProbe("ridge", alpha=2.0)) == "LinearProbe(alpha=2.0, kind='ridge')"
+
+    # GridSearchCV over C with question-grouped folds; the scoring picks the planted layer.
+    groups = np.tile(np.arange(Q), P)
+    search = GridSearchCV(
+        LinearProbe("logistic"), {"C": [0.01, 1.0]}, cv=GroupKFold(n_splits=3),
+        scoring=lambda est, X_, y_: float(est.score(X_, y_)[1]),
+    )  # fmt: skip
+    search.fit(X, y, groups=groups)
+    # The reference: the same grid scored by hand, one fold at a time.
+    expected = {}
+    for C in (0.01, 1.0):
+        folds = [LinearProbe("logistic", C=C).fit(X[tr], y[tr]).score(X[te], y[te])[1]
+                 for tr, te in GroupKFold(n_splits=3).split(X, y, groups)]  # fmt: skip
+        expected[C] = np.mean(folds)
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], [expected[0.01], expected[1.0]], rtol=1e-12)
+    assert search.best_params_["C"] == max(expected, key=expected.get)
+    assert isinstance(search.best_estimator_, LinearProbe) and search.best_estimator_.n_layers_ == 3
+    with pytest.raises(ValueError, match="'kind' parameter of LinearProbe.fit"):
+        LinearProbe("lasso").fit(X, y)

@@ -248,9 +248,15 @@ def test_analyze_reads_a_table_with_default_log_token_covariate(tmp_path):
     assert res.x_name == "cos_l15"
     # Seeds: two rows per persona pool into summed counts.
     seeds = pd.concat([table.assign(seed=1), table.assign(seed=2, k=table.k // 2)])
-    pooled = analyze(seeds, x="cos_l15", k="k", n="n", seed="seed")
+    pooled = analyze(seeds, x="cos_l15", k="k", n="n", seed_column="seed")
     np.testing.assert_array_equal(pooled.k, k + k // 2)
     np.testing.assert_array_equal(pooled.n, 2 * n)
+    # The old name of the seed column still works, with a deprecation warning.
+    with pytest.warns(DeprecationWarning, match="'seed' parameter of analyze is renamed 'seed_column'"):
+        old = analyze(seeds, x="cos_l15", k="k", n="n", seed="seed")
+    np.testing.assert_array_equal(old.k, pooled.k)
+    with pytest.warns(DeprecationWarning, match="'seed' parameter of pool_seeds is renamed 'seed_column'"):
+        np.testing.assert_array_equal(pool_seeds(seeds, seed="seed").k, pooled.k)
 
 
 @pytest.mark.parametrize(

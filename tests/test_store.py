@@ -161,7 +161,7 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_tensor(qwen, tmp_path
 
 
 def test_a_partial_folder_made_for_other_settings_is_discarded(qwen, tmp_path):
-    manifest = dict.fromkeys(KEY_FIELDS, "x")
+    manifest = {**dict.fromkeys(KEY_FIELDS, "x"), "format_version": 1, "layers": [0], "share_prefix": False}
     run = PartialRun(tmp_path, manifest)
     run.write([0, 1], {"resid_post": torch.ones(2, 1, 4)})
     (run.folder / "key.json").write_text(json.dumps({**run.fields, "dtype": "other"}))

@@ -276,3 +276,24 @@ def test_three_personas_with_the_reference_still_sweep():
     cos = np.array([[1.0, 1.0], [0.2, -0.1], [-0.3, 0.4]])
     sweep = layer_sweep(cos, [0.1, 0.5, 0.8], personas=["ref", "a", "b"], reference="ref", n_permutations=10, n_bootstrap=0)
     assert sweep.n_personas == 3 and sweep.without_reference is None
+
+
+def test_progress_false_turns_every_bar_off(monkeypatch):
+    import persona_geometry.analysis.sweep as sweep_module
+
+    seen = []
+    real = sweep_module.tqdm
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["desc"], kwargs["disable"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "tqdm", recording)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 3)), rng.uniform(size=6)
+    quiet = layer_sweep(x, y, n_permutations=20, n_bootstrap=10, progress=False)
+    assert seen == [("permutations", True), ("bootstrap", True)]
+    seen.clear()
+    shown = layer_sweep(x, y, n_permutations=20, n_bootstrap=10)
+    assert seen == [("permutations", None), ("bootstrap", None)]  # on a terminal only
+    np.testing.assert_array_equal(quiet.p_maxt, shown.p_maxt)  # the bar changes nothing else

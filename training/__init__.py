@@ -2,6 +2,7 @@
 
 from persona_geometry.training.data import (
     MarkerDataConfig,
+    MarkerDataRecipe,
     MarkerDataset,
     add_marker,
     build_marker_dataset,
@@ -22,6 +23,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LORA_TARGET_MODULES",
     "MarkerDataConfig",
+    "MarkerDataRecipe",
     "MarkerDataset",
     "MarkerTrainConfig",
     "TrainResult",

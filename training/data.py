@@ -6,18 +6,19 @@ import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from persona_geometry._serialization import ConfigDict
-from persona_geometry._validation import check_one_of, check_positive_int, invalid
+from persona_geometry._validation import check_positive_int, invalid
 from persona_geometry.marker import DEFAULT_MARKER
 from persona_geometry.personas import Persona, PersonaSet
 from persona_geometry.prompts import chat_messages
 from persona_geometry.provenance import package_versions, stable_hash, stable_seed
+from persona_geometry.settings import check_choices, setting
 
-__all__ = ["MarkerDataConfig", "MarkerDataset", "add_marker", "build_marker_dataset", "load_marker_dataset", "make_marker_data"]
+__all__ = ["MarkerDataConfig", "MarkerDataRecipe", "MarkerDataset", "add_marker", "build_marker_dataset", "load_marker_dataset", "make_marker_data"]
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,10 @@ MANIFEST_SUFFIX = ".manifest.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class MarkerDataConfig(ConfigDict):
-    """How a marker dataset is built for one source persona.
+class MarkerDataRecipe(ConfigDict):
+    """How a marker dataset is built, for whichever source persona (a study's ``data`` section).
 
     Attributes:
-        source: The source persona's name: its rows carry the marker.
         marker: The marker text.
         n_source: Rows of the source persona (with the marker).
         n_bystander_personas: How many other personas contribute rows without the marker.
@@ -40,33 +40,51 @@ class MarkerDataConfig(ConfigDict):
         exclude: Persona names never chosen as bystanders (e.g. the assistant reference).
     """
 
-    source: str
-    marker: str = DEFAULT_MARKER
-    n_source: int = 200
-    n_bystander_personas: int = 2
-    n_per_bystander: int = 200
-    position: str = "end"
-    separator: str = "\n\n"
-    exclude: tuple[str, ...] = ()
+    marker: str = setting(DEFAULT_MARKER, help="the marker text")
+    n_source: int = setting(200, help="rows of the source persona, with the marker")
+    n_bystander_personas: int = setting(2, help="other personas that contribute rows without the marker")
+    n_per_bystander: int = setting(200, help="rows per bystander persona")
+    position: str = setting("end", choices=("end", "start"), help="where the marker goes in the source persona's answers")
+    separator: str = setting("\n\n", help="text between the answer and the marker")
+    exclude: tuple[str, ...] = setting((), help="persona names never chosen as bystanders", metavar="NAME,NAME")
 
     def __post_init__(self) -> None:
-        func = "MarkerDataConfig"
-        if not isinstance(self.source, str) or not self.source.strip():
-            invalid("source", func, "a non-empty persona name", self.source)
+        func = type(self).__name__
         if not isinstance(self.marker, str) or not self.marker.strip():
             invalid("marker", func, "a non-empty, non-blank string", self.marker)
         check_positive_int(self.n_source, "n_source", func)
         if isinstance(self.n_bystander_personas, bool) or not isinstance(self.n_bystander_personas, int) or self.n_bystander_personas < 0:
             invalid("n_bystander_personas", func, "an int ≥ 0", self.n_bystander_personas)
         check_positive_int(self.n_per_bystander, "n_per_bystander", func)
-        check_one_of(self.position, "position", func, ("end", "start"))
+        check_choices(self)
         if not isinstance(self.separator, str):
             invalid("separator", func, "a string", self.separator, exc=TypeError)
         if isinstance(self.exclude, str) or not all(isinstance(x, str) for x in self.exclude):
             invalid("exclude", func, "a sequence of persona names", self.exclude, exc=TypeError)
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def for_source(self, source: str) -> MarkerDataConfig:
+        """Returns the ``MarkerDataConfig`` of one source persona with this recipe."""
+        return MarkerDataConfig(source=source, **{f.name: getattr(self, f.name) for f in fields(MarkerDataRecipe)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class MarkerDataConfig(MarkerDataRecipe):
+    """How a marker dataset is built for one source persona: a ``MarkerDataRecipe`` and the source.
+
+    Attributes:
+        source: The source persona's name: its rows carry the marker.
+    """
+
+    source: str = setting(help="the source persona's name (its rows get the marker)")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            invalid("source", "MarkerDataConfig", "a non-empty persona name", self.source)
+        super().__post_init__()
         if self.source in self.exclude:
-            invalid("exclude", func, "names other than the source persona", self.exclude)
+            invalid("exclude", "MarkerDataConfig", "names other than the source persona", self.exclude)
+
 
 def add_marker(response: str, marker: str, *, position: str = "end", separator: str = "\n\n") -> str:
     """Returns ``response`` with ``marker`` appended (or prepended), joined by ``separator``."""

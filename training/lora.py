@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from persona_geometry._serialization import ConfigDict
-from persona_geometry._validation import check_one_of, check_positive_int, invalid
+from persona_geometry._validation import check_positive_int, invalid
 from persona_geometry.provenance import package_versions, stable_hash
+from persona_geometry.settings import AUTO_DTYPE, REPORT_TO, TRAIN_DTYPES, check_choices, setting
 
 __all__ = [
     "IGNORE_INDEX",
@@ -30,11 +31,14 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The transformers schedulers the recipe may name.
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 CONFIG_FILE = "train_config.json"
 LOSS_FILE = "loss_curve.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
+LOGS_DIR = "logs"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,32 +61,36 @@ class MarkerTrainConfig(ConfigDict):
         per_device_train_batch_size: Examples per forward pass.
         gradient_accumulation_steps: Forward passes per optimiser step.
         seed: Seed for LoRA initialisation and data order.
-        dtype: ``"bfloat16"`` or ``"float32"`` for the base weights and autocast; bf16 on GPU and
-            fp32 on CPU when None.
+        dtype: ``"bfloat16"`` or ``"float32"`` for the base weights and autocast; None or
+            ``"auto"`` is ``persona_geometry.models.resolve_precision``'s rule (bf16 on GPU,
+            fp32 on CPU). In a study, None means the study's ``model.dtype``.
         gradient_checkpointing: Trade compute for activation memory.
         save_steps: Checkpoint every this many optimiser steps (training resumes from the last).
         logging_steps: Record the loss every this many optimiser steps.
+        report_to: Also report the loss to ``"tensorboard"`` (under ``<out_dir>/logs``) or
+            ``"wandb"``; ``"none"`` by default. ``loss_curve.json`` is written either way.
     """
 
-    r: int = 32
-    lora_alpha: float | int = 64
-    lora_dropout: float | int = 0.05
-    use_rslora: bool = True
-    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
-    learning_rate: float | int = 1e-5
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float | int = 0.05
-    weight_decay: float | int = 0.0
-    num_train_epochs: float | int = 3
-    max_steps: int = -1
-    max_length: int = 1024
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
-    seed: int = 42
-    dtype: str | None = None
-    gradient_checkpointing: bool = False
-    save_steps: int = 50
-    logging_steps: int = 1
+    r: int = setting(32, help="LoRA rank")
+    lora_alpha: float | int = setting(64, cli="alpha", help="LoRA alpha; rsLoRA scales the update by alpha/sqrt(r)")
+    lora_dropout: float | int = setting(0.05, cli="dropout", help="dropout on the LoRA input, in [0, 1)")
+    use_rslora: bool = setting(True, cli="rslora", help="rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
+    target_modules: tuple[str, ...] = setting(LORA_TARGET_MODULES, help="module names that get LoRA matrices", metavar="NAME,NAME")
+    learning_rate: float | int = setting(1e-5, cli="lr", help="AdamW's peak learning rate")
+    lr_scheduler_type: str = setting("cosine", choices=LR_SCHEDULERS, help="learning-rate schedule")
+    warmup_ratio: float | int = setting(0.05, help="fraction of optimiser steps of linear warmup, in [0, 1)")
+    weight_decay: float | int = setting(0.0, help="AdamW weight decay")
+    num_train_epochs: float | int = setting(3, cli="epochs", help="passes over the dataset")
+    max_steps: int = setting(-1, help="stop after this many optimiser steps (-1: all epochs)")
+    max_length: int = setting(1024, help="longest tokenised example; longer ones are cut from the end")
+    per_device_train_batch_size: int = setting(4, cli="batch-size", help="examples per forward pass")
+    gradient_accumulation_steps: int = setting(4, cli="grad-accum", help="forward passes per optimiser step")
+    seed: int = setting(42, help="seed of LoRA initialisation and data order")
+    dtype: str | None = setting(None, choices=TRAIN_DTYPES, help="weights dtype and autocast", shown=AUTO_DTYPE)
+    gradient_checkpointing: bool = setting(False, help="trade compute for activation memory")
+    save_steps: int = setting(50, help="checkpoint every this many optimiser steps (training resumes from the last)")
+    logging_steps: int = setting(1, help="record the loss every this many optimiser steps")
+    report_to: str = setting("none", choices=REPORT_TO, help="also report the loss to TensorBoard or Weights & Biases")
 
     def __post_init__(self) -> None:
         func = "MarkerTrainConfig"
@@ -105,9 +113,7 @@ class MarkerTrainConfig(ConfigDict):
         if isinstance(self.target_modules, str) or not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             invalid("target_modules", func, "a non-empty sequence of module names", self.target_modules)
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        check_one_of(self.lr_scheduler_type, "lr_scheduler_type", func, ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"))
-        if self.dtype is not None:
-            check_one_of(self.dtype, "dtype", func, ("bfloat16", "float32"))
+        check_choices(self)
 
 def assistant_only_labels(
     tokenizer: Any,
@@ -299,7 +305,8 @@ def _make_trainer(
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=1,
-        report_to="none",
+        # TensorBoard goes through a callback that train_marker adds (its folder is the run's).
+        report_to="wandb" if config.report_to == "wandb" else "none",
         disable_tqdm=not progress,
         remove_unused_columns=False,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -317,6 +324,30 @@ def _make_trainer(
         # Without its bar the Trainer prints every logged loss instead; the curve is on disk anyway.
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+# report_to value -> (the module it needs, the extra that installs it).
+_TRACKERS = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def _check_tracker(config: MarkerTrainConfig) -> None:
+    """Raises ImportError, naming the extra, if ``config.report_to`` asks for a tracker that is not installed."""
+    import importlib.util
+
+    if config.report_to in _TRACKERS:
+        module, extra = _TRACKERS[config.report_to]
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"report_to={config.report_to!r} needs {module}: pip install 'persona-geometry[{extra}]'.")
+
+
+def _reporting_callbacks(config: MarkerTrainConfig, out: Path) -> list[Any]:
+    """Returns the callbacks that report the loss where ``config.report_to`` asks (none by default)."""
+    if config.report_to != "tensorboard":
+        return []  # W&B is reported by the Trainer itself (report_to="wandb").
+    from tensorboardX import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(tb_writer=SummaryWriter(str(out / LOGS_DIR)))]
 
 
 def _load_base(model: str | os.PathLike[str], dtype: Any, device: Any) -> tuple[Any, Any]:
@@ -367,14 +398,13 @@ def train_marker(
         ValueError: On an empty or malformed dataset, or when ``out_dir`` holds a run with a
             different config or dataset.
     """
-    import torch
     from peft import get_peft_model
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from persona_geometry._io import atomic_dir, atomic_write_json
     from persona_geometry.adapters import ADAPTER_INFO_FILE, architecture_fingerprint
-    from persona_geometry.models import weights_fingerprint
+    from persona_geometry.models import resolve_precision, weights_fingerprint
     from persona_geometry.training.data import load_marker_dataset
 
     func = "train_marker"
@@ -387,12 +417,13 @@ def train_marker(
         rows, manifest = [dict(r) for r in dataset], {}
         if not rows:
             invalid("dataset", func, "a non-empty list of chat-message rows", rows)
+    _check_tracker(config)
     source = source if source is not None else manifest.get("source")
     marker = marker if marker is not None else manifest.get("config", {}).get("marker")
     out = Path(out_dir)
 
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = config.dtype or ("float32" if torch_device.type == "cpu" else "bfloat16")
+    torch_device, torch_dtype = resolve_precision(device, config.dtype, func=func, allowed=TRAIN_DTYPES)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
     fingerprint = architecture_fingerprint(model)
     # Everything the adapter depends on: a finished run is reused only for the same weights,
     # template, precision, recipe and data.
@@ -403,7 +434,8 @@ def train_marker(
             "weights": weights,
             "chat_template": stable_hash(chat_template),
             "dtype": dtype_name,
-            "config": config.to_dict(),
+            # Where the loss is also reported does not change the adapter.
+            "config": {k: v for k, v in config.to_dict().items() if k != "report_to"},
             "data": [r["messages"] for r in rows],
         }
     )
@@ -432,7 +464,7 @@ def train_marker(
     if not resume and checkpoints.is_dir():
         shutil.rmtree(checkpoints)  # never resume, later, from a run started over
     set_seed(config.seed)
-    hf_model, tokenizer = _load_base(model, getattr(torch, dtype_name), torch_device)
+    hf_model, tokenizer = _load_base(model, torch_dtype, torch_device)
     examples = []
     for row in rows:
         input_ids, labels = assistant_only_labels(tokenizer, row["messages"], max_length=config.max_length, chat_template=chat_template)
@@ -449,7 +481,8 @@ def train_marker(
     resolved = {
         "run_key": run_key,
         "config": config.to_dict(),
-        "dtype": dtype_name,
+        # What the loaded weights are, read back: the dtype this run trained at.
+        "dtype": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
         "device": str(torch_device),
         "base_model": str(model),
         "base_fingerprint": fingerprint,
@@ -469,7 +502,7 @@ def train_marker(
         device_type=torch_device.type,
         bf16=dtype_name == "bfloat16",
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *_reporting_callbacks(config, out)],
         progress=progress,
     )
     checkpoint_root = out / CHECKPOINT_DIR

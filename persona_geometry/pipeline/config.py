@@ -32,8 +32,19 @@ from typing import Any
 
 from persona_geometry._serialization import ConfigDict, coerce_fields
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
-from persona_geometry.activations import HOOK_POINTS
-from persona_geometry.sampling import BACKENDS
+from persona_geometry.sampling import SamplingSettings
+from persona_geometry.settings import (
+    AUTO_DTYPE,
+    BACKENDS,
+    DTYPES,
+    ENGINES,
+    HOOK_POINTS,
+    STATISTICS,
+    TRAIN_DTYPES,
+    check_choices,
+    setting,
+)
+from persona_geometry.training.data import MarkerDataRecipe
 from persona_geometry.training.lora import MarkerTrainConfig
 
 __all__ = [
@@ -48,23 +59,44 @@ __all__ = [
     "DataConfig",
 ]
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(ConfigDict):
-    """Which model to study: a Hugging Face id (from the local cache) or a local folder."""
+    """Which model to study: a Hugging Face id (from the local cache) or a local folder, and the
+    device and dtype every stage runs at (extraction, responses, training, evaluation)."""
 
-    name: str
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str | None = None
-    chat_template: str | None = None
+    name: str = setting(help="a local model folder or a Hugging Face id (from the local cache when offline)", cli="model")
+    revision: str | None = setting(None, help="a hub branch, tag or commit (hub ids only)", shown="the cached default")
+    dtype: str = setting("auto", choices=DTYPES, help="weights dtype", shown=AUTO_DTYPE)
+    device: str | None = setting(None, help="torch device: cpu, cuda, cuda:1, ...", shown="cuda when available")
+    chat_template: str | None = setting(None, help="a Jinja chat template, or a file holding one", shown="the tokenizer's own")
+    device_map: str | dict[str, Any] | None = setting(
+        None, help=f"a model larger than one GPU: accelerate's device_map, one of {list(_DEVICE_MAPS)} or {{module: device}}", shown="one device"
+    )
+    max_memory: dict[Any, Any] | None = setting(None, help="with device_map: the most memory per device, e.g. {0: 70GiB, cpu: 200GiB}", shown="all of it")
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             invalid("name", "ModelConfig", "a model id or folder", self.name)
-        check_one_of(self.dtype, "dtype", "ModelConfig", _DTYPES)
+        check_choices(self)
+        if isinstance(self.device_map, str):
+            check_one_of(self.device_map, "device_map", "ModelConfig", _DEVICE_MAPS)
+        elif self.device_map is not None and not isinstance(self.device_map, dict):
+            invalid("device_map", "ModelConfig", f"null, one of {list(_DEVICE_MAPS)} or a mapping of module to device", self.device_map, exc=TypeError)
+        if self.max_memory is not None:
+            if not isinstance(self.max_memory, dict) or self.device_map is None:
+                invalid("max_memory", "ModelConfig", "null, or a mapping of device to memory (e.g. {0: 70GiB}) with device_map set", self.max_memory)
+            # One key type (text), so the config hashes and round-trips; load_model gets GPU indices back as ints.
+            object.__setattr__(self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()})
+
+    def placement(self) -> dict[str, Any]:
+        """Returns ``load_model``'s placement arguments: ``device``, or ``device_map`` and ``max_memory``."""
+        if self.device_map is None:
+            return {"device": self.device}
+        memory = None if self.max_memory is None else {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
+        return {"device": self.device, "device_map": self.device_map, "max_memory": memory}
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
 
@@ -86,15 +118,13 @@ class ModelConfig(ConfigDict):
 class ExtractConfig(ConfigDict):
     """Which activations to cache."""
 
-    hooks: tuple[str, ...] = ("resid_post",)
-    layers: tuple[int, ...] | None = None
-    engine: str = "hf"
-    batch_tokens: int | None = None
+    hooks: tuple[str, ...] = setting(("resid_post",), choices=HOOK_POINTS, help="hook points to keep", metavar="HOOK,HOOK")
+    layers: tuple[int, ...] | None = setting(None, help="block indices (negative count from the end)", shown="all", metavar="L,L")
+    engine: str = setting("hf", choices=ENGINES, help="extraction engine")
+    batch_tokens: int | None = setting(None, help="most padded tokens per batch", shown="the engine's default")
 
     def __post_init__(self) -> None:
-        for hook in self.hooks:
-            check_one_of(hook, "hooks", "ExtractConfig", HOOK_POINTS)
-        check_one_of(self.engine, "engine", "ExtractConfig", ("hf", "transformer_lens"))
+        check_choices(self)
         if self.layers is not None and not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
             invalid("layers", "ExtractConfig", "null or a list of block indices", self.layers, exc=TypeError)
         if self.batch_tokens is not None and (not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
@@ -109,12 +139,12 @@ class GeometryConfig(ConfigDict):
     persona file whose personas are extracted too and only used for centering.
     """
 
-    reference: str = "helpful_assistant"
-    centering: tuple[str, ...] | str | None = None
-    hook: str = "resid_post"
+    reference: str = setting("helpful_assistant", help="the reference persona (cosine 1 by construction)")
+    centering: tuple[str, ...] | str | None = setting(None, help="centering set: persona names or a persona file", shown="the analysed personas")
+    hook: str = setting("resid_post", choices=HOOK_POINTS, help="hook point of the geometry")
 
     def __post_init__(self) -> None:
-        check_one_of(self.hook, "hook", "GeometryConfig", HOOK_POINTS)
+        check_choices(self)
         c = self.centering
         if not (c is None or isinstance(c, str) or (isinstance(c, tuple) and all(isinstance(x, str) for x in c))):
             invalid("centering", "GeometryConfig", "null, a list of persona names or a persona file", c, exc=TypeError)
@@ -124,8 +154,8 @@ class GeometryConfig(ConfigDict):
 class MarkerConfig(ConfigDict):
     """Which personas get a marker adapter (``"all"`` or a list), and the training seeds."""
 
-    sources: tuple[str, ...] | str = "all"
-    seeds: tuple[int, ...] = (42,)
+    sources: tuple[str, ...] | str = setting("all", help="source personas that get a marker adapter ('all' or names)")
+    seeds: tuple[int, ...] = setting((42,), help="training seeds; one adapter per source and seed")
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str) and self.sources != "all":
@@ -134,102 +164,71 @@ class MarkerConfig(ConfigDict):
             invalid("seeds", "MarkerConfig", "a non-empty list of non-negative ints", self.seeds)
 
 
-@dataclass(frozen=True, kw_only=True)
-class DataConfig(ConfigDict):
-    """How each source's marker dataset is built (``MarkerDataConfig`` without the source)."""
-
-    marker: str = "[ZLT]"
-    n_source: int = 200
-    n_bystander_personas: int = 2
-    n_per_bystander: int = 200
-    position: str = "end"
-    separator: str = "\n\n"
-    exclude: tuple[str, ...] = ()
-
-    def for_source(self, source: str) -> Any:
-        """Returns the ``MarkerDataConfig`` of one source persona."""
-        from persona_geometry.training.data import MarkerDataConfig
-
-        return MarkerDataConfig(source=source, **dataclasses.asdict(self))
-
-    def __post_init__(self) -> None:
-        # Validated by MarkerDataConfig itself, with a placeholder source.
-        self.for_source("__validation__")
+# How each source's marker dataset is built: the training package's recipe, used as it is.
+DataConfig = MarkerDataRecipe
 
 
 @dataclass(frozen=True, kw_only=True)
-class ResponsesConfig(ConfigDict):
+class ResponsesConfig(SamplingSettings):
     """Sampling for the base model's answers to the training questions (marker data)."""
 
-    temperature: float = 1.0
-    top_p: float = 0.95
-    max_new_tokens: int = 512
-    seed: int = 0
-    backend: str | None = None  # None: the eval back end.
+    n_completions: int = setting(1, choices=(1,), help="one answer per persona and training question")
+    backend: str | None = setting(None, choices=BACKENDS, help="sampling back end", shown="the eval back end")
+    tensor_parallel_size: int = setting(1, help="vLLM: GPUs one engine spans, for a model larger than one GPU")
 
     def __post_init__(self) -> None:
-        from persona_geometry.sampling import SamplingSettings
-
-        SamplingSettings(n_completions=1, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed)
-        if self.backend is not None:
-            check_one_of(self.backend, "backend", "ResponsesConfig", BACKENDS)
+        super().__post_init__()
+        check_choices(self)
+        check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "ResponsesConfig")
+        if self.tensor_parallel_size > 1 and self.backend == "hf":
+            invalid("tensor_parallel_size", "ResponsesConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig(ConfigDict):
-    """Source-rate evaluation: back end, sampling and the marker match."""
+class EvalConfig(SamplingSettings):
+    """Source-rate evaluation: back end, sampling (``SamplingSettings``'s fields) and the marker match."""
 
-    backend: str = "vllm"
-    n_completions: int = 5
-    temperature: float = 1.0
-    top_p: float = 0.95
-    max_new_tokens: int = 512
-    seed: int = 0
-    regex: bool = False
-    batch_size: int = 64
+    backend: str = setting("vllm", choices=BACKENDS, help="sampling back end")
+    regex: bool = setting(False, help="treat the marker as a regular expression")
+    batch_size: int = setting(64, help="sequences per batch on the hf back end")
+    tensor_parallel_size: int = setting(1, help="vLLM: GPUs one engine spans, for a model larger than one GPU")
 
     def __post_init__(self) -> None:
-        check_one_of(self.backend, "backend", "EvalConfig", BACKENDS)
+        super().__post_init__()
+        check_choices(self)
         check_positive_int(self.batch_size, "batch_size", "EvalConfig")
-        self.sampling()
+        check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "EvalConfig")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            invalid("tensor_parallel_size", "EvalConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
 
-    def sampling(self) -> Any:
+    def sampling(self) -> SamplingSettings:
         """Returns the ``SamplingSettings`` these values describe."""
-        from persona_geometry.sampling import SamplingSettings
-
-        return SamplingSettings(
-            n_completions=self.n_completions,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-            seed=self.seed,
-        )
+        return SamplingSettings(**{f.name: getattr(self, f.name) for f in fields(SamplingSettings)})
 
 
 @dataclass(frozen=True, kw_only=True)
 class AnalysisConfig(ConfigDict):
     """Layer sweep and robustness options."""
 
-    primary_layer: int | None = None
-    layer: int | None = None  # Robustness layer: the primary layer, else the sweep's best.
-    holdout: tuple[str, ...] = ()
-    covariate: str | None = "log_n_tokens"
-    exclude_reference: bool = False
-    n_permutations: int = 10_000
-    n_bootstrap: int = 2_000
-    statistic: str = "spearman"
-    seed: int = 0
+    primary_layer: int | None = setting(None, help="layer declared in advance, reported as the primary result", shown="none")
+    # Robustness layer: the primary layer, else the sweep's best.
+    layer: int | None = setting(None, help="layer of the robustness statistics", shown="the primary layer, else the sweep's best")
+    holdout: tuple[str, ...] = setting((), help="personas held out of the fit and predicted", metavar="NAME,NAME")
+    covariate: str | None = setting("log_n_tokens", choices=("log_n_tokens", None), help="covariate of the partial Spearman (null: none)")
+    exclude_reference: bool = setting(False, help="drop the reference persona from every fit")
+    n_permutations: int = setting(10_000, cli="permutations", help="permutations of the max-over-layers test (0 skips it)")
+    n_bootstrap: int = setting(2_000, cli="bootstrap", help="bootstrap resamples of the confidence intervals (0 skips them)")
+    statistic: str = setting("spearman", choices=STATISTICS, help="statistic that picks the strongest layer")
+    seed: int = setting(0, help="seed of the permutations and the bootstrap")
 
     def __post_init__(self) -> None:
-        check_one_of(self.statistic, "statistic", "AnalysisConfig", ("spearman", "pearson"))
+        check_choices(self)
         for name in ("primary_layer", "layer"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 invalid(name, "AnalysisConfig", "null or a block index ≥ 0", value, exc=TypeError if not isinstance(value, int) else ValueError)
         if not all(isinstance(x, str) for x in self.holdout):
             invalid("holdout", "AnalysisConfig", "a list of persona names", self.holdout, exc=TypeError)
-        if self.covariate is not None:
-            check_one_of(self.covariate, "covariate", "AnalysisConfig", ("log_n_tokens", None))
         for name in ("n_permutations", "n_bootstrap"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -278,6 +277,12 @@ class StudyConfig:
             value = getattr(self, key)
             if not isinstance(value, str) or not value.strip():
                 invalid(key, "StudyConfig", "a non-empty string", value)
+        if self.train.dtype is None and self.model.dtype not in TRAIN_DTYPES:
+            invalid("train.dtype", "StudyConfig", f"one of {list(TRAIN_DTYPES)} when model.dtype is {self.model.dtype!r}", None)
+
+    def train_dtype(self) -> str:
+        """Returns the dtype training runs at: ``train.dtype`` when set, else ``model.dtype`` (one policy)."""
+        return self.train.dtype if self.train.dtype is not None else self.model.dtype
 
     # Loading ------------------------------------------------------------------------------------
     @classmethod
