@@ -21,9 +21,11 @@ __all__ = [
     "BACKENDS",
     "DTYPES",
     "ENGINES",
+    "EXECUTORS",
     "HOOK_POINTS",
     "META_METHODS",
     "REPORT_TO",
+    "STAGES",
     "STATISTICS",
     "TABLE_LAYOUTS",
     "TRAIN_DTYPES",
@@ -44,6 +46,10 @@ STATISTICS: tuple[str, ...] = ("spearman", "pearson")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 # Training runs in float32 or bfloat16 autocast; float16 training would need loss scaling.
 TRAIN_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
+# A study's stages, in pipeline order.
+STAGES: tuple[str, ...] = ("extract", "data", "train", "eval", "sweep", "report")
+# Where a study's units run: torchrun under a launcher else in process (auto), or as named.
+EXECUTORS: tuple[str, ...] = ("auto", "inprocess", "torchrun", "ray")
 # Layouts of a sweep table: one row per persona and layer, one row per persona, or guessed.
 TABLE_LAYOUTS: tuple[str, ...] = ("auto", "long", "wide")
 # Between-study variance estimators of a random-effects comparison (statsmodels' combine_effects).

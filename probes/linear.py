@@ -392,9 +392,19 @@ class ProbeResult:
             f"{self.kind} probe for {self.target}: cross-validated {name} per layer "
             f"({len(self.folds)} folds grouped by {self.group_by}, {self.n_samples} prompts"
             + (f", {self.n_classes} classes" if self.n_classes else "")
-            + f"; {int(self.confidence * 100)}% CI; chance {self.chance:.3f})"
+            + f"; {int(self.confidence * 100)}% CI)"
         )
-        frame = self.to_frame().round(3).to_string(index=False)
+        # The majority class, not 1/classes, is what a constant guess scores; the shuffled-label
+        # runs (baseline_mean) are the baseline that accounts for the folds.
+        floor = (
+            f"majority-class rate {self.chance:.3f}"
+            if self.metric == "accuracy"
+            else "predicting the mean scores R² 0"
+        )
+        head += f"\n{floor}; shuffled-label baseline per layer in baseline_mean"
+        floor_column = "majority_class_rate" if self.metric == "accuracy" else "mean_r2"
+        frame = self.to_frame().rename(columns={"chance": floor_column})
+        frame = frame.round(3).to_string(index=False)
         best = f"best layer: {self.best_layer} ({name} {self.best_score:.3f})"
         return "\n".join([head, frame, best])
 

@@ -232,3 +232,4 @@ def test_hand_written_options_default_to_the_library_functions():
     sweep = _parse("sweep", "t.csv")
     given = defaults(sweep_table)
     assert (sweep.persona, sweep.layout, sweep.layer_column, sweep.cosine) == (given["persona"], given["layout"], given["layer"], given["cosine"])
+

@@ -27,7 +27,7 @@ from persona_geometry.pipeline.config import (
     ModelConfig,
     ResponsesConfig,
 )
-from persona_geometry.settings import META_METHODS, STATISTICS, TABLE_LAYOUTS
+from persona_geometry.settings import EXECUTORS, META_METHODS, STAGES, STATISTICS, TABLE_LAYOUTS
 from persona_geometry.training.data import MarkerDataConfig
 from persona_geometry.training.lora import MarkerTrainConfig
 
@@ -180,8 +180,6 @@ _OVERRIDES = ("device", "dtype")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    from persona_geometry.pipeline.study import STAGES
-
     p = _subparser(
         sub,
         "run",
@@ -195,7 +193,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _add_settings(p, ModelConfig, _OVERRIDES, override="the config's model section")
     p.add_argument("--force", action="store_true", help="re-run the chosen stages even if their outputs are current")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--executor", choices=("auto", "inprocess", "torchrun", "ray"), default="auto",
+    p.add_argument("--executor", choices=EXECUTORS, default=EXECUTORS[0],
                    help="where units run: auto (torchrun under a launcher, else in process), inprocess, torchrun, ray")
     p.add_argument("--shard", metavar="I/N", default=None,
                    help="array job I of N: run only this slice of the extract/data/train/eval units, then exit")

@@ -90,6 +90,8 @@ class ModelConfig(ConfigDict):
                 invalid("max_memory", "ModelConfig", "null, or a mapping of device to memory (e.g. {0: 70GiB}) with device_map set", self.max_memory)
             # One key type (text), so the config hashes and round-trips; load_model gets GPU indices back as ints.
             object.__setattr__(self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()})
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
 
     def placement(self) -> dict[str, Any]:
         """Returns ``load_model``'s placement arguments: ``device``, or ``device_map`` and ``max_memory``."""
@@ -97,8 +99,6 @@ class ModelConfig(ConfigDict):
             return {"device": self.device}
         memory = None if self.max_memory is None else {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
         return {"device": self.device, "device_map": self.device_map, "max_memory": memory}
-        if self.chat_template is not None and not isinstance(self.chat_template, str):
-            invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
 
     def template_text(self) -> str | None:
         """Returns the chat template to use: the file's text when ``chat_template`` is a path.
@@ -190,13 +190,16 @@ class EvalConfig(SamplingSettings):
 
     backend: str = setting("vllm", choices=BACKENDS, help="sampling back end")
     regex: bool = setting(False, help="treat the marker as a regular expression")
-    batch_size: int = setting(64, help="sequences per batch on the hf back end")
+    batch_size: int | None = setting(
+        None, help="sequences per batch on the hf back end (completions do not depend on it)", shown="sized to GPU memory"
+    )
     tensor_parallel_size: int = setting(1, help="vLLM: GPUs one engine spans, for a model larger than one GPU")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self)
-        check_positive_int(self.batch_size, "batch_size", "EvalConfig")
+        if self.batch_size is not None:
+            check_positive_int(self.batch_size, "batch_size", "EvalConfig")
         check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "EvalConfig")
         if self.tensor_parallel_size > 1 and self.backend != "vllm":
             invalid("tensor_parallel_size", "EvalConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)

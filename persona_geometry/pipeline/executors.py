@@ -27,12 +27,12 @@ from typing import Any
 
 from persona_geometry import distributed
 from persona_geometry._validation import invalid
+from persona_geometry.settings import EXECUTORS
 
 __all__ = ["EXECUTORS", "InProcess", "RayTasks", "Shard", "Torchrun", "make_executor", "parse_shard"]
 
 log = logging.getLogger(__name__)
 
-EXECUTORS: tuple[str, ...] = ("auto", "inprocess", "torchrun", "ray")
 
 # run(unit) -> the unit's output files; a module-level function, so Ray can ship it to workers.
 UnitFn = Callable[[Any], dict[str, str]]

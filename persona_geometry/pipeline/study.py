@@ -37,12 +37,12 @@ from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions, load_questions, training_questions
 from persona_geometry.resume import KeyedFolder
+from persona_geometry.settings import STAGES
 
 __all__ = ["STAGES", "UNIT_STAGES", "StudyResult", "Unit", "run_study", "run_unit", "study_inputs", "study_units", "unit_outputs"]
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("extract", "data", "train", "eval", "sweep", "report")
 _MARKER_FILE = ".stage.json"
 
 
