@@ -311,8 +311,9 @@ def _steered_counter(
 ) -> MarkerCounter:
     """Returns a counter sampling with the HF back end on the in-memory (steered) model.
 
-    ``sample_hf`` seeds each batch from ``sampling.seed`` and its position only, so every strength
-    sees the same random numbers: differences between strengths are less noisy than independent
+    ``sample_hf`` seeds each completion from ``sampling.seed``, its prompt index and its
+    completion index only, so every strength sees the same random numbers: differences between
+    strengths are less noisy than independent
     draws would make them. Pass ``counter=`` to ``dose_response`` to replace it.
     """
     from persona_geometry.prompts import render_prompts

@@ -92,3 +92,5 @@ def test_study_config_example_is_the_reference_recipe():
     assert config.model.name == "Qwen/Qwen2.5-7B-Instruct" and config.analysis.primary_layer == 20
     assert (config.train.r, config.train.lora_alpha, config.train.use_rslora, config.eval.n_completions) == (32, 64, True, 5)
     assert len(inputs.sources) == 12 and len(inputs.questions) == 20
+    # The recipe's 16 examples per optimiser step, however they are split into micro-batches.
+    assert config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps == 16

@@ -87,6 +87,29 @@ def test_every_stage_runs_and_writes_its_outputs(study):
     assert [p.name for p in (out / "report").glob("*.js")] == ["plotly.min.js"]
 
 
+def test_compare_reads_a_real_study_and_a_copy_of_it_as_two_seeds(study, tmp_path):
+    import shutil
+
+    from persona_geometry.analysis import compare_studies
+
+    out = study[0] / "out"
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("train", "data", "cache", "*.html"))
+    result = compare_studies([out, copy])
+    report = json.loads((out / "report" / "report.json").read_text())
+    row = result.to_frame().iloc[0]
+    assert row["n_layers"] == 4 and row["primary_layer"] == 1  # blocks from the extraction manifest
+    assert row["primary_value"] == report["sweep"]["per_layer"][1]["spearman"]["rho"]
+    assert result.meta.layers == (1, 1) and result.meta.tau2 == 0 and result.meta.q == pytest.approx(0, abs=1e-12)
+    (group,) = result.seed_groups
+    assert sorted(group.seed_corr.columns) == ["copy:42", "out:42"]
+    for name in ("villain", "librarian"):
+        run = json.loads((out / "eval" / name / "seed42" / "run_result.json").read_text())
+        mine = next(r for r in run["personas"] if r["persona"] == name)
+        i = group.pooled.personas.index(name)
+        assert (group.pooled.k[i], group.pooled.n[i]) == (2 * mine["k"], 2 * mine["n"])
+
+
 def test_unchanged_inputs_skip_every_stage(study):
     _, path, _ = study
     again = run_study(StudyConfig.load(path), progress=False)

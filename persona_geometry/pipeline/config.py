@@ -194,13 +194,16 @@ class EvalConfig(SamplingSettings):
 
     backend: str = setting("vllm", choices=BACKENDS, help="sampling back end")
     regex: bool = setting(False, help="treat the marker as a regular expression")
-    batch_size: int = setting(64, help="sequences per batch on the hf back end")
+    batch_size: int | None = setting(
+        None, help="sequences per batch on the hf back end (completions do not depend on it)", shown="sized to GPU memory"
+    )
     tensor_parallel_size: int = setting(1, help="vLLM: GPUs one engine spans, for a model larger than one GPU")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self)
-        check_positive_int(self.batch_size, "batch_size", "EvalConfig")
+        if self.batch_size is not None:
+            check_positive_int(self.batch_size, "batch_size", "EvalConfig")
         check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "EvalConfig")
         if self.tensor_parallel_size > 1 and self.backend != "vllm":
             invalid("tensor_parallel_size", "EvalConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
