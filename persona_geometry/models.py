@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,7 +315,10 @@ def _apply_adapter(model: Any, adapter: str, name_or_path: str, folder: Path | N
     from peft import PeftModel
 
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_folder), is_trainable=False)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated is_gradient_checkpointing alias when it wraps a model.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(adapter_folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ValueError(
             f"The 'adapter' parameter of load_model must be an adapter whose weights fit {name_or_path!r}. "

@@ -1,7 +1,8 @@
 """Shared-prefix extraction: each persona's system block runs once, its questions reuse its KV cache.
 
 Every question of a persona starts with the same tokens (the system turn and the user header),
-which make up about half of the study's prompt tokens. The ``hf`` engine with
+which make up about half of the study's prompt tokens. Where the packed engine
+(``persona_geometry.packing``) cannot run, the ``hf`` engine's padded fallback with
 ``share_prefix=True`` runs each distinct prefix once, keeps its keys and values for the blocks
 that are needed, and runs only the remaining suffix of each prompt against them. Attention then
 sees exactly the keys it would see in a full forward (positions continue from the prefix), so

@@ -22,10 +22,13 @@ __all__ = [
     "DTYPES",
     "ENGINES",
     "EXECUTORS",
+    "FIGURE_FORMATS",
     "HOOK_POINTS",
     "META_METHODS",
+    "PLOTLYJS_MODES",
     "REPORT_TO",
     "STAGES",
+    "STATIC_FORMATS",
     "STATISTICS",
     "TABLE_LAYOUTS",
     "TRAIN_DTYPES",
@@ -56,6 +59,11 @@ TABLE_LAYOUTS: tuple[str, ...] = ("auto", "long", "wide")
 META_METHODS: tuple[str, ...] = ("dl", "iterated", "chi2")
 # Where training may also report its loss (``loss_curve.json`` is always written).
 REPORT_TO: tuple[str, ...] = ("none", "tensorboard", "wandb")
+# Figure files: HTML, or static images through kaleido (the figures extra) and a Chromium.
+STATIC_FORMATS: tuple[str, ...] = ("png", "pdf", "svg", "jpeg", "jpg", "webp")
+FIGURE_FORMATS: tuple[str, ...] = ("html", *STATIC_FORMATS)
+# Where an HTML figure gets plotly.js: one plotly.min.js per folder, inlined, or a CDN.
+PLOTLYJS_MODES: tuple[str, ...] = ("directory", "inline", "cdn")
 # Said wherever a dtype default is shown.
 AUTO_DTYPE = "auto: float32 on CPU, bfloat16 on GPU"
 

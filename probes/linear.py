@@ -402,6 +402,13 @@ class ProbeResult:
             else "predicting the mean scores R² 0"
         )
         head += f"\n{floor}; shuffled-label baseline per layer in baseline_mean"
+        n_shuffles = self.baseline.shape[1]
+        if n_shuffles:
+            fits = len(self.layers) * (1 + n_shuffles) * len(self.folds)
+            head += (
+                f", from {n_shuffles} shuffles, each a full cross-validation: {fits} probe fits "
+                "in all (set ProbeConfig(n_shuffles=0) to skip them)"
+            )
         floor_column = "majority_class_rate" if self.metric == "accuracy" else "mean_r2"
         frame = self.to_frame().rename(columns={"chance": floor_column})
         frame = frame.round(3).to_string(index=False)
@@ -594,9 +601,14 @@ def probe_layers(
     hi = np.empty(n_layers)
     fold_scores = np.empty((n_layers, len(splits)))
     baseline = np.empty((n_layers, config.n_shuffles))
-    for j, li in enumerate(
-        tqdm(lidx, desc=f"probing {description}", disable=not progress, leave=False)
-    ):
+    # Each layer is cross-validated once on the labels and once per shuffle: that is the cost.
+    n_fits = len(lidx) * (1 + config.n_shuffles) * len(splits)
+    log.info(
+        "probe %s: %d layers × (1 + %d shuffles) × %d folds = %d fits",
+        description, len(lidx), config.n_shuffles, len(splits), n_fits,
+    )  # fmt: skip
+    desc = f"probing {description} ({(1 + config.n_shuffles) * len(splits)} fits per layer)"
+    for j, li in enumerate(tqdm(lidx, desc=desc, disable=not progress, leave=False)):
         X = x[:, :, li].reshape(P * Q, -1)
         X = (
             X.detach()

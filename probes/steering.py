@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,14 @@ def _vector(direction: Direction | Tensor, layer: int, width: int, func: str) ->
             tuple(direction.shape),
         )
     return direction
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model ids or folders name the same model (a relative and an absolute path do)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 @contextmanager
@@ -302,8 +311,9 @@ def _steered_counter(
 ) -> MarkerCounter:
     """Returns a counter sampling with the HF back end on the in-memory (steered) model.
 
-    ``sample_hf`` seeds each batch from ``sampling.seed`` and its position only, so every strength
-    sees the same random numbers: differences between strengths are less noisy than independent
+    ``sample_hf`` seeds each completion from ``sampling.seed``, its prompt index and its
+    completion index only, so every strength sees the same random numbers: differences between
+    strengths are less noisy than independent
     draws would make them. Pass ``counter=`` to ``dose_response`` to replace it.
     """
     from persona_geometry.prompts import render_prompts

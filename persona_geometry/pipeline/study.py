@@ -204,6 +204,10 @@ def run_study(
     for s in chosen:
         if s not in STAGES:
             invalid("stages", "run_study", f"stage names from {list(STAGES)}", s)
+    # Every check that needs no weights, before anything is trained or the output folder exists.
+    from persona_geometry.pipeline.plan import plan_study
+
+    plan_study(config, stages=chosen)
     inputs = study_inputs(config)
     # Absolute, so workers started elsewhere (Ray) write to the same place.
     config = config.with_overrides(out=str(Path(config.out).resolve()))
@@ -335,7 +339,7 @@ def _stage_keys(config: StudyConfig, inputs: _Inputs) -> dict[str, str]:
     train = stable_hash([data, c["train"], c["marker"]])
     evaluation = stable_hash([train, inputs.questions, c["eval"], c["data"]["marker"]])
     sweep = stable_hash([extract, evaluation, c["geometry"], c["analysis"]])
-    report = stable_hash([sweep, "report-v1"])
+    report = stable_hash([sweep, c["figures"], "report-v2"])
     return {"extract": extract, "data": data, "train": train, "eval": evaluation, "sweep": sweep, "report": report}
 
 
@@ -714,14 +718,13 @@ def _report(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str
     import json
 
     from persona_geometry.analysis import (
-        cosine_heatmap,
-        hero_scatter,
+        check_static_export,
         leakage_correlation,
         robustness_at_layer,
         robustness_markdown,
-        sweep_curve,
-        write_figure,
     )
+
+    check_static_export(config.figures.static_formats)  # before any file of the stage is written
 
     acts, cos, pairwise = _geometry(config, out)
     pooled, leakage = _counts(config, inputs, out)
@@ -768,15 +771,62 @@ def _report(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str
     md = [robustness_markdown(rob, sweep, title=f"{config.name}: persona geometry vs marker source rate")]
     if leak is not None:
         md.append("## Pairwise leakage\n\n" + leak.summary() + "\n")
+    figures = _report_figures(config, rob, sweep, pairwise, layer)
+    md.append(_figures_markdown(figures, config.figures.formats))
     md.append(_provenance_markdown(config, layer, payload["layer_choice"]))
     files["report_md"] = str(atomic_write_text(folder / "report.md", "\n".join(md)))
-    files["figure_scatter"] = str(write_figure(hero_scatter(rob, title=f"{config.name}, layer {layer}"), folder / "scatter.html"))
-    files["figure_sweep"] = str(write_figure(sweep_curve(sweep), folder / "sweep.html"))
-    files["figure_heatmap"] = str(write_figure(cosine_heatmap(pairwise), folder / "heatmap.html"))
+    from persona_geometry.analysis.figures import write_figures
+
+    f = config.figures
+    for name, path in write_figures(figures, folder, formats=f.formats, width=f.width, height=f.height, scale=f.scale, plotlyjs=f.plotlyjs).items():
+        files[f"figure_{name}"] = str(path)
     atomic_write_text(folder / "leakage.csv", leakage.to_csv())
     log.info("report written to %s", folder)
     json.dumps(payload)  # fail here, not in a reader, if anything is not JSON-safe
     return files
+
+
+def _report_figures(config: StudyConfig, rob: Any, sweep: Any, pairwise: Any, layer: int) -> dict[str, Any]:
+    """Returns the report's figures by file stem: scatter, sweep, heatmap (slider) and heatmap grid."""
+    from persona_geometry.analysis.figures import (
+        cosine_heatmap,
+        cosine_heatmap_grid,
+        default_grid_layers,
+        hero_scatter,
+        sweep_curve,
+    )
+
+    grid_layers = config.figures.grid_layers
+    if grid_layers is None:
+        grid_layers = default_grid_layers(pairwise.layers, primary=layer)
+    else:
+        for value in grid_layers:
+            if value not in pairwise.layers:
+                raise ValueError(f"The study config's 'figures.grid_layers' names layer {value}, which is not among the extracted layers {list(pairwise.layers)}.")
+    return {
+        # With held-out personas declared, the scatter draws them as stars against the fit without them.
+        "scatter": hero_scatter(rob, title=f"{config.name}: source rate vs centered cosine"),
+        "sweep": sweep_curve(sweep),
+        "heatmap": cosine_heatmap(pairwise),
+        "heatmap_grid": cosine_heatmap_grid(pairwise, grid_layers),
+    }
+
+
+def _figures_markdown(figures: dict[str, Any], formats: Sequence[str]) -> str:
+    captions = {
+        "scatter": "source rate vs centered cosine at the analysis layer, Wilson 95% bars, OLS prediction band",
+        "sweep": "correlation per layer with bootstrap bands",
+        "heatmap": "pairwise centered cosine, one layer per slider step",
+        "heatmap_grid": "pairwise centered cosine at chosen layers (small multiples)",
+    }
+    lines = ["## Figures", ""]
+    image = next((f for f in ("svg", "png", "jpeg", "jpg", "webp") if f in formats), None)
+    for name in figures:
+        links = " · ".join(f"[{name}.{fmt}]({name}.{fmt})" for fmt in formats)
+        lines.append(f"- {captions.get(name, name)}: {links}")
+    if image is not None:
+        lines += [""] + [f"![{captions.get(name, name)}]({name}.{image})" for name in figures if name != "heatmap"]
+    return "\n".join(lines) + "\n"
 
 
 def _provenance_markdown(config: StudyConfig, layer: int, choice: str) -> str:
