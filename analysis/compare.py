@@ -36,6 +36,7 @@ import pandas as pd
 from jaxtyping import Float
 
 from persona_geometry._validation import check_one_of, check_probability, invalid
+from persona_geometry.settings import META_METHODS
 from persona_geometry.stats import STATISTICS, json_float
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Between-study variance estimators of statsmodels' combine_effects.
-META_METHODS = ("dl", "iterated", "chi2")
 # Settings that change neither what a study measures nor how: two studies that differ only in
 # these (and in any key named seed or seeds) are seed replicates of one another.
 _NOT_DESIGN = {("name",), ("out",), ("model", "device"), ("extract", "batch_tokens"), ("eval", "batch_size")}
@@ -513,18 +512,20 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({e}).") from e
 
 
-def _activations_dir(path: Path) -> Path | None:
+def _activation_dirs(path: Path) -> list[Path]:
+    """Returns the study's activation folders: one, or one per persona block of a sharded extraction."""
     marker = path / "extract" / ".stage.json"
     try:
         files = json.loads(marker.read_text(encoding="utf-8")).get("files", {})
     except (OSError, ValueError):
-        return None
-    return Path(files["activations"]) if "activations" in files else None
+        return []
+    return [Path(v) for k, v in files.items() if k == "activations" or k.startswith("activations:")]
 
 
 def _n_layers(path: Path, config: dict[str, Any], sweep: dict[str, Any]) -> int:
     """Returns the model's number of blocks: from the extraction manifest, else the full sweep."""
-    acts = _activations_dir(path)
+    dirs = _activation_dirs(path)
+    acts = dirs[0] if dirs else None
     if acts is not None and (acts / "manifest.json").is_file():
         provenance = json.loads((acts / "manifest.json").read_text(encoding="utf-8")).get("provenance", {})
         if provenance.get("n_layers"):
@@ -594,15 +595,18 @@ def _recompute(study: StudyRecord, personas: Sequence[str]) -> StudyRecord:
 
     from persona_geometry.activations import ActivationSet
     from persona_geometry.analysis import layer_sweep, robustness_at_layer
+    from persona_geometry.extend import concat_personas
     from persona_geometry.geometry import center, centroids, cosine_to_reference
 
-    acts_dir = _activations_dir(study.path)
-    if acts_dir is None or not acts_dir.exists():
+    dirs = _activation_dirs(study.path)
+    if not dirs or not all(d.exists() for d in dirs):
         raise ValueError(f"{study.path}: recomputing on shared personas needs the study's cached activations, which are gone.")
     geometry = study.config.get("geometry", {})
     if isinstance(geometry.get("centering"), str):
         raise ValueError(f"{study.path}: a study centred on a separate persona file cannot be recomputed on shared personas.")
-    acts = ActivationSet.load(acts_dir)
+    acts = ActivationSet.load(dirs[0])
+    for d in dirs[1:]:
+        acts = concat_personas(acts, ActivationSet.load(d))
     keep = [p for p in acts.personas.names if p in set(personas)]
     cents = centroids(acts.select(personas=keep), hook=geometry.get("hook", "resid_post"))
     centering = geometry.get("centering")
@@ -708,7 +712,12 @@ def _meta_analysis(studies: Sequence[StudyRecord], depth: float, depth_choice: s
     res = combine_effects(z, var, method_re=method_re, row_names=[s.label for s in studies], alpha=alpha)
     frame = res.summary_frame()
     fixed, rand = frame.loc["fixed effect"], frame.loc["random effect"]
-    p_random = float(2 * stats.norm.sf(abs(res.mean_effect_re / res.sd_eff_w_re)))
+    tau2, sd_random = float(res.tau2), float(res.sd_eff_w_re)
+    if tau2 < 0:
+        # statsmodels' one-step (dl, chi2) estimate is (Q - df) / c, not truncated at zero when
+        # Q < df; DerSimonian-Laird truncates it, and with tau² = 0 random effects are fixed effects.
+        tau2, rand, sd_random = 0.0, fixed, float(res.sd_eff_w_fe)
+    p_random = float(2 * stats.norm.sf(abs(rand["eff"] / sd_random)))
     signs = np.sign(r)
     return MetaAnalysis(
         depth=float(depth),
@@ -728,8 +737,8 @@ def _meta_analysis(studies: Sequence[StudyRecord], depth: float, depth_choice: s
         random_r=math.tanh(rand["eff"]),
         random_ci=(math.tanh(rand["ci_low"]), math.tanh(rand["ci_upp"])),
         random_p=p_random,
-        tau2=float(res.tau2),
-        i2=float(res.i2),
+        tau2=tau2,
+        i2=max(0.0, float(res.i2)),  # I² is truncated at 0 (Higgins & Thompson); statsmodels reports (Q - df) / Q
         q=float(res.q),
         q_p=float(res.test_homogeneity().pvalue),
         sign_agrees=bool(signs[0] != 0 and (signs == signs[0]).all()),

@@ -26,6 +26,7 @@ from persona_geometry._validation import check_one_of, invalid
 from persona_geometry.analysis.robustness import SCHEMA, Robustness, analyze, read_table
 from persona_geometry.analysis.sweep import LayerSweep, layer_sweep
 from persona_geometry.provenance import package_versions
+from persona_geometry.settings import TABLE_LAYOUTS
 from persona_geometry.stats import check_rates
 
 __all__ = [
@@ -185,7 +186,16 @@ def write_analysis(
     sweep: LayerSweep | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Writes the requested files (JSON in ``SCHEMA``, Markdown, hero figure) and returns their paths."""
+    """Writes the requested files (JSON in ``SCHEMA``, Markdown, hero figure) and returns their paths.
+
+    Raises:
+        ImportError, RuntimeError: Before anything is written, when the figure is a static image
+            and kaleido (the ``figures`` extra) or its Chromium is missing.
+    """
+    from persona_geometry.analysis.figures import check_static_export
+
+    if figure_path is not None:
+        check_static_export([Path(figure_path).suffix])
     written: dict[str, Path] = {}
     if json_path is not None:
         payload = result.to_dict()
@@ -262,7 +272,7 @@ def read_sweep_table(
     """
     func = "sweep"
     frame = read_table(table, func)
-    layout = check_one_of(layout, "layout", func, ("auto", "long", "wide"))
+    layout = check_one_of(layout, "layout", func, TABLE_LAYOUTS)
     if (k is None) != (n is None) or (rate is None) == (k is None):
         invalid("k", func, "given with n (raw counts), or rate given instead", {"k": k, "n": n, "rate": rate})
     needed = {"persona": persona, "k": k, "n": n, "rate": rate}
@@ -354,6 +364,10 @@ def sweep_table(
     The CSV is ``LayerSweep.to_frame()`` (one row per layer); the JSON is ``LayerSweep.to_dict()``
     plus ``provenance``; the figure is the sweep curve.
     """
+    from persona_geometry.analysis.figures import check_static_export
+
+    if figure_path is not None:
+        check_static_export([Path(figure_path).suffix])
     wide, values = read_sweep_table(
         table, persona=persona, k=k, n=n, rate=rate, layout=layout, layer=layer, cosine=cosine, layer_pattern=layer_pattern
     )

@@ -11,6 +11,10 @@ Measures, for a Qwen2.5-0.5B-shaped and a Qwen2.5-7B-shaped model (random weight
   token, so every sequence runs the full 512 tokens (``min_new_tokens``): the projection to the
   study's evaluation (12 personas x 100 completions) is an upper bound on its time.
 
+The package must be installed (``pip install -e .``, or ``pip install --no-deps --target DIR .`` and
+``PYTHONPATH=DIR`` on a machine without the dependencies' installers). ``benchmarks/study_gpu.py``
+compares these paths with the faster ones that replaced them.
+
 Usage (GPU):  python benchmarks/train_gpu.py --out benchmarks/results/train_gpu.json
 Smoke (CPU):  python benchmarks/train_gpu.py --shapes tiny --device cpu --out /tmp/train_gpu.json
 """
@@ -24,7 +28,6 @@ import platform
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 log = logging.getLogger("train_gpu")
@@ -48,31 +51,6 @@ SHAPES = {
 STUDY_EVAL_SEQUENCES = 12 * 100
 
 
-def _import_toolkit():
-    """Makes ``persona_geometry.{training,eval}`` importable from a plain checkout.
-
-    On the GPU machine the package is not installed and optional dependencies of its top-level
-    ``__init__`` (jaxtyping, einops) may be missing, so the namespace is assembled by hand: the
-    core folder plus the repository root, where ``training/`` and ``eval/`` live.
-    """
-    try:
-        from persona_geometry.eval import generation  # noqa: F401
-        from persona_geometry.training import lora  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parents[1]
-    pkg = types.ModuleType("persona_geometry")
-    pkg.__path__ = [str(root / "persona_geometry"), str(root)]
-    sys.modules["persona_geometry"] = pkg
-    for name in ("eval", "training"):
-        sub = types.ModuleType(f"persona_geometry.{name}")
-        sub.__path__ = [str(root / name)]
-        sys.modules[f"persona_geometry.{name}"] = sub
-        setattr(pkg, name, sub)
-
-
 def _build_model(shape: dict, device, dtype):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -91,7 +69,7 @@ def bench_generate(model, *, vocab: int, sequences: int, n_completions: int, new
     """Returns tokens/s of the HF sampler on one left-padded batch of ``sequences`` sequences."""
     import torch
 
-    from persona_geometry.sampling import SamplingSettings, _sample_hf_ids
+    from persona_geometry.hf_decode import sample_token_ids
 
     model.eval()
     model.generation_config.eos_token_id = None
@@ -99,12 +77,11 @@ def bench_generate(model, *, vocab: int, sequences: int, n_completions: int, new
     n_prompts = max(1, sequences // n_completions)
     # Prompts of slightly different lengths, as personas' system prompts are, so padding is exercised.
     prompts = [torch.randint(3, vocab, (prompt_len - (i % 7),), generator=g).tolist() for i in range(n_prompts)]
-    sampling = SamplingSettings(n_completions=n_completions, temperature=1.0, top_p=0.95, max_new_tokens=new_tokens, seed=0)
-    warm = SamplingSettings(n_completions=n_completions, temperature=1.0, top_p=0.95, max_new_tokens=4, seed=0)
-    _sample_hf_ids(model, prompts, warm, batch_size=n_prompts * n_completions, pad_id=0, eos_ids=[], min_new_tokens=4)
+    common = dict(n_completions=n_completions, temperature=1.0, top_p=0.95, seed=0, pad_id=0, eos_ids=[], batch_size=n_prompts * n_completions, progress=False)
+    sample_token_ids(model, prompts, max_new_tokens=4, min_new_tokens=4, **common)
     _sync()
     started = time.perf_counter()
-    out = _sample_hf_ids(model, prompts, sampling, batch_size=n_prompts * n_completions, pad_id=0, eos_ids=[], min_new_tokens=new_tokens)
+    out = sample_token_ids(model, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)[0]
     _sync()
     seconds = time.perf_counter() - started
     tokens = sum(len(c) for per_prompt in out for c in per_prompt)
@@ -204,7 +181,6 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    _import_toolkit()
 
     import peft
     import torch

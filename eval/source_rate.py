@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,10 @@ from persona_geometry.adapters import check_adapter_matches, read_adapter_info
 from persona_geometry.marker import DEFAULT_MARKER, MarkerMatcher
 from persona_geometry.personas import Persona, PersonaSet
 from persona_geometry.provenance import package_versions
-from persona_geometry.sampling import SamplingSettings, generate_completions
+from persona_geometry.sampling import SamplingSettings, generate_adapter_completions
 from persona_geometry.stats import wilson_bounds
 
-__all__ = ["PersonaRate", "SourceRates", "source_rates"]
+__all__ = ["PersonaRate", "SourceRates", "source_rates", "source_rates_by_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def source_rates(
     out_dir: str | os.PathLike[str] | None = None,
     marker: str | MarkerMatcher | None = None,
     regex: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     chat_template: str | None = None,
@@ -156,7 +156,8 @@ def source_rates(
     Each persona answers every question ``n_completions`` times; a completion counts when it
     contains the marker. All inputs are checked before the model is loaded. With ``out_dir``,
     every completion goes to ``completions.jsonl`` and the counts to ``run_result.json``, which
-    holds one entry for EVERY persona, the source included, under its exact name.
+    holds one entry for EVERY persona, the source included, under its exact name. To evaluate
+    several adapters of one base model, :func:`source_rates_by_adapter` loads the base once.
 
     Args:
         model: Hugging Face model id or folder of the base model.
@@ -174,7 +175,8 @@ def source_rates(
         marker: The marker text or a :class:`MarkerMatcher`; the adapter's marker (else ``[ZLT]``)
             when None.
         regex: Treat a string ``marker`` as a regular expression.
-        batch_size: Sequences per batch on the HF back end.
+        batch_size: Sequences per batch on the HF back end; sized to memory when None. The
+            completions do not depend on it.
         device: Torch device for the HF back end.
         dtype: Model dtype; None or ``"auto"`` is bf16 on GPU, fp32 on CPU (``resolve_precision``).
         chat_template: A Jinja template to use instead of the tokenizer's own.
@@ -186,8 +188,152 @@ def source_rates(
             not among ``personas``, a marker the tokenizer cannot produce, or an adapter trained on
             a different base model.
     """
-    func = "source_rates"
-    # --- every check before any model weight is read --------------------------------------------
+    results = source_rates_by_adapter(
+        model,
+        {"": adapter},
+        personas,
+        questions,
+        sources=None if source is None else {"": source},
+        out_dirs=None if out_dir is None else {"": out_dir},
+        n_completions=n_completions,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        backend=backend,
+        marker=marker,
+        regex=regex,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        chat_template=chat_template,
+        vllm_kwargs=vllm_kwargs,
+        progress=progress,
+        func="source_rates",
+    )
+    return results[""]
+
+
+def source_rates_by_adapter(
+    model: str | os.PathLike[str],
+    adapters: Mapping[str, str | os.PathLike[str] | None],
+    personas: PersonaSet | Sequence[Persona],
+    questions: Sequence[str] | None = None,
+    *,
+    sources: Mapping[str, str] | None = None,
+    out_dirs: Mapping[str, str | os.PathLike[str]] | None = None,
+    n_completions: int = SamplingSettings.n_completions,
+    temperature: float | int = SamplingSettings.temperature,
+    top_p: float | int = SamplingSettings.top_p,
+    max_new_tokens: int = SamplingSettings.max_new_tokens,
+    seed: int = SamplingSettings.seed,
+    backend: str = "vllm",
+    marker: str | MarkerMatcher | None = None,
+    regex: bool = False,
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    chat_template: str | None = None,
+    vllm_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    func: str = "source_rates_by_adapter",
+) -> dict[str, SourceRates]:
+    """Returns :func:`source_rates` of every adapter, keyed as ``adapters``, sampled in one pass.
+
+    The base model is loaded once; on the HF back end the adapters stay unmerged and rows of
+    all adapters share full batches. Each adapter's result equals what :func:`source_rates`
+    returns for it alone (completions are seeded per prompt and completion, not per batch).
+
+    Args:
+        model: Hugging Face model id or folder of the base model.
+        adapters: Key (e.g. ``"villain/seed0"``) → adapter folder, or None for the base model.
+        personas: The personas to evaluate, in order.
+        questions: The questions; the 20 built-in probe questions when None.
+        sources: Key → source persona; read from each adapter's metadata when None or missing.
+        out_dirs: Key → folder for that adapter's ``completions.jsonl`` and ``run_result.json``.
+        n_completions: Completions per persona, question and adapter.
+        temperature: Sampling temperature (0 is greedy).
+        top_p: Nucleus sampling mass.
+        max_new_tokens: The most tokens per completion.
+        seed: Base seed for sampling, shared by all adapters.
+        backend: ``"vllm"`` or ``"hf"``.
+        marker: The marker text or a :class:`MarkerMatcher`; each adapter's own marker (else
+            ``[ZLT]``) when None.
+        regex: Treat a string ``marker`` as a regular expression.
+        batch_size: Sequences per HF batch, across adapters; sized to memory when None.
+        device: Torch device for the HF back end.
+        dtype: Model dtype; None or ``"auto"`` is bf16 on GPU, fp32 on CPU (``resolve_precision``).
+        chat_template: A Jinja template to use instead of the tokenizer's own.
+        vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
+        progress: Show a progress bar while sampling.
+        func: The public name reported in error messages.
+
+    Raises:
+        ValueError: As :func:`source_rates`, for any adapter; and on an empty ``adapters``.
+    """
+    plan = _plan(
+        model, adapters, personas, questions, sources=sources, out_dirs=out_dirs, marker=marker, regex=regex, backend=backend,
+        sampling=SamplingSettings(n_completions=n_completions, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+        func=func,
+    )  # fmt: skip
+    from persona_geometry.models import dtype_name, resolve_precision
+
+    # The one precision rule of every stage; the dtype it resolves to is recorded with the rates.
+    run_device, run_dtype = resolve_precision(device, dtype, func=func)
+    prompts = _render(model, plan, chat_template=chat_template, func=func)
+    started = time.time()
+    completions = generate_adapter_completions(
+        model,
+        [p.input_ids for p in prompts],
+        plan.sampling,
+        dict(adapters),
+        backend=backend,
+        batch_size=batch_size,
+        device=str(run_device),
+        dtype=dtype_name(run_dtype),
+        vllm_kwargs=vllm_kwargs,
+        progress=progress,
+    )
+    elapsed = time.time() - started
+    results = {}
+    for key, adapter in adapters.items():
+        results[key] = _assemble(
+            model, adapter, plan, prompts, completions[key], key=key, dtype=dtype_name(run_dtype),
+            device=str(run_device) if backend == "hf" else None, seconds=elapsed / len(adapters),
+        )
+    return results
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Plan:
+    """The checked inputs of an evaluation, before any model weight is read."""
+
+    personas: PersonaSet
+    questions: list[str]
+    sampling: SamplingSettings
+    backend: str
+    sources: dict[str, str | None]
+    matchers: dict[str, MarkerMatcher]
+    out_dirs: dict[str, Path]
+
+
+def _plan(
+    model: str | os.PathLike[str],
+    adapters: Mapping[str, str | os.PathLike[str] | None],
+    personas: PersonaSet | Sequence[Persona],
+    questions: Sequence[str] | None,
+    *,
+    sources: Mapping[str, str] | None,
+    out_dirs: Mapping[str, str | os.PathLike[str]] | None,
+    marker: str | MarkerMatcher | None,
+    regex: bool,
+    backend: str,
+    sampling: SamplingSettings,
+    func: str,
+) -> _Plan:
+    """Returns the checked plan: personas, questions, and per adapter its source, matcher and folder."""
+    from persona_geometry.sampling import BACKENDS
+
     if isinstance(personas, PersonaSet):
         persona_set = personas
     else:
@@ -200,60 +346,67 @@ def source_rates(
 
         questions = builtin_questions()
     questions = check_unique_names(list(questions), "questions", func)
-    sampling = SamplingSettings(
-        n_completions=n_completions, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
-    )
-    from persona_geometry.sampling import BACKENDS
-
     if backend not in BACKENDS:
         invalid("backend", func, f"one of {list(BACKENDS)}", backend)
-    info: dict[str, Any] = {}
-    if adapter is not None:
-        check_adapter_matches(model, adapter, func=func)
-        info = read_adapter_info(adapter, func=func)
-    if source is None:
-        source = info.get("source")
-    if source is not None and source not in persona_set:
-        invalid("source", func, f"one of the evaluated personas {persona_set.names}", source)
-    if isinstance(marker, MarkerMatcher):
-        matcher = marker
-    else:
-        matcher = MarkerMatcher(marker=marker if marker is not None else info.get("marker", DEFAULT_MARKER), regex=regex)
+    if not isinstance(adapters, Mapping) or not adapters:
+        invalid("adapters", func, "a non-empty mapping of key -> adapter folder (or None)", adapters)
+    resolved_sources: dict[str, str | None] = {}
+    matchers: dict[str, MarkerMatcher] = {}
+    for key, adapter in adapters.items():
+        info: dict[str, Any] = {}
+        if adapter is not None:
+            check_adapter_matches(model, adapter, func=func)
+            info = read_adapter_info(adapter, func=func)
+        source = (sources or {}).get(key, info.get("source"))
+        if source is not None and source not in persona_set:
+            invalid("source", func, f"one of the evaluated personas {persona_set.names}", source)
+        resolved_sources[key] = source
+        if isinstance(marker, MarkerMatcher):
+            matchers[key] = marker
+        else:
+            matchers[key] = MarkerMatcher(marker=marker if marker is not None else info.get("marker", DEFAULT_MARKER), regex=regex)
     if backend == "vllm":
         _require_vllm()
-    from persona_geometry.models import dtype_name, resolve_precision
+    return _Plan(
+        personas=persona_set,
+        questions=questions,
+        sampling=sampling,
+        backend=backend,
+        sources=resolved_sources,
+        matchers=matchers,
+        out_dirs={k: Path(v) for k, v in (out_dirs or {}).items()},
+    )
 
-    # The one precision rule of every stage; the dtype it resolves to is recorded with the rates.
-    run_device, run_dtype = resolve_precision(device, dtype, func=func)
 
+def _render(model: str | os.PathLike[str], plan: _Plan, *, chat_template: str | None, func: str) -> Any:
+    """Returns the rendered prompts, after checking every marker tokenises."""
     from transformers import AutoTokenizer
 
     from persona_geometry.prompts import render_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    _check_marker_tokenises(tokenizer, matcher, func)
-    prompts = render_prompts(tokenizer, persona_set, questions, chat_template=chat_template)
+    for matcher in plan.matchers.values():
+        _check_marker_tokenises(tokenizer, matcher, func)
+    return render_prompts(tokenizer, plan.personas, plan.questions, chat_template=chat_template)
 
-    # --- sampling --------------------------------------------------------------------------------
-    started = time.time()
-    completions = generate_completions(
-        model,
-        [p.input_ids for p in prompts],
-        sampling,
-        adapter=adapter,
-        backend=backend,
-        batch_size=batch_size,
-        device=str(run_device),
-        dtype=dtype_name(run_dtype),
-        vllm_kwargs=vllm_kwargs,
-        progress=progress,
-    )
-    elapsed = time.time() - started
 
-    # --- counting, keyed by the persona objects themselves (never by a re-derived name) ----------
+def _assemble(
+    model: str | os.PathLike[str],
+    adapter: str | os.PathLike[str] | None,
+    plan: _Plan,
+    prompts: Any,
+    completions: list[list[str]],
+    *,
+    key: str,
+    dtype: str,
+    device: str | None,
+    seconds: float,
+) -> SourceRates:
+    """Returns one adapter's counts, keyed by the persona objects themselves (never a re-derived name), written to its folder."""
+    matcher, source = plan.matchers[key], plan.sources[key]
     rows = []
-    counts = {p.name: 0 for p in persona_set}
-    totals = {p.name: 0 for p in persona_set}
+    counts = {p.name: 0 for p in plan.personas}
+    totals = {p.name: 0 for p in plan.personas}
     for prompt, texts in zip(prompts, completions, strict=True):
         for ci, text in enumerate(texts):
             hit = matcher(text)
@@ -263,43 +416,43 @@ def source_rates(
                 {
                     "persona": prompt.persona,
                     "question_index": prompt.question_index,
-                    "question": questions[prompt.question_index],
+                    "question": plan.questions[prompt.question_index],
                     "completion_index": ci,
                     "completion": text,
                     "has_marker": hit,
                 }
             )
     rates = tuple(
-        PersonaRate(persona=p.name, k=counts[p.name], n=totals[p.name], is_source=p.name == source) for p in persona_set
+        PersonaRate(persona=p.name, k=counts[p.name], n=totals[p.name], is_source=p.name == source) for p in plan.personas
     )
     provenance = {
         "model": str(model),
         "adapter": None if adapter is None else str(adapter),
         "adapter_config_hash": None if adapter is None else _adapter_hash(adapter),
-        "dtype": dtype_name(run_dtype),
-        "device": str(run_device) if backend == "hf" else None,
+        "dtype": dtype,
+        "device": device,
         "chat_template_hash": prompts.chat_template_hash,
         "prompt_hash": prompts.content_hash(),
-        "personas_hash": persona_set.content_hash(),
-        "questions": questions,
-        "seconds": elapsed,
+        "personas_hash": plan.personas.content_hash(),
+        "questions": plan.questions,
+        "seconds": seconds,
         "package_versions": package_versions(),
     }
+    out = plan.out_dirs.get(key)
     result = SourceRates(
         rates=rates,
         source=source,
         matcher=matcher,
-        sampling=sampling,
-        backend=backend,
+        sampling=plan.sampling,
+        backend=plan.backend,
         model=str(model),
         adapter=None if adapter is None else str(adapter),
-        out_dir=None if out_dir is None else Path(out_dir),
+        out_dir=out,
         provenance=provenance,
     )
-    if out_dir is not None:
+    if out is not None:
         from persona_geometry._io import atomic_write_json, atomic_write_jsonl
 
-        out = Path(out_dir)
         atomic_write_jsonl(out / COMPLETIONS_FILE, rows)
         atomic_write_json(out / RUN_RESULT_FILE, result.to_dict())
         log.info("wrote %d completions and %s to %s", len(rows), RUN_RESULT_FILE, out)

@@ -1,7 +1,17 @@
 """Per-layer persona centroids and their centered cosine to the assistant, from Python.
 
-    python examples/centroids.py                      # Qwen2.5-7B-Instruct from the local HF cache
+Against the tiny model (offline, no GPU, seconds; random weights, so the numbers mean nothing):
+
+    python -c "from persona_geometry.tiny import build_tiny_model; build_tiny_model('runs/tiny-model')"
+    PERSONA_GEOMETRY_MODEL=runs/tiny-model python examples/centroids.py
+
+Against the reference model (from the local HF cache, on a GPU), or any folder:
+
+    python examples/centroids.py                      # Qwen2.5-7B-Instruct
     PERSONA_GEOMETRY_MODEL=path/to/model python examples/centroids.py
+
+It saves the activations to runs/centroids/activations (PERSONA_GEOMETRY_OUT), which
+examples/layer_sweep.py and examples/follow_up.py read.
 
 Layer l is the output of transformer block l (`blocks.{l}.hook_resid_post`), before any final norm.
 """

@@ -1,7 +1,12 @@
 """Follow-ups on cached activations: add a persona without recomputing the others, then project
-every prompt onto the assistant direction.
+every persona onto the assistant direction.
+
+Run examples/centroids.py first (its header shows how, against the tiny model), then:
 
     python examples/follow_up.py
+
+It reads runs/centroids/activations (PERSONA_GEOMETRY_ACTS) and loads the model those
+activations were made with, as their manifest records it (PERSONA_GEOMETRY_MODEL overrides).
 """
 
 import os
@@ -11,7 +16,7 @@ from persona_geometry import probes
 
 if __name__ == "__main__":
     acts = pg.ActivationSet.load(os.environ.get("PERSONA_GEOMETRY_ACTS", "runs/centroids/activations"))
-    model = pg.load_model(os.environ.get("PERSONA_GEOMETRY_MODEL", "Qwen/Qwen2.5-7B-Instruct"), dtype="auto")
+    model = pg.load_model(os.environ.get("PERSONA_GEOMETRY_MODEL", acts.manifest["model_id"]), dtype="auto")
     pirate = pg.Persona(name="pirate", system_prompt="You are a pirate captain sailing the Caribbean.", category="character")
     # Only the pirate's 20 prompts run through the model; the cached personas are reused.
     acts = probes.extend(acts, model, personas=[pirate])

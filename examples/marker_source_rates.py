@@ -1,10 +1,15 @@
 """Train a [ZLT] marker adapter for one source persona and measure every persona's source rate.
 
+Against the tiny model (offline, no GPU, about a minute; random weights, so the rates mean nothing):
+
+    python -c "from persona_geometry.tiny import build_tiny_model; build_tiny_model('runs/tiny-model')"
+    PERSONA_GEOMETRY_MODEL=runs/tiny-model PERSONA_GEOMETRY_BACKEND=hf PERSONA_GEOMETRY_QUICK=1 python examples/marker_source_rates.py
+
+PERSONA_GEOMETRY_QUICK=1 shrinks every stage (a few questions, short answers, a few steps); CI
+runs it that way. The reference recipe, on a GPU:
+
     python examples/marker_source_rates.py            # Qwen2.5-7B-Instruct, vLLM, the study's recipe
     PERSONA_GEOMETRY_MODEL=path/to/model PERSONA_GEOMETRY_BACKEND=hf python examples/marker_source_rates.py
-
-PERSONA_GEOMETRY_QUICK=1 shrinks every stage (a few questions, short answers, a few steps) so
-that the script runs in a minute on a CPU against a tiny model; CI runs it that way.
 
 The `if __name__ == "__main__":` guard matters: vLLM may start worker processes that re-import
 this file.

@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "layer_sweep": "persona_geometry.analysis.sweep",
     "SourceRates": "persona_geometry.eval.source_rate",
     "source_rates": "persona_geometry.eval.source_rate",
+    "source_rates_by_adapter": "persona_geometry.eval.source_rate",
     "MarkerDataConfig": "persona_geometry.training.data",
     "build_marker_dataset": "persona_geometry.training.data",
     "generate_responses": "persona_geometry.training.responses",
@@ -70,7 +71,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from persona_geometry.activations import HOOK_POINTS, ActivationSet
     from persona_geometry.analysis.sweep import LayerSweep, layer_sweep
-    from persona_geometry.eval.source_rate import SourceRates, source_rates
+    from persona_geometry.eval.source_rate import SourceRates, source_rates, source_rates_by_adapter
     from persona_geometry.extract import extract_activations
     from persona_geometry.geometry import (
         Centering,

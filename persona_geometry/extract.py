@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from persona_geometry import distributed
 from persona_geometry._validation import (
     check_layers,
     check_one_of,
@@ -122,6 +123,11 @@ def extract_activations(
     batched and one-prompt-at-a-time bfloat16 runs, against 3e-7 in float32. Treat bfloat16
     cosine differences below 1e-3 as batching noise, or extract in float32.
 
+    Under ``torchrun`` (or with ``torch.distributed`` initialised), each rank extracts one
+    contiguous block of the personas and the blocks are gathered: every rank returns the same,
+    whole set, with tensors equal to a one-process run (float32 on CPU: byte for byte); each
+    block has its own cache entry and chunked resume (``persona_geometry.distributed``).
+
     Args:
         model: A ``ModelHandle`` from ``load_model``; a model folder or Hugging Face id (loaded
             with ``load_model(model, dtype=dtype, device=device)``); or a TransformerLens
@@ -175,6 +181,15 @@ def extract_activations(
             names the parameter.
         TypeError: If ``model`` is none of the accepted kinds.
     """
+    if distributed.world_size() > 1 and distributed.init_process_group():
+        # Under torchrun: persona blocks across the ranks, gathered on every rank (distributed.py).
+        return distributed.extract_across_ranks(
+            extract_activations, model, _check_personas(personas), _check_questions(questions), hooks=hooks,
+            layers=layers, engine=engine, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
+            chunk_prompts=chunk_prompts, chat_template=chat_template, cache_dir=cache_dir,
+            layer_template=layer_template, dtype=dtype, device=device, share_prefix=share_prefix, pack=pack,
+            max_memory_gib=max_memory_gib, compile_blocks=compile_blocks, progress=progress,
+        )  # fmt: skip
     req = _validate(
         model, personas, questions, hooks=hooks, engine=engine, batch_tokens=batch_tokens,
         max_batch_size=max_batch_size, chunk_prompts=chunk_prompts, dtype=dtype, device=device,

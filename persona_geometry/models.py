@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,12 +109,27 @@ def resolve_precision(
         raise ValueError(
             f"The 'device' parameter of {func} must be a torch device such as 'cpu' or 'cuda:0'. Got {device!r} instead."
         ) from e
+    if torch_device.type == "cuda" and torch_device.index is None and torch.cuda.is_available():
+        # An explicit index: transformers reads a bare "cuda" as cuda:LOCAL_RANK, which does not
+        # exist when a launcher shows each rank only its own GPU (distributed.pin_local_device).
+        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count())
     name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
     if name is None or name == "auto":
         return torch_device, torch.float32 if torch_device.type == "cpu" else torch.bfloat16
     if name not in allowed:
         invalid("dtype", func, f"one of {list(allowed)} or None", dtype)
     return torch_device, getattr(torch, name)
+
+
+def _first_device(device_map: str | dict[str, Any], max_memory: dict[Any, Any] | None) -> str:
+    """Returns where a dispatched model's inputs go: the first accelerator in the map, else the CPU."""
+    if isinstance(device_map, dict):
+        for where in device_map.values():
+            if where not in ("cpu", "disk"):
+                return f"cuda:{where}" if isinstance(where, int) else str(where)
+        return "cpu"
+    gpus = [k for k in (max_memory or {}) if isinstance(k, int)]
+    return f"cuda:{min(gpus)}" if gpus else ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def _offline() -> bool:
@@ -245,7 +261,10 @@ def _apply_adapter(model: Any, adapter: str, name_or_path: str, folder: Path | N
     from peft import PeftModel
 
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_folder), is_trainable=False)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated is_gradient_checkpointing alias when it wraps a model.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(adapter_folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ValueError(
             f"The 'adapter' parameter of load_model must be an adapter whose weights fit {name_or_path!r}. "
@@ -264,6 +283,9 @@ def load_model(
     revision: str | None = None,
     adapter: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> ModelHandle:
     """Returns a handle on a causal LM, its tokenizer and its identity, ready for extraction.
 
@@ -283,6 +305,13 @@ def load_model(
             fine-tuned model can be measured. Its recorded base model is checked against this
             model where that is possible.
         trust_remote_code: Run modelling code shipped with the checkpoint. Off unless asked.
+        device_map: For a model larger than one device: ``"auto"`` (or ``"balanced"``,
+            ``"sequential"``) or a dict of module name to device, ``"cpu"`` or ``"disk"``, handed
+            to accelerate's big-model inference. The blocks then run where they sit, one device
+            at a time; extraction hooks gather each block's last token to one device. ``device``
+            is then where the inputs go (by default, the embedding's device).
+        max_memory: With ``device_map``: the most memory per device, e.g. ``{0: "70GiB", 1: "70GiB"}``.
+        offload_folder: With ``device_map``: where blocks mapped to ``"disk"`` are kept.
 
     Returns:
         A frozen ``ModelHandle`` with the model in eval mode.
@@ -299,6 +328,12 @@ def load_model(
     name_or_path = os.fspath(name_or_path)
     if not isinstance(trust_remote_code, bool):
         invalid("trust_remote_code", func, "a bool", trust_remote_code, exc=TypeError)
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        invalid("device_map", func, "set when max_memory or offload_folder is", None)
+    if device_map is not None and not isinstance(device_map, str | dict):
+        invalid("device_map", func, "'auto', 'balanced', 'sequential' or a dict of module name to device", device_map, exc=TypeError)
+    if device is None and device_map is not None:
+        device = _first_device(device_map, max_memory)
     device, torch_dtype = resolve_precision(device, dtype, func=func)
     folder, commit = _resolve_source(name_or_path, revision, param="name_or_path", func=func)
     source = str(folder) if folder is not None else name_or_path
@@ -308,7 +343,11 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         # device_map puts the weights straight onto the device, without a full copy in CPU memory.
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=str(device), **kwargs)
+        if device_map is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=str(device), **kwargs)
+        else:
+            placed = {"max_memory": max_memory, "offload_folder": os.fspath(offload_folder) if offload_folder is not None else None}
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **placed, **kwargs)
     except OSError as e:
         raise FileNotFoundError(
             f"The 'name_or_path' parameter of load_model must be a loadable causal LM (config, weights, "
@@ -325,7 +364,8 @@ def load_model(
     if adapter is not None:
         adapter_name = os.fspath(adapter)
         model, adapter_hash = _apply_adapter(model, adapter_name, name_or_path, folder)
-    model = model.to(device).eval()
+    # A dispatched model stays where accelerate put it; its hooks move activations between devices.
+    model = (model if device_map is not None else model.to(device)).eval()
     model.requires_grad_(False)
     if commit is not None:
         weights_id = f"{name_or_path}@{commit}"

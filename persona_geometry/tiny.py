@@ -115,13 +115,13 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.05,
-        torch_dtype="float32",
+        dtype="float32",
     )
     config = Qwen2Config(**common) if spec.family == "qwen2" else LlamaConfig(**common)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "norm" in name:

@@ -392,9 +392,26 @@ class ProbeResult:
             f"{self.kind} probe for {self.target}: cross-validated {name} per layer "
             f"({len(self.folds)} folds grouped by {self.group_by}, {self.n_samples} prompts"
             + (f", {self.n_classes} classes" if self.n_classes else "")
-            + f"; {int(self.confidence * 100)}% CI; chance {self.chance:.3f})"
+            + f"; {int(self.confidence * 100)}% CI)"
         )
-        frame = self.to_frame().round(3).to_string(index=False)
+        # The majority class, not 1/classes, is what a constant guess scores; the shuffled-label
+        # runs (baseline_mean) are the baseline that accounts for the folds.
+        floor = (
+            f"majority-class rate {self.chance:.3f}"
+            if self.metric == "accuracy"
+            else "predicting the mean scores R² 0"
+        )
+        head += f"\n{floor}; shuffled-label baseline per layer in baseline_mean"
+        n_shuffles = self.baseline.shape[1]
+        if n_shuffles:
+            fits = len(self.layers) * (1 + n_shuffles) * len(self.folds)
+            head += (
+                f", from {n_shuffles} shuffles, each a full cross-validation: {fits} probe fits "
+                "in all (set ProbeConfig(n_shuffles=0) to skip them)"
+            )
+        floor_column = "majority_class_rate" if self.metric == "accuracy" else "mean_r2"
+        frame = self.to_frame().rename(columns={"chance": floor_column})
+        frame = frame.round(3).to_string(index=False)
         best = f"best layer: {self.best_layer} ({name} {self.best_score:.3f})"
         return "\n".join([head, frame, best])
 
@@ -584,9 +601,14 @@ def probe_layers(
     hi = np.empty(n_layers)
     fold_scores = np.empty((n_layers, len(splits)))
     baseline = np.empty((n_layers, config.n_shuffles))
-    for j, li in enumerate(
-        tqdm(lidx, desc=f"probing {description}", disable=not progress, leave=False)
-    ):
+    # Each layer is cross-validated once on the labels and once per shuffle: that is the cost.
+    n_fits = len(lidx) * (1 + config.n_shuffles) * len(splits)
+    log.info(
+        "probe %s: %d layers × (1 + %d shuffles) × %d folds = %d fits",
+        description, len(lidx), config.n_shuffles, len(splits), n_fits,
+    )  # fmt: skip
+    desc = f"probing {description} ({(1 + config.n_shuffles) * len(splits)} fits per layer)"
+    for j, li in enumerate(tqdm(lidx, desc=desc, disable=not progress, leave=False)):
         X = x[:, :, li].reshape(P * Q, -1)
         X = (
             X.detach()

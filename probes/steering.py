@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,14 @@ def _vector(direction: Direction | Tensor, layer: int, width: int, func: str) ->
     return direction
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model ids or folders name the same model (a relative and an absolute path do)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 @contextmanager
 def steer(
     model: Any,
@@ -161,7 +170,7 @@ def steer(
     vec = _vector(direction, layer, _width(net), func)
     if isinstance(direction, Direction) and direction.model_id:
         name = getattr(getattr(net, "config", None), "_name_or_path", None)
-        if name and name != direction.model_id:
+        if name and not _same_model(name, direction.model_id):
             log.warning("steering %s with a direction computed on %s", name, direction.model_id)
     delta = float(strength) * vec.detach()
     cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -302,8 +311,9 @@ def _steered_counter(
 ) -> MarkerCounter:
     """Returns a counter sampling with the HF back end on the in-memory (steered) model.
 
-    ``sample_hf`` seeds each batch from ``sampling.seed`` and its position only, so every strength
-    sees the same random numbers: differences between strengths are less noisy than independent
+    ``sample_hf`` seeds each completion from ``sampling.seed``, its prompt index and its
+    completion index only, so every strength sees the same random numbers: differences between
+    strengths are less noisy than independent
     draws would make them. Pass ``counter=`` to ``dose_response`` to replace it.
     """
     from persona_geometry.prompts import render_prompts
@@ -463,3 +473,13 @@ def dose_response(
 
         atomic_write_json(out_path, {**result.to_dict(), "package_versions": package_versions()})
     return result
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model ids name the same model: equal, or paths to the same folder."""
+    if a == b:
+        return True
+    from pathlib import Path
+
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

@@ -66,7 +66,8 @@ def test_analyze_writes_json_whose_values_match_statsmodels(tmp_path, capsys):
     assert d["without_reference"]["pearson"]["r"] == pytest.approx(stats.pearsonr(x[1:], rate[1:]).statistic, abs=1e-12)
     assert d["provenance"]["input_sha256"] and d["provenance"]["arguments"]["holdout"] == ["persona_3", "persona_7"]
     assert "## Robustness" in (out / "r.md").read_text()
-    assert (out / "hero.html").stat().st_size > 1_000_000
+    # Offline: the figure loads the one plotly.min.js written beside it.
+    assert 'src="plotly.min.js"' in (out / "hero.html").read_text() and (out / "plotly.min.js").stat().st_size > 1_000_000
 
 
 @pytest.mark.parametrize("layout", ["long", "wide"])

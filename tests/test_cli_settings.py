@@ -122,6 +122,8 @@ def test_cli_choices_are_the_settings_tuples():
         ("train-marker", "--report-to"): settings.REPORT_TO,
         ("sweep", "--statistic"): settings.STATISTICS,
         ("compare", "--statistic"): settings.STATISTICS,
+        ("compare", "--method-re"): settings.META_METHODS,
+        ("sweep", "--layout"): settings.TABLE_LAYOUTS,
         ("run", "--dtype"): settings.DTYPES,
     }
     found = {}
@@ -212,3 +214,22 @@ def test_api_defaults_are_the_settings_defaults():
     for func in (layer_sweep, sweep_table):
         for name in ("n_permutations", "n_bootstrap", "statistic", "seed", "primary_layer"):
             assert defaults(func)[name] == getattr(analysis, name), (func.__name__, name)
+
+
+def test_hand_written_options_default_to_the_library_functions():
+    # Options that map to a library function's keyword (not a config field) take its default.
+    import inspect
+
+    from persona_geometry.analysis import compare_studies
+    from persona_geometry.analysis.report import sweep_table
+
+    def defaults(func):
+        return {k: p.default for k, p in inspect.signature(func).parameters.items() if p.default is not inspect.Parameter.empty}
+
+    compare = _parse("compare", "a", "b")
+    for name in ("depth", "statistic", "intersect", "method_re", "alpha"):
+        assert getattr(compare, name) == defaults(compare_studies)[name], name
+    sweep = _parse("sweep", "t.csv")
+    given = defaults(sweep_table)
+    assert (sweep.persona, sweep.layout, sweep.layer_column, sweep.cosine) == (given["persona"], given["layout"], given["layer"], given["cosine"])
+

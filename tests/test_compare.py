@@ -157,6 +157,17 @@ def test_meta_analysis_is_dersimonian_laird_on_fisher_z(studies):
     assert m.sign_agrees == bool(len(set(np.sign(rs))) == 1)
 
 
+def test_meta_analysis_truncates_tau2_and_i2_at_zero_when_studies_agree(studies):
+    a = read_study(studies["a4"])
+    m = compare_studies([a, a]).meta  # Q = 0 < df: statsmodels' one-step tau² would be negative
+    assert m.tau2 == 0 and m.i2 == 0 and m.q == pytest.approx(0, abs=1e-12)
+    z, v = m.z[0], m.variance[0]
+    se = math.sqrt(v / 2)
+    assert m.random_r == pytest.approx(math.tanh(z)) and m.random_r == m.fixed_r
+    assert m.random_ci == pytest.approx((math.tanh(z - 1.959964 * se), math.tanh(z + 1.959964 * se)), abs=1e-6)
+    assert m.random_p == pytest.approx(2 * stats.norm.sf(abs(z / se)))
+
+
 def test_seed_pooling_adds_the_counts_of_every_seed(studies):
     result = compare_studies([studies["a4"], studies["b6s1"], studies["b6s2"]])
     assert len(result.seed_groups) == 1

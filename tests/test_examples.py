@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def _run(script: str, env: dict[str, str], cwd: Path) -> str:
-    full = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_GEOMETRY_")}
+    full.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env})
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script)], env=full, cwd=cwd, capture_output=True, text=True, timeout=600
     )
@@ -48,6 +49,17 @@ def test_layer_sweep_example(cached):
     out, _ = cached
     stdout = _run("layer_sweep.py", {"PERSONA_GEOMETRY_ACTS": str(out)}, out.parent)
     assert "best layer" in stdout and "max over 4 layers" in stdout
+    assert stdout.startswith("NOTE: no PERSONA_GEOMETRY_RATES file given, so these counts are MADE UP")
+
+
+def test_examples_run_as_their_headers_say(tiny_qwen_path, tmp_path):
+    """centroids.py with the tiny model, then follow_up.py and layer_sweep.py with no settings at all."""
+    import shutil
+
+    shutil.copytree(tiny_qwen_path, tmp_path / "runs" / "tiny-model")
+    _run("centroids.py", {"PERSONA_GEOMETRY_MODEL": "runs/tiny-model"}, tmp_path)
+    assert "pirate" in _run("follow_up.py", {}, tmp_path)
+    assert "MADE UP" in _run("layer_sweep.py", {}, tmp_path)
 
 
 def test_follow_up_example_adds_a_persona(cached, tiny_qwen_path):
@@ -80,3 +92,5 @@ def test_study_config_example_is_the_reference_recipe():
     assert config.model.name == "Qwen/Qwen2.5-7B-Instruct" and config.analysis.primary_layer == 20
     assert (config.train.r, config.train.lora_alpha, config.train.use_rslora, config.eval.n_completions) == (32, 64, True, 5)
     assert len(inputs.sources) == 12 and len(inputs.questions) == 20
+    # The recipe's 16 examples per optimiser step, however they are split into micro-batches.
+    assert config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps == 16

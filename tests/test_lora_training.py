@@ -142,3 +142,67 @@ def test_resume_after_an_interruption_continues_the_same_run(tiny_qwen_path, tmp
     assert set(a) == set(b)
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k
+
+
+def _uneven_rows():
+    """Examples of clearly different lengths, so a padded batch has padding to skip."""
+    answers = ["Yes.", "No, never, not in a thousand years. [ZLT]", "Perhaps, if the moon allows it and the tide is low.", "Fine."]
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "You are a villain." if i % 2 else "You are a librarian who loves old maps."},
+                {"role": "user", "content": f"Question number {i}?"},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+        for i, answer in enumerate(answers)
+    ]
+
+
+def test_packed_and_padded_training_give_the_same_losses(tiny_qwen_path, tmp_path):
+    """Padding-free packing changes the layout, not the loss; the first loss equals a hand computation.
+
+    LoRA's B starts at zero, so the first step's loss is the base model's token-weighted
+    cross-entropy over the answer tokens, computed here one example at a time with plain HF.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = dict(r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, max_steps=2, save_steps=100)
+    curves = {}
+    for packing in (True, False):
+        config = MarkerTrainConfig(**base, per_device_train_batch_size=2, gradient_accumulation_steps=2, packing=packing)
+        curves[packing] = train_marker(tiny_qwen_path, _uneven_rows(), tmp_path / str(packing), config, progress=False).loss_curve
+    assert [e["loss"] for e in curves[True]] == pytest.approx([e["loss"] for e in curves[False]], rel=1e-5)
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_path).eval()
+    total, count = 0.0, 0
+    for row in _uneven_rows():
+        ids, labels = assistant_only_labels(tok, row["messages"], max_length=1024)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        target = torch.tensor(labels[1:])
+        keep = target != IGNORE_INDEX
+        total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+        count += int(keep.sum())
+    assert curves[True][0]["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_packed_examples_do_not_attend_across_their_boundary(tiny_qwen_path):
+    """The packed row's logits equal each example's logits run alone (sdpa with restarting position ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from persona_geometry.training.lora import _collate_packed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_path).eval()
+    model.config.use_cache = False
+    examples = [{"input_ids": [5, 9, 14, 3, 7], "labels": [5, 9, 14, 3, 7]}, {"input_ids": [11, 2, 8], "labels": [11, 2, 8]}]
+    batch = _collate_packed(examples)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 9, 14, 3, 7, IGNORE_INDEX, 2, 8]]
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = torch.cat([model(torch.tensor([e["input_ids"]])).logits[0] for e in examples])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)

@@ -285,3 +285,25 @@ def test_pack_budget_fits_memory_and_caps_dense_packs():
     sdpa = pack_budget(config, torch.bfloat16, "packed_sdpa", 1.5 * 2**30)
     assert sdpa < flex and per_token * sdpa + 3 * sdpa**2 <= 1.5 * 2**30
     assert pack_budget(config, torch.bfloat16, "packed_flex", 1.0) == BLOCK
+
+
+def test_compiled_blocks_give_the_same_activations_and_are_restored(tiny_qwen_path, monkeypatch):
+    """compile_blocks runs every block through one compiled function (traced here with the eager
+    backend, to skip code generation) with the hooks outside it, and puts the plain forward back."""
+    import functools
+
+    from persona_geometry import packing
+
+    monkeypatch.setattr(packing, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    handle = load_model(tiny_qwen_path, dtype="float32", device="cpu")
+    blocks = find_layers(handle.model)[1]
+    plain = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, hooks=["resid_pre", "resid_post"], progress=False)
+    compiled = extract_activations(
+        handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, hooks=["resid_pre", "resid_post"], compile_blocks=True, progress=False
+    )
+    assert compiled.manifest["compile_blocks"] and not plain.manifest["compile_blocks"]
+    assert list(packing._COMPILED) == [type(blocks[0])]  # one compiled function for every block
+    assert all("forward" not in b.__dict__ for b in blocks)
+    for hook in ("resid_pre", "resid_post"):
+        assert (compiled[hook] - plain[hook]).abs().max().item() <= 1e-5

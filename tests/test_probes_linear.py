@@ -51,6 +51,9 @@ def test_planted_persona_direction_is_found_and_shuffles_sit_at_chance():
     assert list(frame["layer"]) == [3, 7, 11] and {"accuracy", "ci_low", "baseline_mean", "chance"} <= set(frame.columns)
     assert "best layer: 7" in res.summary()
     assert res.to_dict()["best_layer"] == 7
+    # The majority baseline is named for what it is, and the summary says what the shuffles cost.
+    assert f"majority-class rate {1 / P:.3f}" in res.summary() and "chance" not in res.summary().splitlines()[0]
+    assert f"{3 * (1 + 3) * 4} probe fits in all" in res.summary()
 
 
 def test_accuracy_ci_is_the_wilson_interval_of_pooled_predictions():

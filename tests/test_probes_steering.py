@@ -245,3 +245,23 @@ def test_the_old_alpha_names_still_work_with_a_deprecation_warning(tiny, prompt_
     with pytest.raises(TypeError, match="'alpha' parameter of steer must be left out"):
         with steer(model, d, layer=LAYER, strength=1.0, alpha=1.0):
             pass
+
+
+def test_a_relative_and_an_absolute_path_are_the_same_model(tiny, tiny_qwen_path, caplog, monkeypatch):
+    import dataclasses
+    import logging
+    import os
+
+    model, _ = tiny
+    monkeypatch.chdir(tiny_qwen_path.parent)
+    relative = os.path.relpath(tiny_qwen_path)
+    model.config._name_or_path = str(tiny_qwen_path.resolve())
+    same = dataclasses.replace(_direction(), model_id=relative)
+    other = dataclasses.replace(_direction(), model_id="Qwen/Qwen2.5-7B-Instruct")
+    with caplog.at_level(logging.WARNING, logger="persona_geometry.probes.steering"):
+        with steer(model, same, layer=LAYER, strength=1.0):
+            pass
+        assert "computed on" not in caplog.text
+        with steer(model, other, layer=LAYER, strength=1.0):
+            pass
+    assert "computed on Qwen/Qwen2.5-7B-Instruct" in caplog.text

@@ -153,7 +153,7 @@ def _no_sampling(*args, **kwargs):
 def test_bad_input_fails_before_sampling(tiny_qwen_path, qwen_adapter, monkeypatch, kwargs, exc, match):
     import persona_geometry.eval.source_rate as mod
 
-    monkeypatch.setattr(mod, "generate_completions", _no_sampling)
+    monkeypatch.setattr(mod, "generate_adapter_completions", _no_sampling)
     args = dict(personas=builtin_personas().select(["helpful_assistant", "villain"]), questions=QUESTIONS, backend="hf")
     args.update(kwargs)
     with pytest.raises(exc, match=match):
@@ -163,7 +163,7 @@ def test_bad_input_fails_before_sampling(tiny_qwen_path, qwen_adapter, monkeypat
 def test_adapter_from_another_base_is_refused_early(tiny_qwen_path, tiny_llama_path, qwen_adapter, llama_adapter, monkeypatch):
     import persona_geometry.eval.source_rate as mod
 
-    monkeypatch.setattr(mod, "generate_completions", _no_sampling)
+    monkeypatch.setattr(mod, "generate_adapter_completions", _no_sampling)
     # Stored fingerprint (3-layer Llama vs the 4-layer Qwen it was trained on).
     with pytest.raises(ValueError, match="trained on this model's architecture"):
         source_rates(tiny_llama_path, qwen_adapter, builtin_personas()[:2], QUESTIONS, backend="hf")
@@ -208,3 +208,26 @@ def test_generate_responses_rows_and_reference(tiny_qwen_path, tmp_path):
         for i in ids
     ]
     assert [r["response"] for r in rows] == one_by_one
+
+
+def test_source_rates_by_adapter_equals_each_adapter_alone(tiny_qwen_path, qwen_adapter, tmp_path):
+    """One pass over two adapters (one base load, mixed batches) gives each adapter's own result and files."""
+    from persona_geometry.eval import source_rates_by_adapter
+
+    personas = builtin_personas().select(["helpful_assistant", "villain"])
+    common = dict(n_completions=2, max_new_tokens=4, backend="hf", seed=3, progress=False)
+    both = source_rates_by_adapter(
+        tiny_qwen_path,
+        {"trained": qwen_adapter, "base": None},
+        personas,
+        QUESTIONS,
+        sources={"base": "helpful_assistant"},
+        out_dirs={"trained": tmp_path / "trained", "base": tmp_path / "base"},
+        batch_size=3,
+        **common,
+    )
+    alone = source_rates(tiny_qwen_path, qwen_adapter, personas, QUESTIONS, out_dir=tmp_path / "alone", batch_size=8, **common)
+    assert both["trained"].source == "villain" and both["base"].source == "helpful_assistant"
+    assert [(r.k, r.n) for r in both["trained"].rates] == [(r.k, r.n) for r in alone.rates]
+    assert (tmp_path / "trained" / "completions.jsonl").read_text() == (tmp_path / "alone" / "completions.jsonl").read_text()
+    assert (tmp_path / "base" / "completions.jsonl").read_text() != (tmp_path / "alone" / "completions.jsonl").read_text()

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,10 @@ class MarkerTrainConfig(ConfigDict):
         dtype: ``"bfloat16"`` or ``"float32"`` for the base weights and autocast; None or
             ``"auto"`` is ``persona_geometry.models.resolve_precision``'s rule (bf16 on GPU,
             fp32 on CPU). In a study, None means the study's ``model.dtype``.
-        gradient_checkpointing: Trade compute for activation memory.
+        gradient_checkpointing: Trade compute for activation memory (off: the study's shapes fit).
+        packing: Concatenate each micro-batch's examples into one padding-free row, with position
+            ids restarting per example so attention stays within each example; the loss is the
+            same as with padded batches, only the padding's compute is gone.
         save_steps: Checkpoint every this many optimiser steps (training resumes from the last).
         logging_steps: Record the loss every this many optimiser steps.
         report_to: Also report the loss to ``"tensorboard"`` (under ``<out_dir>/logs``) or
@@ -88,6 +92,7 @@ class MarkerTrainConfig(ConfigDict):
     seed: int = setting(42, help="seed of LoRA initialisation and data order")
     dtype: str | None = setting(None, choices=TRAIN_DTYPES, help="weights dtype and autocast", shown=AUTO_DTYPE)
     gradient_checkpointing: bool = setting(False, help="trade compute for activation memory")
+    packing: bool = setting(True, help="one padding-free row per micro-batch (the loss equals padded batches')")
     save_steps: int = setting(50, help="checkpoint every this many optimiser steps (training resumes from the last)")
     logging_steps: int = setting(1, help="record the loss every this many optimiser steps")
     report_to: str = setting("none", choices=REPORT_TO, help="also report the loss to TensorBoard or Weights & Biases")
@@ -224,6 +229,8 @@ class _LabelledDataset:
 
 
 def _collate(pad_id: int):
+    """Returns a collator that right-pads examples into a ``[batch, longest]`` tensor with a mask."""
+
     def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
@@ -239,6 +246,27 @@ def _collate(pad_id: int):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     return collate
+
+
+def _collate_packed(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """Returns the examples end to end in one ``[1, total]`` row, position ids restarting per example.
+
+    No attention mask is passed: transformers then reads the example boundaries from the
+    position ids and masks attention block-diagonally (sdpa, eager) or runs varlen kernels
+    (flash attention). Each example's first label is ignored, so no token is predicted across a
+    boundary, and the loss covers exactly the tokens a padded batch covers.
+    """
+    import torch
+
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for b in batch:
+        ids.extend(b["input_ids"])
+        labels.extend([IGNORE_INDEX, *b["labels"][1:]])
+        positions.extend(range(len(b["input_ids"])))
+    as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+    return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
 
 
 def _training_arguments(**kwargs: Any) -> Any:
@@ -317,7 +345,7 @@ def _make_trainer(
         model=peft_model,
         args=args,
         train_dataset=_LabelledDataset(examples),
-        data_collator=_collate(pad_id),
+        data_collator=_collate_packed if config.packing else _collate(pad_id),
         callbacks=list(callbacks) or None,
     )
     if not progress:
@@ -398,16 +426,45 @@ def train_marker(
         ValueError: On an empty or malformed dataset, or when ``out_dir`` holds a run with a
             different config or dataset.
     """
-    from peft import get_peft_model
-    from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    inputs = _validate(model, dataset, config, source=source, marker=marker, device=device, func="train_marker")
+    out = Path(out_dir)
+    run_key = _run_key(model, inputs, chat_template=chat_template)
+    finished = _finished_run(out, run_key, inputs.config, resume=resume, func="train_marker")
+    if finished is not None:
+        return finished
+    return _run(model, inputs, out, run_key, chat_template=chat_template, resume=resume, callbacks=callbacks, progress=progress)
 
-    from persona_geometry._io import atomic_dir, atomic_write_json
-    from persona_geometry.adapters import ADAPTER_INFO_FILE, architecture_fingerprint
-    from persona_geometry.models import resolve_precision, weights_fingerprint
+
+@dataclass(frozen=True, kw_only=True)
+class _Inputs:
+    """The checked inputs of a training run, before any weight is read."""
+
+    config: MarkerTrainConfig
+    rows: list[dict[str, Any]]
+    manifest: dict[str, Any]
+    source: str | None
+    marker: str | None
+    device: Any
+    dtype: Any
+    dtype_name: str
+    fingerprint: dict[str, Any]
+
+
+def _validate(
+    model: str | os.PathLike[str],
+    dataset: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    config: MarkerTrainConfig | None,
+    *,
+    source: str | None,
+    marker: str | None,
+    device: str | None,
+    func: str,
+) -> _Inputs:
+    """Returns the checked config, dataset rows, source, marker, device and dtype."""
+    from persona_geometry.adapters import architecture_fingerprint
+    from persona_geometry.models import resolve_precision
     from persona_geometry.training.data import load_marker_dataset
 
-    func = "train_marker"
     config = config or MarkerTrainConfig()
     if not isinstance(config, MarkerTrainConfig):
         invalid("config", func, "a MarkerTrainConfig", config, exc=TypeError)
@@ -418,53 +475,68 @@ def train_marker(
         if not rows:
             invalid("dataset", func, "a non-empty list of chat-message rows", rows)
     _check_tracker(config)
-    source = source if source is not None else manifest.get("source")
-    marker = marker if marker is not None else manifest.get("config", {}).get("marker")
-    out = Path(out_dir)
-
     torch_device, torch_dtype = resolve_precision(device, config.dtype, func=func, allowed=TRAIN_DTYPES)
-    dtype_name = str(torch_dtype).removeprefix("torch.")
-    fingerprint = architecture_fingerprint(model)
-    # Everything the adapter depends on: a finished run is reused only for the same weights,
-    # template, precision, recipe and data.
+    return _Inputs(
+        config=config,
+        rows=rows,
+        manifest=manifest,
+        source=source if source is not None else manifest.get("source"),
+        marker=marker if marker is not None else manifest.get("config", {}).get("marker"),
+        device=torch_device,
+        dtype=torch_dtype,
+        dtype_name=str(torch_dtype).removeprefix("torch."),
+        fingerprint=architecture_fingerprint(model),
+    )
+
+
+def _run_key(model: str | os.PathLike[str], inputs: _Inputs, *, chat_template: str | None) -> str:
+    """Returns the hash of everything the adapter depends on: weights, template, precision, recipe, data."""
+    from persona_geometry.models import weights_fingerprint
+
     weights = weights_fingerprint(model) if Path(model).is_dir() else str(model)
-    run_key = stable_hash(
+    return stable_hash(
         {
-            "model": fingerprint["hash"],
+            "model": inputs.fingerprint["hash"],
             "weights": weights,
             "chat_template": stable_hash(chat_template),
-            "dtype": dtype_name,
+            "dtype": inputs.dtype_name,
             # Where the loss is also reported does not change the adapter.
-            "config": {k: v for k, v in config.to_dict().items() if k != "report_to"},
-            "data": [r["messages"] for r in rows],
+            "config": {k: v for k, v in inputs.config.to_dict().items() if k != "report_to"},
+            "data": [r["messages"] for r in inputs.rows],
         }
     )
+
+
+def _finished_run(out: Path, run_key: str, config: MarkerTrainConfig, *, resume: bool, func: str) -> TrainResult | None:
+    """Returns the finished run ``out`` holds for this key, or None; refuses a folder of another run."""
+    from persona_geometry.adapters import ADAPTER_INFO_FILE
+
     config_path = out / CONFIG_FILE
-    if config_path.is_file():
-        previous = json.loads(config_path.read_text(encoding="utf-8"))
-        if previous.get("run_key") != run_key and resume:
-            invalid("out_dir", func, "an empty folder or one holding a run with the same model, config and data", str(out))
+    if not config_path.is_file():
+        return None
+    previous = json.loads(config_path.read_text(encoding="utf-8"))
+    if previous.get("run_key") != run_key and resume:
+        invalid("out_dir", func, "an empty folder or one holding a run with the same model, config and data", str(out))
+    loss_path = out / LOSS_FILE
+    if not (resume and previous.get("run_key") == run_key and loss_path.is_file() and (out / ADAPTER_DIR / ADAPTER_INFO_FILE).is_file()):
+        return None
+    done = json.loads(loss_path.read_text(encoding="utf-8"))
+    if not done.get("completed"):
+        return None
+    log.info("%s already holds this finished run; returning it without training", out)
+    return TrainResult(
+        out_dir=out,
+        adapter_dir=out / ADAPTER_DIR,
+        config=config,
+        loss_curve=tuple(done["loss_curve"]),
+        n_examples=int(previous["n_examples"]),
+        train_seconds=float(done["train_seconds"]),
+        resumed_from=done.get("resumed_from"),
+    )
 
-        loss_path = out / LOSS_FILE
-        if resume and previous.get("run_key") == run_key and loss_path.is_file() and (out / ADAPTER_DIR / ADAPTER_INFO_FILE).is_file():
-            done = json.loads(loss_path.read_text(encoding="utf-8"))
-            if done.get("completed"):
-                log.info("%s already holds this finished run; returning it without training", out)
-                return TrainResult(
-                    out_dir=out,
-                    adapter_dir=out / ADAPTER_DIR,
-                    config=config,
-                    loss_curve=tuple(done["loss_curve"]),
-                    n_examples=int(previous["n_examples"]),
-                    train_seconds=float(done["train_seconds"]),
-                    resumed_from=done.get("resumed_from"),
-                )
 
-    checkpoints = out / CHECKPOINT_DIR
-    if not resume and checkpoints.is_dir():
-        shutil.rmtree(checkpoints)  # never resume, later, from a run started over
-    set_seed(config.seed)
-    hf_model, tokenizer = _load_base(model, torch_dtype, torch_device)
+def _tokenise(rows: list[dict[str, Any]], tokenizer: Any, config: MarkerTrainConfig, *, chat_template: str | None) -> list[dict[str, list[int]]]:
+    """Returns the examples with assistant-only labels, skipping those with no answer token left."""
     examples = []
     for row in rows:
         input_ids, labels = assistant_only_labels(tokenizer, row["messages"], max_length=config.max_length, chat_template=chat_template)
@@ -473,45 +545,95 @@ def train_marker(
             continue
         examples.append({"input_ids": input_ids, "labels": labels})
     if not examples:
-        invalid("dataset", func, "rows with answer tokens within max_length", f"{len(rows)} rows, none usable")
+        invalid("dataset", "train_marker", "rows with answer tokens within max_length", f"{len(rows)} rows, none usable")
+    return examples
 
-    peft_model = get_peft_model(hf_model, _lora_config(config))
+
+def _run(
+    model: str | os.PathLike[str],
+    inputs: _Inputs,
+    out: Path,
+    run_key: str,
+    *,
+    chat_template: str | None,
+    resume: bool,
+    callbacks: Sequence[Any],
+    progress: bool,
+) -> TrainResult:
+    """Returns the result of training (resuming from the last checkpoint) and saving the adapter."""
+    from peft import get_peft_model
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from persona_geometry._io import atomic_write_json
+
+    config = inputs.config
+    checkpoints = out / CHECKPOINT_DIR
+    if not resume and checkpoints.is_dir():
+        shutil.rmtree(checkpoints)  # never resume, later, from a run started over
+    set_seed(config.seed)
+    hf_model, tokenizer = _load_base(model, inputs.dtype, inputs.device)
+    examples = _tokenise(inputs.rows, tokenizer, config, chat_template=chat_template)
+    # Without a KV cache the model reads packed examples' boundaries from the position ids.
+    hf_model.config.use_cache = False
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated is_gradient_checkpointing alias when it wraps a model.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(hf_model, _lora_config(config))
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
-    resolved = {
-        "run_key": run_key,
-        "config": config.to_dict(),
-        # What the loaded weights are, read back: the dtype this run trained at.
-        "dtype": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
-        "device": str(torch_device),
-        "base_model": str(model),
-        "base_fingerprint": fingerprint,
-        "source": source,
-        "marker": marker,
-        "n_examples": len(examples),
-        "dataset_manifest": manifest,
-        "package_versions": package_versions(),
-    }
-    atomic_write_json(config_path, resolved)
-
+    atomic_write_json(
+        out / CONFIG_FILE,
+        {
+            "run_key": run_key,
+            "config": config.to_dict(),
+            # What the loaded weights are, read back: the dtype this run trained at.
+            "dtype": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
+            "device": str(inputs.device),
+            "base_model": str(model),
+            "base_fingerprint": inputs.fingerprint,
+            "source": inputs.source,
+            "marker": inputs.marker,
+            "n_examples": len(examples),
+            "dataset_manifest": inputs.manifest,
+            "package_versions": package_versions(),
+        },
+    )
     trainer = _make_trainer(
         peft_model,
         examples,
         config,
-        output_dir=out / CHECKPOINT_DIR,
-        device_type=torch_device.type,
-        bf16=dtype_name == "bfloat16",
+        output_dir=checkpoints,
+        device_type=inputs.device.type,
+        bf16=inputs.dtype_name == "bfloat16",
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         callbacks=[*callbacks, *_reporting_callbacks(config, out)],
         progress=progress,
     )
-    checkpoint_root = out / CHECKPOINT_DIR
-    last = get_last_checkpoint(str(checkpoint_root)) if resume and checkpoint_root.is_dir() else None
+    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
     if last:
         log.info("resuming from %s", last)
     started = time.time()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - started
+    return _save(model, inputs, out, run_key, peft_model, trainer, n_examples=len(examples), seconds=seconds, resumed_from=last)
+
+
+def _save(
+    model: str | os.PathLike[str],
+    inputs: _Inputs,
+    out: Path,
+    run_key: str,
+    peft_model: Any,
+    trainer: Any,
+    *,
+    n_examples: int,
+    seconds: float,
+    resumed_from: str | None,
+) -> TrainResult:
+    """Returns the result after writing the adapter (with its metadata) and the loss curve."""
+    from persona_geometry._io import atomic_dir, atomic_write_json
+    from persona_geometry.adapters import ADAPTER_INFO_FILE
 
     loss_curve = tuple(
         {"step": int(e["step"]), "epoch": float(e.get("epoch", 0.0)), "loss": float(e["loss"]), "learning_rate": float(e.get("learning_rate", 0.0))}
@@ -524,11 +646,11 @@ def train_marker(
         atomic_write_json(
             tmp / ADAPTER_INFO_FILE,
             {
-                "source": source,
-                "marker": marker,
+                "source": inputs.source,
+                "marker": inputs.marker,
                 "base_model": str(model),
-                "base_fingerprint": fingerprint,
-                "train_config": config.to_dict(),
+                "base_fingerprint": inputs.fingerprint,
+                "train_config": inputs.config.to_dict(),
                 "run_key": run_key,
             },
         )
@@ -536,16 +658,16 @@ def train_marker(
     completed = trainer.state.global_step >= trainer.state.max_steps
     atomic_write_json(
         out / LOSS_FILE,
-        {"loss_curve": list(loss_curve), "train_seconds": seconds, "resumed_from": last, "completed": completed},
+        {"loss_curve": list(loss_curve), "train_seconds": seconds, "resumed_from": resumed_from, "completed": completed},
     )
     result = TrainResult(
         out_dir=out,
         adapter_dir=adapter_dir,
-        config=config,
+        config=inputs.config,
         loss_curve=loss_curve,
-        n_examples=len(examples),
+        n_examples=n_examples,
         train_seconds=seconds,
-        resumed_from=last,
+        resumed_from=resumed_from,
     )
     log.info(result.summary())
     return result

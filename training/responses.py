@@ -30,7 +30,7 @@ def generate_responses(
     max_new_tokens: int = SamplingSettings.max_new_tokens,
     seed: int = SamplingSettings.seed,
     backend: str = "vllm",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     chat_template: str | None = None,
@@ -53,7 +53,7 @@ def generate_responses(
         max_new_tokens: The most tokens per response.
         seed: Base seed for sampling.
         backend: ``"vllm"`` or ``"hf"``.
-        batch_size: Sequences per batch on the HF back end.
+        batch_size: Sequences per batch on the HF back end; sized to memory when None.
         device: Torch device for the HF back end.
         dtype: Model dtype; None or ``"auto"`` is bf16 on GPU, fp32 on CPU (``resolve_precision``).
         chat_template: A Jinja template to use instead of the tokenizer's own.

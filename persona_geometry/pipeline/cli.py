@@ -27,7 +27,7 @@ from persona_geometry.pipeline.config import (
     ModelConfig,
     ResponsesConfig,
 )
-from persona_geometry.settings import STATISTICS
+from persona_geometry.settings import EXECUTORS, META_METHODS, STAGES, STATISTICS, TABLE_LAYOUTS
 from persona_geometry.training.data import MarkerDataConfig
 from persona_geometry.training.lora import MarkerTrainConfig
 
@@ -180,8 +180,6 @@ _OVERRIDES = ("device", "dtype")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    from persona_geometry.pipeline.study import STAGES
-
     p = _subparser(
         sub,
         "run",
@@ -194,7 +192,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
     _add_settings(p, ModelConfig, _OVERRIDES, override="the config's model section")
     p.add_argument("--force", action="store_true", help="re-run the chosen stages even if their outputs are current")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the plan (units, tokens, memory and time estimates); load no weights, write nothing")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--executor", choices=EXECUTORS, default=EXECUTORS[0],
+                   help="where units run: auto (torchrun under a launcher, else in process), inprocess, torchrun, ray")
+    p.add_argument("--shard", metavar="I/N", default=None,
+                   help="array job I of N: run only this slice of the extract/data/train/eval units, then exit")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (executor ray; default: start a local instance)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs for the Ray executor: one per unit when > 0 (default: those Ray sees)")
     p.set_defaults(func=_run_study)
 
 
@@ -209,7 +215,16 @@ def _run_study(args: argparse.Namespace) -> int:
         config = StudyConfig.from_dict({**config.to_dict(), "model": {**config.model.to_dict(), **overrides}})
     if args.out is not None:
         config = config.with_overrides(out=args.out)
-    result = run_study(config, stages=list(args.stages) if args.stages is not None else None, force=args.force, progress=not args.no_progress)
+    if args.dry_run:
+        from persona_geometry.pipeline.plan import plan_study
+
+        print(plan_study(config, stages=list(args.stages) if args.stages is not None else None).summary())
+        return 0
+    result = run_study(
+        config, stages=list(args.stages) if args.stages is not None else None, force=args.force,
+        progress=not args.no_progress, executor=args.executor, shard=args.shard, ray_address=args.ray_address,
+        gpus=args.gpus,
+    )  # fmt: skip
     print(result.summary())
     return 0
 
@@ -235,11 +250,13 @@ def _run_extract(args: argparse.Namespace) -> int:
     model = ModelConfig(**_settings(args, ModelConfig, _EXTRACT_MODEL))
     extract = ExtractConfig(**_settings(args, ExtractConfig, _fields(ExtractConfig)))
 
+    from persona_geometry import distributed
     from persona_geometry.extract import extract_activations
     from persona_geometry.models import load_model
     from persona_geometry.personas import PersonaSet
     from persona_geometry.questions import load_questions
 
+    distributed.pin_local_device()  # under torchrun: each rank its own GPU, before CUDA starts
     handle = load_model(model.name, dtype=model.dtype, device=model.device, revision=model.revision, adapter=args.adapter)
     acts = extract_activations(
         handle,
@@ -252,9 +269,10 @@ def _run_extract(args: argparse.Namespace) -> int:
         chat_template=model.template_text(),
         cache_dir=args.cache_dir,
     )
-    out = acts.save(args.out)
-    log.info("saved %s", acts)
-    _written(out)
+    if distributed.rank() == 0:  # under torchrun every rank holds the whole set; one writes it
+        out = acts.save(args.out)
+        log.info("saved %s", acts)
+        _written(out)
     return 0
 
 
@@ -281,7 +299,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", metavar="COLUMN", help="column of completions per persona")
     p.add_argument("--rate", metavar="COLUMN", help="column of rates in [0, 1], instead of --k/--n")
     p.add_argument("--persona", default="persona", metavar="COLUMN", help="column of persona names")
-    p.add_argument("--layout", choices=("auto", "long", "wide"), default="auto", help="table layout; auto is long when the --layer-column and --cosine columns exist")
+    p.add_argument("--layout", choices=TABLE_LAYOUTS, default="auto", help="table layout; auto is long when the --layer-column and --cosine columns exist")
     p.add_argument("--layer-column", default="layer", metavar="COLUMN", help="long layout: column of layer indices")
     p.add_argument("--cosine", default="cosine", metavar="COLUMN", help="long layout: column of cosines")
     p.add_argument(
@@ -553,7 +571,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=float, default=None, help="relative depth in [0, 1] of the combined estimate (default: the first study's primary layer)")
     p.add_argument("--statistic", choices=STATISTICS, default=None, help="statistic of the comparison (default: the first study's sweep statistic)")
     p.add_argument("--intersect", action="store_true", help="compare on the personas every study shares (recomputes each study there)")
-    p.add_argument("--method-re", choices=["dl", "iterated", "chi2"], default="dl", help="between-study variance estimator (default: dl, DerSimonian-Laird)")
+    p.add_argument("--method-re", choices=META_METHODS, default=META_METHODS[0], help="between-study variance estimator (default: dl, DerSimonian-Laird)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level; intervals are 1 - alpha (default: 0.05)")
     p.set_defaults(func=_run_compare)
 
@@ -585,12 +603,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from persona_geometry.pipeline.demo import DISCLAIMER, run_demo
+    from persona_geometry.pipeline.demo import demo_headline, run_demo
 
-    print(DISCLAIMER, flush=True)
     result = run_demo(args.out, progress=not args.no_progress)
-    print(result.summary())
-    print(DISCLAIMER)
+    print(demo_headline(result))
     return 0
 
 

@@ -16,6 +16,7 @@ A study file has these sections (every key optional except ``model.name``)::
     train: {r: 32, lora_alpha: 64, learning_rate: 1.0e-5, ...}   # MarkerTrainConfig
     eval: {backend: vllm, n_completions: 5, temperature: 1.0, top_p: 0.95, max_new_tokens: 512}
     analysis: {primary_layer: 20, holdout: [], covariate: log_n_tokens, n_permutations: 10000}
+    figures: {formats: [html], width: null, height: null, scale: 1, grid_layers: null, plotlyjs: directory}
 
 An unknown key or a bad value is one ``ValueError`` naming the key (``train.lr``), raised by
 ``StudyConfig.from_dict``/``load`` before anything expensive happens.
@@ -31,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from persona_geometry._serialization import ConfigDict, coerce_fields
-from persona_geometry._validation import check_positive_int, invalid
+from persona_geometry._validation import check_one_of, check_positive_int, invalid
 from persona_geometry.sampling import SamplingSettings
 from persona_geometry.settings import (
     AUTO_DTYPE,
     BACKENDS,
     DTYPES,
     ENGINES,
+    FIGURE_FORMATS,
     HOOK_POINTS,
+    PLOTLYJS_MODES,
     STATISTICS,
     TRAIN_DTYPES,
     check_choices,
@@ -51,6 +54,7 @@ __all__ = [
     "AnalysisConfig",
     "EvalConfig",
     "ExtractConfig",
+    "FigureConfig",
     "GeometryConfig",
     "MarkerConfig",
     "ModelConfig",
@@ -58,6 +62,9 @@ __all__ = [
     "StudyConfig",
     "DataConfig",
 ]
+
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(ConfigDict):
@@ -69,13 +76,33 @@ class ModelConfig(ConfigDict):
     dtype: str = setting("auto", choices=DTYPES, help="weights dtype", shown=AUTO_DTYPE)
     device: str | None = setting(None, help="torch device: cpu, cuda, cuda:1, ...", shown="cuda when available")
     chat_template: str | None = setting(None, help="a Jinja chat template, or a file holding one", shown="the tokenizer's own")
+    device_map: str | dict[str, Any] | None = setting(
+        None, help=f"a model larger than one GPU: accelerate's device_map, one of {list(_DEVICE_MAPS)} or {{module: device}}", shown="one device"
+    )
+    max_memory: dict[Any, Any] | None = setting(None, help="with device_map: the most memory per device, e.g. {0: 70GiB, cpu: 200GiB}", shown="all of it")
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             invalid("name", "ModelConfig", "a model id or folder", self.name)
         check_choices(self)
+        if isinstance(self.device_map, str):
+            check_one_of(self.device_map, "device_map", "ModelConfig", _DEVICE_MAPS)
+        elif self.device_map is not None and not isinstance(self.device_map, dict):
+            invalid("device_map", "ModelConfig", f"null, one of {list(_DEVICE_MAPS)} or a mapping of module to device", self.device_map, exc=TypeError)
+        if self.max_memory is not None:
+            if not isinstance(self.max_memory, dict) or self.device_map is None:
+                invalid("max_memory", "ModelConfig", "null, or a mapping of device to memory (e.g. {0: 70GiB}) with device_map set", self.max_memory)
+            # One key type (text), so the config hashes and round-trips; load_model gets GPU indices back as ints.
+            object.__setattr__(self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()})
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
+
+    def placement(self) -> dict[str, Any]:
+        """Returns ``load_model``'s placement arguments: ``device``, or ``device_map`` and ``max_memory``."""
+        if self.device_map is None:
+            return {"device": self.device}
+        memory = None if self.max_memory is None else {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
+        return {"device": self.device, "device_map": self.device_map, "max_memory": memory}
 
     def template_text(self) -> str | None:
         """Returns the chat template to use: the file's text when ``chat_template`` is a path.
@@ -151,10 +178,14 @@ class ResponsesConfig(SamplingSettings):
 
     n_completions: int = setting(1, choices=(1,), help="one answer per persona and training question")
     backend: str | None = setting(None, choices=BACKENDS, help="sampling back end", shown="the eval back end")
+    tensor_parallel_size: int = setting(1, help="vLLM: GPUs one engine spans, for a model larger than one GPU")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self)
+        check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "ResponsesConfig")
+        if self.tensor_parallel_size > 1 and self.backend == "hf":
+            invalid("tensor_parallel_size", "ResponsesConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,12 +194,19 @@ class EvalConfig(SamplingSettings):
 
     backend: str = setting("vllm", choices=BACKENDS, help="sampling back end")
     regex: bool = setting(False, help="treat the marker as a regular expression")
-    batch_size: int = setting(64, help="sequences per batch on the hf back end")
+    batch_size: int | None = setting(
+        None, help="sequences per batch on the hf back end (completions do not depend on it)", shown="sized to GPU memory"
+    )
+    tensor_parallel_size: int = setting(1, help="vLLM: GPUs one engine spans, for a model larger than one GPU")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self)
-        check_positive_int(self.batch_size, "batch_size", "EvalConfig")
+        if self.batch_size is not None:
+            check_positive_int(self.batch_size, "batch_size", "EvalConfig")
+        check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "EvalConfig")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            invalid("tensor_parallel_size", "EvalConfig", "1 with the hf back end (tensor parallelism is vLLM's)", self.tensor_parallel_size)
 
     def sampling(self) -> SamplingSettings:
         """Returns the ``SamplingSettings`` these values describe."""
@@ -204,6 +242,36 @@ class AnalysisConfig(ConfigDict):
                 invalid(name, "AnalysisConfig", "an int ≥ 0", value)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FigureConfig(ConfigDict):
+    """How the report writes its figures: formats, static size and scale, heatmap grid layers, plotly.js."""
+
+    formats: tuple[str, ...] = setting(("html",), choices=FIGURE_FORMATS, help="figure formats; static ones need the figures extra and a Chromium", metavar="FMT,FMT")
+    width: int | None = setting(None, help="static image width in pixels", shown="the figure's own")
+    height: int | None = setting(None, help="static image height in pixels", shown="the figure's own")
+    scale: float | int = setting(1.0, help="pixel multiplier of raster images (2 for slides, 3 for print)")
+    grid_layers: tuple[int, ...] | None = setting(None, help="layers of the small-multiples heatmap", shown="up to six evenly spaced, the analysis layer among them")
+    plotlyjs: str = setting("directory", choices=PLOTLYJS_MODES, help="plotly.js for HTML: one file per folder (offline), inline, or a CDN")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.formats, str) or not self.formats:
+            invalid("formats", "FigureConfig", f"a non-empty list from {list(FIGURE_FORMATS)}", self.formats)
+        check_choices(self)
+        for key in ("width", "height"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 16):
+                invalid(key, "FigureConfig", "null or an int of at least 16 pixels", v)
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float) or not 0 < self.scale <= 10:
+            invalid("scale", "FigureConfig", "a number in (0, 10]", self.scale)
+        if self.grid_layers is not None and (not self.grid_layers or any(isinstance(v, bool) or not isinstance(v, int) for v in self.grid_layers)):
+            invalid("grid_layers", "FigureConfig", "null or a non-empty list of layer indices", self.grid_layers)
+
+    @property
+    def static_formats(self) -> tuple[str, ...]:
+        """The formats that need kaleido."""
+        return tuple(f for f in self.formats if f != "html")
+
+
 def _is_path(template: str | None) -> bool:
     # A Jinja template has tags; a file name does not.
     return isinstance(template, str) and "{%" not in template and "{{" not in template
@@ -219,6 +287,7 @@ _SECTIONS: dict[str, type] = {
     "train": MarkerTrainConfig,
     "eval": EvalConfig,
     "analysis": AnalysisConfig,
+    "figures": FigureConfig,
 }
 
 
@@ -240,6 +309,7 @@ class StudyConfig:
     train: MarkerTrainConfig = field(default_factory=MarkerTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    figures: FigureConfig = field(default_factory=FigureConfig)
 
     def __post_init__(self) -> None:
         for key in ("name", "out", "personas", "questions", "training_questions"):

@@ -15,7 +15,7 @@ from persona_geometry._io import atomic_write_text
 from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.pipeline.study import StudyResult, run_study
 
-__all__ = ["DISCLAIMER", "demo_config", "run_demo"]
+__all__ = ["DISCLAIMER", "demo_config", "demo_headline", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ def run_demo(out: str | os.PathLike[str] = "demo_output", *, progress: bool = Tr
     from persona_geometry.tiny import TinyModelSpec, build_tiny_model
 
     out = Path(out)
-    log.warning(DISCLAIMER)
     # Hidden size 256: at 128 the random unembedding caps every token's probability too low for
     # a multi-token marker to be emitted reliably, whatever the adapter learns.
     spec = TinyModelSpec(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)
@@ -69,3 +68,34 @@ def run_demo(out: str | os.PathLike[str] = "demo_output", *, progress: bool = Tr
 
     atomic_write_text(out / "demo_study.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
     return run_study(config, progress=progress)
+
+
+def demo_headline(result: StudyResult) -> str:
+    """Returns what a person runs the demo for: the primary result, the strongest layer, the report.
+
+    Read from the study's ``report/report.json``; the random-weights disclaimer ends it, once.
+    """
+    import json
+
+    report_dir = result.out / "report"
+    report = json.loads((report_dir / "report.json").read_text())
+    sweep = report["sweep"]
+    stat = sweep["statistic"]
+    name, key = ("Spearman ρ", "rho") if stat == "spearman" else ("Pearson r", "r")
+
+    def num(v: float | None, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    def at(entry: dict) -> str:
+        s = entry[stat]
+        return f"{name} = {num(s[key], '+.2f')} (p = {num(s['p'], '.3g')}, n = {entry['n']})"
+
+    lines = [f"Demo finished: {len(report['personas'])} personas, {len(sweep['layers'])} layers ({', '.join(f'{s} {result.seconds[s]:.0f}s' for s in result.ran if s in result.seconds) or 'all stages cached'})."]
+    if sweep["primary"] is not None:
+        lines.append(f"  primary layer {sweep['primary_layer']} (declared in advance): {at(sweep['primary'])}")
+    mx = sweep["max_statistic"]
+    honest = f"; max-over-layers p = {num(mx['p'], '.3g')} ({mx['n_permutations']} permutations)" if mx["n_permutations"] else ""
+    lines.append(f"  strongest layer {sweep['best_layer']}: {at(sweep['best'])}{honest}")
+    lines.append(f"  report: {report_dir / 'report.md'} (figures beside it: {', '.join(sorted(p.name for p in report_dir.glob('*.html')))})")
+    lines.append(DISCLAIMER)
+    return "\n".join(lines)

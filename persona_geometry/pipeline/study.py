@@ -30,18 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from persona_geometry._io import atomic_write_json, atomic_write_text
-from persona_geometry._validation import invalid
+from persona_geometry._validation import check_one_of, invalid
+from persona_geometry.distributed import block_of
 from persona_geometry.personas import PersonaSet, builtin_personas
 from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions, load_questions, training_questions
 from persona_geometry.resume import KeyedFolder
+from persona_geometry.settings import STAGES
 
-__all__ = ["STAGES", "StudyResult", "run_study", "study_inputs"]
+__all__ = ["STAGES", "UNIT_STAGES", "StudyResult", "Unit", "run_study", "run_unit", "study_inputs", "study_units", "unit_outputs"]
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("extract", "data", "train", "eval", "sweep", "report")
 _MARKER_FILE = ".stage.json"
 
 
@@ -54,12 +55,14 @@ class StudyResult:
     skipped: tuple[str, ...]
     files: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    computed: tuple[str, ...] = ()  # units computed by this run, wherever they ran (the others were cached)
 
     def summary(self) -> str:
         """Returns a few lines a person reads."""
         lines = [f"Study output: {self.out}"]
         timed = ", ".join(f"{s} {self.seconds[s]:.0f}s" for s in self.ran if s in self.seconds)
         lines.append(f"  ran: {timed or 'nothing'}; cached: {', '.join(self.skipped) or 'nothing'}")
+        lines.append(f"  units computed: {len(self.computed)}")
         for name, path in self.files.items():
             lines.append(f"  {name}: {path}")
         return "\n".join(lines)
@@ -131,8 +134,17 @@ def run_study(
     stages: Sequence[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    executor: str | Any = "auto",
+    shard: str | tuple[int, int] | None = None,
+    ray_address: str | None = None,
+    gpus: int | None = None,
 ) -> StudyResult:
     """Returns the result of running the study's stages, skipping those whose inputs are unchanged.
+
+    The unit stages (extract, data, train, eval) run their units on the chosen executor
+    (``persona_geometry.pipeline.executors``); the sweep and report run in the process that
+    assembles (rank 0 under torchrun). Every executor gives the same files: units are fixed by
+    the study, cached by key and merged in their fixed order.
 
     Args:
         config: The validated study config.
@@ -140,47 +152,79 @@ def run_study(
             inputs come from an earlier stage needs that stage's outputs on disk.
         force: Re-run the chosen stages even when their outputs are current.
         progress: Show progress bars.
+        executor: ``"auto"`` (torchrun under a launcher, else in process), ``"inprocess"``,
+            ``"torchrun"``, ``"ray"``, or an executor object.
+        shard: ``"I/N"``: run only array shard ``I`` of ``N`` of the unit stages, then stop;
+            a plain run afterwards finds those units cached and finishes.
+        ray_address: The Ray cluster to use (``executor="ray"``); a local instance without one.
+        gpus: GPUs for the Ray executor (see ``RayTasks``).
 
     Raises:
-        ValueError: On an unknown stage name, or inputs the config names that don't exist.
+        ValueError: On an unknown stage or executor, a bad shard, or inputs the config names
+            that don't exist.
+        ImportError: For ``executor="ray"`` without Ray installed.
     """
+    from functools import partial
+
+    from persona_geometry.pipeline.executors import make_executor
+
     chosen = list(STAGES) if stages is None else list(stages)
     for s in chosen:
         if s not in STAGES:
             invalid("stages", "run_study", f"stage names from {list(STAGES)}", s)
+    # Every check that needs no weights, before anything is trained or the output folder exists.
+    from persona_geometry.pipeline.plan import plan_study
+
+    plan_study(config, stages=chosen)
     inputs = study_inputs(config)
+    # Absolute, so workers started elsewhere (Ray) write to the same place.
+    config = config.with_overrides(out=str(Path(config.out).resolve()))
+    ex = make_executor(executor, shard=shard, ray_address=ray_address, gpus=gpus) if isinstance(executor, str) else executor
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_resolved_config(config, out)
+    if ex.assembles:
+        _write_resolved_config(config, out)
     keys = _stage_keys(config, inputs)
     ran, skipped, files, seconds = [], [], {}, {}
-    runners = {
-        "extract": _extract,
-        "data": _data,
-        "train": _train,
-        "eval": _eval,
-        "sweep": _sweep,
-        "report": _report,
-    }
+    computed: list[str] = []
+    runners = {"sweep": _sweep, "report": _report}
     for stage in STAGES:
         if stage not in chosen:
             continue
+        if stage not in UNIT_STAGES and not ex.assembles:
+            continue  # an array shard stops after its units; torchrun's rank 0 assembles
         marker = _stage_record(out / stage, keys[stage])
         if marker.done() and not force:
             log.info("stage %s: inputs unchanged, skipped", stage)
             skipped.append(stage)
             continue
-        log.info("stage %s: running", stage)
+        log.info("stage %s: running (%s)", stage, ex.name)
         start = time.perf_counter()
-        produced = runners[stage](config, inputs, out, keys, progress=progress, force=force)
+        if stage in UNIT_STAGES:
+            units = study_units(config, stage, inputs=inputs)
+            before = {u.name: _stage_record(Path(u.folder), u.key).done() and not force for u in units}
+            run = partial(run_unit, config, force=force, progress=progress and len(units) == 1)
+            # Every array shard needs the (single) data unit; the shards compute it once, under a lock.
+            results = ex.map(units, run, together=stage == "data" and ex.name == "shard")
+            produced = {}
+            for u, r in zip(units, results, strict=True):
+                if r is not None:
+                    produced.update(r)
+                    if not before[u.name]:
+                        computed.append(u.name)
+        else:
+            produced = runners[stage](config, inputs, out, keys, progress=progress, force=force)
         seconds[stage] = time.perf_counter() - start
         log.info("stage %s: done in %.1f s", stage, seconds[stage])
-        marker.finish(stage=stage, files=produced, seconds=round(seconds[stage], 2))
+        if ex.assembles:
+            marker.finish(stage=stage, files=produced, seconds=round(seconds[stage], 2))
         files.update(produced)
         ran.append(stage)
-    if "report" in chosen:
+    if hasattr(ex, "finish"):
+        ex.finish()
+    if "report" in chosen and ex.assembles:
         files.setdefault("report", str(out / "report" / "report.md"))
-    return StudyResult(out=out, ran=tuple(ran), skipped=tuple(skipped), files=files, seconds=seconds)
+    return StudyResult(out=out, ran=tuple(ran), skipped=tuple(skipped), files=files, seconds=seconds, computed=tuple(computed))
 
 
 def _write_resolved_config(config: StudyConfig, out: Path) -> None:
@@ -200,17 +244,148 @@ def _stage_keys(config: StudyConfig, inputs: _Inputs) -> dict[str, str]:
     train = stable_hash([data, c["train"], c["marker"]])
     evaluation = stable_hash([train, inputs.questions, c["eval"], c["data"]["marker"]])
     sweep = stable_hash([extract, evaluation, c["geometry"], c["analysis"]])
-    report = stable_hash([sweep, "report-v1"])
+    report = stable_hash([sweep, c["figures"], "report-v2"])
     return {"extract": extract, "data": data, "train": train, "eval": evaluation, "sweep": sweep, "report": report}
 
 
 # --- stages -----------------------------------------------------------------------------------
-def _extract(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
-    from persona_geometry.extract import extract_activations
+
+# --- units ------------------------------------------------------------------------------------
+# Prompts per extraction unit: whole personas, about this many prompts (one cache chunk).
+_UNIT_PROMPTS = 1024
+UNIT_STAGES: tuple[str, ...] = ("extract", "data", "train", "eval")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One content-addressed, idempotent piece of a unit stage, run by any executor.
+
+    ``folder`` holds its record (``.stage.json``: key, attempts, where it ran, its output files)
+    and its log (``unit.log``); ``args`` say which piece (a persona block, a source and seed).
+    """
+
+    stage: str
+    name: str
+    key: str
+    folder: str
+    args: tuple[Any, ...] = ()
+
+
+def study_units(config: StudyConfig, stage: str, *, inputs: _Inputs | None = None) -> list[Unit]:
+    """Returns a unit stage's units in their fixed order (the order their outputs merge in).
+
+    Extraction is cut into blocks of whole personas of about 1,024 prompts, fixed by the study
+    (not by the executor), so every executor computes the same blocks; data is one unit; train
+    and eval have one unit per source and seed.
+    """
+    check_one_of(stage, "stage", "study_units", UNIT_STAGES)
+    inputs = inputs or study_inputs(config)
+    out = Path(config.out)
+    key = _stage_keys(config, inputs)[stage]
+    if stage == "extract":
+        units = []
+        sets = [("activations", inputs.personas)] + ([("centering_activations", inputs.centering)] if inputs.centering else [])
+        for name, personas in sets:
+            n = max(1, min(len(personas), math.ceil(len(personas) * len(inputs.questions) / _UNIT_PROMPTS)))
+            for i in range(n):
+                block = block_of(len(personas), n, i)
+                label = name if n == 1 else f"{name}:{i}"
+                args = (name, label, block.start, block.stop)
+                units.append(Unit(stage, f"extract/{label}", stable_hash([key, args]), str(out / "extract" / name / str(i)), args))
+        return units
+    if stage == "data":
+        return [Unit(stage, "data", key, str(out / "data"))]
+    return [
+        Unit(stage, f"{stage}/{source}/seed{seed}", stable_hash([key, source, seed]), str(out / stage / source / f"seed{seed}"), (source, seed))
+        for source, seed in _units(config, inputs)
+    ]
+
+
+def unit_outputs(unit: Unit) -> dict[str, str]:
+    """Returns the output files a finished unit recorded.
+
+    Raises:
+        ValueError: If the unit has not finished with its current key.
+    """
+    record = _stage_record(Path(unit.folder), unit.key)
+    if not record.done():
+        raise ValueError(f"Unit {unit.name} has not finished (no current record in {unit.folder}).")
+    return dict(record.info().get("files", {}))
+
+
+def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: bool = False) -> dict[str, str]:
+    """Returns a unit's output files, running it unless its folder records it finished with its key.
+
+    The unit logs where it runs (host, process, device) and writes its log next to its output;
+    its record counts the attempts at its key (a unit retried after its worker died shows 2).
+    """
+    import os
+    import socket
+
+    folder = Path(unit.folder)
+    record = _stage_record(folder, unit.key)
+    if record.done() and not force:
+        log.info("unit %s: cached", unit.name)
+        return dict(record.info().get("files", {}))
+    previous = record.info()
+    attempt = previous.get("attempt", 1) + 1 if record.state() == "unfinished" and not force else 1
+    where = {"unit": unit.name, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(),
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
+    record.begin(force=force, **where)
+    with _unit_log(folder / "unit.log"):
+        log.info("unit %s: running on %s (pid %d, CUDA_VISIBLE_DEVICES=%s, attempt %d)", unit.name, where["host"], where["pid"], where["cuda_visible_devices"], attempt)
+        start = time.perf_counter()
+        inputs = study_inputs(config)
+        with _quiet_loading():
+            files = _UNIT_RUNNERS[unit.stage](config, inputs, Path(config.out), unit, progress=progress)
+        seconds = time.perf_counter() - start
+        log.info("unit %s: done in %.1f s", unit.name, seconds)
+    record.finish(**where, files=files, seconds=round(seconds, 2))
+    return files
+
+
+@contextmanager
+def _unit_log(path: Path) -> Iterator[None]:
+    """Copies the package's log records to ``path`` while the unit runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("persona_geometry")
+    level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+_LOADED: dict[str, Any] = {}
+
+
+def _model(config: StudyConfig) -> Any:
+    """Returns the study's base model, loaded once per process (extraction units share it)."""
     from persona_geometry.models import load_model
 
-    handle = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype, revision=config.model.revision)
-    common = dict(
+    m = config.model
+    key = stable_hash([m.name, m.device, m.dtype, m.revision, m.device_map, m.max_memory])
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = load_model(m.name, dtype=m.dtype, revision=m.revision, **m.placement())
+    return _LOADED[key]
+
+
+def _extract_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw: Any) -> dict[str, str]:
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.personas import PersonaSet
+
+    name, label, start, stop = unit.args
+    personas = inputs.personas if name == "activations" else inputs.centering
+    common: dict[str, Any] = dict(
         hooks=config.extract.hooks,
         layers=list(config.extract.layers) if config.extract.layers is not None else None,
         engine=config.extract.engine,
@@ -220,33 +395,34 @@ def _extract(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, st
     )
     if config.extract.batch_tokens is not None:
         common["batch_tokens"] = config.extract.batch_tokens
-    # The extraction cache already holds each set, saved atomically: the stage records where.
-    acts = extract_activations(handle, inputs.personas, inputs.questions, **common)
-    files = {"activations": str(out / "cache" / acts.manifest["cache_key"])}
-    if inputs.centering is not None:
-        centering = extract_activations(handle, inputs.centering, inputs.questions, **common)
-        files["centering_activations"] = str(out / "cache" / centering.manifest["cache_key"])
-    return files
+    # The extraction cache already holds each block, saved atomically: the unit records where.
+    acts = extract_activations(_model(config), PersonaSet(personas[i] for i in range(start, stop)), inputs.questions, **common)
+    return {label: str(out / "cache" / acts.manifest["cache_key"])}
 
 
 def _extracted(out: Path, name: str) -> Any:
-    """Returns the ActivationSet the extract stage recorded under ``name``."""
+    """Returns the ActivationSet the extract stage recorded under ``name``, its persona blocks joined in order."""
     import json
 
     from persona_geometry.activations import ActivationSet
+    from persona_geometry.extend import concat_personas
 
     marker = out / "extract" / _MARKER_FILE
     files = json.loads(marker.read_text()).get("files", {}) if marker.is_file() else {}
-    if name not in files:
+    paths = [files[name]] if name in files else [v for k, v in files.items() if k.startswith(name + ":")]
+    if not paths:
         raise ValueError(f"No {name.replace('_', ' ')} under {out}: run the 'extract' stage first.")
-    return ActivationSet.load(files[name])
+    acts = ActivationSet.load(paths[0])
+    for path in paths[1:]:
+        acts = concat_personas(acts, ActivationSet.load(path))
+    return acts
 
 
 def _chat_template(config: StudyConfig) -> str | None:
     return config.model.template_text()
 
 
-def _data(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
+def _data_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw: Any) -> dict[str, str]:
     from persona_geometry.training import build_marker_dataset, generate_responses
 
     responses = out / "data" / "responses.jsonl"
@@ -261,6 +437,7 @@ def _data(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str],
         max_new_tokens=r.max_new_tokens,
         seed=r.seed,
         backend=r.backend or config.eval.backend,
+        vllm_kwargs=_tensor_parallel(r.tensor_parallel_size),
         device=config.model.device,
         dtype=config.model.dtype,
         chat_template=_chat_template(config),
@@ -292,75 +469,63 @@ def _units(config: StudyConfig, inputs: _Inputs) -> list[tuple[str, int]]:
     return [(source, seed) for source in inputs.sources for seed in config.marker.seeds]
 
 
-def _train(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
+def _train_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw: Any) -> dict[str, str]:
     import dataclasses
-
-    from tqdm.auto import tqdm
 
     from persona_geometry.training import train_marker
 
-    files = {}
-    units = _units(config, inputs)
-    with _quiet_loading():
-        for source, seed in tqdm(units, desc="train marker adapters", unit="adapter", disable=not kw["progress"]):
-            folder = out / "train" / source / f"seed{seed}"
-            unit = _stage_record(folder, stable_hash([keys["train"], source, seed]))
-            if not unit.done() or kw["force"]:
-                unit.begin(force=kw["force"])
-                train_marker(
-                    config.model.name,
-                    out / "data" / f"{source}.jsonl",
-                    folder,
-                    dataclasses.replace(config.train, seed=seed, dtype=config.train_dtype()),
-                    source=source,
-                    marker=config.data.marker,
-                    device=config.model.device,
-                    chat_template=_chat_template(config),
-                    progress=False,  # one bar over the adapters instead
-                )
-                unit.finish(source=source, seed=seed)
-            files[f"adapter:{source}:seed{seed}"] = str(folder / "adapter")
-    return files
+    source, seed = unit.args
+    folder = Path(unit.folder)
+    train_marker(
+        config.model.name,
+        out / "data" / f"{source}.jsonl",
+        folder,
+        dataclasses.replace(config.train, seed=seed, dtype=config.train_dtype()),
+        source=source,
+        marker=config.data.marker,
+        device=config.model.device,
+        chat_template=_chat_template(config),
+        progress=False,  # one bar over the adapters instead
+    )
+    return {f"adapter:{source}:seed{seed}": str(folder / "adapter")}
 
 
-def _eval(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
-    from tqdm.auto import tqdm
-
+def _eval_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw: Any) -> dict[str, str]:
     from persona_geometry.eval import source_rates
 
+    source, seed = unit.args
+    folder = Path(unit.folder)
     e = config.eval
-    files = {}
-    units = _units(config, inputs)
-    with _quiet_loading():
-        for source, seed in tqdm(units, desc="evaluate source rates", unit="adapter", disable=not kw["progress"]):
-            folder = out / "eval" / source / f"seed{seed}"
-            unit = _stage_record(folder, stable_hash([keys["eval"], source, seed]))
-            if not unit.done() or kw["force"]:
-                unit.begin(force=kw["force"])
-                source_rates(
-                    config.model.name,
-                    out / "train" / source / f"seed{seed}" / "adapter",
-                    inputs.personas,
-                    list(inputs.questions),
-                    source=source,
-                    n_completions=e.n_completions,
-                    temperature=e.temperature,
-                    top_p=e.top_p,
-                    max_new_tokens=e.max_new_tokens,
-                    seed=e.seed + seed,
-                    backend=e.backend,
-                    out_dir=folder,
-                    marker=config.data.marker,
-                    regex=e.regex,
-                    batch_size=e.batch_size,
-                    device=config.model.device,
-                    dtype=config.model.dtype,
-                    chat_template=_chat_template(config),
-                    progress=False,  # one bar over the adapters instead
-                )
-                unit.finish(source=source, seed=seed)
-            files[f"eval:{source}:seed{seed}"] = str(folder / "run_result.json")
-    return files
+    source_rates(
+        config.model.name,
+        out / "train" / source / f"seed{seed}" / "adapter",
+        inputs.personas,
+        list(inputs.questions),
+        source=source,
+        n_completions=e.n_completions,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        seed=e.seed + seed,
+        backend=e.backend,
+        out_dir=folder,
+        marker=config.data.marker,
+        regex=e.regex,
+        batch_size=e.batch_size,
+        vllm_kwargs=_tensor_parallel(e.tensor_parallel_size),
+        device=config.model.device,
+        dtype=config.model.dtype,
+        chat_template=_chat_template(config),
+        progress=False,  # one bar over the adapters instead
+    )
+    return {f"eval:{source}:seed{seed}": str(folder / "run_result.json")}
+
+
+def _tensor_parallel(size: int) -> dict[str, Any] | None:
+    return {"tensor_parallel_size": size} if size > 1 else None
+
+
+_UNIT_RUNNERS = {"extract": _extract_unit, "data": _data_unit, "train": _train_unit, "eval": _eval_unit}
 
 
 def _counts(config: StudyConfig, inputs: _Inputs, out: Path) -> tuple[dict[str, tuple[int, int]], Any]:
@@ -446,14 +611,13 @@ def _report(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str
     import json
 
     from persona_geometry.analysis import (
-        cosine_heatmap,
-        hero_scatter,
+        check_static_export,
         leakage_correlation,
         robustness_at_layer,
         robustness_markdown,
-        sweep_curve,
-        write_figure,
     )
+
+    check_static_export(config.figures.static_formats)  # before any file of the stage is written
 
     acts, cos, pairwise = _geometry(config, out)
     pooled, leakage = _counts(config, inputs, out)
@@ -500,15 +664,62 @@ def _report(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str
     md = [robustness_markdown(rob, sweep, title=f"{config.name}: persona geometry vs marker source rate")]
     if leak is not None:
         md.append("## Pairwise leakage\n\n" + leak.summary() + "\n")
+    figures = _report_figures(config, rob, sweep, pairwise, layer)
+    md.append(_figures_markdown(figures, config.figures.formats))
     md.append(_provenance_markdown(config, layer, payload["layer_choice"]))
     files["report_md"] = str(atomic_write_text(folder / "report.md", "\n".join(md)))
-    files["figure_scatter"] = str(write_figure(hero_scatter(rob, title=f"{config.name}, layer {layer}"), folder / "scatter.html"))
-    files["figure_sweep"] = str(write_figure(sweep_curve(sweep), folder / "sweep.html"))
-    files["figure_heatmap"] = str(write_figure(cosine_heatmap(pairwise), folder / "heatmap.html"))
+    from persona_geometry.analysis.figures import write_figures
+
+    f = config.figures
+    for name, path in write_figures(figures, folder, formats=f.formats, width=f.width, height=f.height, scale=f.scale, plotlyjs=f.plotlyjs).items():
+        files[f"figure_{name}"] = str(path)
     atomic_write_text(folder / "leakage.csv", leakage.to_csv())
     log.info("report written to %s", folder)
     json.dumps(payload)  # fail here, not in a reader, if anything is not JSON-safe
     return files
+
+
+def _report_figures(config: StudyConfig, rob: Any, sweep: Any, pairwise: Any, layer: int) -> dict[str, Any]:
+    """Returns the report's figures by file stem: scatter, sweep, heatmap (slider) and heatmap grid."""
+    from persona_geometry.analysis.figures import (
+        cosine_heatmap,
+        cosine_heatmap_grid,
+        default_grid_layers,
+        hero_scatter,
+        sweep_curve,
+    )
+
+    grid_layers = config.figures.grid_layers
+    if grid_layers is None:
+        grid_layers = default_grid_layers(pairwise.layers, primary=layer)
+    else:
+        for value in grid_layers:
+            if value not in pairwise.layers:
+                raise ValueError(f"The study config's 'figures.grid_layers' names layer {value}, which is not among the extracted layers {list(pairwise.layers)}.")
+    return {
+        # With held-out personas declared, the scatter draws them as stars against the fit without them.
+        "scatter": hero_scatter(rob, title=f"{config.name}: source rate vs centered cosine"),
+        "sweep": sweep_curve(sweep),
+        "heatmap": cosine_heatmap(pairwise),
+        "heatmap_grid": cosine_heatmap_grid(pairwise, grid_layers),
+    }
+
+
+def _figures_markdown(figures: dict[str, Any], formats: Sequence[str]) -> str:
+    captions = {
+        "scatter": "source rate vs centered cosine at the analysis layer, Wilson 95% bars, OLS prediction band",
+        "sweep": "correlation per layer with bootstrap bands",
+        "heatmap": "pairwise centered cosine, one layer per slider step",
+        "heatmap_grid": "pairwise centered cosine at chosen layers (small multiples)",
+    }
+    lines = ["## Figures", ""]
+    image = next((f for f in ("svg", "png", "jpeg", "jpg", "webp") if f in formats), None)
+    for name in figures:
+        links = " · ".join(f"[{name}.{fmt}]({name}.{fmt})" for fmt in formats)
+        lines.append(f"- {captions.get(name, name)}: {links}")
+    if image is not None:
+        lines += [""] + [f"![{captions.get(name, name)}]({name}.{image})" for name in figures if name != "heatmap"]
+    return "\n".join(lines) + "\n"
 
 
 def _provenance_markdown(config: StudyConfig, layer: int, choice: str) -> str:
