@@ -681,7 +681,7 @@ def _geometry(config: StudyConfig, out: Path) -> tuple[Any, Any, Any]:
     return acts, cosine_to_reference(centered, config.geometry.reference), pairwise_cosine(centered)
 
 
-def _layer_sweep(config: StudyConfig, cos: Any, pooled: dict[str, tuple[int, int]]) -> Any:
+def _layer_sweep(config: StudyConfig, cos: Any, pooled: dict[str, tuple[int, int]], *, progress: bool = True) -> Any:
     """Returns the layer sweep over the personas with a source rate (seeded: the same every call)."""
     from persona_geometry.analysis.sweep import layer_sweep
 
@@ -699,13 +699,14 @@ def _layer_sweep(config: StudyConfig, cos: Any, pooled: dict[str, tuple[int, int
         n_bootstrap=a.n_bootstrap,
         statistic=a.statistic,
         seed=a.seed,
+        progress=progress,
     )
 
 
 def _sweep(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str], **kw: Any) -> dict[str, str]:
     _, cos, _ = _geometry(config, out)
     pooled, _ = _counts(config, inputs, out)
-    sweep = _layer_sweep(config, cos, pooled)
+    sweep = _layer_sweep(config, cos, pooled, progress=kw["progress"])
     folder = out / "sweep"
     provenance = {"study": config.name, "package_versions": package_versions()}
     atomic_write_json(folder / "sweep.json", {**sweep.to_dict(), "provenance": provenance})
@@ -732,7 +733,7 @@ def _report(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str
     names = [p for p in cos.personas if p in pooled]
     reference = config.geometry.reference if config.geometry.reference in names else None
     # Recomputed rather than read back: the sweep is seeded, so this is the sweep stage's result.
-    sweep = _layer_sweep(config, cos, pooled)
+    sweep = _layer_sweep(config, cos, pooled, progress=kw["progress"])
     layer = a.layer if a.layer is not None else (a.primary_layer if a.primary_layer is not None else sweep.best_layer)
     at_layer = cos.at(layer)
     log_tokens = {p: math.log(float(acts.n_tokens[i].double().mean())) for i, p in enumerate(acts.personas.names)}
@@ -754,7 +755,7 @@ def _report(config: StudyConfig, inputs: _Inputs, out: Path, keys: dict[str, str
     leak = None
     if len(leakage.index) >= 3:
         try:
-            leak = leakage_correlation(leakage, pairwise, n_permutations=min(a.n_permutations, 2000) or 1, seed=a.seed)
+            leak = leakage_correlation(leakage, pairwise, n_permutations=min(a.n_permutations, 2000) or 1, seed=a.seed, progress=kw["progress"])
         except ValueError as e:  # e.g. a constant leakage matrix on a tiny model
             log.warning("pairwise leakage not computed: %s", e)
     payload = {
