@@ -18,6 +18,7 @@ _SPEED = [
     ('exclude=("helpful_assistant",))', 'exclude=("helpful_assistant",), n_source=8, n_per_bystander=8)'),
     ("pg.MarkerTrainConfig())", "pg.MarkerTrainConfig(max_steps=2, max_length=128))"),
     ('personas, backend=backend, out_dir="runs/villain/eval")', 'personas, pg.builtin_questions()[:2], n_completions=1, max_new_tokens=8, backend=backend, out_dir="runs/villain/eval")'),
+    ('personas, backend="hf",', 'personas, pg.builtin_questions()[:2], n_completions=1, max_new_tokens=8, backend="hf",'),
 ]
 
 
@@ -39,4 +40,5 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     cos, sweep, rates = namespace["cos"], namespace["sweep"], namespace["rates"]
     assert cos.to_wide().shape == (12, 4) and sweep.primary_layer == namespace["layer"] == 2
     assert [r.persona for r in rates.rates] == list(namespace["personas"].names)
+    assert sorted(namespace["by_source"]) == ["comedian", "villain"]
     assert "pirate" in namespace["acts"].personas.names and (tmp_path / "runs" / "villain" / "eval" / "run_result.json").is_file()
