@@ -85,8 +85,8 @@ def test_a_model_missing_from_the_cache_fails_before_the_output_folder_exists(tm
 @pytest.mark.parametrize(
     ("sections", "message"),
     [
-        ({"extract": {"layers": [0, 2, 9]}}, "extract.layers names layer 9; .* has blocks 0–3"),
-        ({"analysis": {"primary_layer": 7}}, "analysis.primary_layer is 7, which is not among the extracted layers 0–3"),
+        ({"extract": {"layers": [0, 2, 9]}}, r"'extract.layers' must be block indices in \[-4, 3\] \(.* has 4 blocks\)\. Got 9 instead"),
+        ({"analysis": {"primary_layer": 7}}, r"'analysis.primary_layer' must be block indices in \[-4, 3\] \(.* has 4 blocks\)\. Got 7 instead"),
         ({"analysis": {"holdout": ["villain"]}, "marker": {"sources": ["villain", "librarian", "comedian"]}}, "leaves 2 personas to fit"),
         ({"figures": {"grid_layers": [5]}}, "figures.grid_layers names layer 5"),
         ({"model": {"chat_template": "missing-template.jinja"}}, "missing-template.jinja"),

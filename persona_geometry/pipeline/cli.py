@@ -513,6 +513,13 @@ def _add_eval_marker(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_eval_marker)
 
 
+def _sampling_settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """Returns the sampling keywords of ``cls``'s options; tensor parallelism goes to vLLM."""
+    kwargs = _settings(args, cls, _fields(cls))
+    size = kwargs.pop("tensor_parallel_size", 1)
+    return {**kwargs, "vllm_kwargs": {"tensor_parallel_size": size} if size > 1 else None}
+
+
 def _run_eval_marker(args: argparse.Namespace) -> int:
     from persona_geometry.eval import source_rates
     from persona_geometry.eval.source_rate import COMPLETIONS_FILE, RUN_RESULT_FILE
@@ -525,7 +532,7 @@ def _run_eval_marker(args: argparse.Namespace) -> int:
         source=args.source,
         out_dir=args.out,
         marker=args.marker,
-        **_settings(args, EvalConfig, _fields(EvalConfig)),
+        **_sampling_settings(args, EvalConfig),
         **_settings(args, ModelConfig, _EVAL_MODEL),
     )
     print(result.summary())

@@ -35,18 +35,22 @@ class Assumptions:
 
     The GPU defaults are about half of an H200's bf16 dense peak and memory bandwidth: the
     extraction benchmark reached 77% of a measured 778 TFLOP/s, training and sampling less.
+    ``batch_size`` is the generation batch assumed where the config leaves it to be sized to
+    memory (``eval.batch_size`` null, and always for the base answers): the HF back end's own
+    choice on CPU (up to 64 sequences), a round guess on a GPU, whose free memory sets it at run time.
     """
 
     tflops: float
     bandwidth_gbs: float
     device: str
+    batch_size: int
 
     @classmethod
     def for_device(cls, device: str) -> Assumptions:
         """Returns the defaults for ``"cuda"`` or ``"cpu"``."""
         if device.startswith("cuda"):
-            return cls(tflops=400.0, bandwidth_gbs=2400.0, device="GPU (about half an H200's peak)")
-        return cls(tflops=0.1, bandwidth_gbs=20.0, device="CPU (a few cores)")
+            return cls(tflops=400.0, bandwidth_gbs=2400.0, device="GPU (about half an H200's peak)", batch_size=256)
+        return cls(tflops=0.1, bandwidth_gbs=20.0, device="CPU (a few cores)", batch_size=64)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +125,8 @@ class StudyPlan:
             "",
             f"  Estimates from the config alone: 2 FLOPs per parameter per token forward, 6 when training, "
             f"generation bounded by reading the weights once per decoding step; assumed {a.tflops:g} TFLOP/s and "
-            f"{a.bandwidth_gbs:g} GB/s, a {a.device}. Generations are counted at their full max_new_tokens, so "
+            f"{a.bandwidth_gbs:g} GB/s, a {a.device}, and batches of {a.batch_size} sequences where the batch is "
+            "sized to memory. Generations are counted at their full max_new_tokens, so "
             "sampling times are upper bounds; model loading is not counted.",
         ]
         lines += [f"  note: {n}" for n in self.notes]
@@ -351,7 +356,8 @@ def _estimate(
     hooks = len(config.extract.hooks)
     out: list[StagePlan] = []
 
-    def generation(stage: str, units: int, n_seq: int, max_new: int, batch: int, work: str) -> StagePlan:
+    def generation(stage: str, units: int, n_seq: int, max_new: int, batch: int | None, work: str) -> StagePlan:
+        batch = a.batch_size if batch is None else batch  # None: sized to memory at run time
         tokens = int(n_seq * (mean_prompt + max_new))
         flops = 2.0 * n_params * tokens
         steps = math.ceil(n_seq / max(batch, 1)) * max_new
@@ -370,7 +376,8 @@ def _estimate(
     if "data" in chosen:
         r = config.responses
         n_seq = len(inputs.personas) * len(inputs.training_questions)
-        out.append(generation("data", 1, n_seq, r.max_new_tokens, config.eval.batch_size,
+        # The base answers' batch is always sized to memory (the data stage passes none).
+        out.append(generation("data", 1, n_seq, r.max_new_tokens, None,
                               f"{n_seq} base answers ({len(inputs.personas)} personas × {len(inputs.training_questions)} questions, ≤ {r.max_new_tokens} tokens)"))  # fmt: skip
     if "train" in chosen:
         t, d = config.train, config.data
