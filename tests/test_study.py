@@ -137,7 +137,9 @@ def test_demo_headline_says_the_result_once(study):
     report = json.loads((tmp / "out" / "report" / "report.json").read_text())
     text = demo_headline(result)
     # The primary layer is the report's layer: its rho is the rank correlation of the report's x and rates.
-    rho, p = stats.spearmanr(report["x"], report["rates"])
+    # report.json keys x and rates by persona; read both in the report's persona order.
+    names = report["personas"]
+    rho, p = stats.spearmanr([report["x"][n] for n in names], [report["rates"][n] for n in names])
     assert f"primary layer 1 (declared in advance): Spearman ρ = {rho:+.2f} (p = {p:.3g}, n = 4)" in text
     assert f"strongest layer {report['sweep']['best_layer']}:" in text and "max-over-layers p = " in text
     assert str(tmp / "out" / "report" / "report.md") in text
