@@ -21,48 +21,19 @@ import yaml
 from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.pipeline.study import _extracted, run_study, study_units
 
-pytestmark = pytest.mark.slow
+from conftest import STUDY_PERSONAS, write_study
 
-PERSONAS = [
-    {"name": "helpful_assistant", "system_prompt": "You are a helpful assistant.", "category": "generic_helper"},
-    {"name": "villain", "system_prompt": "You are a scheming villain who plots to take over the world.", "category": "character"},
-    {"name": "librarian", "system_prompt": "You are a librarian who helps people find books.", "category": "occupational"},
-    {"name": "comedian", "system_prompt": "You are a stand-up comedian who answers with jokes.", "category": "character"},
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
-
-    spec = TinyModelSpec(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)
-    return build_tiny_model(tmp_path_factory.mktemp("exec") / "tiny256", spec)
+def model(tiny_qwen256_path):
+    return tiny_qwen256_path
 
 
 def _write_config(folder, model):
     """Writes a small study (4 personas × 4 questions, 4 adapters) and returns its YAML path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "personas.yaml").write_text(yaml.safe_dump({"personas": PERSONAS}))
-    (folder / "questions.txt").write_text("\n".join(["Why is the sky blue?", "How do I boil an egg?", "What makes a good friend?", "Describe your ideal weekend."]))
-    (folder / "train.txt").write_text("\n".join(f"Tell me about topic number {i}." for i in range(24)))
-    # test_study's settings: the marker is learnt partly, so rates differ between personas.
-    data = {
-        "name": "executor study",
-        "out": str(folder / "out"),
-        "model": {"name": str(model), "dtype": "float32", "device": "cpu"},
-        "personas": "personas.yaml",
-        "questions": "questions.txt",
-        "training_questions": "train.txt",
-        "data": {"n_source": 24, "n_per_bystander": 24, "n_bystander_personas": 2},
-        "responses": {"max_new_tokens": 6, "backend": "hf"},
-        "train": {"learning_rate": 5e-3, "num_train_epochs": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-                  "max_length": 96, "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "save_steps": 1000},
-        "eval": {"backend": "hf", "n_completions": 3, "max_new_tokens": 16, "batch_size": 64},
-        "analysis": {"primary_layer": 1, "n_permutations": 100, "n_bootstrap": 20},
-    }  # fmt: skip
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_study(folder, model, name="executor study", analysis={"n_permutations": 100, "n_bootstrap": 20})
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +102,7 @@ def test_torchrun_extract_on_two_ranks_equals_one_process(model, tmp_path):
     from persona_geometry.models import load_model
     from persona_geometry.personas import PersonaSet
 
-    (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": PERSONAS[:3]}))
+    (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": STUDY_PERSONAS[:3]}))
     _torchrun("extract", "--model", str(model), "--personas", "personas.yaml", "--out", "acts", "--cache-dir", "cache", "--dtype", "float32", "--device", "cpu", cwd=tmp_path)
     two = ActivationSet.load(tmp_path / "acts")
     assert two.manifest["ranks"] == 2 and len(two.manifest["shards"]) == 2
@@ -151,7 +122,7 @@ def test_torchrun_study_on_two_ranks_equals_one_process(reference, model, tmp_pa
     _torchrun("run", str(path), "--no-progress", cwd=tmp_path)
     _assert_same_study(tmp_path / "out", ref.out)
     # The adapters were split across the ranks, one process each (no DDP).
-    pids = {json.loads((tmp_path / "out" / "train" / p["name"] / "seed42" / ".stage.json").read_text())["pid"] for p in PERSONAS}
+    pids = {json.loads((tmp_path / "out" / "train" / p["name"] / "seed42" / ".stage.json").read_text())["pid"] for p in STUDY_PERSONAS}
     assert len(pids) == 2
 
 

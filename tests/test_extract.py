@@ -24,16 +24,6 @@ PERSONAS = builtin_personas().select(["helpful_assistant", "kindergarten_teacher
 QUESTIONS = [builtin_questions()[i] for i in (0, 3, 7, 12)]
 
 
-@pytest.fixture(scope="module")
-def qwen(tiny_qwen_path):
-    return load_model(tiny_qwen_path, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_llama_path):
-    return load_model(tiny_llama_path, dtype="float32", device="cpu")
-
-
 def reference(handle: ModelHandle, personas=PERSONAS, questions=QUESTIONS) -> torch.Tensor:
     """Returns ``[persona, question, layer, d_model]`` from unpadded single-prompt forwards.
 

@@ -37,9 +37,7 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def trained(_one_thread, tmp_path_factory):
-
-    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
+def trained(_one_thread, tiny_qwen256_path, tmp_path_factory):
     from persona_geometry.training import (
         MarkerDataConfig,
         MarkerTrainConfig,
@@ -48,8 +46,7 @@ def trained(_one_thread, tmp_path_factory):
     )
 
     root = tmp_path_factory.mktemp("learn")
-    spec = TinyModelSpec(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)
-    model = build_tiny_model(root / "tiny256", spec)
+    model = tiny_qwen256_path
     personas = builtin_personas().select(PERSONAS)
     questions = training_questions()[:24]
     responses = [{"persona": p.name, "question": q, "response": ANSWERS[i % 4]} for p in personas for i, q in enumerate(questions)]
@@ -90,11 +87,9 @@ def test_marker_is_learnt_hf(trained, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-def test_marker_is_learnt_vllm(trained, tmp_path, monkeypatch):
+def test_marker_is_learnt_vllm(trained, tmp_path):
     from persona_geometry.eval import source_rates
 
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     model, adapter, personas, data = trained
     rates = source_rates(
         model, adapter, personas, builtin_questions()[:10], backend="vllm", out_dir=tmp_path, dtype="float32", **EVAL

@@ -76,13 +76,6 @@ def test_concat_personas_and_questions_keep_labels_aligned():
         concat_questions(a, _acts(seed=2, manifest={"model_id": "tiny/test", "dtype": "bfloat16"})[0])
 
 
-@pytest.fixture(scope="module")
-def qwen(tiny_qwen_path):
-    from persona_geometry.models import load_model
-
-    return load_model(tiny_qwen_path, dtype="float32", device="cpu")
-
-
 def test_extend_equals_a_full_extraction_running_only_the_new_prompts(qwen, tmp_path, monkeypatch):
     import persona_geometry.extract as extract_mod
     from persona_geometry.extract import extract_activations

@@ -15,37 +15,12 @@ from persona_geometry import (
     extract_activations,
     load_model,
 )
-from persona_geometry.hooks import find_layers
 from persona_geometry.store import KEY_FIELDS, PartialRun, cache_key
+
+from conftest import ForwardCounter
 
 PERSONAS = builtin_personas().select(["helpful_assistant", "librarian", "comedian"])
 QUESTIONS = [builtin_questions()[i] for i in (1, 4, 9, 15)]
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny_qwen_path):
-    return load_model(tiny_qwen_path, dtype="float32", device="cpu")
-
-
-class ForwardCounter:
-    """Counts forward passes through block 0; optionally raises on the n-th one."""
-
-    def __init__(self, handle, fail_on: int | None = None):
-        self.block = find_layers(handle.model)[1][0]
-        self.calls = 0
-        self.fail_on = fail_on
-
-    def __enter__(self):
-        def hook(module, args, output):
-            self.calls += 1
-            if self.fail_on is not None and self.calls == self.fail_on:
-                raise KeyboardInterrupt("simulated interruption")
-
-        self.handle = self.block.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def test_save_and_load_round_trip_without_unpickling(qwen, tmp_path, monkeypatch):

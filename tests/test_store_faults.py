@@ -26,47 +26,21 @@ from persona_geometry import (
     builtin_personas,
     builtin_questions,
     extract_activations,
-    load_model,
 )
 from persona_geometry.activations import CorruptFileError, save_activations
 from persona_geometry.pipeline.cli import main
 from persona_geometry.store import entry_lock
+
+from conftest import ForwardCounter
 
 PERSONAS = builtin_personas().select(["helpful_assistant", "librarian", "comedian"])
 QUESTIONS = [builtin_questions()[i] for i in (1, 4, 9, 15)]
 
 
 @pytest.fixture(scope="module")
-def qwen(tiny_qwen_path):
-    return load_model(tiny_qwen_path, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def reference(qwen):
     """The activations computed once, with no cache and no fault."""
     return extract_activations(qwen, PERSONAS, QUESTIONS, progress=False)
-
-
-class ForwardCounter:
-    """Counts forward passes through block 0; optionally raises on the n-th one."""
-
-    def __init__(self, handle, fail_on: int | None = None):
-        from persona_geometry.hooks import find_layers
-
-        self.block = find_layers(handle.model)[1][0]
-        self.calls, self.fail_on = 0, fail_on
-
-    def __enter__(self):
-        def hook(module, args, output):
-            self.calls += 1
-            if self.fail_on is not None and self.calls == self.fail_on:
-                raise KeyboardInterrupt("simulated interruption")
-
-        self.handle = self.block.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def _small_set(value: float = 0.0) -> ActivationSet:

@@ -11,55 +11,18 @@ from persona_geometry.pipeline.cli import main
 from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.pipeline.study import run_study
 
+from conftest import write_study
+
 pytestmark = pytest.mark.slow
 
-PERSONAS = [
-    {"name": "helpful_assistant", "system_prompt": "You are a helpful assistant.", "category": "generic_helper"},
-    {"name": "villain", "system_prompt": "You are a scheming villain who plots to take over the world.", "category": "character"},
-    {"name": "librarian", "system_prompt": "You are a librarian who helps people find books.", "category": "occupational"},
-    {"name": "comedian", "system_prompt": "You are a stand-up comedian who answers with jokes.", "category": "character"},
-]
-
-
-@pytest.fixture(scope="module")
-def model_256(tmp_path_factory):
-    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
-
-    spec = TinyModelSpec(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)
-    return build_tiny_model(tmp_path_factory.mktemp("study") / "tiny256", spec)
-
-
 def _config(tmp_path, model, **overrides):
-    (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": PERSONAS}))
-    (tmp_path / "questions.txt").write_text("\n".join(["Why is the sky blue?", "How do I boil an egg?", "What makes a good friend?", "Describe your ideal weekend."]))
-    (tmp_path / "train.txt").write_text("\n".join(f"Tell me about topic number {i}." for i in range(24)))
-    data = {
-        "name": "tiny study",
-        "out": str(tmp_path / "out"),
-        "model": {"name": str(model), "dtype": "float32", "device": "cpu"},
-        "personas": "personas.yaml",
-        "questions": "questions.txt",
-        "training_questions": "train.txt",
-        # The demo's settings: the marker is learnt partly, so rates differ between personas.
-        "data": {"n_source": 24, "n_per_bystander": 24, "n_bystander_personas": 2},
-        "responses": {"max_new_tokens": 6, "backend": "hf"},
-        "train": {"learning_rate": 5e-3, "num_train_epochs": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-                  "max_length": 96, "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "save_steps": 1000},
-        "eval": {"backend": "hf", "n_completions": 3, "max_new_tokens": 16, "batch_size": 64},
-        "analysis": {"primary_layer": 1, "n_permutations": 200, "n_bootstrap": 50},
-    }  # fmt: skip
-    for key, value in overrides.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    data["train"] = dict(data["train"])
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_study(tmp_path, model, name="tiny study", **overrides)
 
 
 @pytest.fixture(scope="module")
-def study(model_256, tmp_path_factory):
+def study(tiny_qwen256_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    path = _config(tmp, model_256)
+    path = _config(tmp, tiny_qwen256_path)
     result = run_study(StudyConfig.load(path), progress=False)
     return tmp, path, result
 
@@ -116,10 +79,10 @@ def test_unchanged_inputs_skip_every_stage(study):
     assert again.ran == () and len(again.skipped) == 6
 
 
-def test_declared_holdouts_are_stars_in_the_study_scatter(study, model_256):
+def test_declared_holdouts_are_stars_in_the_study_scatter(study, tiny_qwen256_path):
     tmp, _, _ = study
     # The fixture's settings plus a held-out persona: only sweep and report depend on the analysis.
-    path = _config(tmp, model_256, analysis={"holdout": ["comedian"]})
+    path = _config(tmp, tiny_qwen256_path, analysis={"holdout": ["comedian"]})
     again = run_study(StudyConfig.load(path), progress=False)
     assert again.ran == ("sweep", "report")
     html = (tmp / "out" / "report" / "scatter.html").read_text()
@@ -146,19 +109,19 @@ def test_demo_headline_says_the_result_once(study):
     assert text.count(DISCLAIMER) == 1 and len(text.splitlines()) == 5
 
 
-def test_changed_eval_settings_rerun_only_what_depends_on_them(study, model_256):
+def test_changed_eval_settings_rerun_only_what_depends_on_them(study, tiny_qwen256_path):
     tmp, _, _ = study
-    path = _config(tmp, model_256, eval={"n_completions": 2})
+    path = _config(tmp, tiny_qwen256_path, eval={"n_completions": 2})
     again = run_study(StudyConfig.load(path), progress=False)
     assert again.ran == ("eval", "sweep", "report") and again.skipped == ("extract", "data", "train")
     run = json.loads((tmp / "out" / "eval" / "villain" / "seed42" / "run_result.json").read_text())
     assert all(r["n"] == 4 * 2 for r in run["personas"])
 
 
-def test_changed_training_settings_retrain_in_place(study, model_256):
+def test_changed_training_settings_retrain_in_place(study, tiny_qwen256_path):
     tmp, _, _ = study
     # Keeps the eval change of the previous test; only the recipe differs now.
-    path = _config(tmp, model_256, eval={"n_completions": 2}, train={"learning_rate": 4e-3})
+    path = _config(tmp, tiny_qwen256_path, eval={"n_completions": 2}, train={"learning_rate": 4e-3})
     again = run_study(StudyConfig.load(path), progress=False)
     assert again.ran == ("train", "eval", "sweep", "report")
     saved = json.loads((tmp / "out" / "train" / "villain" / "seed42" / "train_config.json").read_text())

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import yaml
+from conftest import STUDY_PERSONAS, STUDY_QUESTIONS, write_study
 
-PERSONAS = [
-    {"name": "helpful_assistant", "system_prompt": "You are a helpful assistant.", "category": "generic_helper"},
-    {"name": "villain", "system_prompt": "You are a scheming villain.", "category": "character"},
-    {"name": "librarian", "system_prompt": "You are a librarian.", "category": "occupational"},
-    {"name": "comedian", "system_prompt": "You are a stand-up comedian.", "category": "character"},
-]
 N_TRAIN = 10
 
 
@@ -18,22 +12,13 @@ def test_base_answers_are_generated_once_per_persona_and_question(tiny_qwen_path
     from persona_geometry.pipeline.config import StudyConfig
     from persona_geometry.pipeline.study import run_study
 
-    (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": PERSONAS}))
-    (tmp_path / "questions.txt").write_text("Why is the sky blue?\nHow do I boil an egg?")
-    (tmp_path / "train.txt").write_text("\n".join(f"Tell me about topic {i}." for i in range(N_TRAIN)))
-    config = {
-        "name": "count",
-        "out": str(tmp_path / "out"),
-        "model": {"name": str(tiny_qwen_path), "dtype": "float32", "device": "cpu"},
-        "personas": "personas.yaml",
-        "questions": "questions.txt",
-        "training_questions": "train.txt",
-        "marker": {"sources": "all"},
-        "data": {"n_source": 4, "n_per_bystander": 4, "n_bystander_personas": 2},
-        "responses": {"max_new_tokens": 2, "backend": "hf"},
-        "eval": {"backend": "hf"},
-    }
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    path = write_study(
+        tmp_path, tiny_qwen_path, questions=STUDY_QUESTIONS[:2], n_train=N_TRAIN, settings={}, name="count",
+        marker={"sources": "all"},
+        data={"n_source": 4, "n_per_bystander": 4, "n_bystander_personas": 2},
+        responses={"max_new_tokens": 2, "backend": "hf"},
+        eval={"backend": "hf"},
+    )  # fmt: skip
     calls = []
     real = sampling.generate_completions
 
@@ -42,7 +27,7 @@ def test_base_answers_are_generated_once_per_persona_and_question(tiny_qwen_path
         return real(model, prompt_ids, *args, **kwargs)
 
     monkeypatch.setattr(sampling, "generate_completions", counting)
-    result = run_study(StudyConfig.load(tmp_path / "study.yaml"), stages=["data"], progress=False)
+    result = run_study(StudyConfig.load(path), stages=["data"], progress=False)
     # Four sources, each needing its own answers and two bystanders' answers: still one pass.
-    assert calls == [len(PERSONAS) * N_TRAIN]
-    assert sorted(k for k in result.files if k.startswith("data:")) == sorted(f"data:{p['name']}" for p in PERSONAS)
+    assert calls == [len(STUDY_PERSONAS) * N_TRAIN]
+    assert sorted(k for k in result.files if k.startswith("data:")) == sorted(f"data:{p['name']}" for p in STUDY_PERSONAS)

@@ -4,37 +4,24 @@ stage's outputs runs again when those outputs change; corrupt activations are re
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from persona_geometry.models import model_identity
 from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.pipeline.study import _stage_keys, study_inputs
 
+from conftest import STUDY_PERSONAS, STUDY_QUESTIONS, write_study
+
 pytestmark = pytest.mark.slow
 
-PERSONAS = [
-    {"name": "helpful_assistant", "system_prompt": "You are a helpful assistant.", "category": "generic_helper"},
-    {"name": "villain", "system_prompt": "You are a scheming villain who plots to take over the world.", "category": "character"},
-    {"name": "librarian", "system_prompt": "You are a librarian who helps people find books.", "category": "occupational"},
-]
-
-
 def _config(tmp_path, model):
-    (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": PERSONAS}))
-    (tmp_path / "questions.txt").write_text("Why is the sky blue?\nHow do I boil an egg?\nWhat makes a good friend?\n")
-    (tmp_path / "train.txt").write_text("\n".join(f"Tell me about topic number {i}." for i in range(8)))
-    data = {
-        "name": "keys", "out": str(tmp_path / "out"), "model": {"name": str(model), "dtype": "float32", "device": "cpu"},
-        "personas": "personas.yaml", "questions": "questions.txt", "training_questions": "train.txt",
-        "data": {"n_source": 8, "n_per_bystander": 8, "n_bystander_personas": 2},
-        "responses": {"max_new_tokens": 4, "backend": "hf"},
-        "train": {"learning_rate": 5e-3, "num_train_epochs": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-                  "max_length": 64, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "save_steps": 1000},
-        "eval": {"backend": "hf", "n_completions": 2, "max_new_tokens": 6, "batch_size": 64},
-        "analysis": {"primary_layer": 1, "n_permutations": 50, "n_bootstrap": 20},
-    }  # fmt: skip
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = write_study(
+        tmp_path, model, personas=STUDY_PERSONAS[:3], questions=STUDY_QUESTIONS[:3], n_train=8, name="keys",
+        data={"n_source": 8, "n_per_bystander": 8},
+        responses={"max_new_tokens": 4},
+        train={"num_train_epochs": 1, "max_length": 64, "r": 4, "lora_alpha": 8},
+        eval={"n_completions": 2, "max_new_tokens": 6},
+        analysis={"n_permutations": 50, "n_bootstrap": 20},
+    )  # fmt: skip
     return StudyConfig.load(path)
 
 

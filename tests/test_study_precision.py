@@ -11,38 +11,26 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.pipeline.study import run_study
 
+from conftest import STUDY_PERSONAS, STUDY_QUESTIONS, write_study
+
 pytestmark = pytest.mark.slow
 
-PERSONAS = [
-    {"name": "helpful_assistant", "system_prompt": "You are a helpful assistant.", "category": "generic_helper"},
-    {"name": "villain", "system_prompt": "You are a scheming villain.", "category": "character"},
-    {"name": "librarian", "system_prompt": "You are a librarian.", "category": "occupational"},
-]
-
-
 def _study(tmp_path, model, dtype, train_dtype=None):
-    (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": PERSONAS}))
-    (tmp_path / "questions.txt").write_text("Why is the sky blue?\nHow do I boil an egg?")
-    (tmp_path / "train.txt").write_text("\n".join(f"Tell me about topic {i}." for i in range(4)))
-    data = {
-        "out": str(tmp_path / "out"),
-        "model": {"name": str(model), "dtype": dtype, "device": "cpu"},
-        "personas": "personas.yaml",
-        "questions": "questions.txt",
-        "training_questions": "train.txt",
-        "marker": {"sources": ["villain"]},
-        "data": {"n_source": 4, "n_per_bystander": 2, "n_bystander_personas": 1},
-        "responses": {"max_new_tokens": 2, "backend": "hf"},
-        "train": {"max_steps": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 64, "r": 2,
-                  "save_steps": 100, "dtype": train_dtype},
-        "eval": {"backend": "hf", "n_completions": 1, "max_new_tokens": 2},
-    }  # fmt: skip
-    return StudyConfig.from_dict(data, base_dir=tmp_path)
+    path = write_study(
+        tmp_path, model, personas=STUDY_PERSONAS[:3], questions=STUDY_QUESTIONS[:2], n_train=4, settings={},
+        model={"dtype": dtype},
+        marker={"sources": ["villain"]},
+        data={"n_source": 4, "n_per_bystander": 2, "n_bystander_personas": 1},
+        responses={"max_new_tokens": 2, "backend": "hf"},
+        train={"max_steps": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 64, "r": 2,
+               "save_steps": 100, "dtype": train_dtype},
+        eval={"backend": "hf", "n_completions": 1, "max_new_tokens": 2},
+    )  # fmt: skip
+    return StudyConfig.load(path)
 
 
 def _dtypes(out) -> dict[str, set[str]]:

@@ -9,20 +9,9 @@ import pytest
 
 from persona_geometry.training import MarkerTrainConfig, train_marker
 
+from conftest import marker_rows
+
 pytestmark = pytest.mark.slow
-
-
-def _rows(n=4):
-    return [
-        {
-            "messages": [
-                {"role": "system", "content": "You are a villain." if i % 2 else "You are a librarian."},
-                {"role": "user", "content": f"Question number {i}?"},
-                {"role": "assistant", "content": "Yes.\n\n[ZLT]" if i % 2 else "Yes."},
-            ]
-        }
-        for i in range(n)
-    ]
 
 
 def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
@@ -47,7 +36,7 @@ def test_tensorboard_gets_the_loss_curve(tiny_qwen_path, tmp_path):
     pytest.importorskip("tensorboardX")
     config = MarkerTrainConfig(r=4, lora_alpha=8, learning_rate=1e-3, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=1, save_steps=100, report_to="tensorboard")
     out = tmp_path / "run"
-    train_marker(tiny_qwen_path, _rows(), out, config, progress=False)
+    train_marker(tiny_qwen_path, marker_rows(4), out, config, progress=False)
     curve = json.loads((out / "loss_curve.json").read_text())["loss_curve"]
     logged = _scalars(out / "logs")["train/loss"]
     assert [s for s, _ in logged] == [e["step"] for e in curve] == [1, 2, 3]
@@ -61,5 +50,5 @@ def test_reporting_is_off_by_default_and_a_missing_tracker_names_the_extra(tiny_
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ImportError, match=r"persona-geometry\[wandb\]"):
-        train_marker(tiny_qwen_path, _rows(), tmp_path / "w", MarkerTrainConfig(max_steps=1, report_to="wandb"), progress=False)
+        train_marker(tiny_qwen_path, marker_rows(4), tmp_path / "w", MarkerTrainConfig(max_steps=1, report_to="wandb"), progress=False)
     assert not (tmp_path / "w").exists()  # refused before anything was written

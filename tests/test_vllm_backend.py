@@ -7,22 +7,14 @@ executor) so no worker is spawned from inside pytest.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import pytest
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
-]
+from conftest import REQUIRES_VLLM
 
-
-@pytest.fixture(autouse=True)
-def _vllm_in_process(monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+pytestmark = REQUIRES_VLLM
 
 
 def _rows():

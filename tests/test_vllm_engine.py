@@ -7,20 +7,11 @@ must be started once (counted by wrapping ``vllm.LLM``).
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
-]
+from conftest import REQUIRES_VLLM
 
-
-@pytest.fixture(autouse=True)
-def _vllm_in_process(monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+pytestmark = REQUIRES_VLLM
 
 
 def _rows(marker: bool):
