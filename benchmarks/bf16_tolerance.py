@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 from pathlib import Path
 
 import torch
 
 from persona_geometry import center, centroids, cosine_to_reference, extract_activations, load_model
-from persona_geometry.tiny import TinyModelSpec, build_tiny_model
+from persona_geometry.tiny import build_tiny_model
 
-MODELS = {
-    "tiny": TinyModelSpec(),
-    "small-25M": TinyModelSpec(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1536),
-}
+from harness import cpu_model_specs, machine
+
+MODELS = cpu_model_specs()
 
 
 def geometry_shift(path: Path, dtype: str) -> dict:
@@ -54,7 +52,7 @@ def main() -> None:
     # On an oversubscribed machine, OpenMP threads spin-wait on each other: a tiny-model forward
     # measured 18x slower with 2 threads than with 1 here. Fix the count and record it.
     torch.set_num_threads(args.threads)
-    results = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}, "models": {}}
+    results = {"machine": machine(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             path = build_tiny_model(Path(tmp) / name, MODELS[name])

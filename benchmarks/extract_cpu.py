@@ -27,7 +27,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -45,33 +44,11 @@ from persona_geometry import (
 )
 from persona_geometry.extract import _left_pad, plan_batches
 from persona_geometry.hooks import find_layers, record_last_token
-from persona_geometry.tiny import TinyModelSpec, build_tiny_model
+from persona_geometry.tiny import build_tiny_model
 
-MODELS = {
-    "tiny": TinyModelSpec(),
-    "small-25M": TinyModelSpec(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1536),
-}
+from harness import best_of, cpu_model_specs, machine
 
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu,
-        "cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": list(os.getloadavg()),
-        "note": "shared machine: other jobs ran alongside, so absolute numbers are noisy; ratios are from one run",
-    }
+MODELS = cpu_model_specs()
 
 
 def gemm_rate(n: int = 1024, repeats: int = 5) -> float:
@@ -83,15 +60,6 @@ def gemm_rate(n: int = 1024, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
-
-
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
 
 
 def bench_model(name: str, path: Path, repeats: int) -> dict:
@@ -187,7 +155,7 @@ def bench_model(name: str, path: Path, repeats: int) -> dict:
     outputs: dict[str, torch.Tensor] = {}
     for _ in range(repeats):
         for label, fn in [*methods.items(), *variants.items()]:
-            seconds, outputs[label] = timed(fn, 1)
+            seconds, outputs[label] = best_of(fn)
             times[label].append(seconds)
             print(name, label, f"{seconds:.2f}s")
     reference = outputs["toolkit_hf"]
@@ -220,12 +188,13 @@ def main() -> None:
     # On an oversubscribed machine, OpenMP threads spin-wait on each other: a tiny-model forward
     # measured 18x slower with 2 threads than with 1 here. Fix the count and record it.
     torch.set_num_threads(args.threads)
-    report = {"machine": machine(), "dtype": "float32", "hook": "resid_post", "models": {}}
+    note = "shared machine: other jobs ran alongside, so absolute numbers are noisy; ratios are from one run"
+    report = {"machine": machine(note), "dtype": "float32", "hook": "resid_post", "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             path = build_tiny_model(Path(tmp) / name, MODELS[name])
             report["models"][name] = bench_model(name, path, args.repeats)
-    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

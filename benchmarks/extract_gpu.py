@@ -53,33 +53,12 @@ import torch
 # Run from a checkout without installing: the package is the folder above this one.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-QWEN7B = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    max_position_embeddings=32768,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+from harness import QWEN25_7B, TINY_QWEN2, machine, save_random_qwen2  # noqa: E402
 
-
+QWEN7B = QWEN25_7B
 # The smoke mode (--smoke) runs the same code on the CPU with a tiny shape, to check the
 # script before spending GPU time; its numbers mean nothing.
 DEVICE = "cuda"
-TINY = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=4096,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
 
 
 def _sync() -> None:
@@ -137,23 +116,6 @@ def timed(fn, *, warmup: int = 1, reps: int = 3) -> tuple[float, float, object]:
         times.append(time.perf_counter() - t0)
     peak = _peak()
     return statistics.median(times), (peak - base) / 2**30, out
-
-
-def build_checkpoint(path: Path, config_kwargs: dict, vocab_size: int) -> None:
-    """Writes a random-weight bf16 Qwen2 checkpoint and a ChatML tokenizer to ``path``."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from persona_geometry.tiny import _train_tokenizer
-
-    tokenizer = _train_tokenizer(vocab_size)
-    config = Qwen2Config(**config_kwargs, torch_dtype="bfloat16")
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    del model
-    _reset_peak()
 
 
 def non_embedding_params(model) -> int:
@@ -355,7 +317,7 @@ def main() -> int:
     args = parser.parse_args()
     global DEVICE, QWEN7B
     if args.smoke:
-        DEVICE, QWEN7B = "cpu", TINY
+        DEVICE, QWEN7B = "cpu", TINY_QWEN2
         # Trace with dynamo but skip code generation: the CPU compiler would take minutes.
         torch.compile = functools.partial(torch.compile, backend="eager")
     elif not torch.cuda.is_available():
@@ -370,6 +332,7 @@ def main() -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "machine": machine(),
         "model": "Qwen2.5-7B-Instruct shape, random bf16 weights; resid_post, 28 layers, last token",
     }
     out = Path(args.out)
@@ -414,7 +377,8 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
 
     ckpt = workdir / "qwen7b-random"
     t0 = time.perf_counter()
-    build_checkpoint(ckpt, QWEN7B, vocab_size=4096)
+    save_random_qwen2(ckpt, QWEN7B, device=DEVICE)
+    _reset_peak()
     result["build_checkpoint_s"] = time.perf_counter() - t0
     weights_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     _sync()

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from harness import best_of, machine
 
 
 def _acts(P: int, Q: int, L: int, D: int, seed: int = 0):
@@ -39,12 +38,6 @@ def _acts(P: int, Q: int, L: int, D: int, seed: int = 0):
         layers=list(range(L)),
         n_tokens=torch.full((P, Q), 40),
     )
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -66,21 +59,14 @@ def main() -> None:
 
     acts = _acts(args.personas, args.questions, args.layers, args.d_model)
     config = ProbeConfig()
-    t_dir, _ = _timed(lambda: (mean_difference(acts, ["villain", "comedian"]), assistant_axis(acts)))
+    t_dir, _ = best_of(lambda: (mean_difference(acts, ["villain", "comedian"]), assistant_axis(acts)))
     axis = assistant_axis(acts)
-    t_proj, _ = _timed(lambda: project(acts, axis, centering="all"))
-    t_log, res_log = _timed(lambda: probe_layers(acts, "persona", config=config, progress=False))
+    t_proj, _ = best_of(lambda: project(acts, axis, centering="all"))
+    t_log, res_log = best_of(lambda: probe_layers(acts, "persona", config=config, progress=False))
     values = {n: float(i) for i, n in enumerate(acts.personas.names)}
-    t_ridge, res_ridge = _timed(lambda: probe_layers(acts, values, config=config, progress=False))
+    t_ridge, res_ridge = best_of(lambda: probe_layers(acts, values, config=config, progress=False))
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "note": "2 shared CPU cores (other jobs running), no GPU",
-        },
+        "machine": machine("2 shared CPU cores (other jobs running), no GPU"),
         "workload": {
             "personas": args.personas,
             "questions": args.questions,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,14 +34,8 @@ from pathlib import Path
 
 import torch
 
-QWEN7B = dict(
-    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-    vocab_size=152064, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-)  # fmt: skip
-TINY = dict(
-    hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=4096, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-)  # fmt: skip
+from harness import QWEN25_7B, TINY_QWEN2, machine, save_random_qwen2, sync
+
 QUESTIONS = [f"Question {i}: what would you say about topic {i}, and why does it matter to you?" for i in range(20)]
 
 
@@ -53,26 +46,6 @@ def _personas(n: int):
         Persona(name=f"p{i:04d}", system_prompt=f"You are persona number {i}. You have a distinct history, voice and set of opinions, and you answer every question in character as persona {i}.", category="synthetic")
         for i in range(n)
     )  # fmt: skip
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def build(path: Path, smoke: bool) -> None:
-    """Writes a random-weight bf16 Qwen2 checkpoint and a ChatML tokenizer to ``path``."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from persona_geometry.tiny import _train_tokenizer
-
-    shape = TINY if smoke else QWEN7B
-    _train_tokenizer(4096).save_pretrained(path)
-    torch.manual_seed(0)
-    config = Qwen2Config(**shape)
-    with torch.device("cpu" if smoke else "cuda:0"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path, safe_serialization=True)
 
 
 def _cos(acts, layers):
@@ -107,19 +80,19 @@ def ranks(args) -> None:
     # Warm-up on every rank (kernels, allocator), outside the timings.
     with distributed.local_only():
         extract_activations(handle, personas[:4], QUESTIONS, **kw)
-    _sync()
+    sync()
     distributed.barrier()
     if rank == 0:
         with distributed.local_only():
             t = time.perf_counter()
             one = extract_activations(handle, personas, QUESTIONS, **kw)
-            _sync()
+            sync()
             result["extract_1gpu_s"] = time.perf_counter() - t
         one.save(out / "one_gpu")
     distributed.barrier()
     t = time.perf_counter()
     two = extract_activations(handle, personas, QUESTIONS, **kw)  # sharded across the ranks
-    _sync()
+    sync()
     distributed.barrier()
     if rank == 0:
         result["extract_2gpu_s"] = time.perf_counter() - t
@@ -148,7 +121,7 @@ def ranks(args) -> None:
         t = time.perf_counter()
         with distributed.local_only():
             train_marker(args.model, rows, out / name, cfg, marker="[ZLT]", device=device, progress=False)
-        _sync()
+        sync()
         return time.perf_counter() - t
 
     distributed.barrier()
@@ -186,7 +159,7 @@ def device_map_phase(args) -> dict:
     layers = list(one.layers)
     kw = dict(layers=layers, progress=False, batch_tokens=args.batch_tokens)
     if args.smoke:  # no second GPU: the CPU and a disk offload exercise the same accelerate hooks
-        blocks = {f"model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(TINY["num_hidden_layers"])}
+        blocks = {f"model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(TINY_QWEN2["num_hidden_layers"])}
         split = load_model(args.model, dtype="bfloat16", device_map={"model.embed_tokens": "cpu", **blocks, "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}, offload_folder=out / "offload")
         plain = load_model(args.model, dtype="bfloat16", device="cpu")
     else:
@@ -199,10 +172,10 @@ def device_map_phase(args) -> dict:
     for name, handle in (("one_gpu", plain), ("device_map", split)):
         try:
             extract_activations(handle, personas[:2], QUESTIONS, **kw)  # warm-up
-            _sync()
+            sync()
             t = time.perf_counter()
             results[name] = extract_activations(handle, personas, QUESTIONS, **kw)
-            _sync()
+            sync()
             timings[name] = time.perf_counter() - t
         except Exception as e:  # recorded, not hidden: the JSON says what failed
             errors[name] = f"{type(e).__name__}: {e}"[:500]
@@ -243,17 +216,13 @@ def main() -> int:
     report: dict = {
         "benchmark": "scale_gpu",
         "smoke": args.smoke,
-        "machine": {
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "model": "Qwen2.5-7B-shaped, random bf16 weights" if not args.smoke else "tiny random (smoke)",
     }
     t = time.perf_counter()
     if not (Path(args.model) / "config.json").is_file():
-        build(Path(args.model), args.smoke)
+        shape, device = (TINY_QWEN2, "cpu") if args.smoke else (QWEN25_7B, "cuda:0")
+        save_random_qwen2(Path(args.model), shape, device=device)
     report["build_s"] = time.perf_counter() - t
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

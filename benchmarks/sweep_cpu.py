@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -20,24 +19,7 @@ from persona_geometry import layer_sweep
 from persona_geometry._io import atomic_write_json
 from persona_geometry.provenance import package_versions
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from harness import best_of, machine
 
 
 def main() -> None:
@@ -50,15 +32,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep_cpu.json"))
     args = parser.parse_args()
 
-    load_before = os.getloadavg()
+    # Recorded first: its load average is the one before the timings.
+    record = machine("shared 2-core development container (other jobs running); times are the best of repeats")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.personas, args.layers))
     y = rng.uniform(size=args.personas)
     P, L, B = args.personas, args.layers, args.permutations
 
-    t_perm = _best_of(lambda: layer_sweep(x, y, n_permutations=B, n_bootstrap=0), args.repeats)
-    t_boot = _best_of(lambda: layer_sweep(x, y, n_permutations=0, n_bootstrap=args.bootstrap), 1)
-    t_full = _best_of(lambda: layer_sweep(x, y, n_permutations=B, n_bootstrap=args.bootstrap), 1)
+    t_perm, _ = best_of(lambda: layer_sweep(x, y, n_permutations=B, n_bootstrap=0), args.repeats)
+    t_boot, _ = best_of(lambda: layer_sweep(x, y, n_permutations=0, n_bootstrap=args.bootstrap))
+    t_full, _ = best_of(lambda: layer_sweep(x, y, n_permutations=B, n_bootstrap=args.bootstrap))
     # What a naive loop (scipy.stats.spearmanr per layer per permutation) would cost: time 20
     # permutations x all layers and scale up.
     n_probe = 20
@@ -79,15 +62,7 @@ def main() -> None:
             "naive_scipy_loop_permutations_extrapolated": round(t_loop, 1),
         },
         "speedup_vs_naive_loop": round(t_loop / t_perm, 1),
-        "machine": {
-            "cpu": _cpu_model(),
-            "logical_cpus": os.cpu_count(),
-            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "platform": platform.platform(),
-            "load_average_1_5_15_min_before": [round(v, 2) for v in load_before],
-            "load_average_1_5_15_min_after": [round(v, 2) for v in os.getloadavg()],
-            "note": "shared 2-core development container (other jobs running); times are the best of repeats",
-        },
+        "machine": {**record, "load_average_1_5_15_min_after": [round(v, 2) for v in os.getloadavg()]},
         "package_versions": package_versions(),
     }
     atomic_write_json(args.out, result)

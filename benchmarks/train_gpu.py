@@ -30,39 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import QWEN25_05B, QWEN25_7B, TINY_QWEN2, machine, peak_gib, random_qwen2, sync
+
 log = logging.getLogger("train_gpu")
 
-SHAPES = {
-    "qwen2.5-0.5b": dict(
-        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-    ),
-    "qwen2.5-7b": dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-    ),
-    "tiny": dict(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False,
-    ),
-}
+SHAPES = {"qwen2.5-0.5b": QWEN25_05B, "qwen2.5-7b": QWEN25_7B, "tiny": TINY_QWEN2}
 
 # The study's evaluation: 12 personas x 20 questions x 5 completions.
 STUDY_EVAL_SEQUENCES = 12 * 100
-
-
-def _build_model(shape: dict, device, dtype):
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(**shape, max_position_embeddings=4096, use_cache=True)
-    torch.manual_seed(0)
-    with torch.device(device):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except TypeError:
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    return model
 
 
 def bench_generate(model, *, vocab: int, sequences: int, n_completions: int, new_tokens: int, prompt_len: int) -> dict:
@@ -79,10 +54,10 @@ def bench_generate(model, *, vocab: int, sequences: int, n_completions: int, new
     prompts = [torch.randint(3, vocab, (prompt_len - (i % 7),), generator=g).tolist() for i in range(n_prompts)]
     common = dict(n_completions=n_completions, temperature=1.0, top_p=0.95, seed=0, pad_id=0, eos_ids=[], batch_size=n_prompts * n_completions, progress=False)
     sample_token_ids(model, prompts, max_new_tokens=4, min_new_tokens=4, **common)
-    _sync()
+    sync()
     started = time.perf_counter()
     out = sample_token_ids(model, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)[0]
-    _sync()
+    sync()
     seconds = time.perf_counter() - started
     tokens = sum(len(c) for per_prompt in out for c in per_prompt)
     batch = n_prompts * n_completions
@@ -95,7 +70,7 @@ def bench_generate(model, *, vocab: int, sequences: int, n_completions: int, new
         "tokens_per_s": tokens / seconds,
         "study_eval_sequences": STUDY_EVAL_SEQUENCES,
         "projected_study_eval_seconds": seconds * STUDY_EVAL_SEQUENCES / batch,
-        "peak_memory_gib": _peak_gib(),
+        "peak_memory_gib": peak_gib(),
     }
 
 
@@ -125,7 +100,7 @@ def bench_train(model, *, vocab: int, seq_len: int, prompt_len: int, warmup_step
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            _sync()
+            sync()
             stamps.append(time.perf_counter())
 
     model.train()
@@ -149,21 +124,8 @@ def bench_train(model, *, vocab: int, seq_len: int, prompt_len: int, warmup_step
         "samples_per_s": measured_steps * per_step / seconds,
         "tokens_per_s": measured_steps * per_step * seq_len / seconds,
         "trainable_params": trainable,
-        "peak_memory_gib": _peak_gib(),
+        "peak_memory_gib": peak_gib(),
     }
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _peak_gib() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 def main(argv=None) -> int:
@@ -193,6 +155,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version()},
+        "machine": machine(),
         "note": "random weights; sampling never stops early, so every sequence has the full number of new tokens",
         "shapes": {},
     }
@@ -204,7 +167,7 @@ def main(argv=None) -> int:
         log.info("building %s", name)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        model = _build_model(shape, device, dtype)
+        model = random_qwen2(shape, device=device, dtype=dtype, max_position_embeddings=4096, use_cache=True)
         entry["params"] = sum(p.numel() for p in model.parameters())
         if not args.skip_generate:
             log.info("sampling with %s", name)
