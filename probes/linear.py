@@ -48,7 +48,7 @@ class ProbeConfig(ConfigDict):
         group_by: ``"question"`` (default: held-out questions, every persona seen in training) or
             ``"persona"`` (held-out personas; not possible for persona identity).
         C: Inverse L2 strength of the logistic regression.
-        alpha: L2 penalty of the ridge regression.
+        ridge_penalty: L2 penalty of the ridge regression (scikit-learn's ``Ridge(alpha=)``).
         standardize: Scale every feature to unit variance on the training side first.
         n_shuffles: How many shuffled-label runs make the baseline.
         confidence: Level of the confidence intervals.
@@ -60,7 +60,7 @@ class ProbeConfig(ConfigDict):
     n_splits: int = 5
     group_by: str = "question"
     C: float | int = 1.0
-    alpha: float | int = 1.0
+    ridge_penalty: float | int = 1.0
     standardize: bool = True
     n_shuffles: int = 3
     confidence: float = 0.95
@@ -72,7 +72,7 @@ class ProbeConfig(ConfigDict):
         check_one_of(self.group_by, "group_by", "ProbeConfig", ("question", "persona"))
         if check_positive_int(self.n_splits, "n_splits", "ProbeConfig") < 2:
             invalid("n_splits", "ProbeConfig", "an int ≥ 2", self.n_splits)
-        for name in ("C", "alpha"):
+        for name in ("C", "ridge_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 invalid(name, "ProbeConfig", "a positive float", value)
@@ -101,7 +101,7 @@ class LinearProbe(BaseEstimator):
     Args:
         kind: ``"logistic"`` (multinomial logistic regression) or ``"ridge"``.
         C: Inverse L2 strength (logistic).
-        alpha: L2 penalty (ridge).
+        ridge_penalty: L2 penalty (ridge; scikit-learn's ``Ridge(alpha=)``).
         standardize: Scale features to unit variance (fitted on the training data).
         max_iter: Solver iteration cap (logistic).
 
@@ -112,17 +112,24 @@ class LinearProbe(BaseEstimator):
         n_features_in_: ``d_model``.
     """
 
-    def __init__(self, kind: str = "logistic", *, C: float | int = 1.0, alpha: float | int = 1.0,
-                 standardize: bool = True, max_iter: int = 2000):  # fmt: skip
+    def __init__(
+        self,
+        kind: str = "logistic",
+        *,
+        C: float | int = 1.0,
+        ridge_penalty: float | int = 1.0,
+        standardize: bool = True,
+        max_iter: int = 2000,
+    ):
         self.kind = kind
         self.C = C
-        self.alpha = alpha
+        self.ridge_penalty = ridge_penalty
         self.standardize = standardize
         self.max_iter = max_iter
 
     def _check_params(self, func: str) -> None:
         check_one_of(self.kind, "kind", func, _KINDS)
-        for name in ("C", "alpha"):
+        for name in ("C", "ridge_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 invalid(name, func, "a positive float", value)
@@ -137,7 +144,7 @@ class LinearProbe(BaseEstimator):
         model = (
             LogisticRegression(C=self.C, max_iter=self.max_iter)
             if self.kind == "logistic"
-            else Ridge(alpha=self.alpha)
+            else Ridge(alpha=self.ridge_penalty)
         )
         return make_pipeline(StandardScaler(), model) if self.standardize else make_pipeline(model)
 
@@ -581,7 +588,7 @@ def probe_layers(
     probe = LinearProbe(
         kind,
         C=config.C,
-        alpha=config.alpha,
+        ridge_penalty=config.ridge_penalty,
         standardize=config.standardize,
         max_iter=config.max_iter,
     )

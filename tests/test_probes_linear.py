@@ -102,7 +102,7 @@ def test_grouping_matters_a_question_only_signal_does_not_transfer_to_new_questi
         layers=[0],
         n_tokens=torch.full((P, Q), 9),
     )
-    res = probe_layers(acts, y, config=ProbeConfig(n_splits=4, n_shuffles=0, alpha=1.0), progress=False)
+    res = probe_layers(acts, y, config=ProbeConfig(n_splits=4, n_shuffles=0, ridge_penalty=1.0), progress=False)
     assert res.kind == "ridge" and res.target == "per-prompt variable"
     assert res.score[0] < 0.1
     for fold in res.folds:
@@ -116,7 +116,7 @@ def test_ridge_recovers_a_planted_per_persona_variable():
     acts, _, means = _planted(seed=2)
     w = np.random.default_rng(9).normal(size=D)
     value = {f"p{i}": float(means[i] @ w) for i in range(P)}
-    res = probe_layers(acts, value, config=ProbeConfig(n_splits=4, n_shuffles=2, alpha=10.0), progress=False)
+    res = probe_layers(acts, value, config=ProbeConfig(n_splits=4, n_shuffles=2, ridge_penalty=10.0), progress=False)
     assert res.metric == "r2" and res.best_layer == 7
     assert res.score[1] > 0.5 and res.score[0] < 0.2 and res.score[2] < 0.2
     assert np.all(res.baseline.mean(axis=1) < 0.3)
@@ -177,13 +177,13 @@ def test_linear_probe_is_a_scikit_learn_estimator_that_clone_and_grid_search_acc
     X = x.reshape(P * Q, 3, D)
     y = np.repeat(np.arange(P), Q)
     probe = LinearProbe("logistic", C=0.5, max_iter=500)
-    assert probe.get_params() == {"kind": "logistic", "C": 0.5, "alpha": 1.0, "standardize": True, "max_iter": 500}
+    assert probe.get_params() == {"kind": "logistic", "C": 0.5, "ridge_penalty": 1.0, "standardize": True, "max_iter": 500}
     copy = clone(probe.fit(X, y))
     assert copy.get_params() == probe.get_params() and not hasattr(copy, "estimators_")
     assert [a for a in vars(probe) if a not in probe.get_params()] and all(
         a.endswith("_") for a in vars(probe) if a not in probe.get_params()
     )  # learned attributes end in "_"
-    assert repr(LinearProbe("ridge", alpha=2.0)) == "LinearProbe(alpha=2.0, kind='ridge')"
+    assert repr(LinearProbe("ridge", ridge_penalty=2.0)) == "LinearProbe(kind='ridge', ridge_penalty=2.0)"
 
     # GridSearchCV over C with question-grouped folds; the scoring picks the planted layer.
     groups = np.tile(np.arange(Q), P)
