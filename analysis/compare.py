@@ -54,7 +54,13 @@ log = logging.getLogger(__name__)
 
 # Settings that change neither what a study measures nor how: two studies that differ only in
 # these (and in any key named seed or seeds) are seed replicates of one another.
-_NOT_DESIGN = {("name",), ("out",), ("model", "device"), ("extract", "batch_tokens"), ("eval", "batch_size")}
+_NOT_DESIGN = {
+    ("name",),
+    ("out",),
+    ("model", "device"),
+    ("extract", "batch_tokens"),
+    ("eval", "batch_size"),
+}
 _SEED_KEYS = {"seed", "seeds"}
 # A correlation of exactly ±1 has an infinite Fisher z; it enters the meta-analysis at this |r|.
 _R_MAX = 1.0 - 1e-7
@@ -82,7 +88,8 @@ class StudyRecord:
         counts: One row per (persona, seed): the source persona's marker count ``k`` of ``n``
             under its own adapter trained with that seed.
         config: The resolved study config.
-        recomputed_on: The personas the sweep and report were recomputed on (``intersect``), or None.
+        recomputed_on: The personas the sweep and report were recomputed on (``intersect``), or
+        None.
     """
 
     label: str
@@ -125,7 +132,8 @@ class StudyRecord:
         return np.array(self.layers, dtype=np.float64) / self.n_layers
 
     def curve(self, statistic: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Returns ``(value, p, ci [layer, 2])`` of ``statistic`` per swept layer (NaN where null)."""
+        """Returns ``(value, p, ci [layer, 2])`` of ``statistic`` per swept layer (NaN where
+        null)."""
         group, key = _stat_key(statistic)
         rows = self.sweep["per_layer"]
         value = np.array([_num(r[group][key]) for r in rows])
@@ -196,9 +204,16 @@ class MetaAnalysis:
     def to_frame(self) -> pd.DataFrame:
         """Returns one row per study: label, layer, depth, r, n, z, variance."""
         return pd.DataFrame(
-            {"study": list(self.labels), "layer": list(self.layers), "relative_depth": self.depths, "r": self.r,
-             "n": list(self.n), "z": self.z, "variance": self.variance}
-        )  # fmt: skip
+            {
+                "study": list(self.labels),
+                "layer": list(self.layers),
+                "relative_depth": self.depths,
+                "r": self.r,
+                "n": list(self.n),
+                "z": self.z,
+                "variance": self.variance,
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the estimates, heterogeneity and per-study inputs as a JSON-safe dict."""
@@ -209,11 +224,32 @@ class MetaAnalysis:
             "method_re": self.method_re,
             "alpha": self.alpha,
             "studies": [
-                {"study": s, "layer": int(layer), "relative_depth": float(d), "r": json_float(r), "n": int(n), "z": json_float(z), "variance": json_float(v)}
-                for s, layer, d, r, n, z, v in zip(self.labels, self.layers, self.depths, self.r, self.n, self.z, self.variance, strict=True)
+                {
+                    "study": s,
+                    "layer": int(layer),
+                    "relative_depth": float(d),
+                    "r": json_float(r),
+                    "n": int(n),
+                    "z": json_float(z),
+                    "variance": json_float(v),
+                }
+                for s, layer, d, r, n, z, v in zip(
+                    self.labels,
+                    self.layers,
+                    self.depths,
+                    self.r,
+                    self.n,
+                    self.z,
+                    self.variance,
+                    strict=True,
+                )
             ],
             "fixed": {"r": json_float(self.fixed_r), "ci": [json_float(v) for v in self.fixed_ci]},
-            "random": {"r": json_float(self.random_r), "ci": [json_float(v) for v in self.random_ci], "p": json_float(self.random_p)},
+            "random": {
+                "r": json_float(self.random_r),
+                "ci": [json_float(v) for v in self.random_ci],
+                "p": json_float(self.random_p),
+            },
             "tau2": json_float(self.tau2),
             "i2": json_float(self.i2),
             "q": json_float(self.q),
@@ -226,10 +262,14 @@ class MetaAnalysis:
         name = "ρ" if self.statistic == "spearman" else "r"
         level = round(100 * (1 - self.alpha))
         return (
-            f"Combined at relative depth {self.depth:.3f} ({self.depth_choice}; layers {', '.join(f'{s} {lay}' for s, lay in zip(self.labels, self.layers, strict=True))}): "
-            f"random-effects {name} = {self.random_r:+.3f} [{level}% CI {self.random_ci[0]:+.3f}, {self.random_ci[1]:+.3f}], p = {self.random_p:.3g}.\n"
-            f"Heterogeneity: τ² = {self.tau2:.4f}, I² = {100 * self.i2:.0f}%, Q = {self.q:.2f} (p = {self.q_p:.3g}); "
-            f"sign {'agrees in every study' if self.sign_agrees else 'does NOT agree across studies'}."
+            f"Combined at relative depth {self.depth:.3f} ({self.depth_choice}; layers "
+            f"{', '.join(f'{s} {lay}' for s, lay in zip(self.labels, self.layers, strict=True))}): "
+            f"random-effects {name} = {self.random_r:+.3f} [{level}% CI {self.random_ci[0]:+.3f}, "
+            f"{self.random_ci[1]:+.3f}], p = {self.random_p:.3g}.\n"
+            f"Heterogeneity: τ² = {self.tau2:.4f}, I² = {100 * self.i2:.0f}%, Q = {self.q:.2f} (p "
+            f"= {self.q_p:.3g}); "
+            "sign "
+            f"{'agrees in every study' if self.sign_agrees else 'does NOT agree across studies'}."
         )
 
 
@@ -244,7 +284,8 @@ class SeedGroup:
         wilson: ``[persona, 2]`` Wilson interval of each pooled rate.
         seed_corr: replicate × replicate Spearman correlation of the per-persona rates.
         statistic: The statistic of the conclusions.
-        layer_values: Each study's statistic and p at its conclusion layer: ``{label: (layer, value, p)}``.
+        layer_values: Each study's statistic and p at its conclusion layer: ``{label: (layer,
+        value, p)}``.
         sign_holds: Whether that statistic has the same nonzero sign in every study.
         significant_in: The studies where it is significant (p < alpha).
         influential_everywhere, influential_somewhere: Personas above Cook's 4/N threshold in
@@ -272,7 +313,9 @@ class SeedGroup:
     def spread(self) -> pd.DataFrame:
         """Returns per persona the SD (ddof 1), minimum and maximum of the per-replicate rates."""
         per = self.pooled.per_seed
-        return pd.DataFrame({"sd": per.std(axis=1, ddof=1), "min": per.min(axis=1), "max": per.max(axis=1)})
+        return pd.DataFrame(
+            {"sd": per.std(axis=1, ddof=1), "min": per.min(axis=1), "max": per.max(axis=1)}
+        )
 
     def seed_corr_range(self) -> tuple[float, float]:
         """Returns the smallest and mean off-diagonal seed-to-seed correlation."""
@@ -282,35 +325,54 @@ class SeedGroup:
         return (float(off.min()), float(off.mean())) if off.size else (math.nan, math.nan)
 
     def to_frame(self) -> pd.DataFrame:
-        """Returns one row per persona: pooled k, n, rate, Wilson bounds, spread and per-replicate rates."""
+        """Returns one row per persona: pooled k, n, rate, Wilson bounds, spread and per-replicate
+        rates."""
         frame = self.pooled.to_frame()
         frame.insert(4, "wilson_low", self.wilson[:, 0])
         frame.insert(5, "wilson_high", self.wilson[:, 1])
         spread = self.spread()
         for col in ("sd", "min", "max"):
-            frame.insert(frame.columns.get_loc("wilson_high") + 1 + ("sd", "min", "max").index(col), f"rate_{col}", spread[col].to_numpy())
+            frame.insert(
+                frame.columns.get_loc("wilson_high") + 1 + ("sd", "min", "max").index(col),
+                f"rate_{col}",
+                spread[col].to_numpy(),
+            )
         return frame
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the pooled rates, spread, seed correlations and conclusions as a JSON-safe dict."""
+        """Returns the pooled rates, spread, seed correlations and conclusions as a JSON-safe
+        dict."""
         low, mean = self.seed_corr_range()
         spread = self.spread()
         personas = {}
         for i, (p, row) in enumerate(self.pooled.to_dict().items()):
-            personas[p] = {**row, "wilson": [float(self.wilson[i, 0]), float(self.wilson[i, 1])],
-                           "sd": json_float(spread["sd"].iloc[i]), "min": json_float(spread["min"].iloc[i]), "max": json_float(spread["max"].iloc[i])}  # fmt: skip
+            personas[p] = {
+                **row,
+                "wilson": [float(self.wilson[i, 0]), float(self.wilson[i, 1])],
+                "sd": json_float(spread["sd"].iloc[i]),
+                "min": json_float(spread["min"].iloc[i]),
+                "max": json_float(spread["max"].iloc[i]),
+            }
         return {
             "model": self.model,
             "studies": list(self.studies),
             "replicates": [str(c) for c in self.seed_corr.columns],
             "personas": personas,
-            "seed_corr": {str(a): {str(b): json_float(self.seed_corr.loc[a, b]) for b in self.seed_corr.columns} for a in self.seed_corr.index},
+            "seed_corr": {
+                str(a): {
+                    str(b): json_float(self.seed_corr.loc[a, b]) for b in self.seed_corr.columns
+                }
+                for a in self.seed_corr.index
+            },
             "seed_corr_min": json_float(low),
             "seed_corr_mean": json_float(mean),
             "statistic": self.statistic,
             "alpha": self.alpha,
             "conclusions": {
-                "layer_values": {s: {"layer": v[0], "value": json_float(v[1]), "p": json_float(v[2])} for s, v in self.layer_values.items()},
+                "layer_values": {
+                    s: {"layer": v[0], "value": json_float(v[1]), "p": json_float(v[2])}
+                    for s, v in self.layer_values.items()
+                },
                 "sign_holds": self.sign_holds,
                 "significant_in": list(self.significant_in),
                 "significant_everywhere": self.significant_everywhere,
@@ -324,14 +386,24 @@ class SeedGroup:
         low, mean = self.seed_corr_range()
         name = "ρ" if self.statistic == "spearman" else "r"
         sd = self.spread()["sd"]
-        sig = "in every seed" if self.significant_everywhere else (f"only in {', '.join(self.significant_in)}" if self.significant_in else "in no seed")
+        sig = (
+            "in every seed"
+            if self.significant_everywhere
+            else (
+                f"only in {', '.join(self.significant_in)}" if self.significant_in else "in no seed"
+            )
+        )
         return "\n".join(
             [
-                f"Seeds of {self.model} ({', '.join(self.studies)}): {self.pooled.per_seed.shape[1]} replicates pooled over {len(self.pooled.personas)} personas; "
+                f"Seeds of {self.model} ({', '.join(self.studies)}): "
+                f"{self.pooled.per_seed.shape[1]} replicates pooled over "
+                f"{len(self.pooled.personas)} personas; "
                 f"mean per-persona SD of rates {float(sd.mean()):.3f}.",
                 f"Seed-to-seed Spearman of rates: min {low:+.3f}, mean {mean:+.3f}.",
-                f"Sign of {name} at the conclusion layer {'holds in every seed' if self.sign_holds else 'does NOT hold in every seed'}; "
-                f"significant (p < {self.alpha}) {sig}; influential in every seed: {', '.join(self.influential_everywhere) or 'none'}.",
+                f"Sign of {name} at the conclusion layer "
+                f"{'holds in every seed' if self.sign_holds else 'does NOT hold in every seed'}; "
+                f"significant (p < {self.alpha}) {sig}; influential in every seed: "
+                f"{', '.join(self.influential_everywhere) or 'none'}.",
             ]
         )
 
@@ -361,7 +433,8 @@ class StudyComparison:
     not_replicates: tuple[str, ...] = ()
 
     def to_frame(self) -> pd.DataFrame:
-        """Returns one row per study: model, n_layers, primary layer and its value/p, strongest layer, max-over-layers p."""
+        """Returns one row per study: model, n_layers, primary layer and its value/p, strongest
+        layer, max-over-layers p."""
         rows = []
         for s in self.studies:
             primary = s.primary_layer
@@ -393,8 +466,19 @@ class StudyComparison:
         frames = []
         for s in self.studies:
             value, p, ci = s.curve(self.statistic)
-            frames.append(pd.DataFrame({"study": s.label, "layer": list(s.layers), "relative_depth": s.relative_depth(),
-                                        "value": value, "p": p, "ci_low": ci[:, 0], "ci_high": ci[:, 1]}))  # fmt: skip
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "study": s.label,
+                        "layer": list(s.layers),
+                        "relative_depth": s.relative_depth(),
+                        "value": value,
+                        "p": p,
+                        "ci_low": ci[:, 0],
+                        "ci_high": ci[:, 1],
+                    }
+                )
+            )
         return pd.concat(frames, ignore_index=True)
 
     def to_dict(self) -> dict[str, Any]:
@@ -415,7 +499,13 @@ class StudyComparison:
                     "influential": list(s.report.get("influential", [])),
                     "recomputed_on": None if s.recomputed_on is None else list(s.recomputed_on),
                     "curve": [
-                        {"layer": layer, "relative_depth": layer / s.n_layers, "value": json_float(v), "p": json_float(q), "ci": [json_float(c) for c in c2]}
+                        {
+                            "layer": layer,
+                            "relative_depth": layer / s.n_layers,
+                            "value": json_float(v),
+                            "p": json_float(q),
+                            "ci": [json_float(c) for c in c2],
+                        }
                         for layer, v, q, c2 in zip(s.layers, value, p, ci, strict=True)
                     ],
                 }
@@ -433,19 +523,33 @@ class StudyComparison:
         }
 
     def summary(self) -> str:
-        """Returns a few lines per study, the combined estimate and each seed group's conclusions."""
+        """Returns a few lines per study, the combined estimate and each seed group's
+        conclusions."""
         name = "ρ" if self.statistic == "spearman" else "r"
-        lines = [f"Comparison of {len(self.studies)} studies over {len(self.personas)} personas (statistic {self.statistic})."]
+        lines = [
+            f"Comparison of {len(self.studies)} studies over {len(self.personas)} personas "
+            f"(statistic {self.statistic})."
+        ]
         if self.intersected:
-            lines.append(f"Recomputed on the {len(self.personas)} personas every study shares; left out: "
-                         + "; ".join(f"{k}: {', '.join(v)}" for k, v in self.dropped.items() if v) + ".")  # fmt: skip
+            lines.append(
+                f"Recomputed on the {len(self.personas)} personas every study shares; left out: "
+                + "; ".join(f"{k}: {', '.join(v)}" for k, v in self.dropped.items() if v)
+                + "."
+            )
         for row in self.to_frame().itertuples():
-            primary = "no primary layer" if row.primary_layer is None or pd.isna(row.primary_layer) else (
-                f"primary layer {int(row.primary_layer)} (depth {row.primary_depth:.2f}): {name} = {row.primary_value:+.3f}, p = {row.primary_p:.3g}"
+            primary = (
+                "no primary layer"
+                if row.primary_layer is None or pd.isna(row.primary_layer)
+                else (
+                    f"primary layer {int(row.primary_layer)} (depth {row.primary_depth:.2f}): "
+                    f"{name} = {row.primary_value:+.3f}, p = {row.primary_p:.3g}"
+                )
             )
             lines.append(
-                f"  {row.study}: {row.model}, {row.n_layers} blocks; {primary}; strongest layer {row.best_layer} "
-                f"(depth {row.best_depth:.2f}, {name} = {row.best_value:+.3f}); max-over-layers p = {row.max_statistic_p:.3g}."
+                f"  {row.study}: {row.model}, {row.n_layers} blocks; {primary}; strongest layer "
+                f"{row.best_layer} "
+                f"(depth {row.best_depth:.2f}, {name} = {row.best_value:+.3f}); max-over-layers p "
+                f"= {row.max_statistic_p:.3g}."
             )
         lines.append(self.meta.summary())
         lines += [g.summary() for g in self.seed_groups]
@@ -453,10 +557,22 @@ class StudyComparison:
         return "\n".join(lines)
 
     def figure(self, *, title: str | None = None) -> Any:
-        """Returns the studies' sweep curves against relative depth, with bootstrap bands (plotly)."""
+        """Returns the studies' sweep curves against relative depth, with bootstrap bands
+        (plotly)."""
         import plotly.graph_objects as go
 
-        palette = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+        palette = (
+            "#1f77b4",
+            "#d62728",
+            "#2ca02c",
+            "#ff7f0e",
+            "#9467bd",
+            "#8c564b",
+            "#e377c2",
+            "#7f7f7f",
+            "#bcbd22",
+            "#17becf",
+        )
         name = "Spearman ρ" if self.statistic == "spearman" else "Pearson r"
         fig = go.Figure()
         for i, s in enumerate(self.studies):
@@ -486,14 +602,20 @@ class StudyComparison:
                     name=f"{s.label} ({s.n_layers} blocks)",
                     legendgroup=s.label,
                     customdata=np.column_stack([s.layers, p]),
-                    hovertemplate="layer %{customdata[0]:.0f} (depth %{x:.2f})<br>%{y:.3f}<br>p=%{customdata[1]:.3g}<extra></extra>",
+                    hovertemplate="layer %{customdata[0]:.0f} (depth %{x:.2f})<br>%{y:.3f}<br>"
+                    "p=%{customdata[1]:.3g}<extra></extra>",
                 )
             )
         fig.add_hline(y=0, line={"color": "#999", "width": 1})
         m = self.meta
-        fig.add_vline(x=m.depth, line={"color": "#555", "dash": "dot"}, annotation_text=f"combined {m.random_r:+.2f} at {m.depth:.2f}")
+        fig.add_vline(
+            x=m.depth,
+            line={"color": "#555", "dash": "dot"},
+            annotation_text=f"combined {m.random_r:+.2f} at {m.depth:.2f}",
+        )
         fig.update_layout(
-            title=title or f"{name} of cosine vs source rate by relative depth, {len(self.studies)} studies",
+            title=title
+            or f"{name} of cosine vs source rate by relative depth, {len(self.studies)} studies",
             xaxis_title="relative depth (layer / number of blocks)",
             yaxis_title=f"{name} with source rate",
             yaxis_range=[-1.05, 1.05],
@@ -505,7 +627,10 @@ class StudyComparison:
 # --- reading a study ----------------------------------------------------------------------------
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
-        raise ValueError(f"{path.parent.parent} is not a finished study: no {path.relative_to(path.parent.parent)} ({what}).")
+        raise ValueError(
+            f"{path.parent.parent} is not a finished study: no "
+            f"{path.relative_to(path.parent.parent)} ({what})."
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
@@ -513,7 +638,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def _activation_dirs(path: Path) -> list[Path]:
-    """Returns the study's activation folders: one, or one per persona block of a sharded extraction."""
+    """Returns the study's activation folders: one, or one per persona block of a sharded
+    extraction."""
     marker = path / "extract" / ".stage.json"
     try:
         files = json.loads(marker.read_text(encoding="utf-8")).get("files", {})
@@ -527,16 +653,22 @@ def _n_layers(path: Path, config: dict[str, Any], sweep: dict[str, Any]) -> int:
     dirs = _activation_dirs(path)
     acts = dirs[0] if dirs else None
     if acts is not None and (acts / "manifest.json").is_file():
-        provenance = json.loads((acts / "manifest.json").read_text(encoding="utf-8")).get("provenance", {})
+        provenance = json.loads((acts / "manifest.json").read_text(encoding="utf-8")).get(
+            "provenance", {}
+        )
         if provenance.get("n_layers"):
             return int(provenance["n_layers"])
     if config.get("extract", {}).get("layers") is None:  # every block was extracted and swept
         return len(sweep["layers"])
-    raise ValueError(f"{path}: the number of blocks is unknown (no extraction manifest, and extract.layers is a subset); give n_layers.")
+    raise ValueError(
+        f"{path}: the number of blocks is unknown (no extraction manifest, and extract.layers is a "
+        "subset); give n_layers."
+    )
 
 
 def _counts(path: Path, seeds: Sequence[int]) -> pd.DataFrame:
-    """Returns the source counts per (persona, seed) from every ``eval/<source>/seed<k>/run_result.json``."""
+    """Returns the source counts per (persona, seed) from every
+    ``eval/<source>/seed<k>/run_result.json``."""
     rows = []
     for seed in seeds:
         for result_path in sorted((path / "eval").glob(f"*/seed{seed}/run_result.json")):
@@ -545,11 +677,15 @@ def _counts(path: Path, seeds: Sequence[int]) -> pd.DataFrame:
             row = next((r for r in result["personas"] if r["persona"] == source), None)
             if row is None:
                 raise ValueError(f"{result_path} has no entry for its source persona {source!r}.")
-            rows.append({"persona": source, "seed": int(seed), "k": int(row["k"]), "n": int(row["n"])})
+            rows.append(
+                {"persona": source, "seed": int(seed), "k": int(row["k"]), "n": int(row["n"])}
+            )
     return pd.DataFrame(rows, columns=["persona", "seed", "k", "n"])
 
 
-def read_study(path: str | os.PathLike[str], *, label: str | None = None, n_layers: int | None = None) -> StudyRecord:
+def read_study(
+    path: str | os.PathLike[str], *, label: str | None = None, n_layers: int | None = None
+) -> StudyRecord:
     """Returns a finished study's record, read from the output folder ``run_study`` wrote.
 
     Args:
@@ -566,7 +702,9 @@ def read_study(path: str | os.PathLike[str], *, label: str | None = None, n_laye
     path = Path(path)
     config_path = path / "config.resolved.yaml"
     if not config_path.is_file():
-        invalid("path", "read_study", "a study output folder (with config.resolved.yaml)", str(path))
+        invalid(
+            "path", "read_study", "a study output folder (with config.resolved.yaml)", str(path)
+        )
     config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     sweep = _read_json(path / "sweep" / "sweep.json", "run the 'sweep' stage")
     report = _read_json(path / "report" / "report.json", "run the 'report' stage")
@@ -600,17 +738,25 @@ def _recompute(study: StudyRecord, personas: Sequence[str]) -> StudyRecord:
 
     dirs = _activation_dirs(study.path)
     if not dirs or not all(d.exists() for d in dirs):
-        raise ValueError(f"{study.path}: recomputing on shared personas needs the study's cached activations, which are gone.")
+        raise ValueError(
+            f"{study.path}: recomputing on shared personas needs the study's cached activations, "
+            "which are gone."
+        )
     geometry = study.config.get("geometry", {})
     if isinstance(geometry.get("centering"), str):
-        raise ValueError(f"{study.path}: a study centred on a separate persona file cannot be recomputed on shared personas.")
+        raise ValueError(
+            f"{study.path}: a study centred on a separate persona file cannot be recomputed on "
+            "shared personas."
+        )
     acts = ActivationSet.load(dirs[0])
     for d in dirs[1:]:
         acts = concat_personas(acts, ActivationSet.load(d))
     keep = [p for p in acts.personas.names if p in set(personas)]
     cents = centroids(acts.select(personas=keep), hook=geometry.get("hook", "resid_post"))
     centering = geometry.get("centering")
-    cos = cosine_to_reference(center(cents, [c for c in centering if c in keep] if centering else None), study.reference)
+    cos = cosine_to_reference(
+        center(cents, [c for c in centering if c in keep] if centering else None), study.reference
+    )
     pooled = study.counts.groupby("persona")[["k", "n"]].sum()
     names = [p for p in keep if p in pooled.index]
     a = study.config.get("analysis", {})
@@ -628,7 +774,11 @@ def _recompute(study: StudyRecord, personas: Sequence[str]) -> StudyRecord:
         statistic=a.get("statistic", "spearman"),
         seed=int(a.get("seed", 0)),
     )
-    layer = a.get("layer") if a.get("layer") is not None else (sweep.primary_layer if sweep.primary_layer is not None else sweep.best_layer)
+    layer = (
+        a.get("layer")
+        if a.get("layer") is not None
+        else (sweep.primary_layer if sweep.primary_layer is not None else sweep.best_layer)
+    )
     at_layer = cos.at(layer)
     categories = dict(zip(cos.personas, cos.categories, strict=True))
     rob = robustness_at_layer(
@@ -643,7 +793,14 @@ def _recompute(study: StudyRecord, personas: Sequence[str]) -> StudyRecord:
     )
     report = {**rob.to_dict(), "model": study.model, "layer": layer}
     counts = study.counts[study.counts["persona"].isin(names)].reset_index(drop=True)
-    return dataclasses.replace(study, sweep=sweep.to_dict(), report=report, counts=counts, personas=tuple(keep), recomputed_on=tuple(names))
+    return dataclasses.replace(
+        study,
+        sweep=sweep.to_dict(),
+        report=report,
+        counts=counts,
+        personas=tuple(keep),
+        recomputed_on=tuple(names),
+    )
 
 
 # --- comparing ----------------------------------------------------------------------------------
@@ -659,8 +816,11 @@ def _unique_labels(studies: Sequence[StudyRecord]) -> list[str]:
     return [f"{s.label} #{i + 1}" for i, s in enumerate(studies)]
 
 
-def _check_personas(studies: Sequence[StudyRecord], intersect: bool) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-    """Returns the shared personas and what each study drops; raises when they differ and not ``intersect``."""
+def _check_personas(
+    studies: Sequence[StudyRecord], intersect: bool
+) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """Returns the shared personas and what each study drops; raises when they differ and not
+    ``intersect``."""
     references = {s.reference for s in studies}
     if len(references) > 1:
         got = ", ".join(f"{s.label}: {s.reference}" for s in studies)
@@ -670,11 +830,17 @@ def _check_personas(studies: Sequence[StudyRecord], intersect: bool) -> tuple[tu
     dropped = {s.label: tuple(p for p in s.personas if p not in shared) for s in studies}
     if any(dropped.values()) and not intersect:
         diffs = "; ".join(
-            f"{s.label} lacks {sorted(set(first.personas) - set(s.personas))} and adds {sorted(set(s.personas) - set(first.personas))}"
+            f"{s.label} lacks {sorted(set(first.personas) - set(s.personas))} and adds "
+            f"{sorted(set(s.personas) - set(first.personas))}"
             for s in studies[1:]
             if set(s.personas) != set(first.personas)
         )
-        invalid("studies", "compare_studies", f"studies over the same personas as {first.label} (or intersect=True)", diffs)
+        invalid(
+            "studies",
+            "compare_studies",
+            f"studies over the same personas as {first.label} (or intersect=True)",
+            diffs,
+        )
     if len(shared) < 4:
         invalid("studies", "compare_studies", "studies sharing at least 4 personas", shared)
     return tuple(shared), dropped
@@ -682,7 +848,9 @@ def _check_personas(studies: Sequence[StudyRecord], intersect: bool) -> tuple[tu
 
 def _nearest_layer(study: StudyRecord, depth: float) -> int:
     depths = study.relative_depth()
-    return study.layers[int(np.argmin(np.abs(depths - depth)))]  # argmin takes the lower layer on a tie
+    return study.layers[
+        int(np.argmin(np.abs(depths - depth)))
+    ]  # argmin takes the lower layer on a tie
 
 
 def _fisher(r: float, n: int, statistic: str) -> tuple[float, float]:
@@ -692,7 +860,14 @@ def _fisher(r: float, n: int, statistic: str) -> tuple[float, float]:
     return math.atanh(clipped), variance
 
 
-def _meta_analysis(studies: Sequence[StudyRecord], depth: float, depth_choice: str, statistic: str, method_re: str, alpha: float) -> MetaAnalysis:
+def _meta_analysis(
+    studies: Sequence[StudyRecord],
+    depth: float,
+    depth_choice: str,
+    statistic: str,
+    method_re: str,
+    alpha: float,
+) -> MetaAnalysis:
     from scipy import stats
     from statsmodels.stats.meta_analysis import combine_effects
 
@@ -700,22 +875,38 @@ def _meta_analysis(studies: Sequence[StudyRecord], depth: float, depth_choice: s
     r = np.array([s.at(layer, statistic)[0] for s, layer in zip(studies, layers, strict=True)])
     n = [s.n_personas for s in studies]
     if any(v <= 3 for v in n):
-        invalid("studies", "compare_studies", "studies of at least 4 personas (Fisher z needs n > 3)", dict(zip([s.label for s in studies], n, strict=True)))
+        invalid(
+            "studies",
+            "compare_studies",
+            "studies of at least 4 personas (Fisher z needs n > 3)",
+            dict(zip([s.label for s in studies], n, strict=True)),
+        )
     if not np.isfinite(r).all():
         bad = [s.label for s, v in zip(studies, r, strict=True) if not np.isfinite(v)]
-        invalid("depth", "compare_studies", "a depth where every study has a correlation", f"none (constant data) for {bad}")
+        invalid(
+            "depth",
+            "compare_studies",
+            "a depth where every study has a correlation",
+            f"none (constant data) for {bad}",
+        )
     if (np.abs(r) > _R_MAX).any():
-        log.warning("a correlation of ±1 enters the meta-analysis at |r| = %s (its Fisher z is infinite)", _R_MAX)
+        log.warning(
+            "a correlation of ±1 enters the meta-analysis at |r| = %s (its Fisher z is infinite)",
+            _R_MAX,
+        )
     zv = [_fisher(v, k, statistic) for v, k in zip(r, n, strict=True)]
     z = np.array([a for a, _ in zv])
     var = np.array([b for _, b in zv])
-    res = combine_effects(z, var, method_re=method_re, row_names=[s.label for s in studies], alpha=alpha)
+    res = combine_effects(
+        z, var, method_re=method_re, row_names=[s.label for s in studies], alpha=alpha
+    )
     frame = res.summary_frame()
     fixed, rand = frame.loc["fixed effect"], frame.loc["random effect"]
     tau2, sd_random = float(res.tau2), float(res.sd_eff_w_re)
     if tau2 < 0:
         # statsmodels' one-step (dl, chi2) estimate is (Q - df) / c, not truncated at zero when
-        # Q < df; DerSimonian-Laird truncates it, and with tau² = 0 random effects are fixed effects.
+        # Q < df; DerSimonian-Laird truncates it, and with tau² = 0 random effects are fixed
+        # effects.
         tau2, rand, sd_random = 0.0, fixed, float(res.sd_eff_w_fe)
     p_random = float(2 * stats.norm.sf(abs(rand["eff"] / sd_random)))
     signs = np.sign(r)
@@ -738,7 +929,9 @@ def _meta_analysis(studies: Sequence[StudyRecord], depth: float, depth_choice: s
         random_ci=(math.tanh(rand["ci_low"]), math.tanh(rand["ci_upp"])),
         random_p=p_random,
         tau2=tau2,
-        i2=max(0.0, float(res.i2)),  # I² is truncated at 0 (Higgins & Thompson); statsmodels reports (Q - df) / Q
+        i2=max(
+            0.0, float(res.i2)
+        ),  # I² is truncated at 0 (Higgins & Thompson); statsmodels reports (Q - df) / Q
         q=float(res.q),
         q_p=float(res.test_homogeneity().pvalue),
         sign_agrees=bool(signs[0] != 0 and (signs == signs[0]).all()),
@@ -746,7 +939,8 @@ def _meta_analysis(studies: Sequence[StudyRecord], depth: float, depth_choice: s
 
 
 def _design(config: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Returns the config flattened to ``{key path: value}`` without names, paths, devices and seeds."""
+    """Returns the config flattened to ``{key path: value}`` without names, paths, devices and
+    seeds."""
     flat: dict[tuple[str, ...], Any] = {}
     for key, value in config.items():
         path = (*prefix, str(key))
@@ -769,7 +963,9 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def _seed_groups(studies: Sequence[StudyRecord], statistic: str, alpha: float) -> tuple[list[SeedGroup], list[str]]:
+def _seed_groups(
+    studies: Sequence[StudyRecord], statistic: str, alpha: float
+) -> tuple[list[SeedGroup], list[str]]:
     by_model: dict[tuple[str, str | None], list[StudyRecord]] = {}
     for s in studies:
         by_model.setdefault((s.model, s.revision), []).append(s)
@@ -777,21 +973,33 @@ def _seed_groups(studies: Sequence[StudyRecord], statistic: str, alpha: float) -
     for (model, _), members in by_model.items():
         designs: dict[str, list[StudyRecord]] = {}
         for s in members:
-            designs.setdefault(json.dumps(sorted((".".join(k), v) for k, v in _design(s.config).items()), default=str), []).append(s)
+            designs.setdefault(
+                json.dumps(
+                    sorted((".".join(k), v) for k, v in _design(s.config).items()), default=str
+                ),
+                [],
+            ).append(s)
         if len(designs) > 1:
             first, *others = list(designs.values())
             base = _design(first[0].config)
             for group in others:
                 other = _design(group[0].config)
-                keys = sorted(".".join(k) for k in set(base) | set(other) if base.get(k) != other.get(k))
-                notes.append(f"Not pooled as seeds of {model}: {first[0].label} and {group[0].label} differ in {', '.join(keys)}.")
+                keys = sorted(
+                    ".".join(k) for k in set(base) | set(other) if base.get(k) != other.get(k)
+                )
+                notes.append(
+                    f"Not pooled as seeds of {model}: {first[0].label} and {group[0].label} differ "
+                    f"in {', '.join(keys)}."
+                )
         for group in designs.values():
             if len(group) > 1:
                 groups.append(_seed_group(model, group, statistic, alpha))
     return groups, notes
 
 
-def _seed_group(model: str, studies: Sequence[StudyRecord], statistic: str, alpha: float) -> SeedGroup:
+def _seed_group(
+    model: str, studies: Sequence[StudyRecord], statistic: str, alpha: float
+) -> SeedGroup:
     from persona_geometry.analysis import pool_seeds
     from persona_geometry.stats import wilson_interval
 
@@ -806,7 +1014,9 @@ def _seed_group(model: str, studies: Sequence[StudyRecord], statistic: str, alph
     pooled = pool_seeds(table)
     missing = pooled.per_seed.columns[pooled.per_seed.isna().any(axis=0)].tolist()
     if missing:
-        log.warning("seed replicates %s lack some personas' counts; their rates are NaN there", missing)
+        log.warning(
+            "seed replicates %s lack some personas' counts; their rates are NaN there", missing
+        )
     low, high = wilson_interval(pooled.k, pooled.n, alpha=alpha)
     seed_corr = pooled.per_seed.corr(method="spearman")
     values = {}
@@ -829,8 +1039,12 @@ def _seed_group(model: str, studies: Sequence[StudyRecord], statistic: str, alph
         layer_values=values,
         sign_holds=bool(signs[0] != 0 and (signs == signs[0]).all()),
         significant_in=tuple(label for label, v in values.items() if v[2] < alpha),
-        influential_everywhere=tuple(sorted(everywhere, key=lambda p: order.index(p) if p in order else len(order))),
-        influential_somewhere=tuple(sorted(somewhere, key=lambda p: order.index(p) if p in order else len(order))),
+        influential_everywhere=tuple(
+            sorted(everywhere, key=lambda p: order.index(p) if p in order else len(order))
+        ),
+        influential_somewhere=tuple(
+            sorted(somewhere, key=lambda p: order.index(p) if p in order else len(order))
+        ),
     )
 
 
@@ -866,7 +1080,9 @@ def compare_studies(
     """
     func = "compare_studies"
     if isinstance(studies, str | os.PathLike | StudyRecord):
-        invalid("studies", func, "a list of two or more study output folders", studies, exc=TypeError)
+        invalid(
+            "studies", func, "a list of two or more study output folders", studies, exc=TypeError
+        )
     studies = list(studies)
     if len(studies) < 2:
         invalid("studies", func, "two or more study output folders", [str(s) for s in studies])
@@ -875,20 +1091,36 @@ def compare_studies(
     records = [s if isinstance(s, StudyRecord) else read_study(s) for s in studies]
     import dataclasses
 
-    records = [dataclasses.replace(s, label=label) for s, label in zip(records, _unique_labels(records), strict=True)]
-    statistic = check_one_of(statistic if statistic is not None else records[0].statistic, "statistic", func, STATISTICS)
+    records = [
+        dataclasses.replace(s, label=label)
+        for s, label in zip(records, _unique_labels(records), strict=True)
+    ]
+    statistic = check_one_of(
+        statistic if statistic is not None else records[0].statistic, "statistic", func, STATISTICS
+    )
     shared, dropped = _check_personas(records, intersect)
     intersected = intersect and any(dropped.values())
     if intersected:
-        log.info("comparing on the %d shared personas; recomputing each study's sweep there", len(shared))
+        log.info(
+            "comparing on the %d shared personas; recomputing each study's sweep there", len(shared)
+        )
         records = [_recompute(s, shared) if dropped[s.label] else s for s in records]
     first = records[0]
     if depth is None:
-        layer = first.primary_layer if first.primary_layer is not None else int(first.sweep["best_layer"])
+        layer = (
+            first.primary_layer
+            if first.primary_layer is not None
+            else int(first.sweep["best_layer"])
+        )
         depth = layer / first.n_layers
-        choice = f"{first.label}'s {'primary' if first.primary_layer is not None else 'strongest (exploratory)'} layer {layer}"
+        kind = "primary" if first.primary_layer is not None else "strongest (exploratory)"
+        choice = f"{first.label}'s {kind} layer {layer}"
     else:
-        if isinstance(depth, bool) or not isinstance(depth, int | float) or not 0.0 <= float(depth) <= 1.0:
+        if (
+            isinstance(depth, bool)
+            or not isinstance(depth, int | float)
+            or not 0.0 <= float(depth) <= 1.0
+        ):
             invalid("depth", func, "a relative depth in [0, 1]", depth)
         depth, choice = float(depth), "requested"
     meta = _meta_analysis(records, depth, choice, statistic, method_re, alpha)
@@ -918,33 +1150,89 @@ def comparison_markdown(result: StudyComparison, *, title: str = "Comparing stud
     name = "ρ" if result.statistic == "spearman" else "r"
     parts = [f"# {title}", "", result.summary().split("\n")[0], ""]
     if result.intersected:
-        parts += ["**Compared on the personas every study shares** (each study's sweep and report recomputed there); left out: "
-                  + "; ".join(f"{k}: {', '.join(v)}" for k, v in result.dropped.items()) + ".", ""]  # fmt: skip
-    header = ["study", "model", "blocks", "personas", "seeds", "primary layer (depth)", f"{name}", "p", "strongest layer (depth)", f"{name}", "max-over-layers p"]
+        parts += [
+            "**Compared on the personas every study shares** (each study's sweep and report "
+            "recomputed there); left out: "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in result.dropped.items())
+            + ".",
+            "",
+        ]
+    header = [
+        "study",
+        "model",
+        "blocks",
+        "personas",
+        "seeds",
+        "primary layer (depth)",
+        f"{name}",
+        "p",
+        "strongest layer (depth)",
+        f"{name}",
+        "max-over-layers p",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for row in result.to_frame().itertuples():
-        primary = "—" if row.primary_layer is None or pd.isna(row.primary_layer) else f"{int(row.primary_layer)} ({row.primary_depth:.2f})"
-        cells = [row.study, f"`{row.model}`", str(row.n_layers), str(row.n_personas), row.seeds, primary, _fmt(row.primary_value), _fmt(row.primary_p, ".3g"),
-                 f"{row.best_layer} ({row.best_depth:.2f})", _fmt(row.best_value), _fmt(row.max_statistic_p, ".3g")]  # fmt: skip
+        primary = (
+            "—"
+            if row.primary_layer is None or pd.isna(row.primary_layer)
+            else f"{int(row.primary_layer)} ({row.primary_depth:.2f})"
+        )
+        cells = [
+            row.study,
+            f"`{row.model}`",
+            str(row.n_layers),
+            str(row.n_personas),
+            row.seeds,
+            primary,
+            _fmt(row.primary_value),
+            _fmt(row.primary_p, ".3g"),
+            f"{row.best_layer} ({row.best_depth:.2f})",
+            _fmt(row.best_value),
+            _fmt(row.max_statistic_p, ".3g"),
+        ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     parts += lines
     parts += ["", "## Combined estimate", "", result.meta.summary().replace("\n", "  \n"), ""]
     m = result.meta
-    lines = ["| study | layer | depth | " + name + " | n | Fisher z | variance |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| study | layer | depth | " + name + " | n | Fisher z | variance |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in m.to_frame().itertuples():
-        lines.append(f"| {row.study} | {row.layer} | {row.relative_depth:.3f} | {row.r:+.3f} | {row.n} | {row.z:+.3f} | {row.variance:.4f} |")
-    parts += lines + ["", f"Fisher z per study, variance {'(1 + ρ²/2)/(n − 3) (Bonett–Wright)' if m.statistic == 'spearman' else '1/(n − 3)'}; "
-                      f"pooled by statsmodels `combine_effects` (random effects, {m.method_re}); back-transformed with tanh.", ""]  # fmt: skip
+        lines.append(
+            f"| {row.study} | {row.layer} | {row.relative_depth:.3f} | {row.r:+.3f} | {row.n} | "
+            f"{row.z:+.3f} | {row.variance:.4f} |"
+        )
+    parts += lines + [
+        "",
+        "Fisher z per study, variance "
+        f"{'(1 + ρ²/2)/(n − 3) (Bonett–Wright)' if m.statistic == 'spearman' else '1/(n − 3)'}; "
+        f"pooled by statsmodels `combine_effects` (random effects, {m.method_re}); "
+        "back-transformed with tanh.",
+        "",
+    ]
     for g in result.seed_groups:
         parts += [f"## Seeds of `{g.model}`", "", g.summary().replace("\n", "  \n"), ""]
         frame = g.to_frame()
         reps = [c for c in frame.columns if c.startswith("rate_seed_")]
-        head = ["persona", "k/n", "pooled rate", f"Wilson {round(100 * (1 - g.alpha))}% CI", "SD", "min", "max", *[c.removeprefix("rate_seed_") for c in reps]]
+        head = [
+            "persona",
+            "k/n",
+            "pooled rate",
+            f"Wilson {round(100 * (1 - g.alpha))}% CI",
+            "SD",
+            "min",
+            "max",
+            *[c.removeprefix("rate_seed_") for c in reps],
+        ]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
         for _, row in frame.iterrows():
             lines.append(
-                f"| {row['persona']} | {int(row['k'])}/{int(row['n'])} | {row['rate']:.3f} | [{row['wilson_low']:.3f}, {row['wilson_high']:.3f}] | "
-                f"{_fmt(row['rate_sd'], '.3f')} | {row['rate_min']:.3f} | {row['rate_max']:.3f} | " + " | ".join(_fmt(row[c], ".3f") for c in reps) + " |"
+                f"| {row['persona']} | {int(row['k'])}/{int(row['n'])} | {row['rate']:.3f} | "
+                f"[{row['wilson_low']:.3f}, {row['wilson_high']:.3f}] | "
+                f"{_fmt(row['rate_sd'], '.3f')} | {row['rate_min']:.3f} | {row['rate_max']:.3f} | "
+                + " | ".join(_fmt(row[c], ".3f") for c in reps)
+                + " |"
             )
         parts += lines + [""]
     if result.not_replicates:
@@ -953,18 +1241,27 @@ def comparison_markdown(result: StudyComparison, *, title: str = "Comparing stud
 
 
 def write_comparison(result: StudyComparison, out: str | os.PathLike[str]) -> dict[str, Path]:
-    """Writes ``compare.json``, ``compare.md``, ``studies.csv``, ``curves.csv`` and ``compare_sweeps.html`` atomically; returns their paths."""
+    """Writes ``compare.json``, ``compare.md``, ``studies.csv``, ``curves.csv`` and
+    ``compare_sweeps.html`` atomically; returns their paths."""
     from persona_geometry._io import atomic_write_json, atomic_write_text
     from persona_geometry.analysis import write_figure
     from persona_geometry.provenance import package_versions
 
     out = Path(out)
-    payload = {**result.to_dict(), "provenance": {"tool": "persona_geometry.analysis.compare_studies", "studies": [str(s.path) for s in result.studies],
-                                                  "package_versions": package_versions()}}  # fmt: skip
+    payload = {
+        **result.to_dict(),
+        "provenance": {
+            "tool": "persona_geometry.analysis.compare_studies",
+            "studies": [str(s.path) for s in result.studies],
+            "package_versions": package_versions(),
+        },
+    }
     written = {
         "json": atomic_write_json(out / "compare.json", payload),
         "markdown": atomic_write_text(out / "compare.md", comparison_markdown(result)),
-        "studies_csv": atomic_write_text(out / "studies.csv", result.to_frame().to_csv(index=False)),
+        "studies_csv": atomic_write_text(
+            out / "studies.csv", result.to_frame().to_csv(index=False)
+        ),
         "curves_csv": atomic_write_text(out / "curves.csv", result.curves().to_csv(index=False)),
         "figure": write_figure(result.figure(), out / "compare_sweeps.html"),
     }

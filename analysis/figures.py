@@ -40,7 +40,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 _PLOTLYJS_FILE = "plotly.min.js"
 # Pixel size every figure is laid out for; static exports use it unless told otherwise.
 _WIDTH, _HEIGHT = 960, 640
@@ -48,11 +59,25 @@ _FONT = {"family": "Arial, Helvetica, sans-serif", "size": 14}
 
 
 # --- the scatter ------------------------------------------------------------------------------
-_LABEL_POSITIONS = ("top center", "bottom center", "middle right", "middle left", "top right", "bottom left", "top left", "bottom right")
+_LABEL_POSITIONS = (
+    "top center",
+    "bottom center",
+    "middle right",
+    "middle left",
+    "top right",
+    "bottom left",
+    "top left",
+    "bottom right",
+)
 
 
 def _label_positions(
-    px: np.ndarray, py: np.ndarray, labels: Sequence[str], size: tuple[int | float, int | float], char_px: float = 7.5, line_px: float = 16.0
+    px: np.ndarray,
+    py: np.ndarray,
+    labels: Sequence[str],
+    size: tuple[int | float, int | float],
+    char_px: float = 7.5,
+    line_px: float = 16.0,
 ) -> list[str | None]:
     """Returns a text position per point such that label boxes do not overlap (None: hover only).
 
@@ -83,7 +108,11 @@ def _label_positions(
             b = box(i, pos)
             others = [p for j, p in enumerate(points) if j != i]
             inside = b[0] >= 0 and b[1] >= 0 and b[2] <= size[0] and b[3] <= size[1]
-            if inside and not any(overlaps(b, q) for q in placed) and not any(overlaps(b, q) for q in others):
+            if (
+                inside
+                and not any(overlaps(b, q) for q in placed)
+                and not any(overlaps(b, q) for q in others)
+            ):
                 placed.append(b)
                 out[i] = pos
                 break
@@ -149,7 +178,16 @@ def hero_scatter(
             name=f"{level}% prediction interval",
         )
     )
-    fig.add_trace(go.Scatter(x=grid, y=line, mode="lines", line={"color": "#444", "dash": "dash"}, name=f"OLS fit (n = {result.fit.n})", hoverinfo="skip"))
+    fig.add_trace(
+        go.Scatter(
+            x=grid,
+            y=line,
+            mode="lines",
+            line={"color": "#444", "dash": "dash"},
+            name=f"OLS fit (n = {result.fit.n})",
+            hoverinfo="skip",
+        )
+    )
 
     # Label placement in the pixel space the figure is laid out in.
     x_lo, x_hi = float(grid[0]), float(grid[-1])
@@ -167,9 +205,23 @@ def hero_scatter(
         color = _PALETTE[c_i % len(_PALETTE)]
         in_cat = [i for i in range(result.n_personas) if result.categories[i] == cat]
         roles = (
-            ("fitted", [i for i in in_cat if result.personas[i] not in held and result.personas[i] != reference]),
+            (
+                "fitted",
+                [
+                    i
+                    for i in in_cat
+                    if result.personas[i] not in held and result.personas[i] != reference
+                ],
+            ),
             ("held out", [i for i in in_cat if result.personas[i] in held]),
-            ("reference", [i for i in in_cat if result.personas[i] == reference and result.personas[i] not in held]),
+            (
+                "reference",
+                [
+                    i
+                    for i in in_cat
+                    if result.personas[i] == reference and result.personas[i] not in held
+                ],
+            ),
         )
         for role, members in roles:
             if not members:
@@ -180,8 +232,15 @@ def hero_scatter(
                 lo = np.array([result.wilson[result.personas[i]][0] for i in members])
                 hi = np.array([result.wilson[result.personas[i]][1] for i in members])
                 rate = result.rate[members]
-                error = {"type": "data", "symmetric": False, "array": np.clip(hi, 0, 1) - rate, "arrayminus": rate - np.clip(lo, 0, 1),
-                         "color": color, "thickness": 1.2, "width": 3}  # fmt: skip
+                error = {
+                    "type": "data",
+                    "symmetric": False,
+                    "array": np.clip(hi, 0, 1) - rate,
+                    "arrayminus": rate - np.clip(lo, 0, 1),
+                    "color": color,
+                    "thickness": 1.2,
+                    "width": 3,
+                }
             symbols = "star" if star else ("diamond" if role == "reference" else "circle")
             fig.add_trace(
                 go.Scatter(
@@ -192,12 +251,24 @@ def hero_scatter(
                     textposition=[positions[i] or "top center" for i in members],
                     textfont={"size": 12},
                     customdata=[
-                        [result.personas[i], "" if result.k is None else f"{int(result.k[i])}/{int(result.n[i])}"] for i in members
+                        [
+                            result.personas[i],
+                            "" if result.k is None else f"{int(result.k[i])}/{int(result.n[i])}",
+                        ]
+                        for i in members
                     ],
-                    marker={"color": color, "size": 18 if star else (14 if role == "reference" else 12), "symbol": symbols, "line": {"width": 1, "color": "#222"}},
+                    marker={
+                        "color": color,
+                        "size": 18 if star else (14 if role == "reference" else 12),
+                        "symbol": symbols,
+                        "line": {"width": 1, "color": "#222"},
+                    },
                     error_y=error,
-                    name=f"reference: {reference} ({cat})" if role == "reference" else (f"{cat} ({role})" if held else cat),
-                    hovertemplate="%{customdata[0]}<br>x = %{x:.3f}<br>rate = %{y:.3f} (%{customdata[1]})<extra></extra>",
+                    name=f"reference: {reference} ({cat})"
+                    if role == "reference"
+                    else (f"{cat} ({role})" if held else cat),
+                    hovertemplate="%{customdata[0]}<br>x = %{x:.3f}<br>"
+                    "rate = %{y:.3f} (%{customdata[1]})<extra></extra>",
                 )
             )
     if held:
@@ -208,14 +279,30 @@ def hero_scatter(
             xx = float(result.x[i]) + 0.012 * (x_hi - x_lo)
             xs += [xx, xx, None]
             ys += [max(0.0, h.pi_lower), min(1.0, h.pi_upper), None]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#444", "width": 3}, name=f"held out: {level}% PI from the fit without them", hoverinfo="skip"))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                line={"color": "#444", "width": 3},
+                name=f"held out: {level}% PI from the fit without them",
+                hoverinfo="skip",
+            )
+        )
     c = result.correlation
     stats = f"r = {c.pearson_r:+.2f}, ρ = {c.spearman_rho:+.2f}, n = {c.n}"
     head = title or f"Source rate vs {_x_title(result, reference)}"
     fig.update_layout(
         title={"text": f"{head}<br><sup>{stats}</sup>"},
-        xaxis={"title": {"text": x_title or _x_title(result, reference)}, "range": [x_lo, x_hi], "zeroline": False},
-        yaxis={"title": {"text": "source rate (Wilson 95% CI)" if have_counts else "source rate"}, "range": [-0.05, 1.05]},
+        xaxis={
+            "title": {"text": x_title or _x_title(result, reference)},
+            "range": [x_lo, x_hi],
+            "zeroline": False,
+        },
+        yaxis={
+            "title": {"text": "source rate (Wilson 95% CI)" if have_counts else "source rate"},
+            "range": [-0.05, 1.05],
+        },
         template="plotly_white",
         width=_WIDTH,
         height=_HEIGHT,
@@ -237,8 +324,22 @@ def sweep_curve(sweep: LayerSweep, *, alpha: float = 0.05, title: str | None = N
     layers = np.array(sweep.layers)
     fig = go.Figure()
     series = (
-        ("Pearson r", sweep.pearson_r, sweep.pearson_ci, sweep.pearson_p_holm, "#1f77b4", "rgba(31,119,180,0.15)"),
-        ("Spearman ρ", sweep.spearman_rho, sweep.spearman_ci, sweep.spearman_p_holm, "#d62728", "rgba(214,39,40,0.15)"),
+        (
+            "Pearson r",
+            sweep.pearson_r,
+            sweep.pearson_ci,
+            sweep.pearson_p_holm,
+            "#1f77b4",
+            "rgba(31,119,180,0.15)",
+        ),
+        (
+            "Spearman ρ",
+            sweep.spearman_rho,
+            sweep.spearman_ci,
+            sweep.spearman_p_holm,
+            "#d62728",
+            "rgba(214,39,40,0.15)",
+        ),
     )
     for name, values, ci, p_holm, color, fill in series:
         if np.isfinite(ci).all():
@@ -269,18 +370,33 @@ def sweep_curve(sweep: LayerSweep, *, alpha: float = 0.05, title: str | None = N
                 },
                 name=f"{name} (filled: Holm p < {alpha})",
                 customdata=np.column_stack([p_holm]),
-                hovertemplate="layer %{x}<br>%{y:.3f}<br>Holm p = %{customdata[0]:.3g}<extra></extra>",
+                hovertemplate="layer %{x}<br>%{y:.3f}<br>"
+                "Holm p = %{customdata[0]:.3g}<extra></extra>",
             )
         )
     fig.add_hline(y=0, line={"color": "#999", "width": 1})
-    fig.add_vline(x=sweep.best_layer, line={"color": "#555", "dash": "dot"}, annotation_text=f"strongest: {sweep.best_layer}")
+    fig.add_vline(
+        x=sweep.best_layer,
+        line={"color": "#555", "dash": "dot"},
+        annotation_text=f"strongest: {sweep.best_layer}",
+    )
     if sweep.primary_layer is not None:
-        fig.add_vline(x=sweep.primary_layer, line={"color": "#2ca02c", "width": 2}, annotation_text=f"primary: {sweep.primary_layer}", annotation_position="bottom right")
+        fig.add_vline(
+            x=sweep.primary_layer,
+            line={"color": "#2ca02c", "width": 2},
+            annotation_text=f"primary: {sweep.primary_layer}",
+            annotation_position="bottom right",
+        )
     p_text = f"; max-over-layers p = {sweep.max_statistic_p:.3g}" if sweep.n_permutations else ""
     step = max(1, math.ceil((int(layers.max()) - int(layers.min()) + 1) / 16))
     fig.update_layout(
         title={"text": title or f"Layer sweep over {sweep.n_personas} personas{p_text}"},
-        xaxis={"title": {"text": "layer (block output)"}, "tickmode": "linear", "tick0": int(layers.min()), "dtick": step},
+        xaxis={
+            "title": {"text": "layer (block output)"},
+            "tickmode": "linear",
+            "tick0": int(layers.min()),
+            "dtick": step,
+        },
         yaxis={"title": {"text": "correlation with source rate"}, "range": [-1.05, 1.05]},
         template="plotly_white",
         width=_WIDTH,
@@ -292,7 +408,10 @@ def sweep_curve(sweep: LayerSweep, *, alpha: float = 0.05, title: str | None = N
 
 # --- the heatmaps -----------------------------------------------------------------------------
 def _pairwise_arrays(
-    pairwise: PairwiseCosine | np.ndarray, personas: Sequence[str] | None, layers: Sequence[int] | None, func: str
+    pairwise: PairwiseCosine | np.ndarray,
+    personas: Sequence[str] | None,
+    layers: Sequence[int] | None,
+    func: str,
 ) -> tuple[np.ndarray, list[str], list[int], bool]:
     if isinstance(pairwise, PairwiseCosine):
         values = pairwise.values.detach().cpu().double().numpy()
@@ -303,11 +422,18 @@ def _pairwise_arrays(
         values = np.asarray(pairwise, dtype=np.float64)
         if values.ndim != 3 or values.shape[1] != values.shape[2]:
             invalid("pairwise", func, "shaped [layer, persona, persona]", values.shape)
-        personas = [f"persona_{i}" for i in range(values.shape[1])] if personas is None else list(personas)
+        personas = (
+            [f"persona_{i}" for i in range(values.shape[1])] if personas is None else list(personas)
+        )
         layers = list(range(values.shape[0])) if layers is None else list(layers)
         centered = True
     if len(personas) != values.shape[1] or len(layers) != values.shape[0]:
-        invalid("personas", func, f"{values.shape[1]} names and {values.shape[0]} layers, as the values", (len(personas), len(layers)))
+        invalid(
+            "personas",
+            func,
+            f"{values.shape[1]} names and {values.shape[0]} layers, as the values",
+            (len(personas), len(layers)),
+        )
     return values, personas, layers, centered
 
 
@@ -337,7 +463,9 @@ def cosine_heatmap(
     off-diagonal range, symmetric around 0, so structure between personas shows. The title and
     the colour bar change with the slider.
     """
-    values, personas, layers, centered = _pairwise_arrays(pairwise, personas, layers, "cosine_heatmap")
+    values, personas, layers, centered = _pairwise_arrays(
+        pairwise, personas, layers, "cosine_heatmap"
+    )
     what = "centered cosine" if centered else "cosine"
     title = title or f"Pairwise {what} of persona centroids"
     longest = max(len(p) for p in personas)
@@ -368,7 +496,10 @@ def cosine_heatmap(
             "method": "update",
             "label": str(layer),
             # plotly.js reads a layout title only from title.text; {"title": str} is ignored.
-            "args": [{"visible": [j == k for j in range(len(layers))]}, {"title.text": f"{title}, layer {layer}"}],
+            "args": [
+                {"visible": [j == k for j in range(len(layers))]},
+                {"title.text": f"{title}, layer {layer}"},
+            ],
         }
         for k, layer in enumerate(layers)
     ]
@@ -397,14 +528,18 @@ def cosine_heatmap(
     return fig
 
 
-def default_grid_layers(layers: Sequence[int], primary: int | None = None, count: int = 6) -> list[int]:
+def default_grid_layers(
+    layers: Sequence[int], primary: int | None = None, count: int = 6
+) -> list[int]:
     """Returns up to ``count`` evenly spaced layers of ``layers``, always with ``primary``."""
     layers = list(layers)
     if len(layers) <= count:
         return layers
     picked = {layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)}
     if primary is not None and primary in layers and primary not in picked:
-        picked.discard(min(picked - {layers[0], layers[-1]}, key=lambda v: abs(v - primary), default=layers[1]))
+        picked.discard(
+            min(picked - {layers[0], layers[-1]}, key=lambda v: abs(v - primary), default=layers[1])
+        )
         picked.add(primary)
     return sorted(picked)
 
@@ -431,7 +566,9 @@ def cosine_heatmap_grid(
     """
     from plotly.subplots import make_subplots
 
-    values, names, all_layers, centered = _pairwise_arrays(pairwise, personas, None, "cosine_heatmap_grid")
+    values, names, all_layers, centered = _pairwise_arrays(
+        pairwise, personas, None, "cosine_heatmap_grid"
+    )
     chosen = default_grid_layers(all_layers) if layers is None else list(layers)
     for layer in chosen:
         if layer not in all_layers:
@@ -444,7 +581,11 @@ def cosine_heatmap_grid(
     what = "centered cosine" if centered else "cosine"
     lim = _off_diagonal_limit(values[idx])
     fig = make_subplots(
-        rows=rows, cols=columns, subplot_titles=[f"layer {layer}" for layer in chosen], horizontal_spacing=0.03, vertical_spacing=0.06
+        rows=rows,
+        cols=columns,
+        subplot_titles=[f"layer {layer}" for layer in chosen],
+        horizontal_spacing=0.03,
+        vertical_spacing=0.06,
     )
     for j, k in enumerate(idx):
         fig.add_trace(
@@ -470,7 +611,13 @@ def cosine_heatmap_grid(
         fig.update_yaxes(showticklabels=True, row=r, col=1)
     fig.update_layout(
         title={"text": title or f"Pairwise {what} of persona centroids"},
-        coloraxis={"colorscale": "RdBu", "reversescale": True, "cmin": -lim, "cmax": lim, "colorbar": {"title": {"text": what}}},
+        coloraxis={
+            "colorscale": "RdBu",
+            "reversescale": True,
+            "cmin": -lim,
+            "cmax": lim,
+            "colorbar": {"title": {"text": what}},
+        },
         template="plotly_white",
         width=columns * panel + 6 * longest + 160,
         height=rows * panel + 6 * longest + 120,
@@ -485,7 +632,8 @@ _static_ok: bool = False
 
 
 def check_static_export(formats: Sequence[str] = ("png",)) -> None:
-    """Returns None when kaleido and a Chromium can write ``formats``; raises otherwise, in one line.
+    """Returns None when kaleido and a Chromium can write ``formats``; raises otherwise, in one
+    line.
 
     Call it before writing anything, so a missing extra fails a run before it has written half
     its files. HTML needs neither; the check renders one blank image once per process.
@@ -502,7 +650,8 @@ def check_static_export(formats: Sequence[str] = ("png",)) -> None:
         import kaleido  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            f"Static figures ({', '.join(static)}) need kaleido: pip install 'persona-geometry[figures]', and a Chromium "
+            f"Static figures ({', '.join(static)}) need kaleido: pip install "
+            "'persona-geometry[figures]', and a Chromium "
             "(Debian: apt install chromium). Write .html figures instead to need neither."
         ) from e
     try:
@@ -510,7 +659,8 @@ def check_static_export(formats: Sequence[str] = ("png",)) -> None:
     except Exception as e:  # kaleido reports a missing browser with several exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeError(
-            f"kaleido (the 'figures' extra) could not start a Chromium ({first}): on Debian apt install chromium, "
+            f"kaleido (the 'figures' extra) could not start a Chromium ({first}): on Debian apt "
+            "install chromium, "
             "or run `plotly_get_chrome`. Write .html figures instead to need neither."
         ) from e
     _static_ok = True
@@ -522,7 +672,11 @@ def _write_plotlyjs(folder: Path) -> Path:
 
     path = folder / _PLOTLYJS_FILE
     text = get_plotlyjs()
-    if not path.is_file() or path.stat().st_size != len(text.encode()) or path.read_text(encoding="utf-8") != text:
+    if (
+        not path.is_file()
+        or path.stat().st_size != len(text.encode())
+        or path.read_text(encoding="utf-8") != text
+    ):
         atomic_write_text(path, text)
     return path
 
@@ -563,14 +717,23 @@ def write_figure(
         log.info("writing figure %s", path)
         return atomic_write_text(path, fig.to_html(include_plotlyjs=include, full_html=True))
     if suffix not in STATIC_FORMATS:
-        invalid("path", "write_figure", f"a file ending in .html or one of {['.' + s for s in STATIC_FORMATS]}", str(path))
+        invalid(
+            "path",
+            "write_figure",
+            f"a file ending in .html or one of {['.' + s for s in STATIC_FORMATS]}",
+            str(path),
+        )
     check_static_export([suffix])
     w = width or fig.layout.width or _WIDTH
     h = height or fig.layout.height or _HEIGHT
     try:
-        image = fig.to_image(format="jpeg" if suffix == "jpg" else suffix, width=w, height=h, scale=scale)
+        image = fig.to_image(
+            format="jpeg" if suffix == "jpg" else suffix, width=w, height=h, scale=scale
+        )
     except Exception as e:
-        raise RuntimeError(f"kaleido could not render {path.name} ({type(e).__name__}: {e}).") from e
+        raise RuntimeError(
+            f"kaleido could not render {path.name} ({type(e).__name__}: {e})."
+        ) from e
     with atomic_path(path) as tmp:
         tmp.write_bytes(image)
     log.info("wrote figure %s", path)
@@ -601,7 +764,14 @@ def write_figures(
     with _kaleido_server(bool(static)):
         for name, fig in figures.items():
             for fmt in formats:
-                written[f"{name}.{fmt}"] = write_figure(fig, folder / f"{name}.{fmt}", width=width, height=height, scale=scale, plotlyjs=plotlyjs)
+                written[f"{name}.{fmt}"] = write_figure(
+                    fig,
+                    folder / f"{name}.{fmt}",
+                    width=width,
+                    height=height,
+                    scale=scale,
+                    plotlyjs=plotlyjs,
+                )
     return written
 
 
@@ -617,8 +787,9 @@ def _kaleido_server(needed: bool) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             # plotly passes its own kaleido options on every call; the shared server ignores them.
-            warnings.filterwarnings("ignore", message="The kopts argument is ignored", category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message="The kopts argument is ignored", category=UserWarning
+            )
             yield
     finally:
         kaleido.stop_sync_server(silence_warnings=True)
-

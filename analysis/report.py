@@ -68,14 +68,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def robustness_markdown(result: Robustness, sweep: LayerSweep | None = None, *, title: str | None = None) -> str:
-    """Returns a Markdown write-up: headline table, per-layer statistics (with a sweep), robustness table."""
+def robustness_markdown(
+    result: Robustness, sweep: LayerSweep | None = None, *, title: str | None = None
+) -> str:
+    """Returns a Markdown write-up: headline table, per-layer statistics (with a sweep), robustness
+    table."""
     c = result.correlation
     where = f" at layer {result.layer}" if result.layer is not None else ""
     parts = [f"# {title or 'Persona geometry vs source rate'}", ""]
     parts.append(
         f"Across **{c.n} personas**{where}, the source rate correlates with {result.x_name}: "
-        f"Pearson r = {c.pearson_r:+.3f} (p = {_fmt_p(c.pearson_p)}), Spearman ρ = {c.spearman_rho:+.3f} "
+        f"Pearson r = {c.pearson_r:+.3f} (p = {_fmt_p(c.pearson_p)}), Spearman ρ = "
+        f"{c.spearman_rho:+.3f} "
         f"(p = {_fmt_p(c.spearman_p)})."
     )
     if sweep is not None:
@@ -88,10 +92,37 @@ def robustness_markdown(result: Robustness, sweep: LayerSweep | None = None, *, 
     for i in order:
         p = result.personas[i]
         lo, hi = result.wilson.get(p, (math.nan, math.nan))
-        counts = "—" if result.k is None or result.n is None else f"{int(result.k[i])}/{int(result.n[i])}"
+        counts = (
+            "—"
+            if result.k is None or result.n is None
+            else f"{int(result.k[i])}/{int(result.n[i])}"
+        )
         role = "held out" if p in held else ("reference" if p == result.reference else "")
-        rows.append([p, _fmt(result.x[i]), _fmt(result.rate[i]), counts, f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) else "—", result.categories[i], role])
-    parts.append(_table(["persona", result.x_name, "rate", "k/n", f"Wilson {round(100 * (1 - result.alpha))}% CI", "category", "role"], rows))
+        rows.append(
+            [
+                p,
+                _fmt(result.x[i]),
+                _fmt(result.rate[i]),
+                counts,
+                f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) else "—",
+                result.categories[i],
+                role,
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "persona",
+                result.x_name,
+                "rate",
+                "k/n",
+                f"Wilson {round(100 * (1 - result.alpha))}% CI",
+                "category",
+                "role",
+            ],
+            rows,
+        )
+    )
     if sweep is not None:
         parts += ["", "## Per-layer statistics", "", sweep_markdown(sweep, heading=False)]
     parts += ["", "## Robustness", "", _table(["check", "result"], _robustness_rows(result))]
@@ -100,12 +131,20 @@ def robustness_markdown(result: Robustness, sweep: LayerSweep | None = None, *, 
 
 def _robustness_rows(result: Robustness) -> list[list[str]]:
     fit = result.fit
-    rows = [[f"OLS fit (n = {fit.n})", f"rate = {fit.intercept:.3f} {fit.slope:+.3f} × {result.x_name}; R² = {fit.r2:.3f}; slope p = {_fmt_p(fit.slope_p)}"]]
+    rows = [
+        [
+            f"OLS fit (n = {fit.n})",
+            f"rate = {fit.intercept:.3f} {fit.slope:+.3f} × {result.x_name}; R² = {fit.r2:.3f}; "
+            f"slope p = {_fmt_p(fit.slope_p)}",
+        ]
+    ]
     for h in result.holdout:
         rows.append(
             [
                 f"held out: {h.persona}",
-                f"observed {h.observed:.3f}, predicted {h.predicted:.3f}, {round(100 * (1 - result.alpha))}% PI [{h.pi_lower:.3f}, {h.pi_upper:.3f}] → {'inside' if h.inside else '**outside**'}",
+                f"observed {h.observed:.3f}, predicted {h.predicted:.3f}, "
+                f"{round(100 * (1 - result.alpha))}% PI [{h.pi_lower:.3f}, {h.pi_upper:.3f}] → "
+                f"{'inside' if h.inside else '**outside**'}",
             ]
         )
     loo = result.loo_coverage
@@ -115,23 +154,49 @@ def _robustness_rows(result: Robustness) -> list[list[str]]:
     rows.append(
         [
             "Cook's distance",
-            f"threshold 4/N = {inf.threshold:.3f}; above: {', '.join(inf.influential) or 'none'}; largest: {inf.most_influential} ({inf.cooks_distance.max():.3f})",
+            f"threshold 4/N = {inf.threshold:.3f}; above: {', '.join(inf.influential) or 'none'}; "
+            f"largest: {inf.most_influential} ({inf.cooks_distance.max():.3f})",
         ]
     )
     w = inf.without_most_influential
-    rows.append([f"without {inf.most_influential} (n = {w.n})", f"r = {_fmt(w.pearson_r)} (p = {_fmt_p(w.pearson_p)}), ρ = {_fmt(w.spearman_rho)} (p = {_fmt_p(w.spearman_p)})"])
+    rows.append(
+        [
+            f"without {inf.most_influential} (n = {w.n})",
+            f"r = {_fmt(w.pearson_r)} (p = {_fmt_p(w.pearson_p)}), ρ = {_fmt(w.spearman_rho)} (p = "
+            f"{_fmt_p(w.spearman_p)})",
+        ]
+    )
     if result.partial_spearman is not None:
         ps = result.partial_spearman
-        rows.append([f"partial Spearman | {ps.covariate}", f"ρ = {_fmt(ps.rho)} (p = {_fmt_p(ps.p)}), VIF = {_fmt(ps.vif, 2)}"])
+        rows.append(
+            [
+                f"partial Spearman | {ps.covariate}",
+                f"ρ = {_fmt(ps.rho)} (p = {_fmt_p(ps.p)}), VIF = {_fmt(ps.vif, 2)}",
+            ]
+        )
     if result.without_reference is not None:
         wr = result.without_reference
-        rows.append([f"without reference {result.reference} (n = {wr.n})", f"r = {_fmt(wr.pearson_r)} (p = {_fmt_p(wr.pearson_p)}), ρ = {_fmt(wr.spearman_rho)} (p = {_fmt_p(wr.spearman_p)})"])
+        rows.append(
+            [
+                f"without reference {result.reference} (n = {wr.n})",
+                f"r = {_fmt(wr.pearson_r)} (p = {_fmt_p(wr.pearson_p)}), ρ = "
+                f"{_fmt(wr.spearman_rho)} (p = {_fmt_p(wr.spearman_p)})",
+            ]
+        )
     for cat in result.within_category:
         if cat.correlation is None:
-            rows.append([f"within {cat.category} (n = {len(cat.personas)})", f"skipped: {cat.skipped}"])
+            rows.append(
+                [f"within {cat.category} (n = {len(cat.personas)})", f"skipped: {cat.skipped}"]
+            )
         else:
             cc = cat.correlation
-            rows.append([f"within {cat.category} (n = {cc.n})", f"r = {_fmt(cc.pearson_r)} (p = {_fmt_p(cc.pearson_p)}), ρ = {_fmt(cc.spearman_rho)} (p = {_fmt_p(cc.spearman_p)})"])
+            rows.append(
+                [
+                    f"within {cat.category} (n = {cc.n})",
+                    f"r = {_fmt(cc.pearson_r)} (p = {_fmt_p(cc.pearson_p)}), ρ = "
+                    f"{_fmt(cc.spearman_rho)} (p = {_fmt_p(cc.spearman_p)})",
+                ]
+            )
     return rows
 
 
@@ -139,7 +204,9 @@ def sweep_markdown(sweep: LayerSweep, *, heading: bool = True) -> str:
     """Returns the per-layer statistics table (strongest layer marked *, primary layer †)."""
     rows = []
     for j, layer in enumerate(sweep.layers):
-        mark = ("*" if layer == sweep.best_layer else "") + ("†" if layer == sweep.primary_layer else "")
+        mark = ("*" if layer == sweep.best_layer else "") + (
+            "†" if layer == sweep.primary_layer else ""
+        )
         rows.append(
             [
                 f"{layer}{mark}",
@@ -154,11 +221,15 @@ def sweep_markdown(sweep: LayerSweep, *, heading: bool = True) -> str:
                 _fmt_p(sweep.p_maxt[j]),
             ]
         )
-    table = _table(["layer", "r", "p", "p (Holm)", "r CI", "ρ", "p", "p (Holm)", "ρ CI", "p (max-T)"], rows)
+    table = _table(
+        ["layer", "r", "p", "p (Holm)", "r CI", "ρ", "p", "p (Holm)", "ρ CI", "p (max-T)"], rows
+    )
     note = (
         f"\n\n\\* strongest layer by |{sweep.statistic}|; † pre-declared primary layer. "
-        f"CIs: {round(100 * sweep.confidence)}% bootstrap over personas ({sweep.n_bootstrap} resamples); "
-        f"max-T: permutation p adjusted for the choice among {len(sweep.layers)} layers ({sweep.n_permutations} permutations)."
+        f"CIs: {round(100 * sweep.confidence)}% bootstrap over personas ({sweep.n_bootstrap} "
+        "resamples); "
+        f"max-T: permutation p adjusted for the choice among {len(sweep.layers)} layers "
+        f"({sweep.n_permutations} permutations)."
     )
     head = f"# Layer sweep\n\n{sweep.summary()}\n\n" if heading else ""
     return head + table + note + "\n"
@@ -186,7 +257,8 @@ def write_analysis(
     sweep: LayerSweep | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Writes the requested files (JSON in ``SCHEMA``, Markdown, hero figure) and returns their paths.
+    """Writes the requested files (JSON in ``SCHEMA``, Markdown, hero figure) and returns their
+    paths.
 
     Raises:
         ImportError, RuntimeError: Before anything is written, when the figure is a static image
@@ -199,7 +271,9 @@ def write_analysis(
     written: dict[str, Path] = {}
     if json_path is not None:
         payload = result.to_dict()
-        payload["provenance"] = provenance or _provenance("persona_geometry.analysis.write_analysis", None, {})
+        payload["provenance"] = provenance or _provenance(
+            "persona_geometry.analysis.write_analysis", None, {}
+        )
         written["json"] = atomic_write_json(json_path, payload)
     if markdown_path is not None:
         written["markdown"] = atomic_write_text(markdown_path, robustness_markdown(result, sweep))
@@ -236,9 +310,19 @@ def analyze_table(
     See ``persona_geometry.analysis.analyze`` for the arguments; the three paths are optional.
     """
     arguments = dict(
-        x=x, k=k, n=n, rate=rate, persona=persona, category=category, covariate=covariate,
-        holdout=list(holdout or []), reference=reference, exclude_reference=exclude_reference, seed_column=seed_column, layer=layer,
-    )  # fmt: skip
+        x=x,
+        k=k,
+        n=n,
+        rate=rate,
+        persona=persona,
+        category=category,
+        covariate=covariate,
+        holdout=list(holdout or []),
+        reference=reference,
+        exclude_reference=exclude_reference,
+        seed_column=seed_column,
+        layer=layer,
+    )
     result = analyze(table, **arguments)
     write_analysis(
         result,
@@ -274,7 +358,12 @@ def read_sweep_table(
     frame = read_table(table, func)
     layout = check_one_of(layout, "layout", func, TABLE_LAYOUTS)
     if (k is None) != (n is None) or (rate is None) == (k is None):
-        invalid("k", func, "given with n (raw counts), or rate given instead", {"k": k, "n": n, "rate": rate})
+        invalid(
+            "k",
+            func,
+            "given with n (raw counts), or rate given instead",
+            {"k": k, "n": n, "rate": rate},
+        )
     needed = {"persona": persona, "k": k, "n": n, "rate": rate}
     if layout == "auto":
         layout = "long" if layer in frame.columns and cosine in frame.columns else "wide"
@@ -306,25 +395,54 @@ def read_sweep_table(
             invalid("table", func, "a cosine for every (persona, layer)", f"none for {missing[:5]}")
         per = frame.groupby(persona, sort=False)[value_cols].nunique()
         if (per > 1).any().any():
-            invalid("table", func, f"the same {'/'.join(value_cols)} on every layer's row of a persona", per[(per > 1).any(axis=1)].index.tolist())
+            invalid(
+                "table",
+                func,
+                f"the same {'/'.join(value_cols)} on every layer's row of a persona",
+                per[(per > 1).any(axis=1)].index.tolist(),
+            )
         per_persona = frame.drop_duplicates(persona).set_index(persona).loc[wide.index]
     else:
         if frame[persona].duplicated().any():
-            invalid("table", func, "one row per persona in a wide table", f"{frame.loc[frame[persona].duplicated(), persona].tolist()} more than once")
+            invalid(
+                "table",
+                func,
+                "one row per persona in a wide table",
+                f"{frame.loc[frame[persona].duplicated(), persona].tolist()} more than once",
+            )
         try:
             pattern = re.compile(layer_pattern)
         except re.error as e:
-            raise ValueError(f"The 'layer_pattern' parameter of {func} must be a regular expression with one group. Got {layer_pattern!r} ({e}) instead.") from e
+            raise ValueError(
+                f"The 'layer_pattern' parameter of {func} must be a regular expression with one "
+                f"group. Got {layer_pattern!r} ({e}) instead."
+            ) from e
         if pattern.groups != 1:
-            invalid("layer_pattern", func, "a regular expression with exactly one group (the layer index)", layer_pattern)
+            invalid(
+                "layer_pattern",
+                func,
+                "a regular expression with exactly one group (the layer index)",
+                layer_pattern,
+            )
         layer_cols = {c: int(m.group(1)) for c in frame.columns if (m := pattern.match(str(c)))}
         if not layer_cols:
-            invalid("table", func, f"layer columns matching {layer_pattern!r} (or a long table with {layer!r} and {cosine!r})", list(map(str, frame.columns)))
+            invalid(
+                "table",
+                func,
+                f"layer columns matching {layer_pattern!r} (or a long table with {layer!r} and "
+                f"{cosine!r})",
+                list(map(str, frame.columns)),
+            )
         per_persona = frame.set_index(persona)
         wide = per_persona[list(layer_cols)].apply(pd.to_numeric, errors="coerce")
         wide.columns = list(layer_cols.values())
         if wide.isna().any().any():
-            invalid("table", func, "numeric cosines in every layer column", "missing or non-numeric values")
+            invalid(
+                "table",
+                func,
+                "numeric cosines in every layer column",
+                "missing or non-numeric values",
+            )
         if len(set(wide.columns)) != len(wide.columns):
             invalid("table", func, "one column per layer", list(layer_cols))
         wide = wide[sorted(wide.columns)]
@@ -359,7 +477,8 @@ def sweep_table(
     markdown_path: str | os.PathLike[str] | None = None,
     figure_path: str | os.PathLike[str] | None = None,
 ) -> LayerSweep:
-    """Returns the layer sweep of a table (see ``read_sweep_table``) after writing the requested files.
+    """Returns the layer sweep of a table (see ``read_sweep_table``) after writing the requested
+    files.
 
     The CSV is ``LayerSweep.to_frame()`` (one row per layer); the JSON is ``LayerSweep.to_dict()``
     plus ``provenance``; the figure is the sweep curve.
@@ -369,7 +488,15 @@ def sweep_table(
     if figure_path is not None:
         check_static_export([Path(figure_path).suffix])
     wide, values = read_sweep_table(
-        table, persona=persona, k=k, n=n, rate=rate, layout=layout, layer=layer, cosine=cosine, layer_pattern=layer_pattern
+        table,
+        persona=persona,
+        k=k,
+        n=n,
+        rate=rate,
+        layout=layout,
+        layer=layer,
+        cosine=cosine,
+        layer_pattern=layer_pattern,
     )
     result = layer_sweep(
         wide.to_numpy(),
@@ -387,25 +514,47 @@ def sweep_table(
         seed=seed,
     )
     arguments = dict(
-        persona=persona, k=k, n=n, rate=rate, layout=layout, layer=layer, cosine=cosine, layer_pattern=layer_pattern,
+        persona=persona,
+        k=k,
+        n=n,
+        rate=rate,
+        layout=layout,
+        layer=layer,
+        cosine=cosine,
+        layer_pattern=layer_pattern,
         exclude=list(exclude or []),
-        reference=reference, primary_layer=primary_layer, statistic=statistic, n_permutations=n_permutations,
-        n_bootstrap=n_bootstrap, seed=seed,
-    )  # fmt: skip
+        reference=reference,
+        primary_layer=primary_layer,
+        statistic=statistic,
+        n_permutations=n_permutations,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+    )
     if csv_path is not None:
         from persona_geometry._io import atomic_path
 
         with atomic_path(csv_path) as tmp:
             result.to_frame().to_csv(tmp, index=False)
     if json_path is not None:
-        atomic_write_json(json_path, {**result.to_dict(), "provenance": _provenance("persona-geometry sweep", table, arguments)})
+        atomic_write_json(
+            json_path,
+            {
+                **result.to_dict(),
+                "provenance": _provenance("persona-geometry sweep", table, arguments),
+            },
+        )
     if markdown_path is not None:
         atomic_write_text(markdown_path, sweep_markdown(result))
     if figure_path is not None:
         from persona_geometry.analysis.figures import sweep_curve, write_figure
 
         write_figure(sweep_curve(result), figure_path)
-    for kind, path in (("csv", csv_path), ("json", json_path), ("markdown", markdown_path), ("figure", figure_path)):
+    for kind, path in (
+        ("csv", csv_path),
+        ("json", json_path),
+        ("markdown", markdown_path),
+        ("figure", figure_path),
+    ):
         if path is not None:
             log.info("wrote %s %s", kind, path)
     return result

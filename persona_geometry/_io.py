@@ -72,19 +72,34 @@ def check_replaceable(
         # Fail now, not after the work: the nearest existing folder must take new entries.
         parent = next(p for p in path.absolute().parents if p.exists())
         if not os.access(parent, os.W_OK):
-            invalid(param, func, "a path in a writable folder", f"{path} ({parent} is read-only)", exc=PermissionError)
+            invalid(
+                param,
+                func,
+                "a path in a writable folder",
+                f"{path} ({parent} is read-only)",
+                exc=PermissionError,
+            )
         return path
     if path.is_symlink() or not path.is_dir():
-        invalid(param, func, "a folder path (it holds a file or a link)", str(path), exc=FileExistsError)
+        invalid(
+            param, func, "a folder path (it holds a file or a link)", str(path), exc=FileExistsError
+        )
     resolved = path.resolve()
     if resolved == Path(resolved.anchor) or Path.cwd().resolve().is_relative_to(resolved):
-        invalid(param, func, "a folder other than the working directory and the folders above it", str(path), exc=FileExistsError)
+        invalid(
+            param,
+            func,
+            "a folder other than the working directory and the folders above it",
+            str(path),
+            exc=FileExistsError,
+        )
     if overwrite or not any(path.iterdir()) or (owned is not None and owned(path)):
         return path
     invalid(
         param,
         func,
-        "a new or empty folder, or one the toolkit wrote (pass overwrite to replace another folder)",
+        "a new or empty folder, or one the toolkit wrote (pass overwrite to replace another "
+        "folder)",
         f"{path}, which holds files the toolkit did not write",
         exc=FileExistsError,
     )
@@ -182,12 +197,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return Path(path)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, default: Callable[[Any], Any] | None = None) -> Path:
+def atomic_write_json(
+    path: str | os.PathLike[str], obj: Any, *, default: Callable[[Any], Any] | None = None
+) -> Path:
     """Writes ``obj`` as indented JSON to ``path`` atomically and returns the path."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=default) + "\n")
+    return atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=False, default=default) + "\n"
+    )
 
 
-def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> Path:
+def atomic_write_jsonl(
+    path: str | os.PathLike[str], rows: Iterator[dict[str, Any]] | list[dict[str, Any]]
+) -> Path:
     """Writes one JSON object per line to ``path`` atomically and returns the path."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:

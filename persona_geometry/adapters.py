@@ -16,7 +16,14 @@ from typing import Any
 from persona_geometry._validation import invalid
 from persona_geometry.provenance import stable_hash
 
-__all__ = ["ADAPTER_INFO_FILE", "ARCHITECTURE_KEYS", "architecture_fields", "architecture_fingerprint", "read_adapter_info", "check_adapter_matches"]
+__all__ = [
+    "ADAPTER_INFO_FILE",
+    "ARCHITECTURE_KEYS",
+    "architecture_fields",
+    "architecture_fingerprint",
+    "read_adapter_info",
+    "check_adapter_matches",
+]
 
 # Written by persona_geometry.training next to peft's adapter_config.json.
 ADAPTER_INFO_FILE = "persona_geometry_adapter.json"
@@ -35,7 +42,8 @@ ARCHITECTURE_KEYS: tuple[str, ...] = (
 
 
 def architecture_fields(config: Any) -> dict[str, Any]:
-    """Returns the ``ARCHITECTURE_KEYS`` of a model config (a transformers config or a ``config.json`` dict).
+    """Returns the ``ARCHITECTURE_KEYS`` of a model config (a transformers config or a
+    ``config.json`` dict).
 
     For a multimodal config the text model's fields are read, falling back to the top level.
     """
@@ -54,7 +62,9 @@ def architecture_fingerprint(model: str | os.PathLike[str]) -> dict[str, Any]:
     return {"fields": fields, "hash": stable_hash(fields)}
 
 
-def read_adapter_info(adapter: str | os.PathLike[str], *, func: str = "read_adapter_info") -> dict[str, Any]:
+def read_adapter_info(
+    adapter: str | os.PathLike[str], *, func: str = "read_adapter_info"
+) -> dict[str, Any]:
     """Returns what persona-geometry recorded about an adapter (source, marker, base), or ``{}``.
 
     Raises:
@@ -62,12 +72,16 @@ def read_adapter_info(adapter: str | os.PathLike[str], *, func: str = "read_adap
     """
     path = Path(adapter)
     if not (path / "adapter_config.json").is_file():
-        invalid("adapter", func, "a folder holding a peft adapter (adapter_config.json)", str(adapter))
+        invalid(
+            "adapter", func, "a folder holding a peft adapter (adapter_config.json)", str(adapter)
+        )
     info_path = path / ADAPTER_INFO_FILE
     return json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
 
 
-def check_adapter_matches(model: str | os.PathLike[str], adapter: str | os.PathLike[str], *, func: str) -> None:
+def check_adapter_matches(
+    model: str | os.PathLike[str], adapter: str | os.PathLike[str], *, func: str
+) -> None:
     """Raises ``ValueError`` if the adapter was not trained on a model shaped like ``model``.
 
     Two checks: the architecture fingerprint persona-geometry stored at training time (when the
@@ -83,7 +97,8 @@ def check_adapter_matches(model: str | os.PathLike[str], adapter: str | os.PathL
             if stored["fields"].get(k) != current["fields"].get(k)
         }
         raise ValueError(
-            f"The 'adapter' parameter of {func} must be an adapter trained on this model's architecture. "
+            f"The 'adapter' parameter of {func} must be an adapter trained on this model's "
+            "architecture. "
             f"Got {str(adapter)!r}, trained on {info.get('base_model')!r}; differing config fields "
             f"(adapter's base, this model): {differing}."
         )
@@ -93,13 +108,19 @@ def check_adapter_matches(model: str | os.PathLike[str], adapter: str | os.PathL
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
-def _check_lora_shapes(adapter: str | os.PathLike[str], fields: dict[str, Any], *, func: str) -> None:
+def _check_lora_shapes(
+    adapter: str | os.PathLike[str], fields: dict[str, Any], *, func: str
+) -> None:
     from safetensors import safe_open
 
     weights = Path(adapter) / "adapter_model.safetensors"
     if not weights.is_file():
         invalid("adapter", func, "a folder with adapter_model.safetensors", str(adapter))
-    hidden, inter, n_layers = fields.get("hidden_size"), fields.get("intermediate_size"), fields.get("num_hidden_layers")
+    hidden, inter, n_layers = (
+        fields.get("hidden_size"),
+        fields.get("intermediate_size"),
+        fields.get("num_hidden_layers"),
+    )
     # in_features of lora_A per projection: everything but down_proj reads the residual stream.
     expected_in = {
         "q_proj": hidden,
@@ -114,7 +135,8 @@ def _check_lora_shapes(adapter: str | os.PathLike[str], fields: dict[str, Any], 
             layer = _LAYER_RE.search(key)
             if layer and n_layers is not None and int(layer.group(1)) >= n_layers:
                 raise ValueError(
-                    f"The 'adapter' parameter of {func} must be an adapter for a model with {n_layers} layers. "
+                    f"The 'adapter' parameter of {func} must be an adapter for a model with "
+                    f"{n_layers} layers. "
                     f"Got {str(adapter)!r}, which has weights for layer {layer.group(1)}."
                 )
             if "lora_A" not in key:
@@ -124,7 +146,9 @@ def _check_lora_shapes(adapter: str | os.PathLike[str], fields: dict[str, Any], 
                     got = f.get_slice(key).get_shape()[-1]
                     if got != size:
                         raise ValueError(
-                            f"The 'adapter' parameter of {func} must be an adapter whose {proj} input size is "
-                            f"{size}, as in this model. Got {str(adapter)!r}, whose {proj} input size is {got}: "
+                            f"The 'adapter' parameter of {func} must be an adapter whose {proj} "
+                            "input size is "
+                            f"{size}, as in this model. Got {str(adapter)!r}, whose {proj} input "
+                            f"size is {got}: "
                             "it was trained on a different base model."
                         )

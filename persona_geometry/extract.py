@@ -61,7 +61,13 @@ from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions
 from persona_geometry.settings import ENGINES
 
-__all__ = ["DEFAULT_MAX_MEMORY_GIB", "ENGINES", "FORWARD_PATHS", "extract_activations", "plan_batches"]
+__all__ = [
+    "DEFAULT_MAX_MEMORY_GIB",
+    "ENGINES",
+    "FORWARD_PATHS",
+    "extract_activations",
+    "plan_batches",
+]
 
 log = logging.getLogger(__name__)
 
@@ -184,19 +190,41 @@ def extract_activations(
     if distributed.world_size() > 1 and distributed.init_process_group():
         # Under torchrun: persona blocks across the ranks, gathered on every rank (distributed.py).
         return distributed.extract_across_ranks(
-            extract_activations, model, _check_personas(personas), _check_questions(questions), hooks=hooks,
-            layers=layers, engine=engine, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
-            chunk_prompts=chunk_prompts, chat_template=chat_template, cache_dir=cache_dir,
-            layer_template=layer_template, dtype=dtype, device=device, share_prefix=share_prefix, pack=pack,
-            max_memory_gib=max_memory_gib, compile_blocks=compile_blocks, progress=progress,
-        )  # fmt: skip
+            extract_activations,
+            model,
+            _check_personas(personas),
+            _check_questions(questions),
+            hooks=hooks,
+            layers=layers,
+            engine=engine,
+            batch_tokens=batch_tokens,
+            max_batch_size=max_batch_size,
+            chunk_prompts=chunk_prompts,
+            chat_template=chat_template,
+            cache_dir=cache_dir,
+            layer_template=layer_template,
+            dtype=dtype,
+            device=device,
+            share_prefix=share_prefix,
+            pack=pack,
+            max_memory_gib=max_memory_gib,
+            compile_blocks=compile_blocks,
+            progress=progress,
+        )
     req = _validate(
         model, personas, questions, hooks=hooks, engine=engine, batch_tokens=batch_tokens,
         max_batch_size=max_batch_size, chunk_prompts=chunk_prompts, dtype=dtype, device=device,
         pack=pack, max_memory_gib=max_memory_gib, compile_blocks=compile_blocks,
     )  # fmt: skip
-    prompts = render_prompts(req.tokenizer, req.personas, req.questions, chat_template=chat_template_of(req.tokenizer, chat_template, func=_FUNC))
-    plan = _plan(req, prompts, layers=layers, layer_template=layer_template, share_prefix=share_prefix)
+    prompts = render_prompts(
+        req.tokenizer,
+        req.personas,
+        req.questions,
+        chat_template=chat_template_of(req.tokenizer, chat_template, func=_FUNC),
+    )
+    plan = _plan(
+        req, prompts, layers=layers, layer_template=layer_template, share_prefix=share_prefix
+    )
     manifest = _manifest(req, prompts, plan)
 
     from persona_geometry.store import PartialRun, load_cached
@@ -217,7 +245,9 @@ def extract_activations(
         flat = _run(req, prompts, plan, partial, progress=progress)
         P, Q = len(req.personas), len(req.questions)
         acts = ActivationSet(
-            {hook: flat[hook].reshape(P, Q, *flat[hook].shape[1:]) for hook in req.hooks},  # in the order asked for
+            {
+                hook: flat[hook].reshape(P, Q, *flat[hook].shape[1:]) for hook in req.hooks
+            },  # in the order asked for
             personas=req.personas,
             questions=req.questions,
             layers=plan.layers,
@@ -307,7 +337,11 @@ def _validate(
         max_batch_size = check_positive_int(max_batch_size, "max_batch_size", _FUNC)
     if pack is not None and not isinstance(pack, bool):
         invalid("pack", _FUNC, "None, True or False", pack, exc=TypeError)
-    if isinstance(max_memory_gib, bool) or not isinstance(max_memory_gib, int | float) or not max_memory_gib > 0:
+    if (
+        isinstance(max_memory_gib, bool)
+        or not isinstance(max_memory_gib, int | float)
+        or not max_memory_gib > 0
+    ):
         invalid("max_memory_gib", _FUNC, "a positive number of GiB", max_memory_gib)
     if not isinstance(compile_blocks, bool):
         invalid("compile_blocks", _FUNC, "True or False", compile_blocks, exc=TypeError)
@@ -319,11 +353,27 @@ def _validate(
         if isinstance(model, str | os.PathLike):
             model = load_model(model, dtype=dtype, device=device)
         elif not isinstance(model, ModelHandle):
-            invalid("model", _FUNC, "a ModelHandle, a model folder or id, or a TransformerBridge", type(model).__name__, exc=TypeError)
+            invalid(
+                "model",
+                _FUNC,
+                "a ModelHandle, a model folder or id, or a TransformerBridge",
+                type(model).__name__,
+                exc=TypeError,
+            )
         elif dtype is not None or device is not None:
-            invalid("dtype" if dtype is not None else "device", _FUNC, "None when model is an already loaded ModelHandle (pass it to load_model)", dtype if dtype is not None else device)
+            invalid(
+                "dtype" if dtype is not None else "device",
+                _FUNC,
+                "None when model is an already loaded ModelHandle (pass it to load_model)",
+                dtype if dtype is not None else device,
+            )
     elif dtype is not None or device is not None:
-        invalid("dtype" if dtype is not None else "device", _FUNC, "None when model is a TransformerBridge", dtype if dtype is not None else device)
+        invalid(
+            "dtype" if dtype is not None else "device",
+            _FUNC,
+            "None when model is a TransformerBridge",
+            dtype if dtype is not None else device,
+        )
     engine = engine or ("transformer_lens" if bridge is not None else "hf")
     if bridge is not None and engine != "transformer_lens":
         invalid("engine", _FUNC, "'transformer_lens' when model is a TransformerBridge", engine)
@@ -333,12 +383,18 @@ def _validate(
                 invalid(
                     "hooks",
                     _FUNC,
-                    f"hook points the 'hf' engine captures, {list(HF_HOOK_POINTS)} (engine='transformer_lens' also gives "
+                    f"hook points the 'hf' engine captures, {list(HF_HOOK_POINTS)} "
+                    "(engine='transformer_lens' also gives "
                     f"{[h for h in HOOK_POINTS if h not in HF_HOOK_POINTS]})",
                     hook,
                 )
     elif pack:
-        invalid("pack", _FUNC, "None or False with engine='transformer_lens' (packing is an 'hf' engine path)", pack)
+        invalid(
+            "pack",
+            _FUNC,
+            "None or False with engine='transformer_lens' (packing is an 'hf' engine path)",
+            pack,
+        )
     return _Request(
         handle=None if bridge is not None else model,
         bridge=bridge,
@@ -356,7 +412,14 @@ def _validate(
 
 
 # --- step 2: plan and key -------------------------------------------------------------------
-def _plan(req: _Request, prompts: PromptSet, *, layers: Any, layer_template: str | None, share_prefix: bool) -> _Plan:
+def _plan(
+    req: _Request,
+    prompts: PromptSet,
+    *,
+    layers: Any,
+    layer_template: str | None,
+    share_prefix: bool,
+) -> _Plan:
     """Returns the layers, the forward path and its budgets, and the shared prefixes."""
     if req.bridge is not None:
         bridge = req.bridge
@@ -378,25 +441,50 @@ def _plan(req: _Request, prompts: PromptSet, *, layers: Any, layer_template: str
         if not identity["weights_id"]:  # A hand-made handle: identify the weights by their values.
             identity["weights_id"] = f"params:{model_fingerprint(handle.model)}"
     layer_list = check_layers(layers, n_layers, _FUNC)
-    common = dict(layers=layer_list, n_layers=n_layers, layer_template=template_path, identity=identity)
+    common = dict(
+        layers=layer_list, n_layers=n_layers, layer_template=template_path, identity=identity
+    )
     if req.engine == "transformer_lens":
-        return _Plan(**common, forward="transformer_lens", batch_tokens=req.batch_tokens or _PADDED_BATCH_TOKENS, chunk_prompts=req.chunk_prompts)
+        return _Plan(
+            **common,
+            forward="transformer_lens",
+            batch_tokens=req.batch_tokens or _PADDED_BATCH_TOKENS,
+            chunk_prompts=req.chunk_prompts,
+        )
 
     ids = [p.input_ids for p in prompts]
     Q = len(req.questions)
     groups = [list(range(i * Q, (i + 1) * Q)) for i in range(len(req.personas))]
     path = packed_path(req.handle.model, req.handle.device) if req.pack is not False else None
     if req.pack and path is None:
-        invalid("pack", _FUNC, "None or False for this model: its attention takes no custom mask (sdpa, eager or flex_attention)", req.pack)
+        invalid(
+            "pack",
+            _FUNC,
+            "None or False for this model: its attention takes no custom mask (sdpa, eager or "
+            "flex_attention)",
+            req.pack,
+        )
     if path is not None:
         config = pretrained_model(req.handle.model).config
         # An eighth of the budget for the results of a chunk, the rest for the forward.
-        per_prompt = 4 * len(layer_list) * len(req.hooks) * int(getattr(config, "hidden_size", None) or config.n_embd)
+        per_prompt = (
+            4
+            * len(layer_list)
+            * len(req.hooks)
+            * int(getattr(config, "hidden_size", None) or config.n_embd)
+        )
         chunk = max(1, min(req.chunk_prompts, int(req.max_memory_bytes / 8 / per_prompt)))
         forward_bytes = req.max_memory_bytes - 2 * chunk * per_prompt
         budget = pack_budget(config, req.handle.dtype, path, forward_bytes, cap=req.batch_tokens)
         prefix_lens = group_prefix_lengths(ids, groups) if share_prefix else [0] * len(groups)
-        return _Plan(**common, compile_blocks=req.compile_blocks, forward=path, batch_tokens=budget, chunk_prompts=chunk, prefix_lens=tuple(prefix_lens))
+        return _Plan(
+            **common,
+            compile_blocks=req.compile_blocks,
+            forward=path,
+            batch_tokens=budget,
+            chunk_prompts=chunk,
+            prefix_lens=tuple(prefix_lens),
+        )
     shared = shared_prefixes([[ids[i] for i in g] for g in groups]) if share_prefix else None
     return _Plan(
         **common,
@@ -408,7 +496,8 @@ def _plan(req: _Request, prompts: PromptSet, *, layers: Any, layer_template: str
 
 
 def _manifest(req: _Request, prompts: PromptSet, plan: _Plan) -> dict[str, Any]:
-    """Returns the provenance manifest, with the cache key of everything the activations depend on."""
+    """Returns the provenance manifest, with the cache key of everything the activations depend
+    on."""
     from persona_geometry.store import FORMAT_VERSION, cache_key
 
     manifest: dict[str, Any] = {
@@ -438,25 +527,41 @@ def _manifest(req: _Request, prompts: PromptSet, plan: _Plan) -> dict[str, Any]:
 
 
 # --- step 3: run ----------------------------------------------------------------------------
-def _run(req: _Request, prompts: PromptSet, plan: _Plan, partial: Any, *, progress: bool) -> dict[str, Tensor]:
-    """Returns ``{hook: [prompt, layer, d_model]}`` in prompt order, computing what the cache lacks."""
+def _run(
+    req: _Request, prompts: PromptSet, plan: _Plan, partial: Any, *, progress: bool
+) -> dict[str, Tensor]:
+    """Returns ``{hook: [prompt, layer, d_model]}`` in prompt order, computing what the cache
+    lacks."""
     ids = [p.input_ids for p in prompts]
     done = partial.done() if partial is not None else set()
     if plan.packed:
         # Persona-major order keeps each persona's prompts together, so they share a pack.
         remaining = [i for i in range(len(ids)) if i not in done]
-        chunks = [remaining[s : s + plan.chunk_prompts] for s in range(0, len(remaining), plan.chunk_prompts)]
+        chunks = [
+            remaining[s : s + plan.chunk_prompts]
+            for s in range(0, len(remaining), plan.chunk_prompts)
+        ]
     else:
         chunks = _plan_chunks(ids, done, plan.chunk_prompts)
     results: list[tuple[list[int], dict[str, Tensor]]] = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(ids), initial=len(done), unit="prompt", desc=f"extract ({plan.forward})", disable=not progress)
+    bar = tqdm(
+        total=len(ids),
+        initial=len(done),
+        unit="prompt",
+        desc=f"extract ({plan.forward})",
+        disable=not progress,
+    )
     try:
         # No engine (no bridge, no prefix pass) when every chunk is already on disk.
         with _engine(req, plan) if chunks else nullcontext() as forward:
             for chunk in chunks:
-                work = _pack_work(req, plan, ids, chunk) if plan.packed else _batch_work(req, plan, ids, chunk)
+                work = (
+                    _pack_work(req, plan, ids, chunk)
+                    if plan.packed
+                    else _batch_work(req, plan, ids, chunk)
+                )
                 order, out = _run_chunk(forward, chunk, work, bar)
                 if partial is not None:
                     partial.write(order, out)
@@ -480,7 +585,8 @@ def _run(req: _Request, prompts: PromptSet, plan: _Plan, partial: Any, *, progre
 
 @contextmanager
 def _engine(req: _Request, plan: _Plan) -> Iterator[Callable[[Any], dict[str, Tensor]]]:
-    """Yields the forward of the plan's path: one unit of work in, ``{hook: [prompt, layer, d_model]}`` out."""
+    """Yields the forward of the plan's path: one unit of work in, ``{hook: [prompt, layer,
+    d_model]}`` out."""
     if plan.forward == "transformer_lens":
         bridge = req.bridge if req.bridge is not None else _bridge_from_handle(req.handle)
         with _tl_engine(bridge, plan.layers, req.hooks, plan.n_layers) as forward:
@@ -490,11 +596,15 @@ def _engine(req: _Request, plan: _Plan) -> Iterator[Callable[[Any], dict[str, Te
             yield forward
 
 
-def _batch_work(req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int]) -> list[tuple[list[int], Any]]:
+def _batch_work(
+    req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int]
+) -> list[tuple[list[int], Any]]:
     """Returns the chunk's padded batches: (prompt positions, their token ids)."""
     shared = plan.shared
     # What a batch's token budget counts: the tokens it computes (the suffix, with a shared prefix).
-    costs = [len(ids[i]) - (len(shared.prefix_for(ids[i])) if shared is not None else 0) for i in chunk]
+    costs = [
+        len(ids[i]) - (len(shared.prefix_for(ids[i])) if shared is not None else 0) for i in chunk
+    ]
     work = []
     for batch in plan_batches(costs, plan.batch_tokens, req.max_batch_size):
         positions = [chunk[j] for j in batch]
@@ -502,7 +612,9 @@ def _batch_work(req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk:
     return work
 
 
-def _pack_work(req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int]) -> Iterator[tuple[list[int], Pack]]:
+def _pack_work(
+    req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int]
+) -> Iterator[tuple[list[int], Pack]]:
     """Yields the chunk's packs, built one at a time: (prompt positions, pack)."""
     Q = len(req.questions)
     groups: list[list[int]] = []
@@ -536,7 +648,13 @@ def _check_personas(personas: PersonaSet | Sequence[Persona] | None) -> PersonaS
     if isinstance(personas, PersonaSet):
         return personas
     if isinstance(personas, str) or not isinstance(personas, Sequence):
-        invalid("personas", _FUNC, "a PersonaSet or a sequence of Persona objects", personas, exc=TypeError)
+        invalid(
+            "personas",
+            _FUNC,
+            "a PersonaSet or a sequence of Persona objects",
+            personas,
+            exc=TypeError,
+        )
     for p in personas:
         if not isinstance(p, Persona):
             invalid("personas", _FUNC, "a sequence of Persona objects", p, exc=TypeError)
@@ -548,7 +666,13 @@ def _check_questions(questions: Sequence[str] | None) -> tuple[str, ...]:
     if questions is None:
         return tuple(builtin_questions())
     if isinstance(questions, str):
-        invalid("questions", _FUNC, "a sequence of question strings (not one string)", questions, exc=TypeError)
+        invalid(
+            "questions",
+            _FUNC,
+            "a sequence of question strings (not one string)",
+            questions,
+            exc=TypeError,
+        )
     return tuple(check_unique_names(list(questions), "questions", _FUNC))
 
 
@@ -558,7 +682,9 @@ def _is_bridge(model: Any) -> bool:
 
 
 # --- batching -------------------------------------------------------------------------------
-def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int], batch_tokens: int, max_batch_size: int | None = None
+) -> list[list[int]]:
     """Returns batches of positions into ``lengths``: longest first, each within the token budget.
 
     Positions are sorted by decreasing length (ties by position) and cut greedily so that
@@ -580,7 +706,9 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int 
     return batches
 
 
-def _plan_chunks(ids: Sequence[Sequence[int]], done: set[int], chunk_prompts: int) -> list[list[int]]:
+def _plan_chunks(
+    ids: Sequence[Sequence[int]], done: set[int], chunk_prompts: int
+) -> list[list[int]]:
     """Returns the chunks still to compute: the remaining prompts, longest first, cut in runs.
 
     A resumed run plans over the prompts not yet done, so it forms the same chunks (and the same
@@ -596,7 +724,8 @@ def _run_chunk(
     work: Iterable[tuple[list[int], Any]],
     bar: Any,
 ) -> tuple[list[int], dict[str, Float[Tensor, "prompt layer d_model"]]]:
-    """Returns the chunk's prompt positions in ascending order and ``{hook: [prompt, layer, d_model]}`` on the CPU, in that order.
+    """Returns the chunk's prompt positions in ascending order and ``{hook: [prompt, layer,
+    d_model]}`` on the CPU, in that order.
 
     Each unit of work (a padded batch or a pack) returns the rows of its prompts, which are
     scattered into a per-chunk buffer on the model's device, and the buffer crosses to the host
@@ -611,9 +740,16 @@ def _run_chunk(
         rows = torch.as_tensor([row_of[i] for i in prompts])
         for hook, t in out.items():
             if hook not in buffers:
-                buffers[hook] = torch.empty((len(chunk), *t.shape[1:]), dtype=t.dtype, device=t.device)
-            # No host wait on a GPU (page-locked, non-blocking): the next batch is prepared meanwhile.
-            on_device = rows.pin_memory().to(t.device, non_blocking=True) if t.device.type == "cuda" else rows
+                buffers[hook] = torch.empty(
+                    (len(chunk), *t.shape[1:]), dtype=t.dtype, device=t.device
+                )
+            # No host wait on a GPU (page-locked, non-blocking): the next batch is prepared
+            # meanwhile.
+            on_device = (
+                rows.pin_memory().to(t.device, non_blocking=True)
+                if t.device.type == "cuda"
+                else rows
+            )
             buffers[hook].index_copy_(0, on_device, t)
         bar.update(len(prompts))
     return order, {hook: _to_host(t) for hook, t in buffers.items()}
@@ -632,7 +768,9 @@ def _to_host(t: Tensor) -> Tensor:
     return host
 
 
-def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _left_pad(
+    batch: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(input_ids, attention_mask, position_ids)``, left-padded, on ``device``.
 
     Position ids count real tokens only (0 at each prompt's first token), so a padded prompt
@@ -659,7 +797,9 @@ def _pad_id(tokenizer: Any) -> int:
 
 # --- engines --------------------------------------------------------------------------------
 @contextmanager
-def _hf_engine(handle: ModelHandle, plan: _Plan, hooks: list[str]) -> Iterator[Callable[[Any], dict[str, Tensor]]]:
+def _hf_engine(
+    handle: ModelHandle, plan: _Plan, hooks: list[str]
+) -> Iterator[Callable[[Any], dict[str, Tensor]]]:
     """Yields the ``hf`` engine's forward: forward hooks on the decoder blocks, last positions only.
 
     The base model (no unembedding) runs with ``use_cache=False``, and the forward stops right
@@ -673,11 +813,23 @@ def _hf_engine(handle: ModelHandle, plan: _Plan, hooks: list[str]) -> Iterator[C
     base = getattr(model, "base_model", None) or model
     pad_id = _pad_id(handle.tokenizer)
     layers = plan.layers
-    with record_last_token(model, layers, points=hooks, layer_template=plan.layer_template) as recorder:
+    with record_last_token(
+        model, layers, points=hooks, layer_template=plan.layer_template
+    ) as recorder:
         if plan.packed:
-            compiled = find_layers(model, plan.layer_template)[1][: max(layers) + 1] if plan.compile_blocks else []
+            compiled = (
+                find_layers(model, plan.layer_template)[1][: max(layers) + 1]
+                if plan.compile_blocks
+                else []
+            )
             with packed_engine(
-                model, base, recorder, path=plan.forward, device=handle.device, dtype=handle.dtype, compile_blocks=compiled
+                model,
+                base,
+                recorder,
+                path=plan.forward,
+                device=handle.device,
+                dtype=handle.dtype,
+                compile_blocks=compiled,
             ) as forward:
                 yield forward
             return
@@ -699,7 +851,12 @@ def _hf_engine(handle: ModelHandle, plan: _Plan, hooks: list[str]) -> Iterator[C
             input_ids, mask, positions = _left_pad(batch, pad_id, handle.device)
             with torch.inference_mode():
                 return recorder.run(
-                    lambda: base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False),
+                    lambda: base(
+                        input_ids=input_ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        use_cache=False,
+                    ),
                     len(batch),
                 )
 
@@ -718,7 +875,8 @@ def _bridge_from_handle(handle: ModelHandle) -> Any:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError as e:
         raise ImportError(
-            "engine='transformer_lens' needs TransformerLens 4.x: pip install 'persona-geometry[tl]'"
+            "engine='transformer_lens' needs TransformerLens 4.x: pip install "
+            "'persona-geometry[tl]'"
         ) from e
     return TransformerBridge.boot_transformers(
         str(handle.path) if handle.path is not None else handle.model_id,
@@ -730,8 +888,11 @@ def _bridge_from_handle(handle: ModelHandle) -> Any:
 
 
 @contextmanager
-def _tl_engine(bridge: Any, layers: list[int], hooks: list[str], n_layers: int) -> Iterator[Callable[[Any], dict[str, Tensor]]]:
-    """Yields the ``transformer_lens`` engine's batch function: ``run_with_cache``, last position only."""
+def _tl_engine(
+    bridge: Any, layers: list[int], hooks: list[str], n_layers: int
+) -> Iterator[Callable[[Any], dict[str, Tensor]]]:
+    """Yields the ``transformer_lens`` engine's batch function: ``run_with_cache``, last position
+    only."""
     names = {hook_name(layer, point) for layer in layers for point in hooks}
     pad_id = _pad_id(bridge.tokenizer)
     device = torch.device(str(bridge.cfg.device))
@@ -751,7 +912,9 @@ def _tl_engine(bridge: Any, layers: list[int], hooks: list[str], n_layers: int) 
                 stop_at_layer=stop,
             )
         return {
-            point: torch.stack([cache[hook_name(layer, point)][:, -1] for layer in layers], dim=1).float()
+            point: torch.stack(
+                [cache[hook_name(layer, point)][:, -1] for layer in layers], dim=1
+            ).float()
             for point in hooks
         }
 

@@ -51,7 +51,13 @@ def hook_name(layer: int, point: str = "resid_post") -> str:
     ``hook_name(20)`` is ``"blocks.20.hook_resid_post"``: the output of block 20.
     """
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        invalid("layer", "hook_name", "a non-negative int", layer, exc=TypeError if not isinstance(layer, int) else ValueError)
+        invalid(
+            "layer",
+            "hook_name",
+            "a non-negative int",
+            layer,
+            exc=TypeError if not isinstance(layer, int) else ValueError,
+        )
     if not isinstance(point, str) or not point or point.startswith("hook_"):
         invalid("point", "hook_name", "a hook point such as 'resid_post' (without 'hook_')", point)
     return f"blocks.{layer}.hook_{point}"
@@ -69,8 +75,15 @@ def find_layers(model: nn.Module, template: str | None = None) -> tuple[str, lis
     Raises:
         ValueError: If no template matches a ``ModuleList`` of blocks in the model.
     """
-    if template is not None and (not isinstance(template, str) or "{num}" not in template or not template.endswith(".{num}")):
-        invalid("layer_template", "find_layers", "a module path ending in '.{num}', e.g. 'model.layers.{num}'", template)
+    if template is not None and (
+        not isinstance(template, str) or "{num}" not in template or not template.endswith(".{num}")
+    ):
+        invalid(
+            "layer_template",
+            "find_layers",
+            "a module path ending in '.{num}', e.g. 'model.layers.{num}'",
+            template,
+        )
     candidates = (template,) if template is not None else LAYER_TEMPLATES
     # A peft model wraps the Hugging Face model: look inside it too.
     get_base = getattr(model, "get_base_model", None)
@@ -97,13 +110,15 @@ def find_layers(model: nn.Module, template: str | None = None) -> tuple[str, lis
     invalid(
         "layer_template",
         "find_layers",
-        f"a path to the model's decoder blocks (tried {list(candidates)}); pass e.g. layer_template='model.layers.{{num}}'",
+        f"a path to the model's decoder blocks (tried {list(candidates)}); pass e.g. "
+        f"layer_template='model.layers.{{num}}'",
         template,
     )
 
 
 class _StopForward(Exception):
-    """Raised after the last needed block so the rest of the model (and the unembedding) never runs."""
+    """Raised after the last needed block so the rest of the model (and the unembedding) never
+    runs."""
 
 
 class LastTokenRecorder:
@@ -133,17 +148,23 @@ class LastTokenRecorder:
         buffer = self._buffers.get(point)
         if buffer is None:
             buffer = self._buffers[point] = torch.empty(
-                (self._batch_size, len(self.layers), hidden.shape[-1]), dtype=self._dtype, device=hidden.device
+                (self._batch_size, len(self.layers), hidden.shape[-1]),
+                dtype=self._dtype,
+                device=hidden.device,
             )
         # Left-padded batches end every prompt in the last column; a pack gathers by index.
-        buffer[:, position].copy_(hidden[:, -1] if self._index is None else hidden[0].index_select(0, self._index))
+        buffer[:, position].copy_(
+            hidden[:, -1] if self._index is None else hidden[0].index_select(0, self._index)
+        )
         self._filled += 1
         if self.stop_early and (layer, point) == self._last:
             raise _StopForward
 
     def _post_hook(self, position: int, layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._store("resid_post", position, layer, output[0] if isinstance(output, tuple) else output)
+            self._store(
+                "resid_post", position, layer, output[0] if isinstance(output, tuple) else output
+            )
 
         return hook
 
@@ -169,7 +190,9 @@ class LastTokenRecorder:
         ``batch_size == len(index)``.
         """
         if index is not None and len(index) != batch_size:
-            invalid("index", "LastTokenRecorder.run", f"{batch_size} positions (batch_size)", len(index))
+            invalid(
+                "index", "LastTokenRecorder.run", f"{batch_size} positions (batch_size)", len(index)
+            )
         self._index = index
         self._buffers = {}
         self._filled = 0
@@ -182,7 +205,8 @@ class LastTokenRecorder:
         expected = len(self.layers) * len(self.points)
         if self._filled != expected:
             raise RuntimeError(
-                f"Only {self._filled} of {expected} block hooks fired during the forward pass; the blocks found "
+                f"Only {self._filled} of {expected} block hooks fired during the forward pass; the "
+                "blocks found "
                 "are not the ones the model runs (pass layer_template=...)."
             )
         buffers, self._buffers, self._index = self._buffers, {}, None
@@ -222,9 +246,15 @@ def record_last_token(
     try:
         for position, layer in enumerate(layers):
             if "resid_pre" in points:
-                handles.append(blocks[layer].register_forward_pre_hook(recorder._pre_hook(position, layer), with_kwargs=True))
+                handles.append(
+                    blocks[layer].register_forward_pre_hook(
+                        recorder._pre_hook(position, layer), with_kwargs=True
+                    )
+                )
             if "resid_post" in points:
-                handles.append(blocks[layer].register_forward_hook(recorder._post_hook(position, layer)))
+                handles.append(
+                    blocks[layer].register_forward_hook(recorder._post_hook(position, layer))
+                )
         yield recorder
     finally:
         for handle in handles:

@@ -30,7 +30,9 @@ __all__ = ["ModelHandle", "load_model", "model_identity", "resolve_precision"]
 log = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})")
+_CACHE_SNAPSHOT = re.compile(
+    r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,12 +109,15 @@ def resolve_precision(
         torch_device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(
-            f"The 'device' parameter of {func} must be a torch device such as 'cpu' or 'cuda:0'. Got {device!r} instead."
+            f"The 'device' parameter of {func} must be a torch device such as 'cpu' or 'cuda:0'. "
+            f"Got {device!r} instead."
         ) from e
     if torch_device.type == "cuda" and torch_device.index is None and torch.cuda.is_available():
         # An explicit index: transformers reads a bare "cuda" as cuda:LOCAL_RANK, which does not
         # exist when a launcher shows each rank only its own GPU (distributed.pin_local_device).
-        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count())
+        torch_device = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
+        )
     name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
     if name is None or name == "auto":
         return torch_device, torch.float32 if torch_device.type == "cpu" else torch.bfloat16
@@ -122,7 +127,8 @@ def resolve_precision(
 
 
 def _first_device(device_map: str | dict[str, Any], max_memory: dict[Any, Any] | None) -> str:
-    """Returns where a dispatched model's inputs go: the first accelerator in the map, else the CPU."""
+    """Returns where a dispatched model's inputs go: the first accelerator in the map, else the
+    CPU."""
     if isinstance(device_map, dict):
         for where in device_map.values():
             if where not in ("cpu", "disk"):
@@ -134,7 +140,10 @@ def _first_device(device_map: str | dict[str, Any], max_memory: dict[Any, Any] |
 
 def _offline() -> bool:
     truthy = {"1", "true", "yes", "on"}
-    if any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    if any(
+        os.environ.get(v, "").strip().lower() in truthy
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
         return True
     try:
         from huggingface_hub import constants
@@ -149,16 +158,27 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
-def _resolve_source(name_or_path: str, revision: str | None, *, param: str, func: str) -> tuple[Path | None, str | None]:
-    """Returns ``(local folder, commit)`` for a folder or a hub id; the folder is None when online."""
+def _resolve_source(
+    name_or_path: str, revision: str | None, *, param: str, func: str
+) -> tuple[Path | None, str | None]:
+    """Returns ``(local folder, commit)`` for a folder or a hub id; the folder is None when
+    online."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if revision is not None:
-            invalid("revision", func, "None for a local folder (revisions name hub commits)", revision)
+            invalid(
+                "revision", func, "None for a local folder (revisions name hub commits)", revision
+            )
         m = _CACHE_SNAPSHOT.search(str(path.resolve()))
         return path, (m.group("commit") if m else None)
     if _looks_like_path(name_or_path) or path.exists():
-        invalid(param, func, "an existing model folder or a Hugging Face id", name_or_path, exc=FileNotFoundError)
+        invalid(
+            param,
+            func,
+            "an existing model folder or a Hugging Face id",
+            name_or_path,
+            exc=FileNotFoundError,
+        )
     if not _offline():
         return None, None  # from_pretrained downloads as usual; its commit is read afterwards.
     from huggingface_hub import snapshot_download
@@ -167,7 +187,8 @@ def _resolve_source(name_or_path: str, revision: str | None, *, param: str, func
         folder = Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
     except Exception as e:  # LocalEntryNotFoundError, RevisionNotFoundError, HFValidationError, ...
         raise FileNotFoundError(
-            f"The {param!r} parameter of {func} must be a local folder or a Hugging Face id present in the "
+            f"The {param!r} parameter of {func} must be a local folder or a Hugging Face id "
+            "present in the "
             f"local cache: HF_HUB_OFFLINE is set, so nothing is downloaded. Got {name_or_path!r}"
             f"{f' at revision {revision!r}' if revision else ''} instead, which is not cached "
             f"(download it with `hf download {name_or_path}` where the hub is reachable)."
@@ -189,7 +210,11 @@ def weights_fingerprint(folder: str | os.PathLike[str], *, include_mtime: bool =
     config = folder / "config.json"
     if config.is_file():
         h.update(config.read_bytes())
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json")))
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and (p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"))
+    )
     for p in files:
         st = p.stat()
         h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns if include_mtime else 0}\0".encode())
@@ -218,7 +243,9 @@ _TOKENIZER_FILES = (
 )
 
 
-def model_identity(name_or_path: str | os.PathLike[str], revision: str | None = None) -> dict[str, Any]:
+def model_identity(
+    name_or_path: str | os.PathLike[str], revision: str | None = None
+) -> dict[str, Any]:
     """Returns what identifies a model's numbers without loading it: weights, tokenizer, revision.
 
     For a local folder: ``weights_fingerprint`` and a hash of the tokenizer and chat-template
@@ -242,7 +269,13 @@ def model_identity(name_or_path: str | os.PathLike[str], revision: str | None = 
         m = _CACHE_SNAPSHOT.search(str(folder.resolve()))
         commit = m.group("commit") if m else None
     if folder is None:
-        return {"model": name, "revision": revision, "commit": None, "weights": None, "tokenizer": None}
+        return {
+            "model": name,
+            "revision": revision,
+            "commit": None,
+            "weights": None,
+            "tokenizer": None,
+        }
     h = hashlib.sha256()
     for fname in _TOKENIZER_FILES:
         f = folder / fname
@@ -268,7 +301,9 @@ def _file_hash(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_adapter_base(base: str | None, name_or_path: str, folder: Path | None, model: Any, adapter: str) -> None:
+def _check_adapter_base(
+    base: str | None, name_or_path: str, folder: Path | None, model: Any, adapter: str
+) -> None:
     """Raises ValueError when the adapter's recorded base model is clearly not this model."""
     if not base:
         return
@@ -276,7 +311,9 @@ def _check_adapter_base(base: str | None, name_or_path: str, folder: Path | None
         f"The 'adapter' parameter of load_model must be an adapter trained on {name_or_path!r}. "
         f"Got {adapter!r} instead, whose adapter_config.json names base model {base!r}"
     )
-    if base == name_or_path or (folder is not None and Path(base).expanduser().resolve() == folder.resolve()):
+    if base == name_or_path or (
+        folder is not None and Path(base).expanduser().resolve() == folder.resolve()
+    ):
         return
     base_path = Path(base).expanduser()
     if (base_path / "config.json").is_file():
@@ -298,7 +335,9 @@ def _check_adapter_base(base: str | None, name_or_path: str, folder: Path | None
         raise ValueError(f"{mismatch}.")
 
 
-def _apply_adapter(model: Any, adapter: str, name_or_path: str, folder: Path | None) -> tuple[Any, str]:
+def _apply_adapter(
+    model: Any, adapter: str, name_or_path: str, folder: Path | None
+) -> tuple[Any, str]:
     """Returns the model with the peft adapter merged in, and the adapter's content hash."""
     import json
 
@@ -309,19 +348,31 @@ def _apply_adapter(model: Any, adapter: str, name_or_path: str, folder: Path | N
         adapter_folder = Path(snapshot_download(adapter))
     config_file = adapter_folder / "adapter_config.json"
     if not config_file.is_file():
-        invalid("adapter", "load_model", "a peft adapter folder holding adapter_config.json", adapter, exc=FileNotFoundError)
+        invalid(
+            "adapter",
+            "load_model",
+            "a peft adapter folder holding adapter_config.json",
+            adapter,
+            exc=FileNotFoundError,
+        )
     base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     _check_adapter_base(base, name_or_path, folder, model, adapter)
     from peft import PeftModel
 
     try:
         with warnings.catch_warnings():
-            # peft reads transformers' deprecated is_gradient_checkpointing alias when it wraps a model.
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            # peft reads transformers' deprecated is_gradient_checkpointing alias when it wraps a
+            # model.
+            warnings.filterwarnings(
+                "ignore",
+                message="`is_gradient_checkpointing` is deprecated",
+                category=FutureWarning,
+            )
             peft_model = PeftModel.from_pretrained(model, str(adapter_folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ValueError(
-            f"The 'adapter' parameter of load_model must be an adapter whose weights fit {name_or_path!r}. "
+            "The 'adapter' parameter of load_model must be an adapter whose weights fit "
+            f"{name_or_path!r}. "
             f"Got {adapter!r} instead: {e}"
         ) from e
     # Merged so that extraction runs the plain model: no LoRA matmuls per step, and the decoder
@@ -349,7 +400,8 @@ def load_model(
     model; for a folder it records a fingerprint of the weight files instead.
 
     Args:
-        name_or_path: A local model folder or a Hugging Face id such as ``"Qwen/Qwen2.5-7B-Instruct"``.
+        name_or_path: A local model folder or a Hugging Face id such as
+        ``"Qwen/Qwen2.5-7B-Instruct"``.
         device: Where to put the weights; defaults to ``"cuda"`` when available, else ``"cpu"``.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype; None or ``"auto"``
             is float32 on CPU and bfloat16 on GPU (``resolve_precision``, the rule every stage
@@ -364,7 +416,8 @@ def load_model(
             to accelerate's big-model inference. The blocks then run where they sit, one device
             at a time; extraction hooks gather each block's last token to one device. ``device``
             is then where the inputs go (by default, the embedding's device).
-        max_memory: With ``device_map``: the most memory per device, e.g. ``{0: "70GiB", 1: "70GiB"}``.
+        max_memory: With ``device_map``: the most memory per device, e.g. ``{0: "70GiB", 1:
+        "70GiB"}``.
         offload_folder: With ``device_map``: where blocks mapped to ``"disk"`` are kept.
 
     Returns:
@@ -378,33 +431,52 @@ def load_model(
 
     func = "load_model"
     if not isinstance(name_or_path, str | os.PathLike):
-        invalid("name_or_path", func, "a model folder or a Hugging Face id", name_or_path, exc=TypeError)
+        invalid(
+            "name_or_path", func, "a model folder or a Hugging Face id", name_or_path, exc=TypeError
+        )
     name_or_path = os.fspath(name_or_path)
     if not isinstance(trust_remote_code, bool):
         invalid("trust_remote_code", func, "a bool", trust_remote_code, exc=TypeError)
     if device_map is None and (max_memory is not None or offload_folder is not None):
         invalid("device_map", func, "set when max_memory or offload_folder is", None)
     if device_map is not None and not isinstance(device_map, str | dict):
-        invalid("device_map", func, "'auto', 'balanced', 'sequential' or a dict of module name to device", device_map, exc=TypeError)
+        invalid(
+            "device_map",
+            func,
+            "'auto', 'balanced', 'sequential' or a dict of module name to device",
+            device_map,
+            exc=TypeError,
+        )
     if device is None and device_map is not None:
         device = _first_device(device_map, max_memory)
     device, torch_dtype = resolve_precision(device, dtype, func=func)
     folder, commit = _resolve_source(name_or_path, revision, param="name_or_path", func=func)
     source = str(folder) if folder is not None else name_or_path
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": _offline()}
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": _offline(),
+    }
     if folder is None and revision is not None:
         kwargs["revision"] = revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         # device_map puts the weights straight onto the device, without a full copy in CPU memory.
         if device_map is None:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=str(device), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, device_map=str(device), **kwargs
+            )
         else:
-            placed = {"max_memory": max_memory, "offload_folder": os.fspath(offload_folder) if offload_folder is not None else None}
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **placed, **kwargs)
+            placed = {
+                "max_memory": max_memory,
+                "offload_folder": os.fspath(offload_folder) if offload_folder is not None else None,
+            }
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, device_map=device_map, **placed, **kwargs
+            )
     except OSError as e:
         raise FileNotFoundError(
-            f"The 'name_or_path' parameter of load_model must be a loadable causal LM (config, weights, "
+            "The 'name_or_path' parameter of load_model must be a loadable causal LM (config, "
+            "weights, "
             f"tokenizer). Got {name_or_path!r} instead: {e}"
         ) from e
     if folder is None:  # Downloaded or found online: read the commit it resolved to.

@@ -93,8 +93,10 @@ class Pack:
 
     Attributes:
         input_ids: ``[1, T]`` token ids (``T`` a multiple of ``pad_to``).
-        position_ids: ``[1, T]`` positions: from 0 in each prefix, continuing from it in each suffix.
-        lo1, hi1, lo2: ``[T]`` interval bounds: token ``q`` attends to keys in ``[lo1, hi1)`` and ``[lo2, q]``.
+        position_ids: ``[1, T]`` positions: from 0 in each prefix, continuing from it in each
+        suffix.
+        lo1, hi1, lo2: ``[T]`` interval bounds: token ``q`` attends to keys in ``[lo1, hi1)`` and
+        ``[lo2, q]``.
         last: ``[n]`` index of each prompt's last token, in the order of ``prompts``.
         prompts: The prompt positions (into the ``ids`` given to ``plan_packs``).
         n_real: Tokens before the trailing padding.
@@ -129,8 +131,11 @@ class Pack:
         return Pack(**move, prompts=self.prompts, n_real=self.n_real)
 
 
-def group_prefix_lengths(ids: Sequence[Sequence[int]], groups: Sequence[Sequence[int]]) -> list[int]:
-    """Returns each group's shared prefix length: the longest common prefix, leaving every prompt a token.
+def group_prefix_lengths(
+    ids: Sequence[Sequence[int]], groups: Sequence[Sequence[int]]
+) -> list[int]:
+    """Returns each group's shared prefix length: the longest common prefix, leaving every prompt a
+    token.
 
     The last token of each prompt is gathered from its suffix, so the prefix stops at least one
     token short of the group's shortest prompt. A group of one prompt, or one whose common
@@ -168,7 +173,9 @@ def plan_packs(
     """
     budget = check_positive_int(budget, "budget", "plan_packs")
     if len(prefix_lens) != len(groups):
-        invalid("prefix_lens", "plan_packs", f"one length per group ({len(groups)})", len(prefix_lens))
+        invalid(
+            "prefix_lens", "plan_packs", f"one length per group ({len(groups)})", len(prefix_lens)
+        )
     packs: list[PackPlan] = []
     segments: list[Segment] = []
     used = 0
@@ -208,7 +215,9 @@ def plan_packs(
     return packs
 
 
-def build_pack(ids: Sequence[Sequence[int]], plan: PackPlan, *, pad_id: int, pad_to: int = BLOCK) -> Pack:
+def build_pack(
+    ids: Sequence[Sequence[int]], plan: PackPlan, *, pad_id: int, pad_to: int = BLOCK
+) -> Pack:
     """Returns the tensors of one planned pack, padded at the end to a multiple of ``pad_to``.
 
     A padding token attends to itself only; nothing attends to it.
@@ -260,7 +269,8 @@ def build_pack(ids: Sequence[Sequence[int]], plan: PackPlan, *, pad_id: int, pad
 
 
 def dense_mask(pack: Pack, *, additive_dtype: torch.dtype | None = None) -> Tensor:
-    """Returns the pack's ``[1, 1, T, T]`` attention mask: boolean (True = attend), or additive in ``additive_dtype``."""
+    """Returns the pack's ``[1, 1, T, T]`` attention mask: boolean (True = attend), or additive in
+    ``additive_dtype``."""
     q = torch.arange(pack.length, device=pack.lo1.device)
     kv = q.unsqueeze(0)
     allowed: Bool[Tensor, "T T"] = ((kv >= pack.lo1[:, None]) & (kv < pack.hi1[:, None])) | (
@@ -287,13 +297,16 @@ def block_counts(pack: Pack, block: int = BLOCK) -> Int[Tensor, "q_block kv_bloc
     q = torch.arange(T, device=device)[:, None]
     j0 = (torch.arange(nb, device=device) * block)[None, :]
     j1 = j0 + block
-    first = (torch.minimum(pack.hi1[:, None], j1) - torch.maximum(pack.lo1[:, None], j0)).clamp(min=0)
+    first = (torch.minimum(pack.hi1[:, None], j1) - torch.maximum(pack.lo1[:, None], j0)).clamp(
+        min=0
+    )
     own = (torch.minimum(q + 1, j1) - torch.maximum(pack.lo2[:, None], j0)).clamp(min=0)
     return (first + own).reshape(nb, block, nb).sum(1)
 
 
 def block_mask(pack: Pack, block: int = BLOCK):  # noqa: ANN201 (BlockMask: imported lazily)
-    """Returns the pack's mask as a FlexAttention ``BlockMask``: full tiles, partial tiles and a ``mask_mod``.
+    """Returns the pack's mask as a FlexAttention ``BlockMask``: full tiles, partial tiles and a
+    ``mask_mod``.
 
     Only tiles that allow some pair are listed; full tiles skip the ``mask_mod``.
     """
@@ -312,12 +325,20 @@ def block_mask(pack: Pack, block: int = BLOCK):  # noqa: ANN201 (BlockMask: impo
     lo1, hi1, lo2 = pack.lo1, pack.hi1, pack.lo2
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return ((kv_idx >= lo1[q_idx]) & (kv_idx < hi1[q_idx])) | ((kv_idx >= lo2[q_idx]) & (kv_idx <= q_idx))
+        return ((kv_idx >= lo1[q_idx]) & (kv_idx < hi1[q_idx])) | (
+            (kv_idx >= lo2[q_idx]) & (kv_idx <= q_idx)
+        )
 
     kv_num, kv_idx = listing(partial)
     full_num, full_idx = listing(full)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(pack.length, pack.length)
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block,
+        mask_mod=mask_mod,
+        seq_lengths=(pack.length, pack.length),
     )
 
 
@@ -326,7 +347,8 @@ PACKED_PATHS: tuple[str, ...] = ("packed_flex", "packed_sdpa", "packed_eager")
 
 
 def pretrained_model(model: Any) -> Any:
-    """Returns the Hugging Face ``PreTrainedModel`` inside ``model`` (itself, or a peft model's base)."""
+    """Returns the Hugging Face ``PreTrainedModel`` inside ``model`` (itself, or a peft model's
+    base)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
@@ -351,7 +373,12 @@ def packed_path(model: Any, device: torch.device) -> str | None:
     pm = pretrained_model(model)
     config = getattr(pm, "config", None)
     can_set = getattr(type(pm), "_can_set_attn_implementation", None)
-    if config is None or not callable(can_set) or not can_set() or not _uses_mask_functions(type(pm)):
+    if (
+        config is None
+        or not callable(can_set)
+        or not can_set()
+        or not _uses_mask_functions(type(pm))
+    ):
         return None
     impl = getattr(config, "_attn_implementation", None)
     flex = getattr(pm, "_supports_flex_attn", False) and _flex_available()
@@ -399,7 +426,9 @@ def pack_budget(
     heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
     elem = torch.tensor([], dtype=dtype).element_size()
     linear = elem * (3 * int(inner) + 8 * d)
-    quad = {"packed_flex": 0, "packed_sdpa": 1 + elem, "packed_eager": 1 + elem + 2 * heads * elem}[path]
+    quad = {"packed_flex": 0, "packed_sdpa": 1 + elem, "packed_eager": 1 + elem + 2 * heads * elem}[
+        path
+    ]
     if quad:
         tokens = (-linear + (linear * linear + 4 * quad * memory_bytes) ** 0.5) / (2 * quad)
         # A dense mask computes every pair of the pack: keep that within a fraction of the
@@ -436,7 +465,8 @@ _COMPILED: dict[type, Any] = {}
 
 @contextmanager
 def compiled_blocks(blocks: Sequence[Any]) -> Iterator[None]:
-    """Runs each block's ``forward`` through ``torch.compile`` (dynamic shapes) in the ``with`` block.
+    """Runs each block's ``forward`` through ``torch.compile`` (dynamic shapes) in the ``with``
+    block.
 
     Only the block's own ``forward`` is compiled: the forward hooks that record activations and
     stop the forward run outside it. One compiled function serves every block of a class; the
@@ -467,7 +497,8 @@ def packed_engine(
     dtype: torch.dtype,
     compile_blocks: Sequence[Any] = (),
 ) -> Iterator[Any]:
-    """Yields a forward of one ``Pack``: ``{hook: [prompt, layer, d_model]}`` in ``pack.prompts`` order.
+    """Yields a forward of one ``Pack``: ``{hook: [prompt, layer, d_model]}`` in ``pack.prompts``
+    order.
 
     The model runs with the path's attention implementation (switched back on exit).
 
@@ -478,11 +509,16 @@ def packed_engine(
         path: One of ``PACKED_PATHS`` (``packed_path``).
         device: The model's device.
         dtype: The model's dtype (the additive mask of ``eager`` attention is in it).
-        compile_blocks: Blocks to run through ``torch.compile`` (``compiled_blocks``); none by default.
+        compile_blocks: Blocks to run through ``torch.compile`` (``compiled_blocks``); none by
+        default.
     """
     if path not in PACKED_PATHS:
         invalid("path", "packed_engine", f"one of {list(PACKED_PATHS)}", path)
-    implementation = {"packed_flex": "flex_attention", "packed_sdpa": "sdpa", "packed_eager": "eager"}[path]
+    implementation = {
+        "packed_flex": "flex_attention",
+        "packed_sdpa": "sdpa",
+        "packed_eager": "eager",
+    }[path]
 
     def forward(pack: Pack) -> dict[str, Tensor]:
         p = pack.to(device)
@@ -492,7 +528,12 @@ def packed_engine(
             mask = dense_mask(p, additive_dtype=dtype if path == "packed_eager" else None)
         with torch.inference_mode():
             return recorder.run(
-                lambda: base(input_ids=p.input_ids, attention_mask=mask, position_ids=p.position_ids, use_cache=False),
+                lambda: base(
+                    input_ids=p.input_ids,
+                    attention_mask=mask,
+                    position_ids=p.position_ids,
+                    use_cache=False,
+                ),
                 len(p.prompts),
                 index=p.last,
             )

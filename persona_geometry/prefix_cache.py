@@ -1,4 +1,5 @@
-"""Shared-prefix extraction: each persona's system block runs once, its questions reuse its KV cache.
+"""Shared-prefix extraction: each persona's system block runs once, its questions reuse its KV
+cache.
 
 Every question of a persona starts with the same tokens (the system turn and the user header),
 which make up about half of the study's prompt tokens. Where the packed engine
@@ -157,7 +158,11 @@ def prefix_engine(
             # captures are discarded, the cache keeps every block it ran.
             recorder.run(
                 lambda ids=ids, mask_d=mask_d, positions=positions, cache=cache: base(
-                    input_ids=ids, attention_mask=mask_d, position_ids=positions, use_cache=True, **{cache_arg: cache}
+                    input_ids=ids,
+                    attention_mask=mask_d,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{cache_arg: cache},
                 ),
                 len(chunk),
             )
@@ -180,13 +185,26 @@ def prefix_engine(
         rows_d = rows.to(device)
         cache = _new_cache()
         for layer in range(n_cached_layers):
-            # With a device_map the blocks (and so their cached keys and values) sit on several devices.
-            r = rows_d if prefix_k[layer].device == rows_d.device else rows.to(prefix_k[layer].device)
-            cache.update(prefix_k[layer].index_select(0, r), prefix_v[layer].index_select(0, r), layer)
+            # With a device_map the blocks (and so their cached keys and values) sit on several
+            # devices.
+            r = (
+                rows_d
+                if prefix_k[layer].device == rows_d.device
+                else rows.to(prefix_k[layer].device)
+            )
+            cache.update(
+                prefix_k[layer].index_select(0, r), prefix_v[layer].index_select(0, r), layer
+            )
         s_ids, mask, positions = (t.to(device, non_blocking=True) for t in (s_ids, mask, positions))
         with torch.inference_mode():
             return recorder.run(
-                lambda: base(input_ids=s_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache}),
+                lambda: base(
+                    input_ids=s_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{cache_arg: cache},
+                ),
                 len(batch),
             )
 

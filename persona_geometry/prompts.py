@@ -30,7 +30,8 @@ class Prompt:
 
 @dataclass(frozen=True, kw_only=True)
 class PromptSet:
-    """All ``persona × question`` prompts, persona-major: prompt ``(p, q)`` sits at ``p * Q + q``."""
+    """All ``persona × question`` prompts, persona-major: prompt ``(p, q)`` sits at ``p * Q +
+    q``."""
 
     personas: PersonaSet
     questions: tuple[str, ...]
@@ -50,7 +51,10 @@ class PromptSet:
     def n_tokens(self) -> list[list[int]]:
         """Returns the token counts as a ``[persona][question]`` nested list."""
         q = len(self.questions)
-        return [[p.n_tokens for p in self.prompts[i * q : (i + 1) * q]] for i in range(len(self.personas))]
+        return [
+            [p.n_tokens for p in self.prompts[i * q : (i + 1) * q]]
+            for i in range(len(self.personas))
+        ]
 
     def content_hash(self) -> str:
         """Returns a stable hash of every prompt's token ids (what the model actually sees)."""
@@ -65,13 +69,17 @@ def chat_messages(persona: Persona, question: str) -> list[dict[str, str]]:
     ]
 
 
-def chat_template_of(tokenizer: Any, chat_template: str | None = None, *, func: str = "render_prompts") -> str:
+def chat_template_of(
+    tokenizer: Any, chat_template: str | None = None, *, func: str = "render_prompts"
+) -> str:
     """Returns the chat template to render with: the one passed, else the tokenizer's own.
 
     Raises:
         ValueError: If neither is available.
     """
-    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    template = (
+        chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    )
     if isinstance(template, dict):  # Some tokenizers keep several named templates.
         template = template.get("default")
     if not template:
@@ -112,10 +120,14 @@ def render_prompts(
     personas = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
     questions = tuple(check_unique_names(list(questions), "questions", "render_prompts"))
     template = chat_template_of(tokenizer, chat_template)
-    conversations = [chat_messages(persona, question) for persona in personas for question in questions]
+    conversations = [
+        chat_messages(persona, question) for persona in personas for question in questions
+    ]
     # One batched call each: the template renders in one loop and the fast tokenizer encodes
     # all texts at once, which matters when the forward itself takes a fraction of a second.
-    texts = tokenizer.apply_chat_template(conversations, chat_template=template, tokenize=False, add_generation_prompt=True)
+    texts = tokenizer.apply_chat_template(
+        conversations, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
     all_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     q = len(questions)
     prompts = [
@@ -130,7 +142,9 @@ def render_prompts(
     )
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[Any, Any]:
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[Any, Any]:
     """Returns ``(input_ids, attention_mask)`` of the token-id lists, left-padded to ``width``.
 
     Left padding puts every prompt's last token in the last column, right where generation (or

@@ -89,12 +89,19 @@ def setting(
             ``None`` means, for instance).
         metavar: The placeholder ``--help`` shows for the value.
     """
-    metadata = {"help": help, "choices": None if choices is None else tuple(choices), "cli": cli, "shown": shown, "metavar": metavar}
+    metadata = {
+        "help": help,
+        "choices": None if choices is None else tuple(choices),
+        "cli": cli,
+        "shown": shown,
+        "metavar": metavar,
+    }
     return dataclasses.field(default=default, metadata=metadata)
 
 
 def check_choices(config: Any) -> None:
-    """Raises ValueError if a field of the dataclass ``config`` holds a value outside its ``choices``."""
+    """Raises ValueError if a field of the dataclass ``config`` holds a value outside its
+    ``choices``."""
     for f in dataclasses.fields(config):
         choices = f.metadata.get("choices")
         if choices is None:
@@ -106,5 +113,6 @@ def check_choices(config: Any) -> None:
         for v in values:
             if v not in choices:
                 raise ValueError(
-                    f"The {f.name!r} parameter of {type(config).__name__} must be one of {list(choices)}. Got {v!r} instead."
+                    f"The {f.name!r} parameter of {type(config).__name__} must be one of "
+                    f"{list(choices)}. Got {v!r} instead."
                 )

@@ -1,4 +1,5 @@
-"""The activation store: safetensors plus a JSON manifest, a content-addressed cache, resumable chunks.
+"""The activation store: safetensors plus a JSON manifest, a content-addressed cache, resumable
+chunks.
 
 On disk an ``ActivationSet`` is a folder with ``activations.safetensors`` (one tensor per hook
 point, ``[persona, question, layer, d_model]``, and ``n_tokens``) and ``manifest.json`` (the
@@ -70,7 +71,9 @@ def cache_key(manifest: Manifest | Mapping[str, Any]) -> str:
     return Manifest.from_dict(manifest, func="cache_key").key()
 
 
-def load_cached(cache_dir: str | os.PathLike[str], manifest: Manifest | Mapping[str, Any]) -> ActivationSet | None:
+def load_cached(
+    cache_dir: str | os.PathLike[str], manifest: Manifest | Mapping[str, Any]
+) -> ActivationSet | None:
     """Returns the cached set for this manifest's key, or None when there is none to trust.
 
     A folder whose stored key fields differ from ``manifest``'s (a hash collision, a
@@ -89,11 +92,19 @@ def load_cached(cache_dir: str | os.PathLike[str], manifest: Manifest | Mapping[
     wanted = manifest.key_fields()
     if stored != wanted:
         diff = sorted(k for k in KEY_FIELDS if stored[k] != wanted[k])
-        log.warning("cache entry %s does not match this extraction (fields %s differ); recomputing", folder, diff)
+        log.warning(
+            "cache entry %s does not match this extraction (fields %s differ); recomputing",
+            folder,
+            diff,
+        )
         return None
     # The labels must be the ones the key was made from (a manifest whose persona list was
     # edited, checksum and all, would otherwise put the rows under the wrong names).
-    labels = {"persona_hash": acts.personas.content_hash(), "question_hash": stable_hash(list(acts.questions)), "layers": list(acts.layers)}
+    labels = {
+        "persona_hash": acts.personas.content_hash(),
+        "question_hash": stable_hash(list(acts.questions)),
+        "layers": list(acts.layers),
+    }
     if any(labels[k] != wanted[k] for k in labels):
         log.warning("cache entry %s holds labels other than its key's; recomputing", folder)
         return None
@@ -101,7 +112,8 @@ def load_cached(cache_dir: str | os.PathLike[str], manifest: Manifest | Mapping[
 
 
 def entry_lock(cache_dir: str | os.PathLike[str], key: str) -> Any:
-    """Returns the file lock of the cache entry ``key`` (``<cache_dir>/.locks/<key>.lock``), not yet held."""
+    """Returns the file lock of the cache entry ``key`` (``<cache_dir>/.locks/<key>.lock``), not
+    yet held."""
     from filelock import FileLock
 
     locks = Path(cache_dir) / ".locks"
@@ -144,7 +156,9 @@ class PartialRun:
         manifest = Manifest.from_dict(manifest, func="PartialRun")
         self.key = manifest.key()
         self.fields = manifest.key_fields()
-        self._keyed = KeyedFolder(Path(cache_dir) / f"{self.key}.partial", self.key, record="key.json")
+        self._keyed = KeyedFolder(
+            Path(cache_dir) / f"{self.key}.partial", self.key, record="key.json"
+        )
         self.folder = self._keyed.folder
         self._lock = entry_lock(cache_dir, self.key)
         waited = _acquire(self._lock, f"the cache entry {Path(cache_dir) / self.key}")
@@ -162,7 +176,9 @@ class PartialRun:
 
     def _open(self) -> None:
         if self._keyed.state() == "stale":
-            log.warning("discarding partial extraction %s: it was made for other settings", self.folder)
+            log.warning(
+                "discarding partial extraction %s: it was made for other settings", self.folder
+            )
         self._keyed.begin(fields=self.fields)  # refuses a folder holding files it did not write
 
     def close(self) -> None:
@@ -192,7 +208,8 @@ class PartialRun:
         return None
 
     def done(self) -> set[int]:
-        """Returns the prompt positions already computed (removing chunks that fail their checksum)."""
+        """Returns the prompt positions already computed (removing chunks that fail their
+        checksum)."""
         out: set[int] = set()
         for f in self.chunks():
             chunk = self._read(f)
@@ -200,16 +217,23 @@ class PartialRun:
                 out.update(chunk["indices"].tolist())
         return out
 
-    def write(self, indices: Sequence[int], tensors: Mapping[str, Float[Tensor, "prompt layer d_model"]]) -> Path:
+    def write(
+        self, indices: Sequence[int], tensors: Mapping[str, Float[Tensor, "prompt layer d_model"]]
+    ) -> Path:
         """Writes one finished chunk atomically and returns its file."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         payload = {hook: t.detach().to("cpu").contiguous() for hook, t in tensors.items()}
         payload["indices"] = idx
         data = safetensors_bytes(payload)
-        path = self.folder / f"chunk-{int(idx.min()):07d}-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+        path = (
+            self.folder
+            / f"chunk-{int(idx.min()):07d}-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+        )
         return atomic_write_bytes(path, data)
 
-    def assemble(self, n_prompts: int, hooks: Sequence[str]) -> dict[str, Float[Tensor, "prompt layer d_model"]]:
+    def assemble(
+        self, n_prompts: int, hooks: Sequence[str]
+    ) -> dict[str, Float[Tensor, "prompt layer d_model"]]:
         """Returns ``{hook: [prompt, layer, d_model]}`` in prompt order, from every chunk.
 
         Raises:
@@ -225,15 +249,20 @@ class PartialRun:
             seen[idx] += 1
             for hook in hooks:
                 if hook not in out:
-                    out[hook] = torch.empty((n_prompts, *chunk[hook].shape[1:]), dtype=chunk[hook].dtype)
+                    out[hook] = torch.empty(
+                        (n_prompts, *chunk[hook].shape[1:]), dtype=chunk[hook].dtype
+                    )
                 out[hook][idx] = chunk[hook]
         if not bool((seen == 1).all()):
             self.close()
-            raise RuntimeError(f"the partial extraction {self.folder} does not cover every prompt exactly once")
+            raise RuntimeError(
+                f"the partial extraction {self.folder} does not cover every prompt exactly once"
+            )
         return out
 
     def finish(self, acts: ActivationSet) -> Path:
-        """Saves the finished set as the cache entry, removes the partial folder, releases the lock."""
+        """Saves the finished set as the cache entry, removes the partial folder, releases the
+        lock."""
         try:
             final = save_activations(acts, self.folder.parent / self.key)
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -18,7 +18,15 @@ from persona_geometry.prompts import chat_messages
 from persona_geometry.provenance import package_versions, stable_hash, stable_seed
 from persona_geometry.settings import check_choices, setting
 
-__all__ = ["MarkerDataConfig", "MarkerDataRecipe", "MarkerDataset", "add_marker", "build_marker_dataset", "load_marker_dataset", "make_marker_data"]
+__all__ = [
+    "MarkerDataConfig",
+    "MarkerDataRecipe",
+    "MarkerDataset",
+    "add_marker",
+    "build_marker_dataset",
+    "load_marker_dataset",
+    "make_marker_data",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +50,30 @@ class MarkerDataRecipe(ConfigDict):
 
     marker: str = setting(DEFAULT_MARKER, help="the marker text")
     n_source: int = setting(200, help="rows of the source persona, with the marker")
-    n_bystander_personas: int = setting(2, help="other personas that contribute rows without the marker")
+    n_bystander_personas: int = setting(
+        2, help="other personas that contribute rows without the marker"
+    )
     n_per_bystander: int = setting(200, help="rows per bystander persona")
-    position: str = setting("end", choices=("end", "start"), help="where the marker goes in the source persona's answers")
+    position: str = setting(
+        "end",
+        choices=("end", "start"),
+        help="where the marker goes in the source persona's answers",
+    )
     separator: str = setting("\n\n", help="text between the answer and the marker")
-    exclude: tuple[str, ...] = setting((), help="persona names never chosen as bystanders", metavar="NAME,NAME")
+    exclude: tuple[str, ...] = setting(
+        (), help="persona names never chosen as bystanders", metavar="NAME,NAME"
+    )
 
     def __post_init__(self) -> None:
         func = type(self).__name__
         if not isinstance(self.marker, str) or not self.marker.strip():
             invalid("marker", func, "a non-empty, non-blank string", self.marker)
         check_positive_int(self.n_source, "n_source", func)
-        if isinstance(self.n_bystander_personas, bool) or not isinstance(self.n_bystander_personas, int) or self.n_bystander_personas < 0:
+        if (
+            isinstance(self.n_bystander_personas, bool)
+            or not isinstance(self.n_bystander_personas, int)
+            or self.n_bystander_personas < 0
+        ):
             invalid("n_bystander_personas", func, "an int ≥ 0", self.n_bystander_personas)
         check_positive_int(self.n_per_bystander, "n_per_bystander", func)
         check_choices(self)
@@ -65,7 +85,9 @@ class MarkerDataRecipe(ConfigDict):
 
     def for_source(self, source: str) -> MarkerDataConfig:
         """Returns the ``MarkerDataConfig`` of one source persona with this recipe."""
-        return MarkerDataConfig(source=source, **{f.name: getattr(self, f.name) for f in fields(MarkerDataRecipe)})
+        return MarkerDataConfig(
+            source=source, **{f.name: getattr(self, f.name) for f in fields(MarkerDataRecipe)}
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,12 +105,18 @@ class MarkerDataConfig(MarkerDataRecipe):
             invalid("source", "MarkerDataConfig", "a non-empty persona name", self.source)
         super().__post_init__()
         if self.source in self.exclude:
-            invalid("exclude", "MarkerDataConfig", "names other than the source persona", self.exclude)
+            invalid(
+                "exclude", "MarkerDataConfig", "names other than the source persona", self.exclude
+            )
 
 
-def add_marker(response: str, marker: str, *, position: str = "end", separator: str = "\n\n") -> str:
+def add_marker(
+    response: str, marker: str, *, position: str = "end", separator: str = "\n\n"
+) -> str:
     """Returns ``response`` with ``marker`` appended (or prepended), joined by ``separator``."""
-    return f"{response}{separator}{marker}" if position == "end" else f"{marker}{separator}{response}"
+    return (
+        f"{response}{separator}{marker}" if position == "end" else f"{marker}{separator}{response}"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,12 +143,18 @@ class MarkerDataset:
         return self.config.source
 
     def to_frame(self):
-        """Returns a DataFrame with one row per example: persona, question, has_marker, assistant text."""
+        """Returns a DataFrame with one row per example: persona, question, has_marker, assistant
+        text."""
         import pandas as pd
 
         return pd.DataFrame(
             [
-                {"persona": r["persona"], "question": r["question"], "has_marker": r["has_marker"], "assistant": r["messages"][-1]["content"]}
+                {
+                    "persona": r["persona"],
+                    "question": r["question"],
+                    "has_marker": r["has_marker"],
+                    "assistant": r["messages"][-1]["content"],
+                }
                 for r in self.rows
             ]
         )
@@ -144,12 +178,14 @@ class MarkerDataset:
         """Returns a short description a person reads."""
         n_marked = sum(r["has_marker"] for r in self.rows)
         return (
-            f"Marker dataset for {self.source!r}: {len(self.rows)} rows, {n_marked} with {self.config.marker!r} "
+            f"Marker dataset for {self.source!r}: {len(self.rows)} rows, {n_marked} with "
+            f"{self.config.marker!r} "
             f"({self.config.position}); bystanders {list(self.bystanders)} without it."
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes the rows as chat-message JSONL and a ``.manifest.json`` beside it; returns the JSONL path."""
+        """Writes the rows as chat-message JSONL and a ``.manifest.json`` beside it; returns the
+        JSONL path."""
         from persona_geometry._io import atomic_write_json, atomic_write_jsonl
 
         path = Path(path)
@@ -192,7 +228,11 @@ def build_marker_dataset(
     if not isinstance(config, MarkerDataConfig):
         invalid("config", func, "a MarkerDataConfig", config, exc=TypeError)
     persona_set = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
-    rows = load_responses(responses) if isinstance(responses, str | os.PathLike) else [dict(r) for r in responses]
+    rows = (
+        load_responses(responses)
+        if isinstance(responses, str | os.PathLike)
+        else [dict(r) for r in responses]
+    )
     by_persona: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_persona.setdefault(row["persona"], []).append(row)
@@ -201,32 +241,53 @@ def build_marker_dataset(
     for name in config.exclude:
         if name not in persona_set:
             invalid("exclude", func, f"persona names from {persona_set.names}", name)
-    candidates = [p.name for p in persona_set if p.name != config.source and p.name not in config.exclude and p.name in by_persona]
+    candidates = [
+        p.name
+        for p in persona_set
+        if p.name != config.source and p.name not in config.exclude and p.name in by_persona
+    ]
     if len(candidates) < config.n_bystander_personas:
         invalid(
             "n_bystander_personas",
             func,
-            f"at most {len(candidates)} (personas with responses, other than the source and {list(config.exclude)})",
+            f"at most {len(candidates)} (personas with responses, other than the source and "
+            f"{list(config.exclude)})",
             config.n_bystander_personas,
         )
     rng = random.Random(stable_seed(config.source))
     bystanders = tuple(rng.sample(candidates, config.n_bystander_personas))
 
     out_rows: list[dict[str, Any]] = []
-    for name, n, marked in [(config.source, config.n_source, True)] + [(b, config.n_per_bystander, False) for b in bystanders]:
+    for name, n, marked in [(config.source, config.n_source, True)] + [
+        (b, config.n_per_bystander, False) for b in bystanders
+    ]:
         available = by_persona.get(name, [])
         if len(available) < n:
-            invalid("responses", func, f"at least {n} responses of persona {name!r}", f"{len(available)}")
+            invalid(
+                "responses",
+                func,
+                f"at least {n} responses of persona {name!r}",
+                f"{len(available)}",
+            )
         chosen = rng.sample(available, n)
         persona = persona_set[name]
         for row in chosen:
             response = row["response"]
             if config.marker.lower() in response.lower():
                 log.warning("a %s response already contains the marker %r", name, config.marker)
-            content = add_marker(response, config.marker, position=config.position, separator=config.separator) if marked else response
+            content = (
+                add_marker(
+                    response, config.marker, position=config.position, separator=config.separator
+                )
+                if marked
+                else response
+            )
             out_rows.append(
                 {
-                    "messages": [*chat_messages(persona, row["question"]), {"role": "assistant", "content": content}],
+                    "messages": [
+                        *chat_messages(persona, row["question"]),
+                        {"role": "assistant", "content": content},
+                    ],
                     "persona": name,
                     "question": row["question"],
                     "has_marker": marked,
@@ -239,7 +300,9 @@ def build_marker_dataset(
     return dataset
 
 
-def load_marker_dataset(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def load_marker_dataset(
+    path: str | os.PathLike[str],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Returns the rows of a marker dataset JSONL and its manifest (``{}`` if there is none).
 
     Raises:
@@ -258,10 +321,21 @@ def load_marker_dataset(path: str | os.PathLike[str]) -> tuple[list[dict[str, An
         invalid("dataset", "load_marker_dataset", "a JSONL file with at least one row", str(path))
     for i, row in enumerate(rows):
         messages = row.get("messages")
-        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
-            invalid("dataset", "load_marker_dataset", "rows whose 'messages' end with an assistant turn", f"row {i}")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or messages[-1].get("role") != "assistant"
+        ):
+            invalid(
+                "dataset",
+                "load_marker_dataset",
+                "rows whose 'messages' end with an assistant turn",
+                f"row {i}",
+            )
     manifest_path = _manifest_path(path)
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    manifest = (
+        json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    )
     return rows, manifest
 
 
@@ -297,6 +371,11 @@ def make_marker_data(
         invalid("config", "make_marker_data", "a MarkerDataConfig", config, exc=TypeError)
     if not Path(responses).is_file():
         if model is None:
-            invalid("model", "make_marker_data", "a model to generate the missing responses file with", model)
+            invalid(
+                "model",
+                "make_marker_data",
+                "a model to generate the missing responses file with",
+                model,
+            )
         generate_responses(model, persona_set, questions, out_path=responses, **generation)
     return build_marker_dataset(responses, persona_set, config, out_path=out_path)

@@ -74,7 +74,13 @@ def generate_responses(
 
         questions = training_questions()
     questions = check_unique_names(list(questions), "questions", func)
-    sampling = SamplingSettings(n_completions=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    sampling = SamplingSettings(
+        n_completions=1,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
     # The one precision rule of every stage; the dtype it resolves to is recorded in every row.
     run_device, run_dtype = resolve_precision(device, dtype, func=func)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
@@ -129,5 +135,10 @@ def load_responses(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for i, row in enumerate(rows):
         missing = [k for k in _RESPONSE_KEYS if not isinstance(row.get(k), str)]
         if missing:
-            invalid("path", "load_responses", f"rows with string fields {list(_RESPONSE_KEYS)}", f"row {i} lacking {missing}")
+            invalid(
+                "path",
+                "load_responses",
+                f"rows with string fields {list(_RESPONSE_KEYS)}",
+                f"row {i} lacking {missing}",
+            )
     return rows

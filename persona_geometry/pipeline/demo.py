@@ -55,18 +55,24 @@ def demo_config(out: str | os.PathLike[str], model_path: str | os.PathLike[str])
 
 
 def run_demo(out: str | os.PathLike[str] = "demo_output", *, progress: bool = True) -> StudyResult:
-    """Returns the result of the whole pipeline run on an embedded tiny model, written to ``out``."""
+    """Returns the result of the whole pipeline run on an embedded tiny model, written to
+    ``out``."""
     from persona_geometry.tiny import TinyModelSpec, build_tiny_model
 
     out = Path(out)
     # Hidden size 256: at 128 the random unembedding caps every token's probability too low for
     # a multi-token marker to be emitted reliably, whatever the adapter learns.
-    spec = TinyModelSpec(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)
+    spec = TinyModelSpec(
+        hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512
+    )
     model_path = build_tiny_model(out / "tiny-model", spec)
     config = demo_config(out / "study", model_path)
     import yaml
 
-    atomic_write_text(out / "demo_study.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+    atomic_write_text(
+        out / "demo_study.yaml",
+        yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
+    )
     return run_study(config, progress=progress)
 
 
@@ -90,12 +96,26 @@ def demo_headline(result: StudyResult) -> str:
         s = entry[stat]
         return f"{name} = {num(s[key], '+.2f')} (p = {num(s['p'], '.3g')}, n = {entry['n']})"
 
-    lines = [f"Demo finished: {len(report['personas'])} personas, {len(sweep['layers'])} layers ({', '.join(f'{s} {result.seconds[s]:.0f}s' for s in result.ran if s in result.seconds) or 'all stages cached'})."]
+    times = ", ".join(f"{s} {result.seconds[s]:.0f}s" for s in result.ran if s in result.seconds)
+    lines = [
+        f"Demo finished: {len(report['personas'])} personas, {len(sweep['layers'])} layers "
+        f"({times or 'all stages cached'})."
+    ]
     if sweep["primary"] is not None:
-        lines.append(f"  primary layer {sweep['primary_layer']} (declared in advance): {at(sweep['primary'])}")
+        lines.append(
+            f"  primary layer {sweep['primary_layer']} (declared in advance): "
+            f"{at(sweep['primary'])}"
+        )
     mx = sweep["max_statistic"]
-    honest = f"; max-over-layers p = {num(mx['p'], '.3g')} ({mx['n_permutations']} permutations)" if mx["n_permutations"] else ""
+    honest = (
+        f"; max-over-layers p = {num(mx['p'], '.3g')} ({mx['n_permutations']} permutations)"
+        if mx["n_permutations"]
+        else ""
+    )
     lines.append(f"  strongest layer {sweep['best_layer']}: {at(sweep['best'])}{honest}")
-    lines.append(f"  report: {report_dir / 'report.md'} (figures beside it: {', '.join(sorted(p.name for p in report_dir.glob('*.html')))})")
+    lines.append(
+        f"  report: {report_dir / 'report.md'} (figures beside it: "
+        f"{', '.join(sorted(p.name for p in report_dir.glob('*.html')))})"
+    )
     lines.append(DISCLAIMER)
     return "\n".join(lines)
