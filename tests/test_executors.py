@@ -197,3 +197,63 @@ def test_ray_executor_without_ray_names_the_extra(reference, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"persona-geometry\[ray\]"):
         run_study(config.with_overrides(out=str(tmp_path)), executor="ray", progress=False)
+
+
+def _copy_until_train(src, dst):
+    """Copies a finished study's folder without its eval, sweep and report stages."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=lambda folder, names: [n for n in names if folder == str(src) and n in ("eval", "sweep", "report")])
+
+
+def _count_loads(monkeypatch):
+    import persona_geometry.models as models
+
+    calls = []
+    real = models.load_model
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counting)
+    return calls
+
+
+def test_eval_units_share_one_base_model_and_equal_the_unit_by_unit_path(reference, monkeypatch, tmp_path):
+    """The eval stage loads the base once for all adapters; each unit's files equal evaluating it alone."""
+    from persona_geometry.pipeline.study import run_unit
+
+    ref_config, ref = reference
+    outs = {}
+    for name in ("together", "alone"):
+        outs[name] = tmp_path / name / "out"
+        _copy_until_train(ref.out, outs[name])
+    together = ref_config.with_overrides(out=str(outs["together"]))
+    alone = ref_config.with_overrides(out=str(outs["alone"]))
+    units = study_units(together, "eval")
+    assert len(units) == 4
+
+    loads = _count_loads(monkeypatch)
+    result = run_study(together, stages=["eval"], progress=False)
+    assert sorted(result.computed) == sorted(u.name for u in units)
+    assert len(loads) == 1  # one base model for the four adapters
+
+    loads.clear()
+    for u in study_units(alone, "eval"):
+        run_unit(alone, u)  # the independent path: one unit, one base-model load
+    assert len(loads) == 4
+
+    for u in units:
+        rel = os.path.relpath(u.folder, outs["together"])
+        a, b = outs["together"] / rel, outs["alone"] / rel
+        assert (a / "completions.jsonl").read_bytes() == (b / "completions.jsonl").read_bytes()
+        # run_result.json names its own folder's adapter and times the pass: all else is equal.
+        ra, rb = (json.loads((out / rel / "run_result.json").read_text().replace(str(out), "OUT")) for out in (outs["together"], outs["alone"]))
+        assert ra["provenance"].pop("seconds") > 0 and rb["provenance"].pop("seconds") > 0
+        assert ra == rb
+        assert json.loads((a / ".stage.json").read_text())["together"] == 4
+    assert len({(outs["together"] / os.path.relpath(u.folder, outs["together"]) / "completions.jsonl").read_text() for u in units}) == 4
+    for out, config in ((outs["together"], together), (outs["alone"], alone)):
+        run_study(config, progress=False)
+        assert _numbers(out) == _numbers(ref.out)

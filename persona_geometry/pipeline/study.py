@@ -39,7 +39,7 @@ from persona_geometry.questions import builtin_questions, load_questions, traini
 from persona_geometry.resume import KeyedFolder
 from persona_geometry.settings import STAGES
 
-__all__ = ["STAGES", "UNIT_STAGES", "StudyResult", "Unit", "run_study", "run_unit", "study_inputs", "study_units", "unit_outputs"]
+__all__ = ["STAGES", "UNIT_STAGES", "StudyResult", "Unit", "run_study", "run_unit", "run_units", "study_inputs", "study_units", "unit_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,10 @@ def run_study(
             units = study_units(config, stage, inputs=inputs)
             before = {u.name: _stage_record(Path(u.folder), u.key).done() and not force for u in units}
             run = partial(run_unit, config, force=force, progress=progress and len(units) == 1)
+            # Evaluation units share one base model: each process runs its share in one pass.
+            run_many = partial(run_units, config, force=force, progress=progress) if stage == "eval" else None
             # Every array shard needs the (single) data unit; the shards compute it once, under a lock.
-            results = ex.map(units, run, together=stage == "data" and ex.name == "shard")
+            results = ex.map(units, run, together=stage == "data" and ex.name == "shard", run_many=run_many)
             produced = {}
             for u, r in zip(units, results, strict=True):
                 if r is not None:
@@ -414,21 +416,14 @@ def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: 
     The unit logs where it runs (host, process, device) and writes its log next to its output;
     its record counts the attempts at its key (a unit retried after its worker died shows 2).
     """
-    import os
-    import socket
-
     folder = Path(unit.folder)
     record = _stage_record(folder, unit.key)
     if record.done() and not force:
         log.info("unit %s: cached", unit.name)
         return dict(record.info().get("files", {}))
-    previous = record.info()
-    attempt = previous.get("attempt", 1) + 1 if record.state() == "unfinished" and not force else 1
-    where = {"unit": unit.name, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(),
-             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
-    record.begin(force=force, **where)
+    where = _begin(unit, record, force=force)
     with _unit_log(folder / "unit.log"):
-        log.info("unit %s: running on %s (pid %d, CUDA_VISIBLE_DEVICES=%s, attempt %d)", unit.name, where["host"], where["pid"], where["cuda_visible_devices"], attempt)
+        log.info("unit %s: running on %s (pid %d, CUDA_VISIBLE_DEVICES=%s, attempt %d)", unit.name, where["host"], where["pid"], where["cuda_visible_devices"], where["attempt"])
         start = time.perf_counter()
         inputs = study_inputs(config)
         with _quiet_loading():
@@ -437,6 +432,74 @@ def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: 
         log.info("unit %s: done in %.1f s", unit.name, seconds)
     record.finish(**where, files=files, seconds=round(seconds, 2))
     return files
+
+
+def _begin(unit: Unit, record: KeyedFolder, *, force: bool) -> dict[str, Any]:
+    """Starts a unit's record (counting attempts at its key) and returns where it runs."""
+    import os
+    import socket
+
+    previous = record.info()
+    attempt = previous.get("attempt", 1) + 1 if record.state() == "unfinished" and not force else 1
+    where = {"unit": unit.name, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(),
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
+    record.begin(force=force, **where)
+    return where
+
+
+def run_units(config: StudyConfig, units: Sequence[Unit], *, force: bool = False, progress: bool = False) -> list[dict[str, str]]:
+    """Returns each unit's output files, in the units' order, running those not finished.
+
+    Evaluation units on the HF back end run together: the base model is loaded once, every
+    pending adapter is attached unmerged and their rows share batches
+    (``source_rates_by_adapter``). Each unit still gets its own folder, record, log and files,
+    the same as :func:`run_unit` writes for it alone (completions are seeded per completion,
+    so grouping changes no completion). Other units run one after the other.
+    """
+    units = list(units)
+    pending = [u for u in units if force or not _stage_record(Path(u.folder), u.key).done()]
+    if len(pending) > 1 and all(u.stage == "eval" for u in pending) and config.eval.backend == "hf":
+        _eval_units_together(config, pending, force=force, progress=progress)
+        force = False  # just computed: read back below
+    return [run_unit(config, u, force=force, progress=progress and len(units) == 1) for u in units]
+
+
+def _eval_units_together(config: StudyConfig, units: list[Unit], *, force: bool, progress: bool) -> None:
+    """Runs several eval units in one pass over one base model, each writing its own folder and record."""
+    from contextlib import ExitStack
+
+    from persona_geometry.eval import source_rates_by_adapter
+
+    inputs = study_inputs(config)
+    out = Path(config.out)
+    e = config.eval
+    records = {u.name: _stage_record(Path(u.folder), u.key) for u in units}
+    where = {u.name: _begin(u, records[u.name], force=force) for u in units}
+    with ExitStack() as logs:
+        for u in units:
+            logs.enter_context(_unit_log(Path(u.folder) / "unit.log"))
+        first = where[units[0].name]
+        log.info("units %s: running together on %s (pid %d, CUDA_VISIBLE_DEVICES=%s), one base model",
+                 ", ".join(u.name for u in units), first["host"], first["pid"], first["cuda_visible_devices"])  # fmt: skip
+        start = time.perf_counter()
+        with _quiet_loading():
+            source_rates_by_adapter(
+                config.model.name,
+                {u.name: out / "train" / u.args[0] / f"seed{u.args[1]}" / "adapter" for u in units},
+                inputs.personas,
+                list(inputs.questions),
+                sources={u.name: u.args[0] for u in units},
+                out_dirs={u.name: Path(u.folder) for u in units},
+                seeds={u.name: e.seed + u.args[1] for u in units},
+                **_eval_kwargs(config),
+                progress=progress,
+            )
+        seconds = time.perf_counter() - start
+        log.info("units %s: done in %.1f s", ", ".join(u.name for u in units), seconds)
+    for u in units:
+        source, seed = u.args
+        files = {f"eval:{source}:seed{seed}": str(Path(u.folder) / "run_result.json")}
+        records[u.name].finish(**where[u.name], files=files, seconds=round(seconds / len(units), 2), together=len(units))
 
 
 @contextmanager
@@ -610,23 +673,36 @@ def _eval_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw
         inputs.personas,
         list(inputs.questions),
         source=source,
+        seed=e.seed + seed,
+        out_dir=folder,
+        **_eval_kwargs(config),
+        progress=False,  # one bar over the adapters instead
+    )
+    return {f"eval:{source}:seed{seed}": str(folder / "run_result.json")}
+
+
+def _eval_kwargs(config: StudyConfig) -> dict[str, Any]:
+    """Returns the sampling and placement arguments every eval unit shares."""
+    e, m = config.eval, config.model
+    kwargs: dict[str, Any] = dict(
         n_completions=e.n_completions,
         temperature=e.temperature,
         top_p=e.top_p,
         max_new_tokens=e.max_new_tokens,
-        seed=e.seed + seed,
         backend=e.backend,
-        out_dir=folder,
         marker=config.data.marker,
         regex=e.regex,
         batch_size=e.batch_size,
         vllm_kwargs=_tensor_parallel(e.tensor_parallel_size),
-        device=config.model.device,
-        dtype=config.model.dtype,
+        device=m.device,
+        dtype=m.dtype,
         chat_template=_chat_template(config),
-        progress=False,  # one bar over the adapters instead
     )
-    return {f"eval:{source}:seed{seed}": str(folder / "run_result.json")}
+    if m.device_map is not None and e.backend == "hf":
+        placement = m.placement()
+        kwargs["device"] = placement.pop("device")
+        kwargs["placement"] = placement
+    return kwargs
 
 
 def _tensor_parallel(size: int) -> dict[str, Any] | None:
