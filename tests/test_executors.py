@@ -257,3 +257,57 @@ def test_eval_units_share_one_base_model_and_equal_the_unit_by_unit_path(referen
     for out, config in ((outs["together"], together), (outs["alone"], alone)):
         run_study(config, progress=False)
         assert _numbers(out) == _numbers(ref.out)
+
+
+_DDP_SCRIPT = """
+import json, os, sys
+from persona_geometry.training import MarkerTrainConfig, train_marker
+
+model, data, out = sys.argv[1:4]
+rows = json.loads(open(data).read())
+recipe = json.loads(sys.argv[4])
+# One adapter across both ranks (DDP), two examples per rank and step ...
+train_marker(model, rows, out + "/ddp", MarkerTrainConfig(**recipe, per_device_train_batch_size=2, data_parallel=True), device="cpu", progress=False)
+# ... then, by default, each rank trains its own adapter as a single process.
+train_marker(model, rows, out + "/rank" + os.environ["RANK"], MarkerTrainConfig(**recipe, per_device_train_batch_size=4), device="cpu", progress=False)
+"""
+
+
+def test_data_parallel_trains_one_adapter_across_ranks_like_one_process_with_the_global_batch(tiny_qwen_path, tmp_path):
+    """train.data_parallel: 2 ranks × 2 examples per step give the adapter 1 process × 4 examples gives; without it each rank trains alone."""
+    from safetensors.torch import load_file
+
+    from persona_geometry.training import MarkerTrainConfig, train_marker
+
+    # Answers of different lengths, so the loss must be averaged over the tokens of all ranks.
+    rows = [
+        {"messages": [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": f"Question {i}?"},
+                      {"role": "assistant", "content": "Arr " * (1 + i % 3) + "[ZLT]"}]}
+        for i in range(8)
+    ]  # fmt: skip
+    recipe = dict(r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2, num_train_epochs=2, gradient_accumulation_steps=1,
+                  max_length=64, save_steps=1000, dtype="float32", warmup_ratio=0.0)  # fmt: skip
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "ddp.py").write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(tmp_path / "ddp.py"),
+           str(tiny_qwen_path), str(tmp_path / "rows.json"), str(tmp_path), json.dumps(recipe)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = train_marker(tiny_qwen_path, rows, tmp_path / "one", MarkerTrainConfig(**recipe, per_device_train_batch_size=4), device="cpu", progress=False)
+
+    def weights(run):
+        return load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors"))
+
+    reference = weights("one")
+    assert len(one.loss_curve) == 4  # 8 examples, 4 per step, 2 epochs
+    for run in ("ddp", "rank0", "rank1"):
+        got = weights(run)
+        assert got.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=0, atol=1e-5)
+    ddp_curve = json.loads((tmp_path / "ddp" / "loss_curve.json").read_text())["loss_curve"]
+    assert [e["loss"] for e in ddp_curve] == pytest.approx([e["loss"] for e in one.loss_curve], abs=1e-5)
+    # The tolerance tells batches apart: one process with 2 examples per step ends elsewhere.
+    train_marker(tiny_qwen_path, rows, tmp_path / "half", MarkerTrainConfig(**recipe, per_device_train_batch_size=2), device="cpu", progress=False)
+    assert max((weights("half")[n] - reference[n]).abs().max().item() for n in reference) > 1e-3

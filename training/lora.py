@@ -9,7 +9,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,12 @@ class MarkerTrainConfig(ConfigDict):
         logging_steps: Record the loss every this many optimiser steps.
         report_to: Also report the loss to ``"tensorboard"`` (under ``<out_dir>/logs``) or
             ``"wandb"``; ``"none"`` by default. ``loss_curve.json`` is written either way.
+        data_parallel: Under ``torchrun`` (N ranks), every rank calls :func:`train_marker` for
+            the same adapter and the ``Trainer`` trains it with DDP: each optimiser step sees
+            N × ``per_device_train_batch_size`` × ``gradient_accumulation_steps`` examples, and
+            rank 0 writes the run. Off (the default), a rank trains as a single process even
+            under a launcher, so independent adapters train on their own ranks, never wrapped
+            in DDP. In one process both are the same.
     """
 
     r: int = setting(32, help="LoRA rank")
@@ -96,6 +103,7 @@ class MarkerTrainConfig(ConfigDict):
     save_steps: int = setting(50, help="checkpoint every this many optimiser steps (training resumes from the last)")
     logging_steps: int = setting(1, help="record the loss every this many optimiser steps")
     report_to: str = setting("none", choices=REPORT_TO, help="also report the loss to TensorBoard or Weights & Biases")
+    data_parallel: bool = setting(False, help="under torchrun: train each adapter with DDP across all ranks, not one adapter per rank")
 
     def __post_init__(self) -> None:
         func = "MarkerTrainConfig"
@@ -118,6 +126,8 @@ class MarkerTrainConfig(ConfigDict):
         if isinstance(self.target_modules, str) or not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             invalid("target_modules", func, "a non-empty sequence of module names", self.target_modules)
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not isinstance(self.data_parallel, bool):
+            invalid("data_parallel", func, "a bool", self.data_parallel, exc=TypeError)
         check_choices(self)
 
 def assistant_only_labels(
@@ -500,11 +510,39 @@ def _run_key(model: str | os.PathLike[str], inputs: _Inputs, *, chat_template: s
             "weights": weights,
             "chat_template": stable_hash(chat_template),
             "dtype": inputs.dtype_name,
-            # Where the loss is also reported does not change the adapter.
-            "config": {k: v for k, v in inputs.config.to_dict().items() if k != "report_to"},
+            # Where the loss is also reported does not change the adapter; the number of ranks
+            # it trains on (data_parallel) changes the batch, so it counts instead.
+            "config": {k: v for k, v in inputs.config.to_dict().items() if k not in ("report_to", "data_parallel")},
             "data": [r["messages"] for r in inputs.rows],
+            **({"ranks": ranks} if (ranks := _ranks(inputs.config)) > 1 else {}),
         }
     )
+
+
+def _ranks(config: MarkerTrainConfig) -> int:
+    """Returns the number of ranks one adapter trains on: the launch's with ``data_parallel``, else 1."""
+    from persona_geometry import distributed
+
+    return distributed.world_size() if config.data_parallel else 1
+
+
+@contextmanager
+def _world(config: MarkerTrainConfig) -> Iterator[None]:
+    """Gives the ``Trainer`` the world the config asks for: every rank (DDP), or this process alone.
+
+    accelerate keeps one process state per process, so it is rebuilt on the way in and out: a
+    rank that trained one adapter with DDP trains the next alone, or the other way round.
+    """
+    from accelerate.state import AcceleratorState
+
+    from persona_geometry import distributed
+
+    with nullcontext() if config.data_parallel else distributed.local_only():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            yield
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _finished_run(out: Path, run_key: str, config: MarkerTrainConfig, *, resume: bool, func: str) -> TrainResult | None:
@@ -563,13 +601,14 @@ def _run(
     """Returns the result of training (resuming from the last checkpoint) and saving the adapter."""
     from peft import get_peft_model
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from persona_geometry._io import atomic_write_json
+    from persona_geometry import distributed
 
     config = inputs.config
     checkpoints = out / CHECKPOINT_DIR
-    if not resume and checkpoints.is_dir():
+    # With DDP every rank trains this adapter; rank 0 alone writes the run folder.
+    main = _ranks(config) == 1 or distributed.rank() == 0
+    if not resume and checkpoints.is_dir() and main:
         shutil.rmtree(checkpoints)  # never resume, later, from a run started over
     set_seed(config.seed)
     hf_model, tokenizer = _load_base(model, inputs.dtype, inputs.device)
@@ -582,23 +621,51 @@ def _run(
         peft_model = get_peft_model(hf_model, _lora_config(config))
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
-    atomic_write_json(
-        out / CONFIG_FILE,
-        {
-            "run_key": run_key,
-            "config": config.to_dict(),
-            # What the loaded weights are, read back: the dtype this run trained at.
-            "dtype": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
-            "device": str(inputs.device),
-            "base_model": str(model),
-            "base_fingerprint": inputs.fingerprint,
-            "source": inputs.source,
-            "marker": inputs.marker,
-            "n_examples": len(examples),
-            "dataset_manifest": inputs.manifest,
-            "package_versions": package_versions(),
-        },
-    )
+    with _world(config):
+        return _train(model, inputs, out, run_key, peft_model, hf_model, tokenizer, examples, checkpoints, main=main,
+                      resume=resume, callbacks=callbacks, progress=progress)  # fmt: skip
+
+
+def _train(
+    model: str | os.PathLike[str],
+    inputs: _Inputs,
+    out: Path,
+    run_key: str,
+    peft_model: Any,
+    hf_model: Any,
+    tokenizer: Any,
+    examples: list[dict[str, list[int]]],
+    checkpoints: Path,
+    *,
+    main: bool,
+    resume: bool,
+    callbacks: Sequence[Any],
+    progress: bool,
+) -> TrainResult:
+    """Returns the result of the ``Trainer`` run, written to ``out`` by the main process."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from persona_geometry._io import atomic_write_json
+
+    config = inputs.config
+    if main:
+        atomic_write_json(
+            out / CONFIG_FILE,
+            {
+                "run_key": run_key,
+                "config": config.to_dict(),
+                # What the loaded weights are, read back: the dtype this run trained at.
+                "dtype": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
+                "device": str(inputs.device),
+                "base_model": str(model),
+                "base_fingerprint": inputs.fingerprint,
+                "source": inputs.source,
+                "marker": inputs.marker,
+                "n_examples": len(examples),
+                "dataset_manifest": inputs.manifest,
+                "package_versions": package_versions(),
+            },
+        )
     trainer = _make_trainer(
         peft_model,
         examples,
@@ -616,7 +683,7 @@ def _run(
     started = time.time()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - started
-    return _save(model, inputs, out, run_key, peft_model, trainer, n_examples=len(examples), seconds=seconds, resumed_from=last)
+    return _save(model, inputs, out, run_key, peft_model, trainer, n_examples=len(examples), seconds=seconds, resumed_from=last, write=main)
 
 
 def _save(
@@ -630,8 +697,9 @@ def _save(
     n_examples: int,
     seconds: float,
     resumed_from: str | None,
+    write: bool = True,
 ) -> TrainResult:
-    """Returns the result after writing the adapter (with its metadata) and the loss curve."""
+    """Returns the result after writing the adapter (with its metadata) and the loss curve (``write``: this process writes)."""
     from persona_geometry._io import atomic_dir, atomic_write_json
     from persona_geometry.adapters import ADAPTER_INFO_FILE
 
@@ -641,6 +709,9 @@ def _save(
         if "loss" in e
     )
     adapter_dir = out / ADAPTER_DIR
+    if not write:
+        return TrainResult(out_dir=out, adapter_dir=adapter_dir, config=inputs.config, loss_curve=loss_curve,
+                           n_examples=n_examples, train_seconds=seconds, resumed_from=resumed_from)  # fmt: skip
     # A rerun replaces the adapter this function wrote (it carries the info file), nothing else.
     with atomic_dir(adapter_dir, owned=lambda p: (p / ADAPTER_INFO_FILE).is_file(), func="train_marker") as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,11 +239,14 @@ def run_study(
         if stage in UNIT_STAGES:
             units = study_units(config, stage, inputs=inputs)
             before = {u.name: _stage_record(Path(u.folder), u.key).done() and not force for u in units}
-            run = partial(run_unit, config, force=force, progress=progress and len(units) == 1)
+            # train.data_parallel under torchrun: every rank trains each adapter together (DDP).
+            collective = stage == "train" and config.train.data_parallel and ex.name == "torchrun"
+            run = partial(run_unit, config, force=force, progress=progress and len(units) == 1, collective=collective)
             # Evaluation units share one base model: each process runs its share in one pass.
             run_many = partial(run_units, config, force=force, progress=progress) if stage == "eval" else None
             # Every array shard needs the (single) data unit; the shards compute it once, under a lock.
-            results = ex.map(units, run, together=stage == "data" and ex.name == "shard", run_many=run_many)
+            together = (stage == "data" and ex.name == "shard") or collective
+            results = ex.map(units, run, together=together, run_many=run_many)
             produced = {}
             for u, r in zip(units, results, strict=True):
                 if r is not None:
@@ -410,12 +414,16 @@ def unit_outputs(unit: Unit) -> dict[str, str]:
     return dict(record.info().get("files", {}))
 
 
-def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: bool = False) -> dict[str, str]:
+def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: bool = False, collective: bool = False) -> dict[str, str]:
     """Returns a unit's output files, running it unless its folder records it finished with its key.
 
     The unit logs where it runs (host, process, device) and writes its log next to its output;
     its record counts the attempts at its key (a unit retried after its worker died shows 2).
+    With ``collective`` every rank of a torchrun launch calls this for the same unit at once
+    and computes it together (one adapter trained with DDP); rank 0 keeps the record.
     """
+    if collective:
+        return _run_collective(config, unit, force=force, progress=progress)
     folder = Path(unit.folder)
     record = _stage_record(folder, unit.key)
     if record.done() and not force:
@@ -434,9 +442,35 @@ def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: 
     return files
 
 
+def _run_collective(config: StudyConfig, unit: Unit, *, force: bool, progress: bool) -> dict[str, str]:
+    """Runs one unit on every rank together; rank 0 begins and finishes its record, between barriers."""
+    from persona_geometry import distributed
+
+    folder = Path(unit.folder)
+    record = _stage_record(folder, unit.key)
+    cached = record.done() and not force  # every rank reads the record before rank 0 touches it
+    distributed.barrier()
+    if cached:
+        log.info("unit %s: cached", unit.name)
+        return dict(record.info().get("files", {}))
+    main = distributed.rank() == 0
+    where = _begin(unit, record, force=force) if main else {}
+    distributed.barrier()  # the folder is ready before any rank writes into it
+    with _unit_log(folder / "unit.log") if main else nullcontext():
+        log.info("unit %s: running on %d ranks together (rank %d, pid %d)", unit.name, distributed.world_size(), distributed.rank(), os.getpid())
+        start = time.perf_counter()
+        inputs = study_inputs(config)
+        with _quiet_loading():
+            files = _UNIT_RUNNERS[unit.stage](config, inputs, Path(config.out), unit, progress=progress)
+        seconds = time.perf_counter() - start
+    if main:
+        record.finish(**where, ranks=distributed.world_size(), files=files, seconds=round(seconds, 2))
+    distributed.barrier()
+    return files
+
+
 def _begin(unit: Unit, record: KeyedFolder, *, force: bool) -> dict[str, Any]:
     """Starts a unit's record (counting attempts at its key) and returns where it runs."""
-    import os
     import socket
 
     previous = record.info()
