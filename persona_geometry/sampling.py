@@ -258,13 +258,25 @@ def load_with_adapters(
     """Returns ``(model, tokenizer, peft name per key)``: the base loaded once, every adapter unmerged.
 
     A key whose adapter is None maps to peft's base-model name, so its rows run without LoRA.
-    ``placement`` (``device_map``, ``max_memory``, ``offload_folder``) splits the base model
-    across devices as ``load_model`` does; each adapter's LoRA weights sit with their layer.
+    ``placement`` (``device_map``, ``max_memory``, ``offload_folder``, as ``load_model`` takes
+    them) splits the model across devices once the adapters are attached: the base loads into
+    CPU memory, then accelerate dispatches base and adapters together. Blocks offloaded to
+    ``"disk"`` (or to ``"cpu"`` next to a GPU) keep their LoRA weights resident on the
+    execution device, so every adapter's update is there when the block runs.
     """
     from persona_geometry.models import load_model
 
-    handle = load_model(model, device=device, dtype=dtype, **dict(placement or {}))
+    placement = dict(placement or {})
+    handle = load_model(model, device="cpu" if placement else device, dtype=dtype)
     hf_model, tokenizer = handle.model, handle.tokenizer
+    hf_model, names = _attach_adapters(hf_model, adapters)
+    if placement:
+        hf_model = _dispatch(hf_model, handle.model, **placement)
+    return hf_model, tokenizer, names
+
+
+def _attach_adapters(hf_model: Any, adapters: Mapping[Any, str | os.PathLike[str] | None]) -> tuple[Any, dict[Any, str]]:
+    """Returns the model with every adapter attached unmerged (a peft model if any), and each key's peft name."""
     names: dict[Any, str] = {}
     peft_model = None
     for i, (key, path) in enumerate(adapters.items()):
@@ -281,7 +293,67 @@ def load_with_adapters(
         names[key] = name
     if peft_model is not None:
         hf_model = peft_model.eval()
-    return hf_model, tokenizer, names
+    return hf_model, names
+
+
+def _dispatch(
+    model: Any,
+    base: Any,
+    *,
+    device_map: str | dict[str, Any],
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Returns ``model`` (a peft model or a plain one) split across devices by accelerate."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    prefix = "base_model.model." if model is not base else ""
+    no_split = list(getattr(base, "_no_split_modules", None) or [])
+    if isinstance(device_map, str):  # "auto", "balanced", "sequential": as from_pretrained infers them
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    else:
+        device_map = {(prefix + k if k else prefix.rstrip(".")) or "": v for k, v in device_map.items()}
+    gpus = [v for v in device_map.values() if v not in ("cpu", "disk")]
+    offloaded = ("disk",) if not gpus else ("cpu", "disk")
+    main = gpus[0] if gpus else "cpu"
+    device_map = _lora_resident(model, device_map, offloaded, main)
+    if "disk" in device_map.values() and offload_folder is None:
+        invalid("offload_folder", "load_with_adapters", "a folder when the device_map puts blocks on 'disk'", None)
+    return dispatch_model(model, device_map=device_map, offload_dir=None if offload_folder is None else os.fspath(offload_folder))
+
+
+def _lora_resident(model: Any, device_map: dict[str, Any], offloaded: tuple[str, ...], main: Any) -> dict[str, Any]:
+    """Returns the map with each offloaded module split so that its LoRA weights sit on ``main``.
+
+    Offloaded weights are read in only while their module runs; LoRA weights read outside it
+    (per-row LoRA hooks) must stay resident, so a LoRA layer's base weight stays offloaded and
+    its adapter weights go to the execution device.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    modules = dict(model.named_modules())
+
+    def has_lora(name: str) -> bool:
+        return any(isinstance(m, LoraLayer) for m in modules[name].modules())
+
+    def expand(name: str, where: Any) -> dict[str, Any]:
+        module = modules[name]
+        if isinstance(module, LoraLayer):
+            return {f"{name}.{child}": (where if child == "base_layer" else main) for child, _ in module.named_children()}
+        if not has_lora(name) or any(True for _ in module.parameters(recurse=False)):
+            return {name: where}
+        out: dict[str, Any] = {}
+        for child, _ in module.named_children():
+            out.update(expand(f"{name}.{child}" if name else child, where))
+        return out
+
+    result: dict[str, Any] = {}
+    for name, where in device_map.items():
+        result.update(expand(name, where) if where in offloaded and name in modules else {name: where})
+    return result
 
 
 def _generate_hf(

@@ -26,6 +26,7 @@ __all__ = [
     "MarkerTrainConfig",
     "TrainResult",
     "assistant_only_labels",
+    "check_train_device_map",
     "train_marker",
 ]
 
@@ -388,12 +389,33 @@ def _reporting_callbacks(config: MarkerTrainConfig, out: Path) -> list[Any]:
     return [TensorBoardCallback(tb_writer=SummaryWriter(str(out / LOGS_DIR)))]
 
 
-def _load_base(model: str | os.PathLike[str], dtype: Any, device: Any) -> tuple[Any, Any]:
-    """Returns (model, tokenizer) from the core loader, ready for peft to wrap."""
+def _load_base(
+    model: str | os.PathLike[str], dtype: Any, device: Any, *, device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None
+) -> tuple[Any, Any]:
+    """Returns (model, tokenizer) from the core loader, ready for peft to wrap (split across GPUs with ``device_map``)."""
     from persona_geometry.models import load_model
 
-    handle = load_model(model, device=device, dtype=dtype)
+    if device_map is None:
+        handle = load_model(model, device=device, dtype=dtype)
+        return handle.model, handle.tokenizer
+    handle = load_model(model, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    # A map inferred from max_memory ("auto") can offload blocks: known only once it is made.
+    check_train_device_map(getattr(handle.model, "hf_device_map", {}), "device_map", "train_marker")
     return handle.model, handle.tokenizer
+
+
+def check_train_device_map(device_map: str | Mapping[str, Any] | None, param: str, func: str) -> None:
+    """Raises ValueError if a device map offloads blocks (to ``"disk"``, or to ``"cpu"`` beside a GPU).
+
+    A LoRA trains on a model split across GPUs (each block runs where it sits, the ``Trainer``
+    leaves the placement alone), but not on offloaded blocks: accelerate reads their weights in
+    for the forward pass only, and backpropagation through them is not supported.
+    """
+    if not isinstance(device_map, Mapping):
+        return  # "auto" and friends: checked on the map they produce
+    places = set(device_map.values())
+    if "disk" in places or ("cpu" in places and places - {"cpu"}):
+        invalid(param, func, "a map of modules to GPUs only (training cannot run on blocks offloaded to 'cpu' or 'disk')", dict(device_map))
 
 
 def train_marker(
@@ -405,6 +427,8 @@ def train_marker(
     source: str | None = None,
     marker: str | None = None,
     device: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
     chat_template: str | None = None,
     resume: bool = True,
     callbacks: Sequence[Any] = (),
@@ -427,6 +451,10 @@ def train_marker(
             when None.
         marker: The marker, recorded with the adapter; read from the manifest when None.
         device: Torch device; CUDA when available, else CPU.
+        device_map: For a model larger than one GPU: ``load_model``'s ``device_map``, the
+            blocks split across GPUs (naive model parallelism: one GPU busy at a time). Blocks
+            offloaded to ``"cpu"`` or ``"disk"`` are refused; so is ``config.data_parallel``.
+        max_memory: With ``device_map``: the most memory per device.
         chat_template: A Jinja template to use instead of the tokenizer's own.
         resume: Resume from the last checkpoint in ``out_dir`` if there is one.
         callbacks: Extra ``transformers.TrainerCallback`` objects (early stopping, logging, ...).
@@ -437,12 +465,19 @@ def train_marker(
             different config or dataset.
     """
     inputs = _validate(model, dataset, config, source=source, marker=marker, device=device, func="train_marker")
+    if device_map is not None:
+        check_train_device_map(device_map, "device_map", "train_marker")
+        if inputs.config.data_parallel:
+            invalid("device_map", "train_marker", "None with config.data_parallel (DDP keeps a whole model copy per rank)", device_map)
+    elif max_memory is not None:
+        invalid("device_map", "train_marker", "set when max_memory is", None)
     out = Path(out_dir)
     run_key = _run_key(model, inputs, chat_template=chat_template)
     finished = _finished_run(out, run_key, inputs.config, resume=resume, func="train_marker")
     if finished is not None:
         return finished
-    return _run(model, inputs, out, run_key, chat_template=chat_template, resume=resume, callbacks=callbacks, progress=progress)
+    placement = {"device_map": device_map, "max_memory": max_memory}
+    return _run(model, inputs, out, run_key, chat_template=chat_template, resume=resume, callbacks=callbacks, progress=progress, placement=placement)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -597,6 +632,7 @@ def _run(
     resume: bool,
     callbacks: Sequence[Any],
     progress: bool,
+    placement: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Returns the result of training (resuming from the last checkpoint) and saving the adapter."""
     from peft import get_peft_model
@@ -611,7 +647,7 @@ def _run(
     if not resume and checkpoints.is_dir() and main:
         shutil.rmtree(checkpoints)  # never resume, later, from a run started over
     set_seed(config.seed)
-    hf_model, tokenizer = _load_base(model, inputs.dtype, inputs.device)
+    hf_model, tokenizer = _load_base(model, inputs.dtype, inputs.device, **(placement or {}))
     examples = _tokenise(inputs.rows, tokenizer, config, chat_template=chat_template)
     # Without a KV cache the model reads packed examples' boundaries from the position ids.
     hf_model.config.use_cache = False

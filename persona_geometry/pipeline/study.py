@@ -206,6 +206,8 @@ def run_study(
         if s not in STAGES:
             invalid("stages", "run_study", f"stage names from {list(STAGES)}", s)
     # Every check that needs no weights, before anything is trained or the output folder exists.
+    if "train" in chosen:
+        _check_train_placement(config)
     from persona_geometry.pipeline.plan import plan_study
 
     plan_study(config, stages=chosen)
@@ -266,6 +268,24 @@ def run_study(
     if "report" in chosen and ex.assembles:
         files.setdefault("report", str(out / "report" / "report.md"))
     return StudyResult(out=out, ran=tuple(ran), skipped=tuple(skipped), files=files, seconds=seconds, computed=tuple(computed))
+
+
+def _check_train_placement(config: StudyConfig) -> None:
+    """Raises ValueError if the train stage cannot run with the study's ``model.device_map``."""
+    from persona_geometry.training.lora import check_train_device_map
+
+    m = config.model
+    if m.device_map is None:
+        return
+    try:
+        check_train_device_map(m.device_map, "model.device_map", "run_study")
+    except ValueError:
+        raise ValueError(
+            f"The study config's 'model.device_map' offloads blocks to 'cpu' or 'disk' ({m.device_map}), where the train stage cannot "
+            "run: map every block to a GPU, or run the train stage without model.device_map and model.max_memory."
+        ) from None
+    if config.train.data_parallel:
+        raise ValueError("The study config's 'train.data_parallel' needs one whole model per rank: it cannot be true with 'model.device_map' set.")
 
 
 def _write_resolved_config(config: StudyConfig, out: Path) -> None:
@@ -688,7 +708,7 @@ def _train_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **k
         dataclasses.replace(config.train, seed=seed, dtype=config.train_dtype()),
         source=source,
         marker=config.data.marker,
-        device=config.model.device,
+        **config.model.placement(),  # device, or device_map and max_memory: blocks split across GPUs
         chat_template=_chat_template(config),
         progress=False,  # one bar over the adapters instead
     )
