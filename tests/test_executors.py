@@ -155,6 +155,26 @@ def test_torchrun_study_on_two_ranks_equals_one_process(reference, model, tmp_pa
     assert len(pids) == 2
 
 
+def test_torchrun_study_with_data_parallel_trains_each_adapter_on_both_ranks(reference, model, tmp_path):
+    """train.data_parallel in a study: every adapter trains with DDP on both ranks, 2 × 4 examples a step = one process × 8."""
+    from safetensors.torch import load_file
+
+    _, ref = reference
+    path = _write_config(tmp_path, model)
+    data = yaml.safe_load(path.read_text())
+    data["train"].update(per_device_train_batch_size=4, data_parallel=True)
+    path.write_text(yaml.safe_dump(data))
+    _torchrun("run", str(path), "--stages", "data,train", "--no-progress", cwd=tmp_path)
+    for p in PERSONAS:
+        run = ("train", p["name"], "seed42")
+        record = json.loads((tmp_path.joinpath("out", *run) / ".stage.json").read_text())
+        assert record["done"] and record["ranks"] == 2
+        got, want = (load_file(str(out.joinpath(*run) / "adapter" / "adapter_model.safetensors")) for out in (tmp_path / "out", ref.out))
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+
+
 def test_ray_tasks_retry_a_killed_worker_and_equal_one_process(reference, model, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
