@@ -172,7 +172,9 @@ def test_torchrun_study_with_data_parallel_trains_each_adapter_on_both_ranks(ref
         got, want = (load_file(str(out.joinpath(*run) / "adapter" / "adapter_model.safetensors")) for out in (tmp_path / "out", ref.out))
         assert got.keys() == want.keys()
         for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+            # 27 AdamW steps: float32 sums over two ranks instead of one batch drift by ~1e-5
+            # (a wrong batch moves weights by >1e-3: see the train_marker test below).
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=5e-5)
 
 
 def test_ray_tasks_retry_a_killed_worker_and_equal_one_process(reference, model, tmp_path, monkeypatch):
