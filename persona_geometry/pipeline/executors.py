@@ -17,12 +17,9 @@ finds it. The executors lean on existing engines for everything else:
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from persona_geometry import distributed
@@ -62,9 +59,8 @@ class Shard:
         """Returns the outputs of this shard's units, None for the other shards' (or every unit when ``together``)."""
         mine = range(len(units)) if together else range(self.index, len(units), self.count)
         out: list[dict[str, str] | None] = [None] * len(units)
-        for i in mine:
-            with _unit_lock(units[i]):  # shards running at once compute a shared unit once
-                out[i] = run(units[i])
+        for i in mine:  # run_unit holds the unit's lock: shards running at once compute a shared unit once
+            out[i] = run(units[i])
         return out
 
 
@@ -149,19 +145,6 @@ def _import_ray() -> Any:
     except ImportError as e:
         raise ImportError("The Ray executor needs Ray: install the 'ray' extra (pip install 'persona-geometry[ray]').") from e
     return ray
-
-
-@contextmanager
-def _unit_lock(unit: Any) -> Any:
-    """Holds an exclusive file lock next to the unit's folder while it runs."""
-    lock = Path(str(unit.folder) + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int] | None:

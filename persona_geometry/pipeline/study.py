@@ -208,6 +208,8 @@ def run_study(
     from persona_geometry.pipeline.plan import plan_study
 
     plan_study(config, stages=chosen)
+    if {"sweep", "report"} & set(chosen) and "extract" not in chosen and not (Path(config.out) / "extract" / _MARKER_FILE).is_file():
+        raise ValueError(f"No activations under {config.out}: run the 'extract' stage first.")  # before anything is written
     inputs = study_inputs(config)
     # Absolute, so workers started elsewhere (Ray) write to the same place.
     config = config.with_overrides(out=str(Path(config.out).resolve()))
@@ -413,15 +415,52 @@ def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: 
 
     The unit logs where it runs (host, process, device) and writes its log next to its output;
     its record counts the attempts at its key (a unit retried after its worker died shows 2).
+    One process at a time works on a unit (a file lock); another waits, then reuses its result.
     """
+    folder = Path(unit.folder)
+    with _unit_lock(config, unit):  # "cached? run, record" as one step: two runs never both train an adapter
+        record = _stage_record(folder, unit.key)
+        if record.done() and not force:
+            log.info("unit %s: cached", unit.name)
+            return dict(record.info().get("files", {}))
+        return _run_unit_now(config, unit, record, force=force, progress=progress)
+
+
+@contextmanager
+def _unit_lock(config: StudyConfig, unit: Unit) -> Iterator[None]:
+    """Holds the unit's file lock, ``<out>/.locks/<unit folder>.lock``, waiting while another process has it.
+
+    A unit that every torchrun rank runs together (a collective, e.g. one adapter trained with
+    DDP) takes no lock: its ranks must enter it at once, and one launch is one run.
+    """
+    from filelock import FileLock, Timeout
+
+    from persona_geometry import distributed
+
+    if distributed.world_size() > 1:
+        yield
+        return
+    out = Path(config.out)
+    rel = Path(unit.folder).relative_to(out)
+    path = out / ".locks" / rel.parent / f"{rel.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("unit %s: another process is running it; waiting to reuse its result", unit.name)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_unit_now(config: StudyConfig, unit: Unit, record: KeyedFolder, *, force: bool, progress: bool) -> dict[str, str]:
     import os
     import socket
 
     folder = Path(unit.folder)
-    record = _stage_record(folder, unit.key)
-    if record.done() and not force:
-        log.info("unit %s: cached", unit.name)
-        return dict(record.info().get("files", {}))
     previous = record.info()
     attempt = previous.get("attempt", 1) + 1 if record.state() == "unfinished" and not force else 1
     where = {"unit": unit.name, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(),
@@ -464,10 +503,11 @@ _LOADED: dict[str, Any] = {}
 
 def _model(config: StudyConfig) -> Any:
     """Returns the study's base model, loaded once per process (extraction units share it)."""
-    from persona_geometry.models import load_model
+    from persona_geometry.models import load_model, model_identity
 
     m = config.model
-    key = stable_hash([m.name, m.device, m.dtype, m.revision, m.device_map, m.max_memory])
+    # The weights' identity, not only the name: weights rebuilt in place in this process load anew.
+    key = stable_hash([m.name, m.device, m.dtype, m.revision, m.device_map, m.max_memory, model_identity(m.name, m.revision)])
     if key not in _LOADED:
         _LOADED.clear()
         _LOADED[key] = load_model(m.name, dtype=m.dtype, revision=m.revision, **m.placement())
