@@ -128,3 +128,23 @@ def test_two_runs_on_one_folder_train_each_adapter_once(tmp_path):
         started = [line for line in log.read_text().splitlines() if ": running on " in line]
         assert len(started) == 1, (log, started)  # one process ran it, once
         assert int(started[0].split("(pid ")[1].split(",")[0]) in {r.pid for r in runs}
+
+
+def test_a_stage_key_follows_the_recorded_outputs_of_the_stages_it_reads(tmp_path):
+    """A re-run stage that rewrote its outputs (forced, or new weights) re-runs what read them, and nothing else."""
+    from persona_geometry.pipeline.study import _stage_key, _stage_record
+
+    def record(stage, key, outputs):
+        r = _stage_record(tmp_path / stage, key)
+        r.begin(force=True)
+        r.finish(files={}, outputs=outputs)
+
+    for stage in ("extract", "data", "train", "eval", "sweep"):
+        record(stage, f"{stage}-key", "first")
+    before = {s: _stage_key(tmp_path, s, "settings") for s in ("data", "train", "eval", "sweep", "report")}
+    record("extract", "extract-key", "rewritten")  # same settings, new files
+    after = {s: _stage_key(tmp_path, s, "settings") for s in before}
+    assert [s for s in before if after[s] != before[s]] == ["sweep", "report"]
+    record("data", "data-key", "rewritten")
+    assert _stage_key(tmp_path, "train", "settings") != after["train"]
+    assert _stage_key(tmp_path, "sweep", "settings") == after["sweep"]  # the sweep reads eval, not data directly

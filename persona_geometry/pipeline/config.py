@@ -467,7 +467,24 @@ def _build_section(cls: type, value: Any, path: str) -> Any:
     for key in value:
         if key not in names:
             raise ValueError(f"Unknown key '{path}.{key}' in the study config. Allowed keys of '{path}': {sorted(names)}.")
+    _check_lists(cls, value, path)
     try:
         return cls(**coerce_fields(cls, value))
     except (TypeError, ValueError) as e:
         raise ValueError(f"Bad value in the study config's '{path}' section: {e}") from e
+
+
+def _check_lists(cls: type, value: Mapping[str, Any], path: str) -> None:
+    """Refuses a scalar where a list is wanted (``hooks: resid_post``), rather than reading its letters."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for key, v in value.items():
+        hint = hints.get(key)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        args = typing.get_args(hint) if union else (hint,)
+        if not any(typing.get_origin(a) is tuple for a in args) or v is None or isinstance(v, list | tuple):
+            continue
+        if not any(a is type(v) for a in args):
+            raise ValueError(f"The study config's '{path}.{key}' must be a list, e.g. [{v!r}]. Got {v!r} instead.")
