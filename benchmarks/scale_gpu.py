@@ -3,10 +3,13 @@
 Workload: a Qwen2.5-7B-Instruct-shaped model with random bf16 weights (the real one's FLOPs
 and memory), written once to disk. Measured in one run on a 2-GPU machine:
 
-1. extraction of ``--personas`` × 20 prompts (≥ 2,000), ``resid_post`` at 4 layers: one GPU
-   (rank 0 alone, ``distributed.local_only``) against two (``torchrun`` ranks, persona blocks
-   gathered), end to end including the gather; the two results compared (bf16 noise: centered
-   cosine to the reference persona, and the relative activation difference);
+1. extraction, ``resid_post`` at 4 layers, of two workloads of 2,400 prompts: ``--personas`` × 20
+   questions with one-sentence system prompts (little GPU work per prompt), and
+   ``--long-personas`` × 24 questions with the long, varied system prompts of
+   ``extract_gpu.py``. One GPU (rank 0 alone, ``distributed.local_only``) against two
+   (``torchrun`` ranks, persona blocks gathered), end to end including the gather, and each
+   rank's block alone; the two results compared (bf16 noise: centered cosine to the reference
+   persona, and the relative activation difference);
 2. two marker adapters: one after the other on one GPU, against one per GPU at the same time
    (what the study's torchrun executor does with independent train units);
 3. ``load_model(device_map="auto", max_memory=...)`` forced across both GPUs against one GPU:
@@ -88,6 +91,67 @@ def _compare(a, b) -> dict:
     return {"max_abs_centered_cosine_diff": float(abs(_cos(a, None) - _cos(b, None)).max()), "max_relative_activation_diff": rel}
 
 
+def _long_workload(args):
+    """The long, varied system prompts of ``extract_gpu.py`` (``--long-personas`` × 24 questions)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from extract_gpu import long_workload
+
+    from persona_geometry.personas import PersonaSet
+
+    n = 4 if args.smoke else args.long_personas
+    personas, questions = long_workload(n, 3 if args.smoke else 24)
+    return PersonaSet(personas), questions
+
+
+def _extract_phase(handle, personas, questions, kw, one_gpu_dir: Path) -> dict:
+    """One GPU (rank 0 alone) against every rank, end to end; plus each rank's own block alone."""
+    import torch.distributed as dist
+
+    from persona_geometry import distributed
+    from persona_geometry.extract import extract_activations
+    from persona_geometry.personas import PersonaSet
+
+    rank, world = distributed.rank(), distributed.world_size()
+    result: dict = {"n_prompts": len(personas) * len(questions), "ranks": world}
+    distributed.barrier()
+    # Each configuration runs once untimed first: FlexAttention compiles a kernel per new pack
+    # shape, and the first run of a workload would otherwise carry those compilations.
+    if rank == 0:
+        with distributed.local_only():
+            extract_activations(handle, personas, questions, **kw)
+            _sync()
+            t = time.perf_counter()
+            one = extract_activations(handle, personas, questions, **kw)
+            _sync()
+            result["extract_1gpu_s"] = time.perf_counter() - t
+        one.save(one_gpu_dir)
+    distributed.barrier()
+    extract_activations(handle, personas, questions, **kw)
+    _sync()
+    distributed.barrier()
+    t = time.perf_counter()
+    two = extract_activations(handle, personas, questions, **kw)  # sharded across the ranks
+    _sync()
+    distributed.barrier()
+    wall = time.perf_counter() - t
+    # Each rank's block alone (no gather): what the ranks' compute would take without it.
+    block = distributed.block_of(len(personas), world, rank)
+    with distributed.local_only():
+        t = time.perf_counter()
+        extract_activations(handle, PersonaSet(personas[i] for i in block), questions, **kw)
+        _sync()
+        mine = time.perf_counter() - t
+    blocks: list = [None] * world
+    dist.all_gather_object(blocks, mine)
+    if rank == 0:
+        result["extract_2gpu_s"] = wall
+        result["block_alone_s"] = blocks
+        result["extract_speedup"] = result["extract_1gpu_s"] / wall
+        result["speedup_without_gather"] = result["extract_1gpu_s"] / max(blocks)
+        result["extract_agreement"] = _compare(two, one)
+    return result
+
+
 def ranks(args) -> None:
     """The torchrun phases: 1 GPU vs 2 for extraction and for training two adapters."""
     from persona_geometry import distributed
@@ -103,34 +167,22 @@ def ranks(args) -> None:
     layers = [3, 10, 17, 27] if not args.smoke else [0, 1, 2, 3]
     kw = dict(layers=layers, progress=False, batch_tokens=args.batch_tokens)
     handle = load_model(args.model, device=device, dtype="bfloat16")
-    result: dict = {}
+    result: dict = {"extract": {}}
     # Warm-up on every rank (kernels, allocator), outside the timings.
     with distributed.local_only():
         extract_activations(handle, personas[:4], QUESTIONS, **kw)
     _sync()
-    distributed.barrier()
-    if rank == 0:
-        with distributed.local_only():
-            t = time.perf_counter()
-            one = extract_activations(handle, personas, QUESTIONS, **kw)
-            _sync()
-            result["extract_1gpu_s"] = time.perf_counter() - t
-        one.save(out / "one_gpu")
-    distributed.barrier()
-    t = time.perf_counter()
-    two = extract_activations(handle, personas, QUESTIONS, **kw)  # sharded across the ranks
-    _sync()
-    distributed.barrier()
-    if rank == 0:
-        result["extract_2gpu_s"] = time.perf_counter() - t
-        result["n_prompts"] = len(personas) * len(QUESTIONS)
-        result["extract_speedup"] = result["extract_1gpu_s"] / result["extract_2gpu_s"]
-        result["extract_agreement"] = _compare(two, one)
-        result["ranks"] = world
-        (out / "ranks.json").write_text(json.dumps(result, indent=2))  # kept if training fails
+    long_personas, long_questions = _long_workload(args)
+    workloads = {
+        "short": (personas, QUESTIONS),  # short system prompts: little GPU work per prompt
+        "long": (long_personas, long_questions),  # hundreds of tokens of system prompt per persona
+    }
+    for label, (ps, qs) in workloads.items():
+        result["extract"][label] = _extract_phase(handle, ps, qs, kw, out / f"one_gpu_{label}")
+        if rank == 0:
+            (out / "ranks.json").write_text(json.dumps(result, indent=2))  # kept if training fails
+    two = None
     del handle, two
-    if rank == 0:
-        del one
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -180,7 +232,7 @@ def device_map_phase(args) -> dict:
     from persona_geometry.models import load_model
 
     out = Path(args.work)
-    one = ActivationSet.load(out / "one_gpu")
+    one = ActivationSet.load(out / "one_gpu_short")
     n = max(2, args.personas // 4)
     personas = one.personas[:n]
     layers = list(one.layers)
@@ -228,6 +280,7 @@ def main() -> int:
     p.add_argument("--personas", type=int)
     p.add_argument("--train-rows", type=int)
     p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--long-personas", type=int, default=100, help="x 24 questions, long system prompts")
     args = p.parse_args()
     if args.personas is None:
         args.personas = 8 if args.smoke else 120
@@ -259,7 +312,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
            "--phase", "ranks", "--out", str(out), "--model", args.model, "--work", str(work),
-           "--personas", str(args.personas), "--train-rows", str(args.train_rows), "--batch-tokens", str(args.batch_tokens)]  # fmt: skip
+           "--personas", str(args.personas), "--long-personas", str(args.long_personas), "--train-rows", str(args.train_rows), "--batch-tokens", str(args.batch_tokens)]  # fmt: skip
     if args.smoke:
         cmd.append("--smoke")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -271,7 +324,7 @@ def main() -> int:
     if done.returncode != 0:
         report["ranks_error"] = f"torchrun exited with {done.returncode}"
     out.write_text(json.dumps(report, indent=2))  # the rank phase's numbers, in case the next phase fails
-    if (work / "one_gpu").is_dir():
+    if (work / "one_gpu_short").is_dir():
         report["device_map"] = device_map_phase(args)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -5,7 +5,9 @@ On one model with random weights in a real shape (bf16 on GPU), in one process:
 - sampling: the old HF path (``model.generate`` on left-padded batches of 240, each batch seeded,
   the adapter merged: kept below as ``old_sample_ids``) against the new one
   (``persona_geometry.hf_decode.sample_token_ids``: two unmerged LoRA adapters in shared batches
-  sized to memory, per-completion seeds), both at T=1, top-p 0.95, 512 new tokens. Random weights
+  sized to memory, per-completion seeds, keys and values written into buffers allocated once and
+  read once per step by grouped-query decode attention: ``persona_geometry.kv_cache``), both at
+  T=1, top-p 0.95, 512 new tokens. Random weights
   never emit an end token, so every row runs all 512 tokens (an upper bound on real time). Also
   the time per decode step against the memory-bandwidth bound (weights + KV cache read once);
 - training: the study's recipe (r=32, alpha=64, rsLoRA, 7 projections, AdamW, 16 examples per
@@ -172,6 +174,8 @@ def bench_new_sampling(model, *, vocab: int, adapters: int, prompts_per_adapter:
     mean_rows = rows / n_batches
     kv = mean_rows * (prompt_len + new_tokens / 2) * kv_per_token
     bound = (weights + kv) / H200_BANDWIDTH
+    # At hundreds of rows a step is compute-bound: 2 FLOPs per weight per row.
+    compute = 2 * (weights / item) * mean_rows / H200_BF16_DENSE
     peft_model.unload()  # the base model, without LoRA layers, for what follows
     return {
         "path": "hf_decode.sample_token_ids, unmerged adapters in shared batches (new)",
@@ -179,6 +183,7 @@ def bench_new_sampling(model, *, vocab: int, adapters: int, prompts_per_adapter:
         "generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
         "seconds_per_decode_step": step, "bandwidth_bound_seconds_per_step": bound,
         "bandwidth_bound_fraction": bound / step, "bytes_per_step": {"weights": weights, "kv_cache_mean": kv},
+        "compute_bound_seconds_per_step": compute, "roofline_fraction": max(bound, compute) / step,
         "peak_memory_gib": _peak_gib(),
     }
 
@@ -348,7 +353,7 @@ def main(argv=None) -> int:
                                          new_tokens=new_tokens, prompt_len=60, batch_size=None if device.type == "cuda" else 32)  # fmt: skip
     log.info("%s", sampling["new"])
     result["sampling"] = sampling
-    result.update(sampling_tokens_per_s=sampling["new"]["tokens_per_s"], sampling_bandwidth_fraction=sampling["new"]["bandwidth_bound_fraction"])
+    result.update(sampling_tokens_per_s=sampling["new"]["tokens_per_s"], sampling_bandwidth_fraction=sampling["new"]["bandwidth_bound_fraction"], sampling_roofline_fraction=sampling["new"]["roofline_fraction"])
     save()
     if not args.skip_old_sampling:
         log.info("sampling: old path")

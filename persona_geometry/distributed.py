@@ -180,11 +180,13 @@ def extract_across_ranks(
         )
         with local_only():
             part = extract(model, PersonaSet(personas[i] for i in block), questions, **kwargs)
-    payload = (
+    # Labels and shapes travel as objects; the tensors as raw bytes through the tensor backend
+    # (NCCL between GPUs: pickling ~70 MB of activations through gloo took ~0.8 s on 2 H200s).
+    meta = (
         None
         if part is None
         else (
-            {h: part[h].cpu() for h in part.hooks},
+            {h: (tuple(part[h].shape), part[h].dtype) for h in part.hooks},
             part.n_tokens,
             part.manifest,
             part.layers,
@@ -192,9 +194,15 @@ def extract_across_ranks(
         )
     )
     gathered: list[Any] = [None] * n
-    dist.all_gather_object(gathered, payload)
+    dist.all_gather_object(gathered, meta)
     parts = [p for p in gathered if p is not None]
-    tensors, _, manifest, layers, questions_ = parts[0]
+    shapes, _, manifest, layers, questions_ = parts[0]
+    tensors = {
+        h: _all_gather_rows(
+            None if part is None else part[h], [None if p is None else p[0][h] for p in gathered]
+        )
+        for h in shapes
+    }
     manifest = {
         **manifest,
         "persona_hash": personas.content_hash(),
@@ -204,10 +212,35 @@ def extract_across_ranks(
     }
     manifest["cache_key"] = cache_key(manifest)
     return ActivationSet(
-        {h: torch.cat([p[0][h] for p in parts], dim=0) for h in tensors},
+        tensors,
         personas=personas,
         questions=questions_,
         layers=layers,
         n_tokens=torch.cat([p[1] for p in parts], dim=0),
         manifest=manifest,
     )
+
+
+def _all_gather_rows(mine: torch.Tensor | None, shapes: list[Any]) -> torch.Tensor:
+    """Returns every rank's tensor concatenated along rows, in rank order (on the CPU).
+
+    ``shapes`` holds each rank's ``(shape, dtype)`` (None for a rank with no rows). The tensors
+    travel as bytes, padded to the longest rank's, on the current GPU when the group has NCCL.
+    """
+    import torch.distributed as dist
+
+    present = [s for s in shapes if s is not None]
+    tail, dtype = present[0][0][1:], present[0][1]
+    rows = [0 if s is None else s[0][0] for s in shapes]
+    width = torch.empty((1, *tail), dtype=dtype).view(torch.uint8).numel()
+    device = torch.device("cpu")
+    if torch.cuda.is_available() and "nccl" in str(dist.get_backend()).lower():
+        device = torch.device("cuda", torch.cuda.current_device())
+    buffer = torch.zeros((max(rows), width), dtype=torch.uint8, device=device)
+    if mine is not None and len(mine):
+        as_bytes = mine.contiguous().view(torch.uint8).reshape(len(mine), width)
+        buffer[: len(mine)] = as_bytes.to(device)
+    out = [torch.empty_like(buffer) for _ in shapes]
+    dist.all_gather(out, buffer)
+    whole = torch.cat([o[:r] for o, r in zip(out, rows, strict=True)]).cpu()
+    return whole.view(dtype).reshape(sum(rows), *tail)

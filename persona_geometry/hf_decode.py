@@ -115,8 +115,9 @@ def _cumsum_by_one_scan(x: Any) -> Any:
 def auto_batch_size(model: Any, *, max_tokens: int, n_rows: int, cap: int = 2048) -> int:
     """Returns how many rows fit in a batch: all of them on CPU (up to 64), by free memory on GPU.
 
-    A row costs its KV cache at ``max_tokens`` plus a few float32 copies of the vocabulary row
-    (softmax, sort, cumulative sums); half the free memory is given to the batch.
+    A row costs its KV cache at ``max_tokens`` (allocated once, :class:`~persona_geometry.kv_cache.
+    GrowingCache`) plus a few float32 copies of the vocabulary row (softmax, sort, cumulative
+    sums); half the free memory is given to the batch.
     """
     import torch
 
@@ -130,7 +131,7 @@ def auto_batch_size(model: Any, *, max_tokens: int, n_rows: int, cap: int = 2048
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     itemsize = next(model.parameters()).element_size()
     kv = 2 * config.num_hidden_layers * heads * head_dim * itemsize * max_tokens
-    per_row = kv * 2 + 6 * 8 * config.vocab_size  # ×2: the cache is copied as it grows
+    per_row = kv + 6 * 8 * config.vocab_size
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(n_rows, cap, int(free * 0.5 // per_row)))
 
@@ -337,8 +338,8 @@ def _decode_batch(
 ) -> list[list[int]]:
     """Returns each row's new tokens, cut before its first end token."""
     import torch
-    from transformers import DynamicCache
 
+    from persona_geometry.kv_cache import GrowingCache, decode_attention
     from persona_geometry.prompts import left_pad
 
     device = next(model.parameters()).device
@@ -352,7 +353,7 @@ def _decode_batch(
     ids, mask = left_pad([prompts[i] for i in firsts], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     extra: dict[str, Any] = {}
-    cache = DynamicCache()
+    cache = GrowingCache(model, capacity=ids.shape[1] + max_new_tokens)
     extra[_cache_keyword(model)] = cache
     names = list(adapter_names) if adapter_names is not None else None
 
@@ -365,7 +366,11 @@ def _decode_batch(
             extra["adapter_names"] = row_names
 
     set_rows(None if names is None else [names[i] for i in firsts])
-    with torch.inference_mode(), lora.applied() if lora is not None else _nothing():
+    with (
+        torch.inference_mode(),
+        lora.applied() if lora is not None else _nothing(),
+        decode_attention(model),
+    ):
         output = model(
             input_ids=ids,
             attention_mask=mask,

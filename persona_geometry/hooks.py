@@ -135,8 +135,13 @@ class LastTokenRecorder:
             buffer = self._buffers[point] = torch.empty(
                 (self._batch_size, len(self.layers), hidden.shape[-1]), dtype=self._dtype, device=hidden.device
             )
-        # Left-padded batches end every prompt in the last column; a pack gathers by index.
-        buffer[:, position].copy_(hidden[:, -1] if self._index is None else hidden[0].index_select(0, self._index))
+        # Left-padded batches end every prompt in the last column; a pack gathers by index (moved
+        # to the block's device: under a device_map the blocks sit on several).
+        if self._index is None:
+            last = hidden[:, -1]
+        else:
+            last = hidden[0].index_select(0, self._index.to(hidden.device, non_blocking=True))
+        buffer[:, position].copy_(last)
         self._filled += 1
         if self.stop_early and (layer, point) == self._last:
             raise _StopForward

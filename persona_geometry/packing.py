@@ -354,14 +354,22 @@ def packed_path(model: Any, device: torch.device) -> str | None:
     if config is None or not callable(can_set) or not can_set() or not _uses_mask_functions(type(pm)):
         return None
     impl = getattr(config, "_attn_implementation", None)
-    flex = getattr(pm, "_supports_flex_attn", False) and _flex_available()
-    if impl == "flex_attention" or (device.type == "cuda" and flex):
+    # A BlockMask is no tensor: accelerate's hooks cannot move it to the device of each block, so
+    # a model split across devices (``device_map``) takes a dense mask, which they move.
+    flex = getattr(pm, "_supports_flex_attn", False) and _flex_available() and not _split(pm)
+    if (impl == "flex_attention" and not _split(pm)) or (device.type == "cuda" and flex):
         return "packed_flex"
     if impl in ("sdpa", "eager"):
         return f"packed_{impl}"
     if getattr(pm, "_supports_sdpa", False):
         return "packed_sdpa"
     return None
+
+
+def _split(model: Any) -> bool:
+    """Returns whether a ``device_map`` placed the model's modules on more than one device."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    return len({str(d) for d in placement.values()}) > 1
 
 
 @functools.cache

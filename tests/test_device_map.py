@@ -37,3 +37,15 @@ def test_blocks_offloaded_to_disk_give_the_unsplit_activations(tiny_qwen_path, t
 def test_device_map_settings_are_checked(tiny_qwen_path):
     with pytest.raises(ValueError, match="'device_map' parameter of load_model"):
         load_model(tiny_qwen_path, max_memory={"cpu": "1GiB"})
+
+
+def test_a_split_model_packs_with_a_dense_mask(tiny_qwen_path, tmp_path):
+    """A BlockMask is no tensor, so accelerate cannot move it between the devices of a split model."""
+    from persona_geometry.packing import packed_path
+
+    plain = load_model(tiny_qwen_path, device="cpu", dtype="float32")
+    n_layers = plain.model.config.num_hidden_layers
+    split = load_model(tiny_qwen_path, dtype="float32", device_map=_split_map(n_layers), offload_folder=tmp_path / "offload")
+    gpu = torch.device("cuda")  # only the choice is asked for: nothing runs there
+    assert packed_path(plain.model, gpu) == "packed_flex"
+    assert packed_path(split.model, gpu) == "packed_sdpa"
