@@ -487,4 +487,5 @@ def _check_lists(cls: type, value: Mapping[str, Any], path: str) -> None:
         if not any(typing.get_origin(a) is tuple for a in args) or v is None or isinstance(v, list | tuple):
             continue
         if not any(a is type(v) for a in args):
-            raise ValueError(f"The study config's '{path}.{key}' must be a list, e.g. [{v!r}]. Got {v!r} instead.")
+            also = " or a string" if str in args else ""
+            raise ValueError(f"Bad value in the study config's '{path}' section: '{key}' ({path}.{key}) must be a list{also}, e.g. [{v!r}]. Got {v!r} instead.")
