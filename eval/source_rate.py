@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -147,6 +148,7 @@ def source_rates(
     batch_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    placement: Mapping[str, Any] | None = None,
     chat_template: str | None = None,
     vllm_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
@@ -179,6 +181,8 @@ def source_rates(
             completions do not depend on it.
         device: Torch device for the HF back end.
         dtype: Model dtype; None or ``"auto"`` is bf16 on GPU, fp32 on CPU (``resolve_precision``).
+        placement: For a base model split across devices (HF back end): ``load_model``'s
+            ``device_map``, ``max_memory`` and ``offload_folder``.
         chat_template: A Jinja template to use instead of the tokenizer's own.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
         progress: Show a progress bar while sampling.
@@ -206,6 +210,7 @@ def source_rates(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
+        placement=placement,
         chat_template=chat_template,
         vllm_kwargs=vllm_kwargs,
         progress=progress,
@@ -227,12 +232,14 @@ def source_rates_by_adapter(
     top_p: float | int = SamplingSettings.top_p,
     max_new_tokens: int = SamplingSettings.max_new_tokens,
     seed: int = SamplingSettings.seed,
+    seeds: Mapping[str, int] | None = None,
     backend: str = "vllm",
     marker: str | MarkerMatcher | None = None,
     regex: bool = False,
     batch_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    placement: Mapping[str, Any] | None = None,
     chat_template: str | None = None,
     vllm_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
@@ -255,7 +262,9 @@ def source_rates_by_adapter(
         temperature: Sampling temperature (0 is greedy).
         top_p: Nucleus sampling mass.
         max_new_tokens: The most tokens per completion.
-        seed: Base seed for sampling, shared by all adapters.
+        seed: Base seed for sampling, shared by all adapters not in ``seeds``.
+        seeds: Key → that adapter's base seed (e.g. one per training seed of a study); the
+            adapters still share one base model and one pass.
         backend: ``"vllm"`` or ``"hf"``.
         marker: The marker text or a :class:`MarkerMatcher`; each adapter's own marker (else
             ``[ZLT]``) when None.
@@ -263,6 +272,8 @@ def source_rates_by_adapter(
         batch_size: Sequences per HF batch, across adapters; sized to memory when None.
         device: Torch device for the HF back end.
         dtype: Model dtype; None or ``"auto"`` is bf16 on GPU, fp32 on CPU (``resolve_precision``).
+        placement: For a base model split across devices (HF back end): ``load_model``'s
+            ``device_map``, ``max_memory`` and ``offload_folder``.
         chat_template: A Jinja template to use instead of the tokenizer's own.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
         progress: Show a progress bar while sampling.
@@ -287,18 +298,21 @@ def source_rates_by_adapter(
         [p.input_ids for p in prompts],
         plan.sampling,
         dict(adapters),
+        seeds=seeds,
         backend=backend,
         batch_size=batch_size,
         device=str(run_device),
         dtype=dtype_name(run_dtype),
+        placement=placement,
         vllm_kwargs=vllm_kwargs,
         progress=progress,
     )
     elapsed = time.time() - started
     results = {}
     for key, adapter in adapters.items():
+        sampling = dataclasses.replace(plan.sampling, seed=seeds[key]) if seeds and key in seeds else plan.sampling
         results[key] = _assemble(
-            model, adapter, plan, prompts, completions[key], key=key, dtype=dtype_name(run_dtype),
+            model, adapter, plan, prompts, completions[key], key=key, sampling=sampling, dtype=dtype_name(run_dtype),
             device=str(run_device) if backend == "hf" else None, seconds=elapsed / len(adapters),
         )
     return results
@@ -398,6 +412,7 @@ def _assemble(
     completions: list[list[str]],
     *,
     key: str,
+    sampling: SamplingSettings,
     dtype: str,
     device: str | None,
     seconds: float,
@@ -443,7 +458,7 @@ def _assemble(
         rates=rates,
         source=source,
         matcher=matcher,
-        sampling=plan.sampling,
+        sampling=sampling,
         backend=plan.backend,
         model=str(model),
         adapter=None if adapter is None else str(adapter),

@@ -6,6 +6,7 @@ same :class:`SamplingSettings`, so a source rate means the same thing whichever 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -157,18 +158,20 @@ def generate_adapter_completions(
     sampling: SamplingSettings,
     adapters: Mapping[str, str | os.PathLike[str] | None],
     *,
+    seeds: Mapping[str, int] | None = None,
     backend: str = "vllm",
     batch_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    placement: Mapping[str, Any] | None = None,
     vllm_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, list[list[str]]]:
     """Returns, per adapter key, completions of every prompt as ``[prompt][completion]``.
 
     One base model serves every adapter. On Hugging Face the base is loaded once, each adapter
-    is loaded next to it unmerged, and rows of all adapters share full batches (each run of rows
-    gets its adapter's low-rank update); on vLLM one engine serves all adapters
+    (even a lone one) is loaded next to it unmerged, and rows of all adapters share full batches
+    (each run of rows gets its adapter's low-rank update); on vLLM one engine serves all adapters
     (:func:`generate_completions_vllm`). A completion's seed depends on its prompt and completion index
     only, so an adapter's completions are the same whether it is sampled alone or with others.
 
@@ -177,32 +180,59 @@ def generate_adapter_completions(
         prompt_ids: Token ids of each rendered prompt (generation header included).
         sampling: The sampling settings, shared by all adapters.
         adapters: Key (e.g. a source persona) → adapter folder; None samples the base model.
+        seeds: Key → sampling seed for that adapter's completions (``sampling.seed`` for a key
+            not in it); adapters of several seeds still share one base model.
         backend: ``"vllm"`` or ``"hf"``.
         batch_size: Sequences per HF batch, across adapters; sized to memory when None.
         device: Torch device for the HF back end.
         dtype: Model dtype; bf16 on GPU and fp32 on CPU when None.
+        placement: ``load_model``'s ``device_map``, ``max_memory`` and ``offload_folder`` for a
+            base model split across devices (HF back end); the adapters then stay unmerged.
         vllm_kwargs: Extra keyword arguments for ``vllm.LLM``.
         progress: Show a progress bar.
 
     Raises:
-        ValueError: On no adapters, an unknown back end, no prompts, or an empty prompt.
+        ValueError: On no adapters, an unknown back end, no prompts, an empty prompt, a seed for
+            a key not in ``adapters``, or a placement on the vLLM back end.
     """
     func = "generate_adapter_completions"
     prompt_ids = _check_generate_args(prompt_ids, backend=backend, batch_size=batch_size, func=func)
     if not isinstance(adapters, Mapping) or not adapters:
         invalid("adapters", func, "a non-empty mapping of key -> adapter folder (or None)", adapters)
+    by_seed = _keys_by_seed(adapters, seeds, sampling.seed, func=func)
     from persona_geometry.models import dtype_name, resolve_precision
 
     torch_device, torch_dtype = resolve_precision(device, dtype, func=func)
     if backend == "vllm":
-        keys = list(adapters)
-        texts = generate_completions_vllm(
-            model, [(adapters[k], prompt_ids) for k in keys], sampling, dtype=dtype_name(torch_dtype), vllm_kwargs=vllm_kwargs, progress=progress
-        )
-        return dict(zip(keys, texts, strict=True))
+        if placement:
+            invalid("placement", func, "None on the vLLM back end (it takes tensor_parallel_size in vllm_kwargs)", dict(placement))
+        out: dict[str, list[list[str]]] = {}
+        for seed, keys in by_seed.items():
+            texts = generate_completions_vllm(
+                model, [(adapters[k], prompt_ids) for k in keys], dataclasses.replace(sampling, seed=seed),
+                dtype=dtype_name(torch_dtype), vllm_kwargs=vllm_kwargs, progress=progress,
+            )  # fmt: skip
+            out.update(zip(keys, texts, strict=True))
+        return {k: out[k] for k in adapters}
+    # Unmerged even for one adapter: an adapter's completions are the same alone or with others.
     return _generate_hf(
-        model, prompt_ids, sampling, adapters=dict(adapters), batch_size=batch_size, device=torch_device, dtype=torch_dtype, progress=progress
-    )
+        model, prompt_ids, sampling, adapters=dict(adapters), seeds=dict(seeds or {}), batch_size=batch_size, device=torch_device,
+        dtype=torch_dtype, placement=dict(placement or {}), merge=False, progress=progress,
+    )  # fmt: skip
+
+
+def _keys_by_seed(adapters: Mapping[Any, Any], seeds: Mapping[Any, int] | None, default: int, *, func: str) -> dict[int, list[Any]]:
+    """Returns the adapter keys grouped by their sampling seed, in the adapters' order."""
+    if seeds is not None:
+        if not isinstance(seeds, Mapping) or any(k not in adapters for k in seeds):
+            invalid("seeds", func, f"a mapping from keys of 'adapters' {list(adapters)} to seeds", seeds)
+        for value in seeds.values():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                invalid("seeds", func, "non-negative int seeds", value)
+    groups: dict[int, list[Any]] = {}
+    for key in adapters:
+        groups.setdefault((seeds or {}).get(key, default), []).append(key)
+    return groups
 
 
 def _check_generate_args(prompt_ids: Sequence[Sequence[int]], *, backend: str, batch_size: int | None, func: str) -> list[list[int]]:
@@ -223,15 +253,30 @@ def load_with_adapters(
     *,
     device: Any,
     dtype: Any,
+    placement: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any, dict[Any, str]]:
     """Returns ``(model, tokenizer, peft name per key)``: the base loaded once, every adapter unmerged.
 
     A key whose adapter is None maps to peft's base-model name, so its rows run without LoRA.
+    ``placement`` (``device_map``, ``max_memory``, ``offload_folder``, as ``load_model`` takes
+    them) splits the model across devices once the adapters are attached: the base loads into
+    CPU memory, then accelerate dispatches base and adapters together. Blocks offloaded to
+    ``"disk"`` (or to ``"cpu"`` next to a GPU) keep their LoRA weights resident on the
+    execution device, so every adapter's update is there when the block runs.
     """
     from persona_geometry.models import load_model
 
-    handle = load_model(model, device=device, dtype=dtype)
+    placement = dict(placement or {})
+    handle = load_model(model, device="cpu" if placement else device, dtype=dtype)
     hf_model, tokenizer = handle.model, handle.tokenizer
+    hf_model, names = _attach_adapters(hf_model, adapters)
+    if placement:
+        hf_model = _dispatch(hf_model, handle.model, **placement)
+    return hf_model, tokenizer, names
+
+
+def _attach_adapters(hf_model: Any, adapters: Mapping[Any, str | os.PathLike[str] | None]) -> tuple[Any, dict[Any, str]]:
+    """Returns the model with every adapter attached unmerged (a peft model if any), and each key's peft name."""
     names: dict[Any, str] = {}
     peft_model = None
     for i, (key, path) in enumerate(adapters.items()):
@@ -248,7 +293,67 @@ def load_with_adapters(
         names[key] = name
     if peft_model is not None:
         hf_model = peft_model.eval()
-    return hf_model, tokenizer, names
+    return hf_model, names
+
+
+def _dispatch(
+    model: Any,
+    base: Any,
+    *,
+    device_map: str | dict[str, Any],
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Returns ``model`` (a peft model or a plain one) split across devices by accelerate."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    prefix = "base_model.model." if model is not base else ""
+    no_split = list(getattr(base, "_no_split_modules", None) or [])
+    if isinstance(device_map, str):  # "auto", "balanced", "sequential": as from_pretrained infers them
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    else:
+        device_map = {(prefix + k if k else prefix.rstrip(".")) or "": v for k, v in device_map.items()}
+    gpus = [v for v in device_map.values() if v not in ("cpu", "disk")]
+    offloaded = ("disk",) if not gpus else ("cpu", "disk")
+    main = gpus[0] if gpus else "cpu"
+    device_map = _lora_resident(model, device_map, offloaded, main)
+    if "disk" in device_map.values() and offload_folder is None:
+        invalid("offload_folder", "load_with_adapters", "a folder when the device_map puts blocks on 'disk'", None)
+    return dispatch_model(model, device_map=device_map, offload_dir=None if offload_folder is None else os.fspath(offload_folder))
+
+
+def _lora_resident(model: Any, device_map: dict[str, Any], offloaded: tuple[str, ...], main: Any) -> dict[str, Any]:
+    """Returns the map with each offloaded module split so that its LoRA weights sit on ``main``.
+
+    Offloaded weights are read in only while their module runs; LoRA weights read outside it
+    (per-row LoRA hooks) must stay resident, so a LoRA layer's base weight stays offloaded and
+    its adapter weights go to the execution device.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    modules = dict(model.named_modules())
+
+    def has_lora(name: str) -> bool:
+        return any(isinstance(m, LoraLayer) for m in modules[name].modules())
+
+    def expand(name: str, where: Any) -> dict[str, Any]:
+        module = modules[name]
+        if isinstance(module, LoraLayer):
+            return {f"{name}.{child}": (where if child == "base_layer" else main) for child, _ in module.named_children()}
+        if not has_lora(name) or any(True for _ in module.parameters(recurse=False)):
+            return {name: where}
+        out: dict[str, Any] = {}
+        for child, _ in module.named_children():
+            out.update(expand(f"{name}.{child}" if name else child, where))
+        return out
+
+    result: dict[str, Any] = {}
+    for name, where in device_map.items():
+        result.update(expand(name, where) if where in offloaded and name in modules else {name: where})
+    return result
 
 
 def _generate_hf(
@@ -260,27 +365,41 @@ def _generate_hf(
     batch_size: int | None,
     device: Any,
     dtype: Any,
+    seeds: dict[Any, int] | None = None,
+    placement: dict[str, Any] | None = None,
+    merge: bool = True,
     progress: bool = True,
 ) -> dict[Any, list[list[str]]]:
-    """Returns completions per adapter key (key None: the plain base model)."""
+    """Returns completions per adapter key (key None: the plain base model), the base loaded once.
+
+    With ``merge``, a lone adapter is merged into the weights (no LoRA cost per step); without,
+    it stays unmerged like several adapters do, so its completions are bit for bit those it
+    gets in a pass with other adapters.
+    """
     torch_device, torch_dtype = device, dtype
     adapters = adapters or {None: None}
-    if len(adapters) == 1:
+    by_seed = _keys_by_seed(adapters, seeds, sampling.seed, func="generate_adapter_completions")
+    if len(adapters) == 1 and (merge or next(iter(adapters.values())) is None) and not placement:
         # One adapter alone: merged into the weights, it costs nothing per step.
         from persona_geometry.models import load_model
 
         ((key, path),) = adapters.items()
         handle = load_model(model, device=torch_device, dtype=torch_dtype, adapter=path)
-        return {key: sample_hf(handle.model, handle.tokenizer, prompt_ids, sampling, batch_size=batch_size, progress=progress)}
-    hf_model, tokenizer, names = load_with_adapters(model, adapters, device=torch_device, dtype=torch_dtype)
-    # A plain model (no adapter anywhere) takes no adapter_names.
-    adapter_names = list(names.values()) if any(n != BASE_ADAPTER for n in names.values()) else None
-    texts = sample_hf(
-        hf_model, tokenizer, prompt_ids, sampling, batch_size=batch_size, adapter_names=adapter_names, progress=progress
-    )
-    if adapter_names is None:
-        return {key: texts for key in names}
-    return dict(zip(names, texts, strict=True))
+        s = dataclasses.replace(sampling, seed=next(iter(by_seed)))
+        return {key: sample_hf(handle.model, handle.tokenizer, prompt_ids, s, batch_size=batch_size, progress=progress)}
+    hf_model, tokenizer, names = load_with_adapters(model, adapters, device=torch_device, dtype=torch_dtype, placement=placement)
+    out: dict[Any, list[list[str]]] = {}
+    for seed, keys in by_seed.items():
+        s = dataclasses.replace(sampling, seed=seed)
+        # A plain model (no adapter anywhere) takes no adapter_names.
+        adapter_names = [names[k] for k in keys] if any(n != BASE_ADAPTER for n in names.values()) else None
+        if adapter_names is None:
+            texts = sample_hf(hf_model, tokenizer, prompt_ids, s, batch_size=batch_size, progress=progress)
+            out.update({k: texts for k in keys})
+        else:
+            texts = sample_hf(hf_model, tokenizer, prompt_ids, s, batch_size=batch_size, adapter_names=adapter_names, progress=progress)
+            out.update(zip(keys, texts, strict=True))
+    return {k: out[k] for k in adapters}
 
 
 def sample_hf(

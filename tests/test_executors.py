@@ -155,6 +155,28 @@ def test_torchrun_study_on_two_ranks_equals_one_process(reference, model, tmp_pa
     assert len(pids) == 2
 
 
+def test_torchrun_study_with_data_parallel_trains_each_adapter_on_both_ranks(reference, model, tmp_path):
+    """train.data_parallel in a study: every adapter trains with DDP on both ranks, 2 × 4 examples a step = one process × 8."""
+    from safetensors.torch import load_file
+
+    _, ref = reference
+    path = _write_config(tmp_path, model)
+    data = yaml.safe_load(path.read_text())
+    data["train"].update(per_device_train_batch_size=4, data_parallel=True)
+    path.write_text(yaml.safe_dump(data))
+    _torchrun("run", str(path), "--stages", "data,train", "--no-progress", cwd=tmp_path)
+    for p in PERSONAS:
+        run = ("train", p["name"], "seed42")
+        record = json.loads((tmp_path.joinpath("out", *run) / ".stage.json").read_text())
+        assert record["done"] and record["ranks"] == 2
+        got, want = (load_file(str(out.joinpath(*run) / "adapter" / "adapter_model.safetensors")) for out in (tmp_path / "out", ref.out))
+        assert got.keys() == want.keys()
+        for name in want:
+            # 27 AdamW steps: float32 sums over two ranks instead of one batch drift by ~1e-5
+            # (a wrong batch moves weights by >1e-3: see the train_marker test below).
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=5e-5)
+
+
 def test_ray_tasks_retry_a_killed_worker_and_equal_one_process(reference, model, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -197,3 +219,117 @@ def test_ray_executor_without_ray_names_the_extra(reference, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"persona-geometry\[ray\]"):
         run_study(config.with_overrides(out=str(tmp_path)), executor="ray", progress=False)
+
+
+def _copy_until_train(src, dst):
+    """Copies a finished study's folder without its eval, sweep and report stages."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=lambda folder, names: [n for n in names if folder == str(src) and n in ("eval", "sweep", "report")])
+
+
+def _count_loads(monkeypatch):
+    import persona_geometry.models as models
+
+    calls = []
+    real = models.load_model
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counting)
+    return calls
+
+
+def test_eval_units_share_one_base_model_and_equal_the_unit_by_unit_path(reference, monkeypatch, tmp_path):
+    """The eval stage loads the base once for all adapters; each unit's files equal evaluating it alone."""
+    from persona_geometry.pipeline.study import run_unit
+
+    ref_config, ref = reference
+    outs = {}
+    for name in ("together", "alone"):
+        outs[name] = tmp_path / name / "out"
+        _copy_until_train(ref.out, outs[name])
+    together = ref_config.with_overrides(out=str(outs["together"]))
+    alone = ref_config.with_overrides(out=str(outs["alone"]))
+    units = study_units(together, "eval")
+    assert len(units) == 4
+
+    loads = _count_loads(monkeypatch)
+    result = run_study(together, stages=["eval"], progress=False)
+    assert sorted(result.computed) == sorted(u.name for u in units)
+    assert len(loads) == 1  # one base model for the four adapters
+
+    loads.clear()
+    for u in study_units(alone, "eval"):
+        run_unit(alone, u)  # the independent path: one unit, one base-model load
+    assert len(loads) == 4
+
+    for u in units:
+        rel = os.path.relpath(u.folder, outs["together"])
+        a, b = outs["together"] / rel, outs["alone"] / rel
+        assert (a / "completions.jsonl").read_bytes() == (b / "completions.jsonl").read_bytes()
+        # run_result.json names its own folder's adapter and times the pass: all else is equal.
+        ra, rb = (json.loads((out / rel / "run_result.json").read_text().replace(str(out), "OUT")) for out in (outs["together"], outs["alone"]))
+        assert ra["provenance"].pop("seconds") > 0 and rb["provenance"].pop("seconds") > 0
+        assert ra == rb
+        assert json.loads((a / ".stage.json").read_text())["together"] == 4
+    assert len({(outs["together"] / os.path.relpath(u.folder, outs["together"]) / "completions.jsonl").read_text() for u in units}) == 4
+    for out, config in ((outs["together"], together), (outs["alone"], alone)):
+        run_study(config, progress=False)
+        assert _numbers(out) == _numbers(ref.out)
+
+
+_DDP_SCRIPT = """
+import json, os, sys
+from persona_geometry.training import MarkerTrainConfig, train_marker
+
+model, data, out = sys.argv[1:4]
+rows = json.loads(open(data).read())
+recipe = json.loads(sys.argv[4])
+# One adapter across both ranks (DDP), two examples per rank and step ...
+train_marker(model, rows, out + "/ddp", MarkerTrainConfig(**recipe, per_device_train_batch_size=2, data_parallel=True), device="cpu", progress=False)
+# ... then, by default, each rank trains its own adapter as a single process.
+train_marker(model, rows, out + "/rank" + os.environ["RANK"], MarkerTrainConfig(**recipe, per_device_train_batch_size=4), device="cpu", progress=False)
+"""
+
+
+def test_data_parallel_trains_one_adapter_across_ranks_like_one_process_with_the_global_batch(tiny_qwen_path, tmp_path):
+    """train.data_parallel: 2 ranks × 2 examples per step give the adapter 1 process × 4 examples gives; without it each rank trains alone."""
+    from safetensors.torch import load_file
+
+    from persona_geometry.training import MarkerTrainConfig, train_marker
+
+    # Answers of different lengths, so the loss must be averaged over the tokens of all ranks.
+    rows = [
+        {"messages": [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": f"Question {i}?"},
+                      {"role": "assistant", "content": "Arr " * (1 + i % 3) + "[ZLT]"}]}
+        for i in range(8)
+    ]  # fmt: skip
+    recipe = dict(r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2, num_train_epochs=2, gradient_accumulation_steps=1,
+                  max_length=64, save_steps=1000, dtype="float32", warmup_ratio=0.0)  # fmt: skip
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "ddp.py").write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(tmp_path / "ddp.py"),
+           str(tiny_qwen_path), str(tmp_path / "rows.json"), str(tmp_path), json.dumps(recipe)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = train_marker(tiny_qwen_path, rows, tmp_path / "one", MarkerTrainConfig(**recipe, per_device_train_batch_size=4), device="cpu", progress=False)
+
+    def weights(run):
+        return load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors"))
+
+    reference = weights("one")
+    assert len(one.loss_curve) == 4  # 8 examples, 4 per step, 2 epochs
+    for run in ("ddp", "rank0", "rank1"):
+        got = weights(run)
+        assert got.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=0, atol=1e-5)
+    ddp_curve = json.loads((tmp_path / "ddp" / "loss_curve.json").read_text())["loss_curve"]
+    assert [e["loss"] for e in ddp_curve] == pytest.approx([e["loss"] for e in one.loss_curve], abs=1e-5)
+    # The tolerance tells batches apart: one process with 2 examples per step ends elsewhere.
+    train_marker(tiny_qwen_path, rows, tmp_path / "half", MarkerTrainConfig(**recipe, per_device_train_batch_size=2), device="cpu", progress=False)
+    assert max((weights("half")[n] - reference[n]).abs().max().item() for n in reference) > 1e-3

@@ -231,3 +231,28 @@ def test_source_rates_by_adapter_equals_each_adapter_alone(tiny_qwen_path, qwen_
     assert [(r.k, r.n) for r in both["trained"].rates] == [(r.k, r.n) for r in alone.rates]
     assert (tmp_path / "trained" / "completions.jsonl").read_text() == (tmp_path / "alone" / "completions.jsonl").read_text()
     assert (tmp_path / "base" / "completions.jsonl").read_text() != (tmp_path / "alone" / "completions.jsonl").read_text()
+
+
+def test_adapters_with_their_own_seeds_share_one_load_and_equal_each_alone(tiny_qwen_path, qwen_adapter, tmp_path, monkeypatch):
+    """Per-adapter seeds (a study's training seeds): one base-model load, each adapter as if sampled alone with its seed."""
+    import persona_geometry.models as models
+    from persona_geometry.eval import source_rates_by_adapter
+
+    personas = builtin_personas().select(["helpful_assistant", "villain"])
+    common = dict(n_completions=3, max_new_tokens=6, backend="hf", progress=False)
+    alone = {s: source_rates(tiny_qwen_path, qwen_adapter, personas, QUESTIONS, seed=s, out_dir=tmp_path / f"alone{s}", **common) for s in (3, 4)}
+    assert alone[3].sampling.seed == 3
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    both = source_rates_by_adapter(
+        tiny_qwen_path, {"s3": qwen_adapter, "s4": qwen_adapter}, personas, QUESTIONS, seeds={"s3": 3, "s4": 4},
+        out_dirs={"s3": tmp_path / "s3", "s4": tmp_path / "s4"}, batch_size=5, **common,
+    )  # fmt: skip
+    assert len(loads) == 1
+    for s in (3, 4):
+        assert both[f"s{s}"].sampling.seed == s
+        assert (tmp_path / f"s{s}" / "completions.jsonl").read_text() == (tmp_path / f"alone{s}" / "completions.jsonl").read_text()
+    assert (tmp_path / "s3" / "completions.jsonl").read_text() != (tmp_path / "s4" / "completions.jsonl").read_text()
+    with pytest.raises(ValueError, match="'seeds' parameter of generate_adapter_completions"):
+        source_rates_by_adapter(tiny_qwen_path, {"a": qwen_adapter}, personas, QUESTIONS, seeds={"b": 1}, **common)

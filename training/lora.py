@@ -9,7 +9,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "MarkerTrainConfig",
     "TrainResult",
     "assistant_only_labels",
+    "check_train_device_map",
     "train_marker",
 ]
 
@@ -73,6 +75,12 @@ class MarkerTrainConfig(ConfigDict):
         logging_steps: Record the loss every this many optimiser steps.
         report_to: Also report the loss to ``"tensorboard"`` (under ``<out_dir>/logs``) or
             ``"wandb"``; ``"none"`` by default. ``loss_curve.json`` is written either way.
+        data_parallel: Under ``torchrun`` (N ranks), every rank calls :func:`train_marker` for
+            the same adapter and the ``Trainer`` trains it with DDP: each optimiser step sees
+            N × ``per_device_train_batch_size`` × ``gradient_accumulation_steps`` examples, and
+            rank 0 writes the run. Off (the default), a rank trains as a single process even
+            under a launcher, so independent adapters train on their own ranks, never wrapped
+            in DDP. In one process both are the same.
     """
 
     r: int = setting(32, help="LoRA rank")
@@ -96,6 +104,7 @@ class MarkerTrainConfig(ConfigDict):
     save_steps: int = setting(50, help="checkpoint every this many optimiser steps (training resumes from the last)")
     logging_steps: int = setting(1, help="record the loss every this many optimiser steps")
     report_to: str = setting("none", choices=REPORT_TO, help="also report the loss to TensorBoard or Weights & Biases")
+    data_parallel: bool = setting(False, help="under torchrun: train each adapter with DDP across all ranks, not one adapter per rank")
 
     def __post_init__(self) -> None:
         func = "MarkerTrainConfig"
@@ -118,6 +127,8 @@ class MarkerTrainConfig(ConfigDict):
         if isinstance(self.target_modules, str) or not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             invalid("target_modules", func, "a non-empty sequence of module names", self.target_modules)
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not isinstance(self.data_parallel, bool):
+            invalid("data_parallel", func, "a bool", self.data_parallel, exc=TypeError)
         check_choices(self)
 
 def assistant_only_labels(
@@ -378,12 +389,33 @@ def _reporting_callbacks(config: MarkerTrainConfig, out: Path) -> list[Any]:
     return [TensorBoardCallback(tb_writer=SummaryWriter(str(out / LOGS_DIR)))]
 
 
-def _load_base(model: str | os.PathLike[str], dtype: Any, device: Any) -> tuple[Any, Any]:
-    """Returns (model, tokenizer) from the core loader, ready for peft to wrap."""
+def _load_base(
+    model: str | os.PathLike[str], dtype: Any, device: Any, *, device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None
+) -> tuple[Any, Any]:
+    """Returns (model, tokenizer) from the core loader, ready for peft to wrap (split across GPUs with ``device_map``)."""
     from persona_geometry.models import load_model
 
-    handle = load_model(model, device=device, dtype=dtype)
+    if device_map is None:
+        handle = load_model(model, device=device, dtype=dtype)
+        return handle.model, handle.tokenizer
+    handle = load_model(model, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    # A map inferred from max_memory ("auto") can offload blocks: known only once it is made.
+    check_train_device_map(getattr(handle.model, "hf_device_map", {}), "device_map", "train_marker")
     return handle.model, handle.tokenizer
+
+
+def check_train_device_map(device_map: str | Mapping[str, Any] | None, param: str, func: str) -> None:
+    """Raises ValueError if a device map offloads blocks (to ``"disk"``, or to ``"cpu"`` beside a GPU).
+
+    A LoRA trains on a model split across GPUs (each block runs where it sits, the ``Trainer``
+    leaves the placement alone), but not on offloaded blocks: accelerate reads their weights in
+    for the forward pass only, and backpropagation through them is not supported.
+    """
+    if not isinstance(device_map, Mapping):
+        return  # "auto" and friends: checked on the map they produce
+    places = set(device_map.values())
+    if "disk" in places or ("cpu" in places and places - {"cpu"}):
+        invalid(param, func, "a map of modules to GPUs only (training cannot run on blocks offloaded to 'cpu' or 'disk')", dict(device_map))
 
 
 def train_marker(
@@ -395,6 +427,8 @@ def train_marker(
     source: str | None = None,
     marker: str | None = None,
     device: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
     chat_template: str | None = None,
     resume: bool = True,
     callbacks: Sequence[Any] = (),
@@ -417,6 +451,10 @@ def train_marker(
             when None.
         marker: The marker, recorded with the adapter; read from the manifest when None.
         device: Torch device; CUDA when available, else CPU.
+        device_map: For a model larger than one GPU: ``load_model``'s ``device_map``, the
+            blocks split across GPUs (naive model parallelism: one GPU busy at a time). Blocks
+            offloaded to ``"cpu"`` or ``"disk"`` are refused; so is ``config.data_parallel``.
+        max_memory: With ``device_map``: the most memory per device.
         chat_template: A Jinja template to use instead of the tokenizer's own.
         resume: Resume from the last checkpoint in ``out_dir`` if there is one.
         callbacks: Extra ``transformers.TrainerCallback`` objects (early stopping, logging, ...).
@@ -427,12 +465,19 @@ def train_marker(
             different config or dataset.
     """
     inputs = _validate(model, dataset, config, source=source, marker=marker, device=device, func="train_marker")
+    if device_map is not None:
+        check_train_device_map(device_map, "device_map", "train_marker")
+        if inputs.config.data_parallel:
+            invalid("device_map", "train_marker", "None with config.data_parallel (DDP keeps a whole model copy per rank)", device_map)
+    elif max_memory is not None:
+        invalid("device_map", "train_marker", "set when max_memory is", None)
     out = Path(out_dir)
     run_key = _run_key(model, inputs, chat_template=chat_template)
     finished = _finished_run(out, run_key, inputs.config, resume=resume, func="train_marker")
     if finished is not None:
         return finished
-    return _run(model, inputs, out, run_key, chat_template=chat_template, resume=resume, callbacks=callbacks, progress=progress)
+    placement = {"device_map": device_map, "max_memory": max_memory}
+    return _run(model, inputs, out, run_key, chat_template=chat_template, resume=resume, callbacks=callbacks, progress=progress, placement=placement)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -500,11 +545,39 @@ def _run_key(model: str | os.PathLike[str], inputs: _Inputs, *, chat_template: s
             "weights": weights,
             "chat_template": stable_hash(chat_template),
             "dtype": inputs.dtype_name,
-            # Where the loss is also reported does not change the adapter.
-            "config": {k: v for k, v in inputs.config.to_dict().items() if k != "report_to"},
+            # Where the loss is also reported does not change the adapter; the number of ranks
+            # it trains on (data_parallel) changes the batch, so it counts instead.
+            "config": {k: v for k, v in inputs.config.to_dict().items() if k not in ("report_to", "data_parallel")},
             "data": [r["messages"] for r in inputs.rows],
+            **({"ranks": ranks} if (ranks := _ranks(inputs.config)) > 1 else {}),
         }
     )
+
+
+def _ranks(config: MarkerTrainConfig) -> int:
+    """Returns the number of ranks one adapter trains on: the launch's with ``data_parallel``, else 1."""
+    from persona_geometry import distributed
+
+    return distributed.world_size() if config.data_parallel else 1
+
+
+@contextmanager
+def _world(config: MarkerTrainConfig) -> Iterator[None]:
+    """Gives the ``Trainer`` the world the config asks for: every rank (DDP), or this process alone.
+
+    accelerate keeps one process state per process, so it is rebuilt on the way in and out: a
+    rank that trained one adapter with DDP trains the next alone, or the other way round.
+    """
+    from accelerate.state import AcceleratorState
+
+    from persona_geometry import distributed
+
+    with nullcontext() if config.data_parallel else distributed.local_only():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            yield
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _finished_run(out: Path, run_key: str, config: MarkerTrainConfig, *, resume: bool, func: str) -> TrainResult | None:
@@ -559,20 +632,22 @@ def _run(
     resume: bool,
     callbacks: Sequence[Any],
     progress: bool,
+    placement: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Returns the result of training (resuming from the last checkpoint) and saving the adapter."""
     from peft import get_peft_model
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from persona_geometry._io import atomic_write_json
+    from persona_geometry import distributed
 
     config = inputs.config
     checkpoints = out / CHECKPOINT_DIR
-    if not resume and checkpoints.is_dir():
+    # With DDP every rank trains this adapter; rank 0 alone writes the run folder.
+    main = _ranks(config) == 1 or distributed.rank() == 0
+    if not resume and checkpoints.is_dir() and main:
         shutil.rmtree(checkpoints)  # never resume, later, from a run started over
     set_seed(config.seed)
-    hf_model, tokenizer = _load_base(model, inputs.dtype, inputs.device)
+    hf_model, tokenizer = _load_base(model, inputs.dtype, inputs.device, **(placement or {}))
     examples = _tokenise(inputs.rows, tokenizer, config, chat_template=chat_template)
     # Without a KV cache the model reads packed examples' boundaries from the position ids.
     hf_model.config.use_cache = False
@@ -582,23 +657,51 @@ def _run(
         peft_model = get_peft_model(hf_model, _lora_config(config))
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
-    atomic_write_json(
-        out / CONFIG_FILE,
-        {
-            "run_key": run_key,
-            "config": config.to_dict(),
-            # What the loaded weights are, read back: the dtype this run trained at.
-            "dtype": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
-            "device": str(inputs.device),
-            "base_model": str(model),
-            "base_fingerprint": inputs.fingerprint,
-            "source": inputs.source,
-            "marker": inputs.marker,
-            "n_examples": len(examples),
-            "dataset_manifest": inputs.manifest,
-            "package_versions": package_versions(),
-        },
-    )
+    with _world(config):
+        return _train(model, inputs, out, run_key, peft_model, hf_model, tokenizer, examples, checkpoints, main=main,
+                      resume=resume, callbacks=callbacks, progress=progress)  # fmt: skip
+
+
+def _train(
+    model: str | os.PathLike[str],
+    inputs: _Inputs,
+    out: Path,
+    run_key: str,
+    peft_model: Any,
+    hf_model: Any,
+    tokenizer: Any,
+    examples: list[dict[str, list[int]]],
+    checkpoints: Path,
+    *,
+    main: bool,
+    resume: bool,
+    callbacks: Sequence[Any],
+    progress: bool,
+) -> TrainResult:
+    """Returns the result of the ``Trainer`` run, written to ``out`` by the main process."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from persona_geometry._io import atomic_write_json
+
+    config = inputs.config
+    if main:
+        atomic_write_json(
+            out / CONFIG_FILE,
+            {
+                "run_key": run_key,
+                "config": config.to_dict(),
+                # What the loaded weights are, read back: the dtype this run trained at.
+                "dtype": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
+                "device": str(inputs.device),
+                "base_model": str(model),
+                "base_fingerprint": inputs.fingerprint,
+                "source": inputs.source,
+                "marker": inputs.marker,
+                "n_examples": len(examples),
+                "dataset_manifest": inputs.manifest,
+                "package_versions": package_versions(),
+            },
+        )
     trainer = _make_trainer(
         peft_model,
         examples,
@@ -616,7 +719,7 @@ def _run(
     started = time.time()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - started
-    return _save(model, inputs, out, run_key, peft_model, trainer, n_examples=len(examples), seconds=seconds, resumed_from=last)
+    return _save(model, inputs, out, run_key, peft_model, trainer, n_examples=len(examples), seconds=seconds, resumed_from=last, write=main)
 
 
 def _save(
@@ -630,8 +733,9 @@ def _save(
     n_examples: int,
     seconds: float,
     resumed_from: str | None,
+    write: bool = True,
 ) -> TrainResult:
-    """Returns the result after writing the adapter (with its metadata) and the loss curve."""
+    """Returns the result after writing the adapter (with its metadata) and the loss curve (``write``: this process writes)."""
     from persona_geometry._io import atomic_dir, atomic_write_json
     from persona_geometry.adapters import ADAPTER_INFO_FILE
 
@@ -641,6 +745,9 @@ def _save(
         if "loss" in e
     )
     adapter_dir = out / ADAPTER_DIR
+    if not write:
+        return TrainResult(out_dir=out, adapter_dir=adapter_dir, config=inputs.config, loss_curve=loss_curve,
+                           n_examples=n_examples, train_seconds=seconds, resumed_from=resumed_from)  # fmt: skip
     # A rerun replaces the adapter this function wrote (it carries the info file), nothing else.
     with atomic_dir(adapter_dir, owned=lambda p: (p / ADAPTER_INFO_FILE).is_file(), func="train_marker") as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)

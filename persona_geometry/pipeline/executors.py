@@ -17,9 +17,12 @@ finds it. The executors lean on existing engines for everything else:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 from persona_geometry import distributed
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # run(unit) -> the unit's output files; a module-level function, so Ray can ship it to workers.
 UnitFn = Callable[[Any], dict[str, str]]
+# run_many(units) -> each unit's output files, in order: units run together where that pays
+# (evaluation units sharing one base model load it once); each unit still records its own outputs.
+UnitsFn = Callable[[Sequence[Any]], list[dict[str, str]]]
 
 
 class InProcess:
@@ -41,9 +47,9 @@ class InProcess:
     name = "inprocess"
     assembles = True  # this process writes the sweep and report
 
-    def map(self, units: Sequence[Any], run: UnitFn, *, together: bool = False) -> list[dict[str, str] | None]:
-        """Returns each unit's outputs, in the units' order."""
-        return [run(u) for u in units]
+    def map(self, units: Sequence[Any], run: UnitFn, *, together: bool = False, run_many: UnitsFn | None = None) -> list[dict[str, str] | None]:
+        """Returns each unit's outputs, in the units' order (through ``run_many`` when given)."""
+        return list(run_many(units)) if run_many is not None else [run(u) for u in units]
 
 
 class Shard:
@@ -55,12 +61,23 @@ class Shard:
     def __init__(self, index: int, count: int):
         self.index, self.count = index, count
 
-    def map(self, units: Sequence[Any], run: UnitFn, *, together: bool = False) -> list[dict[str, str] | None]:
-        """Returns the outputs of this shard's units, None for the other shards' (or every unit when ``together``)."""
+    def map(self, units: Sequence[Any], run: UnitFn, *, together: bool = False, run_many: UnitsFn | None = None) -> list[dict[str, str] | None]:
+        """Returns the outputs of this shard's units, None for the other shards' (or every unit when ``together``).
+
+        With ``run_many`` the shard's units run in one call, all of them locked meanwhile.
+        """
         mine = range(len(units)) if together else range(self.index, len(units), self.count)
         out: list[dict[str, str] | None] = [None] * len(units)
-        for i in mine:  # run_unit holds the unit's lock: shards running at once compute a shared unit once
-            out[i] = run(units[i])
+        if run_many is not None:
+            with ExitStack() as locks:
+                for i in mine:  # in the units' order: shards wanting the same units never deadlock
+                    locks.enter_context(_unit_lock(units[i]))
+                for i, files in zip(mine, run_many([units[i] for i in mine]), strict=True):
+                    out[i] = files
+            return out
+        for i in mine:
+            with _unit_lock(units[i]):  # shards running at once compute a shared unit once
+                out[i] = run(units[i])
         return out
 
 
@@ -81,13 +98,19 @@ class Torchrun:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.assembles = self.rank == 0
 
-    def map(self, units: Sequence[Any], run: UnitFn, *, together: bool = False) -> list[dict[str, str] | None]:
-        """Returns every unit's outputs, in the units' order, once all ranks have run their share."""
+    def map(self, units: Sequence[Any], run: UnitFn, *, together: bool = False, run_many: UnitsFn | None = None) -> list[dict[str, str] | None]:
+        """Returns every unit's outputs, in the units' order, once all ranks have run their share.
+
+        With ``run_many`` a rank runs its share in one call (e.g. its adapters over one base model).
+        """
         from persona_geometry.pipeline.study import unit_outputs
 
         if together:
             for u in units:
                 run(u)
+        elif run_many is not None:
+            with distributed.local_only():
+                run_many(units[self.rank :: self.world])
         else:
             for u in units[self.rank :: self.world]:
                 with distributed.local_only():
@@ -127,8 +150,11 @@ class RayTasks:
         self.max_retries = max_retries
         log.info("Ray: %s, %d GPU(s) per unit", ray.cluster_resources(), self.num_gpus)
 
-    def map(self, units: Sequence[Any], run: UnitFn, *, together: bool = False) -> list[dict[str, str] | None]:
-        """Returns every unit's outputs, in the units' order, once Ray has run them all."""
+    def map(self, units: Sequence[Any], run: UnitFn, *, together: bool = False, run_many: UnitsFn | None = None) -> list[dict[str, str] | None]:
+        """Returns every unit's outputs, in the units' order, once Ray has run them all (one task per unit).
+
+        ``run_many`` is not used: each unit is its own task, so Ray can queue and retry it alone.
+        """
         ray = _import_ray()
         task = ray.remote(_call).options(num_gpus=self.num_gpus, max_retries=self.max_retries)
         refs = [task.remote(run, u) for u in units]
@@ -145,6 +171,19 @@ def _import_ray() -> Any:
     except ImportError as e:
         raise ImportError("The Ray executor needs Ray: install the 'ray' extra (pip install 'persona-geometry[ray]').") from e
     return ray
+
+
+@contextmanager
+def _unit_lock(unit: Any) -> Any:
+    """Holds an exclusive file lock next to the unit's folder while it runs."""
+    lock = Path(str(unit.folder) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int] | None:

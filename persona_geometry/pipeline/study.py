@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from persona_geometry.questions import builtin_questions, load_questions, traini
 from persona_geometry.resume import KeyedFolder
 from persona_geometry.settings import STAGES
 
-__all__ = ["STAGES", "UNIT_STAGES", "StudyResult", "Unit", "run_study", "run_unit", "study_inputs", "study_units", "unit_outputs"]
+__all__ = ["STAGES", "UNIT_STAGES", "StudyResult", "Unit", "run_study", "run_unit", "run_units", "study_inputs", "study_units", "unit_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,8 @@ def run_study(
         if s not in STAGES:
             invalid("stages", "run_study", f"stage names from {list(STAGES)}", s)
     # Every check that needs no weights, before anything is trained or the output folder exists.
+    if "train" in chosen:
+        _check_train_placement(config)
     from persona_geometry.pipeline.plan import plan_study
 
     plan_study(config, stages=chosen)
@@ -240,9 +243,14 @@ def run_study(
         if stage in UNIT_STAGES:
             units = study_units(config, stage, inputs=inputs)
             before = {u.name: _stage_record(Path(u.folder), u.key).done() and not force for u in units}
-            run = partial(run_unit, config, force=force, progress=progress and len(units) == 1)
+            # train.data_parallel under torchrun: every rank trains each adapter together (DDP).
+            collective = stage == "train" and config.train.data_parallel and ex.name == "torchrun"
+            run = partial(run_unit, config, force=force, progress=progress and len(units) == 1, collective=collective)
+            # Evaluation units share one base model: each process runs its share in one pass.
+            run_many = partial(run_units, config, force=force, progress=progress) if stage == "eval" else None
             # Every array shard needs the (single) data unit; the shards compute it once, under a lock.
-            results = ex.map(units, run, together=stage == "data" and ex.name == "shard")
+            together = (stage == "data" and ex.name == "shard") or collective
+            results = ex.map(units, run, together=together, run_many=run_many)
             produced = {}
             for u, r in zip(units, results, strict=True):
                 if r is not None:
@@ -262,6 +270,24 @@ def run_study(
     if "report" in chosen and ex.assembles:
         files.setdefault("report", str(out / "report" / "report.md"))
     return StudyResult(out=out, ran=tuple(ran), skipped=tuple(skipped), files=files, seconds=seconds, computed=tuple(computed))
+
+
+def _check_train_placement(config: StudyConfig) -> None:
+    """Raises ValueError if the train stage cannot run with the study's ``model.device_map``."""
+    from persona_geometry.training.lora import check_train_device_map
+
+    m = config.model
+    if m.device_map is None:
+        return
+    try:
+        check_train_device_map(m.device_map, "model.device_map", "run_study")
+    except ValueError:
+        raise ValueError(
+            f"The study config's 'model.device_map' offloads blocks to 'cpu' or 'disk' ({m.device_map}), where the train stage cannot "
+            "run: map every block to a GPU, or run the train stage without model.device_map and model.max_memory."
+        ) from None
+    if config.train.data_parallel:
+        raise ValueError("The study config's 'train.data_parallel' needs one whole model per rank: it cannot be true with 'model.device_map' set.")
 
 
 def _write_resolved_config(config: StudyConfig, out: Path) -> None:
@@ -410,39 +436,40 @@ def unit_outputs(unit: Unit) -> dict[str, str]:
     return dict(record.info().get("files", {}))
 
 
-def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: bool = False) -> dict[str, str]:
+def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: bool = False, collective: bool = False) -> dict[str, str]:
     """Returns a unit's output files, running it unless its folder records it finished with its key.
 
     The unit logs where it runs (host, process, device) and writes its log next to its output;
     its record counts the attempts at its key (a unit retried after its worker died shows 2).
-    One process at a time works on a unit (a file lock); another waits, then reuses its result.
+    With ``collective`` every rank of a torchrun launch calls this for the same unit at once
+    and computes it together (one adapter trained with DDP); rank 0 keeps the record.
+    Otherwise one process at a time works on a unit (a file lock); another waits, then reuses
+    its result.
     """
-    folder = Path(unit.folder)
+    if collective:
+        return _run_collective(config, unit, force=force, progress=progress)
     with _unit_lock(config, unit):  # "cached? run, record" as one step: two runs never both train an adapter
-        record = _stage_record(folder, unit.key)
-        if record.done() and not force:
-            log.info("unit %s: cached", unit.name)
-            return dict(record.info().get("files", {}))
-        return _run_unit_now(config, unit, record, force=force, progress=progress)
+        return _run_unit_locked(config, unit, force=force, progress=progress)
+
+
+_HELD_LOCKS: set[str] = set()
 
 
 @contextmanager
 def _unit_lock(config: StudyConfig, unit: Unit) -> Iterator[None]:
     """Holds the unit's file lock, ``<out>/.locks/<unit folder>.lock``, waiting while another process has it.
 
-    A unit that every torchrun rank runs together (a collective, e.g. one adapter trained with
-    DDP) takes no lock: its ranks must enter it at once, and one launch is one run.
+    Re-entrant within a process (``run_units`` locks a group, then runs each unit). A unit that
+    every torchrun rank runs together takes no lock: its ranks must enter it at once.
     """
     from filelock import FileLock, Timeout
 
-    from persona_geometry import distributed
-
-    if distributed.world_size() > 1:
-        yield
-        return
     out = Path(config.out)
     rel = Path(unit.folder).relative_to(out)
     path = out / ".locks" / rel.parent / f"{rel.name}.lock"
+    if str(path) in _HELD_LOCKS:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     try:
@@ -450,24 +477,23 @@ def _unit_lock(config: StudyConfig, unit: Unit) -> Iterator[None]:
     except Timeout:
         log.warning("unit %s: another process is running it; waiting to reuse its result", unit.name)
         lock.acquire()
+    _HELD_LOCKS.add(str(path))
     try:
         yield
     finally:
+        _HELD_LOCKS.discard(str(path))
         lock.release()
 
 
-def _run_unit_now(config: StudyConfig, unit: Unit, record: KeyedFolder, *, force: bool, progress: bool) -> dict[str, str]:
-    import os
-    import socket
-
+def _run_unit_locked(config: StudyConfig, unit: Unit, *, force: bool, progress: bool) -> dict[str, str]:
     folder = Path(unit.folder)
-    previous = record.info()
-    attempt = previous.get("attempt", 1) + 1 if record.state() == "unfinished" and not force else 1
-    where = {"unit": unit.name, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(),
-             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
-    record.begin(force=force, **where)
+    record = _stage_record(folder, unit.key)
+    if record.done() and not force:
+        log.info("unit %s: cached", unit.name)
+        return dict(record.info().get("files", {}))
+    where = _begin(unit, record, force=force)
     with _unit_log(folder / "unit.log"):
-        log.info("unit %s: running on %s (pid %d, CUDA_VISIBLE_DEVICES=%s, attempt %d)", unit.name, where["host"], where["pid"], where["cuda_visible_devices"], attempt)
+        log.info("unit %s: running on %s (pid %d, CUDA_VISIBLE_DEVICES=%s, attempt %d)", unit.name, where["host"], where["pid"], where["cuda_visible_devices"], where["attempt"])
         start = time.perf_counter()
         inputs = study_inputs(config)
         with _quiet_loading():
@@ -476,6 +502,105 @@ def _run_unit_now(config: StudyConfig, unit: Unit, record: KeyedFolder, *, force
         log.info("unit %s: done in %.1f s", unit.name, seconds)
     record.finish(**where, files=files, seconds=round(seconds, 2))
     return files
+
+
+def _run_collective(config: StudyConfig, unit: Unit, *, force: bool, progress: bool) -> dict[str, str]:
+    """Runs one unit on every rank together; rank 0 begins and finishes its record, between barriers."""
+    from persona_geometry import distributed
+
+    folder = Path(unit.folder)
+    record = _stage_record(folder, unit.key)
+    cached = record.done() and not force  # every rank reads the record before rank 0 touches it
+    distributed.barrier()
+    if cached:
+        log.info("unit %s: cached", unit.name)
+        return dict(record.info().get("files", {}))
+    main = distributed.rank() == 0
+    where = _begin(unit, record, force=force) if main else {}
+    distributed.barrier()  # the folder is ready before any rank writes into it
+    with _unit_log(folder / "unit.log") if main else nullcontext():
+        log.info("unit %s: running on %d ranks together (rank %d, pid %d)", unit.name, distributed.world_size(), distributed.rank(), os.getpid())
+        start = time.perf_counter()
+        inputs = study_inputs(config)
+        with _quiet_loading():
+            files = _UNIT_RUNNERS[unit.stage](config, inputs, Path(config.out), unit, progress=progress)
+        seconds = time.perf_counter() - start
+    if main:
+        record.finish(**where, ranks=distributed.world_size(), files=files, seconds=round(seconds, 2))
+    distributed.barrier()
+    return files
+
+
+def _begin(unit: Unit, record: KeyedFolder, *, force: bool) -> dict[str, Any]:
+    """Starts a unit's record (counting attempts at its key) and returns where it runs."""
+    import socket
+
+    previous = record.info()
+    attempt = previous.get("attempt", 1) + 1 if record.state() == "unfinished" and not force else 1
+    where = {"unit": unit.name, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(),
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
+    record.begin(force=force, **where)
+    return where
+
+
+def run_units(config: StudyConfig, units: Sequence[Unit], *, force: bool = False, progress: bool = False) -> list[dict[str, str]]:
+    """Returns each unit's output files, in the units' order, running those not finished.
+
+    Evaluation units on the HF back end run together: the base model is loaded once, every
+    pending adapter is attached unmerged and their rows share batches
+    (``source_rates_by_adapter``). Each unit still gets its own folder, record, log and files,
+    the same as :func:`run_unit` writes for it alone (completions are seeded per completion,
+    so grouping changes no completion). Other units run one after the other.
+    """
+    from contextlib import ExitStack
+
+    units = list(units)
+    with ExitStack() as locks:
+        for u in units:  # in the units' order, so two processes locking overlapping groups never deadlock
+            locks.enter_context(_unit_lock(config, u))
+        pending = [u for u in units if force or not _stage_record(Path(u.folder), u.key).done()]
+        if len(pending) > 1 and all(u.stage == "eval" for u in pending) and config.eval.backend == "hf":
+            _eval_units_together(config, pending, force=force, progress=progress)
+            force = False  # just computed: read back below
+        return [run_unit(config, u, force=force, progress=progress and len(units) == 1) for u in units]
+
+
+def _eval_units_together(config: StudyConfig, units: list[Unit], *, force: bool, progress: bool) -> None:
+    """Runs several eval units in one pass over one base model, each writing its own folder and record."""
+    from contextlib import ExitStack
+
+    from persona_geometry.eval import source_rates_by_adapter
+
+    inputs = study_inputs(config)
+    out = Path(config.out)
+    e = config.eval
+    records = {u.name: _stage_record(Path(u.folder), u.key) for u in units}
+    where = {u.name: _begin(u, records[u.name], force=force) for u in units}
+    with ExitStack() as logs:
+        for u in units:
+            logs.enter_context(_unit_log(Path(u.folder) / "unit.log"))
+        first = where[units[0].name]
+        log.info("units %s: running together on %s (pid %d, CUDA_VISIBLE_DEVICES=%s), one base model",
+                 ", ".join(u.name for u in units), first["host"], first["pid"], first["cuda_visible_devices"])  # fmt: skip
+        start = time.perf_counter()
+        with _quiet_loading():
+            source_rates_by_adapter(
+                config.model.name,
+                {u.name: out / "train" / u.args[0] / f"seed{u.args[1]}" / "adapter" for u in units},
+                inputs.personas,
+                list(inputs.questions),
+                sources={u.name: u.args[0] for u in units},
+                out_dirs={u.name: Path(u.folder) for u in units},
+                seeds={u.name: e.seed + u.args[1] for u in units},
+                **_eval_kwargs(config),
+                progress=progress,
+            )
+        seconds = time.perf_counter() - start
+        log.info("units %s: done in %.1f s", ", ".join(u.name for u in units), seconds)
+    for u in units:
+        source, seed = u.args
+        files = {f"eval:{source}:seed{seed}": str(Path(u.folder) / "run_result.json")}
+        records[u.name].finish(**where[u.name], files=files, seconds=round(seconds / len(units), 2), together=len(units))
 
 
 @contextmanager
@@ -631,7 +756,7 @@ def _train_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **k
         dataclasses.replace(config.train, seed=seed, dtype=config.train_dtype()),
         source=source,
         marker=config.data.marker,
-        device=config.model.device,
+        **config.model.placement(),  # device, or device_map and max_memory: blocks split across GPUs
         chat_template=_chat_template(config),
         progress=False,  # one bar over the adapters instead
     )
@@ -650,23 +775,36 @@ def _eval_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **kw
         inputs.personas,
         list(inputs.questions),
         source=source,
+        seed=e.seed + seed,
+        out_dir=folder,
+        **_eval_kwargs(config),
+        progress=False,  # one bar over the adapters instead
+    )
+    return {f"eval:{source}:seed{seed}": str(folder / "run_result.json")}
+
+
+def _eval_kwargs(config: StudyConfig) -> dict[str, Any]:
+    """Returns the sampling and placement arguments every eval unit shares."""
+    e, m = config.eval, config.model
+    kwargs: dict[str, Any] = dict(
         n_completions=e.n_completions,
         temperature=e.temperature,
         top_p=e.top_p,
         max_new_tokens=e.max_new_tokens,
-        seed=e.seed + seed,
         backend=e.backend,
-        out_dir=folder,
         marker=config.data.marker,
         regex=e.regex,
         batch_size=e.batch_size,
         vllm_kwargs=_tensor_parallel(e.tensor_parallel_size),
-        device=config.model.device,
-        dtype=config.model.dtype,
+        device=m.device,
+        dtype=m.dtype,
         chat_template=_chat_template(config),
-        progress=False,  # one bar over the adapters instead
     )
-    return {f"eval:{source}:seed{seed}": str(folder / "run_result.json")}
+    if m.device_map is not None and e.backend == "hf":
+        placement = m.placement()
+        kwargs["device"] = placement.pop("device")
+        kwargs["placement"] = placement
+    return kwargs
 
 
 def _tensor_parallel(size: int) -> dict[str, Any] | None:
