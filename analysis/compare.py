@@ -1088,6 +1088,12 @@ def compare_studies(
         invalid("studies", func, "two or more study output folders", [str(s) for s in studies])
     alpha = check_probability(alpha, "alpha", func)
     method_re = check_one_of(method_re, "method_re", func, META_METHODS)
+    if depth is not None and (
+        isinstance(depth, bool)
+        or not isinstance(depth, int | float)
+        or not 0.0 <= float(depth) <= 1.0
+    ):
+        invalid("depth", func, "a relative depth in [0, 1]", depth)  # before any study is read
     records = [s if isinstance(s, StudyRecord) else read_study(s) for s in studies]
     import dataclasses
 
@@ -1116,12 +1122,6 @@ def compare_studies(
         kind = "primary" if first.primary_layer is not None else "strongest (exploratory)"
         choice = f"{first.label}'s {kind} layer {layer}"
     else:
-        if (
-            isinstance(depth, bool)
-            or not isinstance(depth, int | float)
-            or not 0.0 <= float(depth) <= 1.0
-        ):
-            invalid("depth", func, "a relative depth in [0, 1]", depth)
         depth, choice = float(depth), "requested"
     meta = _meta_analysis(records, depth, choice, statistic, method_re, alpha)
     groups, notes = _seed_groups(records, statistic, alpha)

@@ -69,16 +69,7 @@ def check_replaceable(
     """
     path = Path(path)
     if not os.path.lexists(path):
-        # Fail now, not after the work: the nearest existing folder must take new entries.
-        parent = next(p for p in path.absolute().parents if p.exists())
-        if not os.access(parent, os.W_OK):
-            invalid(
-                param,
-                func,
-                "a path in a writable folder",
-                f"{path} ({parent} is read-only)",
-                exc=PermissionError,
-            )
+        check_output_path(path, param=param, func=func)
         return path
     if path.is_symlink() or not path.is_dir():
         invalid(
@@ -103,6 +94,50 @@ def check_replaceable(
         f"{path}, which holds files the toolkit did not write",
         exc=FileExistsError,
     )
+
+
+def check_output_path(
+    path: str | os.PathLike[str], *, param: str, func: str, folder: bool = False
+) -> Path:
+    """Returns ``path`` after checking that a file (or, with ``folder``, a folder) can be written
+    there.
+
+    Checked before any work, so a bad output path fails in one line, not after the work: the
+    path must not be a folder (for a file) or a file (for a folder), and its nearest existing
+    ancestor must be a writable folder (not a file).
+
+    Raises:
+        IsADirectoryError: If a file is wanted and ``path`` is a folder.
+        FileExistsError: If a folder is wanted and ``path`` is a file.
+        NotADirectoryError: If a folder above ``path`` is a file.
+        PermissionError: If the nearest existing folder is read-only.
+    """
+    path = Path(path)
+    if folder and os.path.lexists(path) and not path.is_dir():
+        invalid(param, func, "a folder path", f"{path}, which is a file", exc=FileExistsError)
+    if not folder and path.is_dir():
+        invalid(param, func, "a file path", f"{path}, which is a folder", exc=IsADirectoryError)
+    parent = next(
+        (p for p in path.absolute().parents if os.path.lexists(p)), Path(path.absolute().anchor)
+    )
+    if not parent.is_dir():
+        invalid(
+            param,
+            func,
+            "a path below folders",
+            f"{path} ({parent} is a file)",
+            exc=NotADirectoryError,
+        )
+    probe = path if path.is_dir() else parent
+    if not os.access(probe, os.W_OK):
+        invalid(
+            param,
+            func,
+            "a path in a writable folder",
+            f"{path} ({probe} is read-only)",
+            exc=PermissionError,
+        )
+    return path
 
 
 @contextmanager
@@ -216,7 +251,37 @@ def atomic_write_jsonl(
     return Path(path)
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Returns the JSON objects stored one per line in ``path``."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(
+    path: str | os.PathLike[str], *, param: str = "path", func: str = "read_jsonl"
+) -> list[dict[str, Any]]:
+    """Returns the JSON objects stored one per line in ``path``.
+
+    Raises:
+        ValueError: If the file is missing, a folder, not UTF-8, or a line is not one JSON
+            object (one line naming the file and the line number).
+    """
+    from persona_geometry._serialization import one_line, read_text_file
+
+    text = read_text_file(path, param=param, func=func)
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            invalid(
+                param,
+                func,
+                "a JSONL file (one JSON object per line)",
+                f"{path}, line {number}: {one_line(e)}",
+            )
+        if not isinstance(row, dict):
+            invalid(
+                param,
+                func,
+                "a JSONL file of JSON objects",
+                f"{path}, line {number}: a {type(row).__name__}",
+            )
+        rows.append(row)
+    return rows

@@ -120,4 +120,6 @@ def load_questions(path: str | os.PathLike[str]) -> list[str]:
         or not all(isinstance(q, str) for q in data)
     ):
         invalid("path", "load_questions", "a file holding a list of question strings", str(path))
+    if not data:
+        invalid("path", "load_questions", "a file holding at least one question", str(path))
     return check_unique_names(list(data), "questions", "load_questions")

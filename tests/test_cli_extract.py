@@ -31,6 +31,7 @@ def test_extract_command_writes_what_the_library_returns(tiny_qwen_path, tmp_pat
 def test_extract_command_reports_bad_input_in_one_line(tiny_qwen_path, tmp_path, capsys):
     status = main(["extract", "--model", str(tiny_qwen_path), "--layers", "9", "--device", "cpu", "--out", str(tmp_path / "x")])
     assert status == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("persona-geometry extract: error: The 'layers' parameter of extract_activations")
+    err = capsys.readouterr().err.strip().splitlines()
+    # Checked against config.json before the weights load: one line, no loading bar.
+    assert err == ["persona-geometry extract: error: The '--layers' parameter of extract must be ints in [-4, 3]. Got 9 instead."]
     assert not (tmp_path / "x").exists()

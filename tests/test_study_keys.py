@@ -4,6 +4,7 @@ stage's outputs runs again when those outputs change; corrupt activations are re
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from persona_geometry.models import model_identity
 from persona_geometry.pipeline.config import StudyConfig
@@ -68,3 +69,72 @@ def test_identity_follows_the_commit_a_hub_revision_resolves_to(tmp_path, monkey
     assert (first["commit"], second["commit"]) == ("a" * 40, "b" * 40)
     assert model_identity("org/tiny", revision="a" * 40)["commit"] == "a" * 40
     assert model_identity("org/absent") == {"model": "org/absent", "revision": None, "commit": None, "weights": None, "tokenizer": None}
+
+
+def test_weights_rebuilt_in_place_in_one_process_are_extracted_anew(tmp_path):
+    """One process, two runs: the second must not reuse the model (or activations) loaded for the first."""
+    import torch
+
+    from persona_geometry import extract_activations, load_model
+    from persona_geometry.pipeline.study import _extracted, run_study
+    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m")
+    config = _config(tmp_path, model)
+    first = run_study(config, stages=["extract"], progress=False)
+    old = _extracted(first.out, "activations")
+    build_tiny_model(model, TinyModelSpec(seed=7), overwrite=True)  # new weights, same folder
+    second = run_study(config, stages=["extract"], progress=False)
+    assert second.ran == ("extract",)
+    new = _extracted(second.out, "activations")
+    assert new.manifest["weights_id"] != old.manifest["weights_id"]
+    # The reference: the rebuilt model loaded on its own.
+    inputs = study_inputs(config)
+    ref = extract_activations(load_model(model, dtype="float32", device="cpu"), inputs.personas, inputs.questions, progress=False)
+    torch.testing.assert_close(new["resid_post"], ref["resid_post"])
+    assert not torch.allclose(new["resid_post"], old["resid_post"])
+
+
+def test_two_runs_on_one_folder_train_each_adapter_once(tmp_path):
+    """Two real processes start the same study on one output folder: every unit (the data and each
+    adapter) runs in exactly one of them; the other waits on the unit's lock and reuses the result."""
+    import subprocess
+    import sys
+
+    from persona_geometry.tiny import build_tiny_model
+
+    _config(tmp_path, build_tiny_model(tmp_path / "m"))
+    study = yaml.safe_load((tmp_path / "study.yaml").read_text())
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({**study, "marker": {"sources": ["villain", "librarian"]}}))
+    cmd = [sys.executable, "-m", "persona_geometry.pipeline.cli", "run", str(tmp_path / "study.yaml"),
+           "--stages", "data,train", "--executor", "inprocess", "--no-progress"]  # fmt: skip
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [r.communicate(timeout=600) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], [d[1][-2000:] for d in done]
+    out = tmp_path / "out"
+    logs = sorted(out.glob("train/*/seed*/unit.log"))
+    assert sorted(p.parent.parent.name for p in logs) == ["librarian", "villain"]
+    for log in [out / "data" / "unit.log", *logs]:
+        started = [line for line in log.read_text().splitlines() if ": running on " in line]
+        assert len(started) == 1, (log, started)  # one process ran it, once
+        assert int(started[0].split("(pid ")[1].split(",")[0]) in {r.pid for r in runs}
+
+
+def test_a_stage_key_follows_the_recorded_outputs_of_the_stages_it_reads(tmp_path):
+    """A re-run stage that rewrote its outputs (forced, or new weights) re-runs what read them, and nothing else."""
+    from persona_geometry.pipeline.study import _stage_key, _stage_record
+
+    def record(stage, key, outputs):
+        r = _stage_record(tmp_path / stage, key)
+        r.begin(force=True)
+        r.finish(files={}, outputs=outputs)
+
+    for stage in ("extract", "data", "train", "eval", "sweep"):
+        record(stage, f"{stage}-key", "first")
+    before = {s: _stage_key(tmp_path, s, "settings") for s in ("data", "train", "eval", "sweep", "report")}
+    record("extract", "extract-key", "rewritten")  # same settings, new files
+    after = {s: _stage_key(tmp_path, s, "settings") for s in before}
+    assert [s for s in before if after[s] != before[s]] == ["sweep", "report"]
+    record("data", "data-key", "rewritten")
+    assert _stage_key(tmp_path, "train", "settings") != after["train"]
+    assert _stage_key(tmp_path, "sweep", "settings") == after["sweep"]  # the sweep reads eval, not data directly

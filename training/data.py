@@ -316,7 +316,7 @@ def load_marker_dataset(
     path = Path(path)
     if not path.is_file():
         invalid("dataset", "load_marker_dataset", "an existing chat-message JSONL file", str(path))
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, param="dataset", func="load_marker_dataset")
     if not rows:
         invalid("dataset", "load_marker_dataset", "a JSONL file with at least one row", str(path))
     for i, row in enumerate(rows):
@@ -324,13 +324,14 @@ def load_marker_dataset(
         if (
             not isinstance(messages, list)
             or not messages
+            or not isinstance(messages[-1], dict)
             or messages[-1].get("role") != "assistant"
         ):
             invalid(
                 "dataset",
                 "load_marker_dataset",
                 "rows whose 'messages' end with an assistant turn",
-                f"row {i}",
+                f"{path}, row {i}",
             )
     manifest_path = _manifest_path(path)
     manifest = (
@@ -369,7 +370,19 @@ def make_marker_data(
     persona_set = builtin_personas() if personas is None else personas
     if not isinstance(config, MarkerDataConfig):
         invalid("config", "make_marker_data", "a MarkerDataConfig", config, exc=TypeError)
+    from persona_geometry._io import check_output_path
+
+    if os.path.lexists(responses) and not Path(responses).is_file():
+        invalid(
+            "responses",
+            "make_marker_data",
+            "a responses JSONL file, or a new path to generate it at",
+            str(responses),
+        )
+    # Where the outputs go is checked before any response is generated.
+    check_output_path(out_path, param="out_path", func="make_marker_data")
     if not Path(responses).is_file():
+        check_output_path(responses, param="responses", func="make_marker_data")
         if model is None:
             invalid(
                 "model",

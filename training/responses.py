@@ -129,7 +129,7 @@ def load_responses(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         invalid("path", "load_responses", "an existing JSONL file of responses", str(path))
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, param="path", func="load_responses")
     if not rows:
         invalid("path", "load_responses", "a JSONL file with at least one response", str(path))
     for i, row in enumerate(rows):
@@ -139,6 +139,6 @@ def load_responses(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 "path",
                 "load_responses",
                 f"rows with string fields {list(_RESPONSE_KEYS)}",
-                f"row {i} lacking {missing}",
+                f"{path}, row {i} lacking {missing}",
             )
     return rows

@@ -61,6 +61,17 @@ def _number(text: str) -> int | float:
 _number.__name__ = "number"
 
 
+def _non_negative_int(text: str) -> int:
+    """Reads an int ≥ 0 (argparse names the option when this raises)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_non_negative_int.__name__ = "non-negative int"
+
+
 def _kind(hint: Any) -> tuple[Callable[[str], Any] | None, bool]:
     """Returns (the argparse type of a field's annotation, whether it is a comma list)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
@@ -201,7 +212,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", metavar="I/N", default=None,
                    help="array job I of N: run only this slice of the extract/data/train/eval units, then exit")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (executor ray; default: start a local instance)")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs for the Ray executor: one per unit when > 0 (default: those Ray sees)")
+    p.add_argument("--gpus", type=_non_negative_int, default=None, help="GPUs for the Ray executor: one per unit when > 0 (default: those Ray sees)")
     p.set_defaults(func=_run_study)
 
 
@@ -209,6 +220,8 @@ def _run_study(args: argparse.Namespace) -> int:
     from persona_geometry.pipeline.config import StudyConfig
     from persona_geometry.pipeline.study import run_study
 
+    if args.stages is not None and not args.stages:
+        raise ValueError(f"The '--stages' parameter of run must name stages from {list(STAGES)}. Got none instead.")
     config = StudyConfig.load(args.config)
     overrides = {k: v for k, v in _settings(args, ModelConfig, _OVERRIDES).items() if v is not None}
     if overrides:
@@ -263,6 +276,14 @@ def _run_extract(args: argparse.Namespace) -> int:
     check_activation_target(args.out, overwrite=args.overwrite, param="--out", func="extract")
     personas = PersonaSet.load(args.personas) if args.personas else None
     questions = load_questions(args.questions) if args.questions else None
+    template = model.template_text()  # a missing file or a Jinja syntax error, before the weights
+    _check_model_folder(model.name, extract.layers, func="extract")
+    if args.adapter is not None:
+        _check_adapter_folder(args.adapter, func="extract")
+    if args.cache_dir is not None:
+        from persona_geometry._io import check_output_path
+
+        check_output_path(args.cache_dir, param="--cache-dir", func="extract", folder=True)
     distributed.pin_local_device()  # under torchrun: each rank its own GPU, before CUDA starts
     handle = load_model(model.name, dtype=model.dtype, device=model.device, revision=model.revision, adapter=args.adapter)
     acts = extract_activations(
@@ -273,7 +294,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         layers=list(extract.layers) if extract.layers is not None else None,
         engine=extract.engine,
         **({"batch_tokens": extract.batch_tokens} if extract.batch_tokens is not None else {}),
-        chat_template=model.template_text(),
+        chat_template=template,
         cache_dir=args.cache_dir,
     )
     if distributed.rank() == 0:  # under torchrun every rank holds the whole set; one writes it
@@ -281,6 +302,30 @@ def _run_extract(args: argparse.Namespace) -> int:
         log.info("saved %s", acts)
         _written(out)
     return 0
+
+
+def _check_model_folder(name: str, layers: Sequence[int] | None, *, func: str) -> None:
+    """Refuses a local model path that is not a model folder, and layers it does not have, before loading."""
+    from persona_geometry._validation import check_layers, invalid
+    from persona_geometry.pipeline.study import _n_layers
+
+    path = Path(name).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        invalid("--model", func, "a model folder holding config.json, or a Hugging Face id", str(path))
+    if layers:
+        n = _n_layers(name, None)
+        if n is not None:
+            check_layers(list(layers), n, func, "--layers")
+
+
+def _check_adapter_folder(adapter: str, *, func: str) -> None:
+    """Refuses an ``--adapter`` path that is not a peft adapter folder, before the base model loads."""
+    from persona_geometry._validation import invalid
+
+    path = Path(adapter).expanduser()
+    looks_local = path.exists() or adapter.startswith((".", "/", "~")) or adapter.count("/") > 1
+    if looks_local and not (path / "adapter_config.json").is_file():
+        invalid("--adapter", func, "a peft adapter folder (holding adapter_config.json) or a Hugging Face id", adapter)
 
 
 # --- sweep ------------------------------------------------------------------------------------
@@ -328,6 +373,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace) -> int:
     from persona_geometry.analysis.report import sweep_table
 
+    AnalysisConfig(**_settings(args, AnalysisConfig, _SWEEP_SETTINGS))  # the settings' own checks, first
     result = sweep_table(
         args.table,
         persona=args.persona,
@@ -389,6 +435,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from persona_geometry.analysis.report import analyze_table
 
     settings = _settings(args, AnalysisConfig, _ANALYZE_SETTINGS)
+    if args.layer is not None and args.layer < 0:
+        raise ValueError(f"The '--layer' parameter of analyze must be a block index ≥ 0. Got {args.layer} instead.")
     result = analyze_table(
         args.table,
         x=args.x,
@@ -441,6 +489,9 @@ def _run_make_data(args: argparse.Namespace) -> int:
 
     config = MarkerDataConfig(**_settings(args, MarkerDataConfig, _fields(MarkerDataConfig)))
     model = _settings(args, ModelConfig, _DATA_MODEL)
+    # The sampling settings and the device are checked even when the responses file exists.
+    ResponsesConfig(**_settings(args, ResponsesConfig, _DATA_SAMPLING), backend=args.backend)
+    ModelConfig(name=args.model or "unused", **model)
     had_responses = Path(args.responses).is_file()
     dataset = make_marker_data(
         args.responses,
@@ -485,10 +536,13 @@ def _add_train_marker(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train_marker(args: argparse.Namespace) -> int:
+    from persona_geometry._io import check_output_path
     from persona_geometry.training import train_marker
     from persona_geometry.training.lora import ADAPTER_DIR, CONFIG_FILE, LOSS_FILE
 
     config = MarkerTrainConfig(**_settings(args, MarkerTrainConfig, _fields(MarkerTrainConfig)))
+    ModelConfig(name=args.model, device=args.device)
+    check_output_path(args.out, param="--out", func="train-marker", folder=True)
     result = train_marker(args.model, args.data, args.out, config, device=args.device, resume=not args.no_resume)
     print(result.summary())
     _written(Path(args.out) / ADAPTER_DIR, Path(args.out) / CONFIG_FILE, Path(args.out) / LOSS_FILE)
@@ -521,9 +575,19 @@ def _sampling_settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def _run_eval_marker(args: argparse.Namespace) -> int:
+    from persona_geometry._io import check_output_path
     from persona_geometry.eval import source_rates
     from persona_geometry.eval.source_rate import COMPLETIONS_FILE, RUN_RESULT_FILE
+    from persona_geometry.marker import MarkerMatcher
 
+    # Everything cheap first: the settings, the marker, the output folder, then the adapter.
+    EvalConfig(**_settings(args, EvalConfig, _fields(EvalConfig)))
+    ModelConfig(name=args.model, **_settings(args, ModelConfig, _EVAL_MODEL))
+    if args.marker is not None:
+        MarkerMatcher(marker=args.marker, regex=args.regex)
+    check_output_path(args.out, param="--out", func="eval-marker", folder=True)
+    if args.adapter is not None:
+        _check_adapter_folder(args.adapter, func="eval-marker")
     result = source_rates(
         args.model,
         args.adapter,
@@ -591,8 +655,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from persona_geometry._io import check_output_path
     from persona_geometry.analysis import compare_studies, write_comparison
 
+    check_output_path(args.out, param="--out", func="compare", folder=True)
     result = compare_studies(
         args.studies, depth=args.depth, statistic=args.statistic, intersect=args.intersect, method_re=args.method_re, alpha=args.alpha
     )

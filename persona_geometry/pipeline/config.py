@@ -25,7 +25,9 @@ An unknown key or a bad value is one ``ValueError`` naming the key (``train.lr``
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -64,6 +66,38 @@ __all__ = [
 ]
 
 _DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# torch's device types, with an optional index: checked here so a typo fails before torch loads.
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|meta|xla|ipu|mtia|privateuseone)(:\d+)?")
+# More completions per prompt than any study needs: a typo (1e12) is refused, not queued.
+MAX_COMPLETIONS = 100_000
+
+
+def _check_bools(obj: Any, func: str) -> None:
+    """Refuses a non-bool in a field typed ``bool`` (YAML's ``"yes"`` in quotes is a string, not true)."""
+    for f in fields(obj):
+        if f.type in (bool, "bool") and not isinstance(getattr(obj, f.name), bool):
+            invalid(f.name, func, "true or false", getattr(obj, f.name), exc=TypeError)
+
+
+def _check_finite_temperature(obj: Any, func: str) -> None:
+    if isinstance(obj.temperature, float) and not math.isfinite(obj.temperature):
+        invalid("temperature", func, "a finite float ≥ 0 (0 means greedy)", obj.temperature)
+    if isinstance(obj.n_completions, int) and obj.n_completions > MAX_COMPLETIONS:
+        invalid("n_completions", func, f"a positive int of at most {MAX_COMPLETIONS:,}", obj.n_completions)
+
+
+def check_template_syntax(template: str, source: str = "model.chat_template") -> None:
+    """Raises a one-line ValueError naming ``source`` when ``template`` is not valid Jinja."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(template)
+    except TemplateSyntaxError as e:
+        raise ValueError(
+            f"The 'chat_template' parameter of ModelConfig must be a valid Jinja template. Got {source} with "
+            f"a syntax error on line {e.lineno}: {' '.join(str(e.message).split())}"
+        ) from e
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +130,10 @@ class ModelConfig(ConfigDict):
             object.__setattr__(self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()})
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
+        if self.chat_template is not None and not _is_path(self.chat_template):
+            check_template_syntax(self.chat_template, "the inline template")
+        if self.device is not None and (not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device.strip().lower())):
+            invalid("device", "ModelConfig", "a torch device such as cpu, cuda, cuda:1 or mps", self.device)
 
     def placement(self) -> dict[str, Any]:
         """Returns ``load_model``'s placement arguments: ``device``, or ``device_map`` and ``max_memory``."""
@@ -112,10 +150,14 @@ class ModelConfig(ConfigDict):
         """
         if not _is_path(self.chat_template):
             return self.chat_template
+        from persona_geometry._serialization import read_text_file
+
         path = Path(self.chat_template)
         if not path.is_file():
             invalid("chat_template", "ModelConfig", "a Jinja template or an existing template file", str(path))
-        return path.read_text(encoding="utf-8")
+        text = read_text_file(path, param="chat_template", func="ModelConfig")
+        check_template_syntax(text, repr(str(path)))
+        return text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +170,8 @@ class ExtractConfig(ConfigDict):
     batch_tokens: int | None = setting(None, help="most padded tokens per batch", shown="the engine's default")
 
     def __post_init__(self) -> None:
+        if isinstance(self.hooks, tuple) and not self.hooks:
+            invalid("hooks", "ExtractConfig", f"a non-empty list from {list(HOOK_POINTS)}", list(self.hooks))
         check_choices(self)
         if self.layers is not None and not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
             invalid("layers", "ExtractConfig", "null or a list of block indices", self.layers, exc=TypeError)
@@ -182,6 +226,7 @@ class ResponsesConfig(SamplingSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_finite_temperature(self, "ResponsesConfig")
         check_choices(self)
         check_positive_int(self.tensor_parallel_size, "tensor_parallel_size", "ResponsesConfig")
         if self.tensor_parallel_size > 1 and self.backend == "hf":
@@ -201,6 +246,8 @@ class EvalConfig(SamplingSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_finite_temperature(self, "EvalConfig")
+        _check_bools(self, "EvalConfig")
         check_choices(self)
         if self.batch_size is not None:
             check_positive_int(self.batch_size, "batch_size", "EvalConfig")
@@ -229,7 +276,10 @@ class AnalysisConfig(ConfigDict):
     seed: int = setting(0, help="seed of the permutations and the bootstrap")
 
     def __post_init__(self) -> None:
+        _check_bools(self, "AnalysisConfig")
         check_choices(self)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            invalid("seed", "AnalysisConfig", "an int ≥ 0", self.seed, exc=ValueError if isinstance(self.seed, int) else TypeError)
         for name in ("primary_layer", "layer"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -318,6 +368,14 @@ class StudyConfig:
                 invalid(key, "StudyConfig", "a non-empty string", value)
         if self.train.dtype is None and self.model.dtype not in TRAIN_DTYPES:
             invalid("train.dtype", "StudyConfig", f"one of {list(TRAIN_DTYPES)} when model.dtype is {self.model.dtype!r}", None)
+        if self.geometry.hook not in self.extract.hooks:
+            invalid("geometry.hook", "StudyConfig", f"one of the extracted hooks {list(self.extract.hooks)}", self.geometry.hook)
+        from persona_geometry.marker import MarkerMatcher
+
+        try:  # the pattern the eval stage will match, compiled now rather than after training
+            MarkerMatcher(marker=self.data.marker, regex=self.eval.regex)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"data.marker (with eval.regex: {self.eval.regex}): {e}") from e
 
     def train_dtype(self) -> str:
         """Returns the dtype training runs at: ``train.dtype`` when set, else ``model.dtype`` (one policy)."""
@@ -372,16 +430,20 @@ class StudyConfig:
         Raises:
             ValueError: If the file is missing or malformed, or holds an unknown key or bad value.
         """
-        import yaml
+        from persona_geometry._serialization import parse_structured, read_text_file
 
         path = Path(path)
         if not path.is_file():
             invalid("config", "StudyConfig.load", "an existing YAML file", str(path))
+        # The loader the persona files use: safe, and a repeated key is an error, not "last wins".
+        text = read_text_file(path, param="config", func="StudyConfig.load")
+        data = parse_structured(text, path, param="config", func="StudyConfig.load")
+        if data is not None and not isinstance(data, Mapping):
+            invalid("config", "StudyConfig.load", "a YAML mapping of sections (model, extract, ...)", f"{path} holding a {type(data).__name__}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from e
-        return cls.from_dict(data or {}, base_dir=path.parent)
+            return cls.from_dict(data if data is not None else {}, base_dir=path.parent)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the resolved config as a JSON/YAML-safe dict (every default filled in)."""
@@ -405,7 +467,25 @@ def _build_section(cls: type, value: Any, path: str) -> Any:
     for key in value:
         if key not in names:
             raise ValueError(f"Unknown key '{path}.{key}' in the study config. Allowed keys of '{path}': {sorted(names)}.")
+    _check_lists(cls, value, path)
     try:
         return cls(**coerce_fields(cls, value))
     except (TypeError, ValueError) as e:
         raise ValueError(f"Bad value in the study config's '{path}' section: {e}") from e
+
+
+def _check_lists(cls: type, value: Mapping[str, Any], path: str) -> None:
+    """Refuses a scalar where a list is wanted (``hooks: resid_post``), rather than reading its letters."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for key, v in value.items():
+        hint = hints.get(key)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        args = typing.get_args(hint) if union else (hint,)
+        if not any(typing.get_origin(a) is tuple for a in args) or v is None or isinstance(v, list | tuple):
+            continue
+        if not any(a is type(v) for a in args):
+            also = " or a string" if str in args else ""
+            raise ValueError(f"Bad value in the study config's '{path}' section: '{key}' ({path}.{key}) must be a list{also}, e.g. [{v!r}]. Got {v!r} instead.")

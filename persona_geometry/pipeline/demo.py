@@ -57,9 +57,15 @@ def demo_config(out: str | os.PathLike[str], model_path: str | os.PathLike[str])
 def run_demo(out: str | os.PathLike[str] = "demo_output", *, progress: bool = True) -> StudyResult:
     """Returns the result of the whole pipeline run on an embedded tiny model, written to
     ``out``."""
+    from persona_geometry._io import check_replaceable
     from persona_geometry.tiny import TinyModelSpec, build_tiny_model
 
     out = Path(out)
+    # A new or empty folder, or an earlier demo's (it is resumed); never a file or someone else's
+    # folder.
+    check_replaceable(
+        out, owned=lambda p: (p / "demo_study.yaml").is_file(), param="out", func="run_demo"
+    )
     # Hidden size 256: at 128 the random unembedding caps every token's probability too low for
     # a multi-token marker to be emitted reliably, whatever the adapter learns.
     spec = TinyModelSpec(

@@ -211,6 +211,8 @@ def run_study(
     from persona_geometry.pipeline.plan import plan_study
 
     plan_study(config, stages=chosen)
+    if {"sweep", "report"} & set(chosen) and "extract" not in chosen and not (Path(config.out) / "extract" / _MARKER_FILE).is_file():
+        raise ValueError(f"No activations under {config.out}: run the 'extract' stage first.")  # before anything is written
     inputs = study_inputs(config)
     # Absolute, so workers started elsewhere (Ray) write to the same place.
     config = config.with_overrides(out=str(Path(config.out).resolve()))
@@ -441,9 +443,49 @@ def run_unit(config: StudyConfig, unit: Unit, *, force: bool = False, progress: 
     its record counts the attempts at its key (a unit retried after its worker died shows 2).
     With ``collective`` every rank of a torchrun launch calls this for the same unit at once
     and computes it together (one adapter trained with DDP); rank 0 keeps the record.
+    Otherwise one process at a time works on a unit (a file lock); another waits, then reuses
+    its result.
     """
     if collective:
         return _run_collective(config, unit, force=force, progress=progress)
+    with _unit_lock(config, unit):  # "cached? run, record" as one step: two runs never both train an adapter
+        return _run_unit_locked(config, unit, force=force, progress=progress)
+
+
+_HELD_LOCKS: set[str] = set()
+
+
+@contextmanager
+def _unit_lock(config: StudyConfig, unit: Unit) -> Iterator[None]:
+    """Holds the unit's file lock, ``<out>/.locks/<unit folder>.lock``, waiting while another process has it.
+
+    Re-entrant within a process (``run_units`` locks a group, then runs each unit). A unit that
+    every torchrun rank runs together takes no lock: its ranks must enter it at once.
+    """
+    from filelock import FileLock, Timeout
+
+    out = Path(config.out)
+    rel = Path(unit.folder).relative_to(out)
+    path = out / ".locks" / rel.parent / f"{rel.name}.lock"
+    if str(path) in _HELD_LOCKS:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("unit %s: another process is running it; waiting to reuse its result", unit.name)
+        lock.acquire()
+    _HELD_LOCKS.add(str(path))
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.discard(str(path))
+        lock.release()
+
+
+def _run_unit_locked(config: StudyConfig, unit: Unit, *, force: bool, progress: bool) -> dict[str, str]:
     folder = Path(unit.folder)
     record = _stage_record(folder, unit.key)
     if record.done() and not force:
@@ -510,12 +552,17 @@ def run_units(config: StudyConfig, units: Sequence[Unit], *, force: bool = False
     the same as :func:`run_unit` writes for it alone (completions are seeded per completion,
     so grouping changes no completion). Other units run one after the other.
     """
+    from contextlib import ExitStack
+
     units = list(units)
-    pending = [u for u in units if force or not _stage_record(Path(u.folder), u.key).done()]
-    if len(pending) > 1 and all(u.stage == "eval" for u in pending) and config.eval.backend == "hf":
-        _eval_units_together(config, pending, force=force, progress=progress)
-        force = False  # just computed: read back below
-    return [run_unit(config, u, force=force, progress=progress and len(units) == 1) for u in units]
+    with ExitStack() as locks:
+        for u in units:  # in the units' order, so two processes locking overlapping groups never deadlock
+            locks.enter_context(_unit_lock(config, u))
+        pending = [u for u in units if force or not _stage_record(Path(u.folder), u.key).done()]
+        if len(pending) > 1 and all(u.stage == "eval" for u in pending) and config.eval.backend == "hf":
+            _eval_units_together(config, pending, force=force, progress=progress)
+            force = False  # just computed: read back below
+        return [run_unit(config, u, force=force, progress=progress and len(units) == 1) for u in units]
 
 
 def _eval_units_together(config: StudyConfig, units: list[Unit], *, force: bool, progress: bool) -> None:
@@ -581,10 +628,11 @@ _LOADED: dict[str, Any] = {}
 
 def _model(config: StudyConfig) -> Any:
     """Returns the study's base model, loaded once per process (extraction units share it)."""
-    from persona_geometry.models import load_model
+    from persona_geometry.models import load_model, model_identity
 
     m = config.model
-    key = stable_hash([m.name, m.device, m.dtype, m.revision, m.device_map, m.max_memory])
+    # The weights' identity, not only the name: weights rebuilt in place in this process load anew.
+    key = stable_hash([m.name, m.device, m.dtype, m.revision, m.device_map, m.max_memory, model_identity(m.name, m.revision)])
     if key not in _LOADED:
         _LOADED.clear()
         _LOADED[key] = load_model(m.name, dtype=m.dtype, revision=m.revision, **m.placement())
