@@ -32,18 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import QWEN25_7B, TINY_QWEN2, peak_gib, random_qwen2, sync
+
 log = logging.getLogger("study_gpu")
 
-SHAPES = {
-    "qwen2.5-7b": dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-    ),
-    "tiny": dict(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False,
-    ),
-}
+SHAPES = {"qwen2.5-7b": QWEN25_7B, "tiny": TINY_QWEN2}
 # The reference study (examples/study_qwen7b.yaml): 12 personas, 200 training questions, 20 probe
 # questions x 5 completions, one adapter per persona, 600 rows x 3 epochs per adapter.
 STUDY = dict(personas=12, training_questions=200, questions=20, completions=5, adapters=12, train_samples=600 * 3, new_tokens=512)
@@ -53,27 +46,8 @@ H200_BANDWIDTH = 4.8e12  # HBM3e, bytes/s
 H200_BF16_DENSE = 989e12  # FLOP/s
 
 
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _peak_gib() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
 def build_model(shape: dict, device, dtype):
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(**shape, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = random_qwen2(shape, device=device, dtype=dtype)
     model.generation_config.eos_token_id = None
     return model.eval()
 
@@ -116,10 +90,10 @@ def bench_old_sampling(model, *, vocab: int, rows: int, new_tokens: int, prompt_
     n = 5
     prompts = _prompts(vocab, rows // n, prompt_len)
     old_sample_ids(model, prompts[:2], n_completions=n, max_new_tokens=4, seed=0, batch_size=rows, pad_id=0, min_new_tokens=4)
-    _sync()
+    sync()
     started = time.perf_counter()
     out = old_sample_ids(model, prompts, n_completions=n, max_new_tokens=new_tokens, seed=0, batch_size=rows, pad_id=0, min_new_tokens=new_tokens)
-    _sync()
+    sync()
     seconds = time.perf_counter() - started
     tokens = sum(len(c) for p in out for c in p)
     return {"path": "HF generate, merged adapter, batch 240 (old)", "sequences": rows, "batch_sequences": rows, "new_tokens": new_tokens,
@@ -157,10 +131,10 @@ def bench_new_sampling(model, *, vocab: int, adapters: int, prompts_per_adapter:
     rows = adapters * prompts_per_adapter * n
     fit = auto_batch_size(peft_model, max_tokens=prompt_len + new_tokens, n_rows=rows)
     size = batch_size or -(-rows // -(-rows // fit))  # what sample_token_ids picks by itself
-    _sync()
+    sync()
     started = time.perf_counter()
     out = sample_token_ids(peft_model, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, batch_size=size, **common)
-    _sync()
+    sync()
     seconds = time.perf_counter() - started
     tokens = sum(len(c) for a in out for p in a for c in p)
     n_batches = -(-rows // size)
@@ -184,7 +158,7 @@ def bench_new_sampling(model, *, vocab: int, adapters: int, prompts_per_adapter:
         "seconds_per_decode_step": step, "bandwidth_bound_seconds_per_step": bound,
         "bandwidth_bound_fraction": bound / step, "bytes_per_step": {"weights": weights, "kv_cache_mean": kv},
         "compute_bound_seconds_per_step": compute, "roofline_fraction": max(bound, compute) / step,
-        "peak_memory_gib": _peak_gib(),
+        "peak_memory_gib": peak_gib(),
     }
 
 
@@ -216,7 +190,7 @@ def bench_train(model, *, vocab: int, packing: bool, micro: int, accumulation: i
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            _sync()
+            sync()
             stamps.append(time.perf_counter())
 
     model.train()
@@ -240,7 +214,7 @@ def bench_train(model, *, vocab: int, packing: bool, micro: int, accumulation: i
         "path": f"{'packed' if packing else 'padded'} {micro} x {accumulation}" + ("" if packing else " (old)"),
         "samples_per_optimizer_step": per_step, "measured_steps": steps, "mean_tokens_per_sample": mean_len,
         "seconds": seconds, "samples_per_s": steps * per_step / seconds, "tokens_per_s": steps * per_step * mean_len / seconds,
-        "model_flops_per_s": flops / seconds, "mfu": flops / seconds / H200_BF16_DENSE, "peak_memory_gib": _peak_gib(),
+        "model_flops_per_s": flops / seconds, "mfu": flops / seconds / H200_BF16_DENSE, "peak_memory_gib": peak_gib(),
     }
 
 
@@ -253,11 +227,11 @@ def copy_bandwidth(device) -> float | None:
     a = torch.empty(2**31, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
-    _sync()
+    sync()
     started = time.perf_counter()
     for _ in range(10):
         b.copy_(a)
-    _sync()
+    sync()
     rate = 10 * 2 * a.numel() / (time.perf_counter() - started)
     del a, b
     torch.cuda.empty_cache()

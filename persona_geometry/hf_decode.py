@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,11 +227,6 @@ def sample_token_ids(
     return out
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 class _SegmentedLora:
     """Per-row LoRA for rows grouped by adapter: each run of rows gets its adapter's update.
 
@@ -368,7 +363,7 @@ def _decode_batch(
     set_rows(None if names is None else [names[i] for i in firsts])
     with (
         torch.inference_mode(),
-        lora.applied() if lora is not None else _nothing(),
+        lora.applied() if lora is not None else nullcontext(),
         decode_attention(model),
     ):
         output = model(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 
 
@@ -63,7 +65,7 @@ def test_growing_cache_decode_equals_dynamic_cache(tiny_qwen_path, select):
     def run(cache, grouped: bool):
         steps = []
         m = mask.clone()
-        with torch.inference_mode(), decode_attention(model) if grouped else _nothing() as took:
+        with torch.inference_mode(), decode_attention(model) if grouped else nullcontext() as took:
             if grouped:
                 assert took is True
             out = model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0),
@@ -98,11 +100,3 @@ def test_growing_cache_refuses_to_overflow(tiny_qwen_path):
     cache = GrowingCache(model, capacity=4)
     with torch.inference_mode(), pytest.raises(ValueError, match="capacity 4"):
         model(input_ids=torch.ones(1, 5, dtype=torch.long), past_key_values=cache, use_cache=True)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
