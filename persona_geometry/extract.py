@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -131,10 +132,14 @@ def extract_activations(
     batched and one-prompt-at-a-time bfloat16 runs, against 3e-7 in float32. Treat bfloat16
     cosine differences below 1e-3 as batching noise, or extract in float32.
 
-    Under ``torchrun`` (or with ``torch.distributed`` initialised), each rank extracts one
-    contiguous block of the personas and the blocks are gathered: every rank returns the same,
-    whole set, with tensors equal to a one-process run (float32 on CPU: byte for byte); each
-    block has its own cache entry and chunked resume (``persona_geometry.distributed``).
+    Under ``torchrun`` (or with ``torch.distributed`` initialised), every rank plans the units
+    of work one process would run (its packs, or on the padded and TransformerLens paths its
+    batches), runs a contiguous run of them with about equal tokens, and the rows are gathered
+    at their prompt positions: every rank returns the same, whole set, with tensors equal to a
+    one-process run of the same settings (each pack or batch is the same forward; float32 on
+    CPU: byte for byte) and one process's manifest plus ``ranks`` and ``shards``. Each rank's
+    share resumes from its own chunks; the finished set is cached under one process's key
+    (``persona_geometry.distributed``).
 
     Args:
         model: A ``ModelHandle`` from ``load_model``; a model folder or Hugging Face id (loaded
@@ -270,7 +275,8 @@ def _extract_across_ranks(
     tokens (``distributed.balanced_shares``), and runs it; the rows are gathered at their prompt
     positions (``distributed.gather_rows``). Each unit is the same forward as in one process,
     so the set equals the one-process set, and its manifest is one process's (rank 0's, for its
-    creation time) plus ``ranks`` and ``shards`` (each share's resume key, prompts and tokens).
+    creation time) plus ``ranks`` and ``shards`` (each share's resume key, prompts, tokens, and
+    seconds to compute, before the gather).
 
     With a cache: a set every rank finds cached is loaded; otherwise each share resumes from its
     own chunks (``<share key>.partial``, keyed by the whole set's fields and the share's prompt
@@ -302,11 +308,13 @@ def _extract_across_ranks(
     if cache_dir is not None and shares[r]:
         partial = PartialRun(cache_dir, _share_manifest(manifest, r, n, positions[r]))
     try:
+        start = time.perf_counter()
         mine = (
             _run(req, prompts, plan, partial, progress=progress, share=shares[r])
             if shares[r]
             else None
         )
+        seconds = distributed.gather_objects(round(time.perf_counter() - start, 3))
         flat = distributed.gather_rows(mine, positions, len(ids))
     except BaseException:
         if partial is not None:
@@ -316,8 +324,8 @@ def _extract_across_ranks(
         **manifest,
         "ranks": n,
         "shards": [
-            {"cache_key": k, "n_prompts": len(p), "tokens": sum(u.tokens for u in s)}
-            for k, p, s in zip(keys, positions, shares, strict=True)
+            {"cache_key": k, "n_prompts": len(p), "tokens": sum(u.tokens for u in s), "seconds": t}
+            for k, p, s, t in zip(keys, positions, shares, seconds, strict=True)
         ],
     }
     acts = _assemble(req, prompts, plan, flat, manifest)

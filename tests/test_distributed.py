@@ -112,6 +112,7 @@ for name, extra in (("prefix_cache", dict(pack=False)), ("padded", dict(pack=Fal
         got.save(out + "/" + name)
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump(record, f)
+torch.distributed.destroy_process_group()
 """
 
 
