@@ -282,7 +282,8 @@ def _extract_across_ranks(
     own chunks (``<share key>.partial``, keyed by the whole set's fields and the share's prompt
     positions), and once gathered the whole set is saved under the one-process key (by rank 0,
     and by any rank that does not see it: a cache folder not shared between nodes) and the
-    shares' chunks are removed.
+    shares' chunks are removed. A run resumed on another number of ranks has other shares, so
+    it starts over.
     """
     from persona_geometry.activations import _MANIFEST, save_activations
     from persona_geometry.store import PartialRun, entry_lock, load_cached
