@@ -107,7 +107,7 @@ def test_training_refuses_blocks_offloaded_to_disk_up_front(tiny_qwen_path, tmp_
     rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A [ZLT]"}]}]
     with pytest.raises(ValueError, match="'device_map' parameter of train_marker must be a map of modules to GPUs only"):
         train_marker(tiny_qwen_path, rows, tmp_path / "run", MarkerTrainConfig(max_steps=1), device_map=disk_map, progress=False)
-    config = StudyConfig.from_dict({"name": "split", "out": str(tmp_path / "out"), "model": {"name": str(tiny_qwen_path), "device_map": disk_map}})
+    config = StudyConfig.from_dict({"name": "split", "out": str(tmp_path / "out"), "model": {"name": str(tiny_qwen_path), "device_map": disk_map, "offload_folder": str(tmp_path / "offload")}})
     with pytest.raises(ValueError, match=r"'model\.device_map' offloads blocks .* model\.max_memory\.$"):
         run_study(config, progress=False)
     assert not (tmp_path / "out").exists()
@@ -129,3 +129,25 @@ def test_training_on_a_device_map_equals_the_unsplit_model(tiny_qwen_path, tmp_p
     a, b = (load_file(str(tmp_path / r / "adapter" / "adapter_model.safetensors")) for r in ("mapped", "plain"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(b[k].abs().max() > 0 for k in b if "lora_B" in k)  # it trained
+
+
+def test_a_study_extracts_with_blocks_offloaded_to_its_offload_folder(tiny_qwen_path, tmp_path):
+    """model.offload_folder reaches load_model: the extract stage of a study whose map puts blocks on disk runs, and equals the unsplit study."""
+    import yaml
+
+    from persona_geometry.pipeline.config import StudyConfig
+    from persona_geometry.pipeline.study import _eval_kwargs, _extracted, _model, run_study
+
+    (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": builtin_personas()[:3].to_list()}))
+    (tmp_path / "questions.txt").write_text("\n".join(QUESTIONS) + "\n")
+    base = {"name": "offload", "personas": "personas.yaml", "questions": "questions.txt", "eval": {"backend": "hf"}, "model": {"name": str(tiny_qwen_path), "dtype": "float32", "device": "cpu"}}
+    split_model = {**base["model"], "device": None, "device_map": _split_map(4), "offload_folder": str(tmp_path / "offload")}
+    split = StudyConfig.from_dict({**base, "model": split_model, "out": str(tmp_path / "split")}, base_dir=tmp_path)
+    plain = StudyConfig.from_dict({**base, "out": str(tmp_path / "plain")}, base_dir=tmp_path)
+    # The eval stage's HF back end needs the folder to dispatch base and adapters with blocks on disk.
+    assert _eval_kwargs(split)["placement"] == {"device_map": _split_map(4), "max_memory": None, "offload_folder": str(tmp_path / "offload")}
+    for config in (split, plain):
+        run_study(config, stages=["extract"], progress=False)
+    assert set(_model(split).model.hf_device_map.values()) == {"cpu", "disk"}
+    a, b = _extracted(tmp_path / "split", "activations"), _extracted(tmp_path / "plain", "activations")
+    torch.testing.assert_close(a["resid_post"], b["resid_post"], rtol=0, atol=1e-6)

@@ -37,13 +37,21 @@ def test_shard_strings():
 
 def test_device_map_and_max_memory_are_checked_and_round_trip():
     m = ModelConfig(name="m", device_map="auto", max_memory={0: "70GiB", 1: "70GiB", "cpu": "200GiB"})
-    assert m.placement() == {"device": None, "device_map": "auto", "max_memory": {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}}
+    assert m.placement() == {"device": None, "device_map": "auto", "max_memory": {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}, "offload_folder": None}
     assert ModelConfig.from_dict(m.to_dict()) == m
     assert ModelConfig(name="m").placement() == {"device": None}
     with pytest.raises(ValueError, match="'max_memory'"):
         ModelConfig(name="m", max_memory={0: "1GiB"})
     with pytest.raises(ValueError, match="'device_map'"):
         ModelConfig(name="m", device_map="everywhere")
+
+    disk = {"model.layers.0": "cpu", "model.layers.1": "disk"}
+    m = ModelConfig(name="m", device_map=disk, offload_folder="/scratch/offload")
+    assert m.placement() == {"device": None, "device_map": disk, "max_memory": None, "offload_folder": "/scratch/offload"}
+    assert ModelConfig.from_dict(m.to_dict()) == m
+    for bad in ({"offload_folder": "/scratch/offload"}, {"device_map": "auto", "offload_folder": ""}, {"device_map": disk}):
+        with pytest.raises(ValueError, match="'offload_folder' parameter of ModelConfig"):
+            ModelConfig(name="m", **bad)
 
 
 def test_tensor_parallel_size_needs_vllm():

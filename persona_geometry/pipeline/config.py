@@ -114,6 +114,7 @@ class ModelConfig(ConfigDict):
         None, help=f"a model larger than one GPU: accelerate's device_map, one of {list(_DEVICE_MAPS)} or {{module: device}}", shown="one device"
     )
     max_memory: dict[Any, Any] | None = setting(None, help="with device_map: the most memory per device, e.g. {0: 70GiB, cpu: 200GiB}", shown="all of it")
+    offload_folder: str | None = setting(None, help="with device_map: the folder for the blocks the map puts on disk", shown="none")
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -128,6 +129,10 @@ class ModelConfig(ConfigDict):
                 invalid("max_memory", "ModelConfig", "null, or a mapping of device to memory (e.g. {0: 70GiB}) with device_map set", self.max_memory)
             # One key type (text), so the config hashes and round-trips; load_model gets GPU indices back as ints.
             object.__setattr__(self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()})
+        if self.offload_folder is not None and (not isinstance(self.offload_folder, str) or not self.offload_folder.strip() or self.device_map is None):
+            invalid("offload_folder", "ModelConfig", "null, or a folder with device_map set", self.offload_folder)
+        if isinstance(self.device_map, dict) and "disk" in self.device_map.values() and self.offload_folder is None:
+            invalid("offload_folder", "ModelConfig", "a folder when device_map puts blocks on 'disk'", None)
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             invalid("chat_template", "ModelConfig", "null, a Jinja template or a template file", self.chat_template, exc=TypeError)
         if self.chat_template is not None and not _is_path(self.chat_template):
@@ -136,11 +141,11 @@ class ModelConfig(ConfigDict):
             invalid("device", "ModelConfig", "a torch device such as cpu, cuda, cuda:1 or mps", self.device)
 
     def placement(self) -> dict[str, Any]:
-        """Returns ``load_model``'s placement arguments: ``device``, or ``device_map`` and ``max_memory``."""
+        """Returns ``load_model``'s placement arguments: ``device``, or ``device_map``, ``max_memory`` and ``offload_folder``."""
         if self.device_map is None:
             return {"device": self.device}
         memory = None if self.max_memory is None else {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
-        return {"device": self.device, "device_map": self.device_map, "max_memory": memory}
+        return {"device": self.device, "device_map": self.device_map, "max_memory": memory, "offload_folder": self.offload_folder}
 
     def template_text(self) -> str | None:
         """Returns the chat template to use: the file's text when ``chat_template`` is a path.

@@ -632,7 +632,7 @@ def _model(config: StudyConfig) -> Any:
 
     m = config.model
     # The weights' identity, not only the name: weights rebuilt in place in this process load anew.
-    key = stable_hash([m.name, m.device, m.dtype, m.revision, m.device_map, m.max_memory, model_identity(m.name, m.revision)])
+    key = stable_hash([m.name, m.device, m.dtype, m.revision, m.device_map, m.max_memory, m.offload_folder, model_identity(m.name, m.revision)])
     if key not in _LOADED:
         _LOADED.clear()
         _LOADED[key] = load_model(m.name, dtype=m.dtype, revision=m.revision, **m.placement())
@@ -756,7 +756,9 @@ def _train_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, **k
         dataclasses.replace(config.train, seed=seed, dtype=config.train_dtype()),
         source=source,
         marker=config.data.marker,
-        **config.model.placement(),  # device, or device_map and max_memory: blocks split across GPUs
+        # device, or device_map and max_memory: blocks split across GPUs (a map that offloads to
+        # disk was refused before the stage ran, so training needs no offload folder)
+        **{k: v for k, v in config.model.placement().items() if k != "offload_folder"},
         chat_template=_chat_template(config),
         progress=False,  # one bar over the adapters instead
     )
