@@ -7,9 +7,9 @@ and memory), written once to disk. Measured in one run on a 2-GPU machine:
    questions with one-sentence system prompts (little GPU work per prompt), and
    ``--long-personas`` × 24 questions with the long, varied system prompts of
    ``extract_gpu.py``. One GPU (rank 0 alone, ``distributed.local_only``) against two
-   (``torchrun`` ranks, persona blocks gathered), end to end including the gather, and each
-   rank's block alone; the two results compared (bf16 noise: centered cosine to the reference
-   persona, and the relative activation difference);
+   (``torchrun`` ranks, each a token-balanced share of one process's packs, gathered), end to
+   end including the gather, and each rank's share alone (before the gather); the two results
+   compared (centered cosine to the reference persona, and the relative activation difference);
 2. two marker adapters: one after the other on one GPU, against one per GPU at the same time
    (what the study's torchrun executor does with independent train units);
 3. ``load_model(device_map="auto", max_memory=...)`` forced across both GPUs against one GPU:
@@ -77,12 +77,10 @@ def _long_workload(args):
 
 
 def _extract_phase(handle, personas, questions, kw, one_gpu_dir: Path) -> dict:
-    """One GPU (rank 0 alone) against every rank, end to end; plus each rank's own block alone."""
-    import torch.distributed as dist
+    """One GPU (rank 0 alone) against every rank, end to end; plus each rank's share alone."""
 
     from persona_geometry import distributed
     from persona_geometry.extract import extract_activations
-    from persona_geometry.personas import PersonaSet
 
     rank, world = distributed.rank(), distributed.world_size()
     result: dict = {"n_prompts": len(personas) * len(questions), "ranks": world}
@@ -107,20 +105,14 @@ def _extract_phase(handle, personas, questions, kw, one_gpu_dir: Path) -> dict:
     sync()
     distributed.barrier()
     wall = time.perf_counter() - t
-    # Each rank's block alone (no gather): what the ranks' compute would take without it.
-    block = distributed.block_of(len(personas), world, rank)
-    with distributed.local_only():
-        t = time.perf_counter()
-        extract_activations(handle, PersonaSet(personas[i] for i in block), questions, **kw)
-        sync()
-        mine = time.perf_counter() - t
-    blocks: list = [None] * world
-    dist.all_gather_object(blocks, mine)
+    # Each rank's share of the work alone, before the gather (recorded by the extraction).
+    shares = two.manifest["shards"]
     if rank == 0:
         result["extract_2gpu_s"] = wall
-        result["block_alone_s"] = blocks
+        result["share_alone_s"] = [sh["seconds"] for sh in shares]
+        result["share_tokens"] = [sh["tokens"] for sh in shares]
         result["extract_speedup"] = result["extract_1gpu_s"] / wall
-        result["speedup_without_gather"] = result["extract_1gpu_s"] / max(blocks)
+        result["speedup_without_gather"] = result["extract_1gpu_s"] / max(result["share_alone_s"])
         result["extract_agreement"] = _compare(two, one)
     return result
 

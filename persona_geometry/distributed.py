@@ -1,11 +1,14 @@
-"""Ranks and world size of a ``torchrun`` launch, and extraction sharded across its ranks.
+"""Ranks and world size of a ``torchrun`` launch, and the pieces of extraction across its ranks.
 
 ``torchrun --nproc-per-node N`` starts N copies of a program with ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK`` set. This module reads them, starts the process group (gloo, plus NCCL for CUDA
-tensors where there is a GPU), pins each rank to its own GPU, and shards an extraction by
-persona groups: rank ``r`` of ``N`` extracts one contiguous block of the personas (whole
-persona groups, so the shared system-prompt prefix still pays), and the blocks are gathered in
-rank order, which is persona order, into one ``ActivationSet`` on every rank.
+tensors where there is a GPU), pins each rank to its own GPU, and gives an extraction what it
+needs to run across the ranks (``extract_activations`` does the rest): every rank plans the
+units of work one process would run (its packs, or its padded batches), ``balanced_shares``
+gives each rank a contiguous run of those units with near-equal tokens, and ``gather_rows``
+puts every rank's rows at their prompt positions on every rank, as raw bytes. Each unit is the
+same forward as in one process, so the gathered set is the one-process set (float32 on CPU:
+byte for byte).
 
 ``local_only()`` makes a rank behave as a single process for a while: ``world_size()`` reads
 1, and the launcher's variables are hidden from libraries that read them (transformers'
@@ -14,20 +17,27 @@ rank order, which is persona order, into one ``ActivationSet`` on every rank.
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import datetime as _dt
+import itertools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from persona_geometry._validation import check_positive_int, invalid
 
 __all__ = [
+    "balanced_shares",
     "barrier",
     "block_of",
-    "extract_across_ranks",
+    "gather_objects",
+    "gather_rows",
     "init_process_group",
     "local_only",
     "local_rank",
@@ -144,81 +154,81 @@ def block_of(n_items: int, n_blocks: int, index: int) -> range:
     return range(start, start + base + (index < extra))
 
 
-def extract_across_ranks(
-    extract: Callable[..., Any],
-    model: Any,
-    personas: Any,
-    questions: Sequence[str] | None,
-    **kwargs: Any,
-) -> Any:
-    """Returns ``extract(model, personas, questions, **kwargs)``, in persona blocks across ranks.
+def balanced_shares(costs: Sequence[int], n_shares: int) -> list[range]:
+    """Returns ``n_shares`` contiguous runs of ``range(len(costs))`` with near-equal summed costs.
 
-    Rank ``r`` of ``N`` extracts the ``r``-th contiguous block of personas (in one process, as
-    usual: its cache entry and chunked resume are its own, keyed by its personas), and the blocks
-    are gathered in rank order. Every rank returns the same, whole ``ActivationSet``: its
-    tensors, labels and token counts equal a single-process run's; its manifest is rank 0's
-    with the whole set's persona hash and prompt count, plus ``ranks`` (the world size) and
-    ``shards`` (each block's cache key).
+    Share ``k`` ends where the running total comes closest to ``(k + 1) / n_shares`` of the whole
+    (the earlier position on a tie), so every position is in exactly one share, in order, and a
+    share's cost is within the largest single cost of ``sum(costs) / n_shares``. Shares may be
+    empty (more shares than positions). The same costs always give the same shares.
+
+    Raises:
+        ValueError: If ``n_shares`` is not a positive int or a cost is negative.
     """
+    n_shares = check_positive_int(n_shares, "n_shares", "balanced_shares")
+    if any(c < 0 for c in costs):
+        invalid("costs", "balanced_shares", "non-negative numbers", min(costs))
+    # Integer arithmetic throughout: n_shares * running total against k * total.
+    running = [n_shares * c for c in itertools.accumulate(costs, initial=0)]
+    total = running[-1] // n_shares
+    bounds = [0]
+    for k in range(1, n_shares):
+        target = k * total
+        j = bisect.bisect_left(running, target)
+        if j > 0 and target - running[j - 1] <= running[j] - target:
+            j -= 1
+        bounds.append(max(j, bounds[-1]))
+    bounds.append(len(costs))
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Returns every rank's ``obj`` (picklable), in rank order, on every rank."""
     import torch.distributed as dist
 
-    from persona_geometry.activations import ActivationSet
-    from persona_geometry.personas import PersonaSet
-    from persona_geometry.store import cache_key
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
-    n, r = world_size(), rank()
-    block = block_of(len(personas), n, r)
-    part = None
-    if len(block):
-        log.info(
-            "rank %d of %d: extracting personas %d-%d of %d",
-            r,
-            n,
-            block.start,
-            block.stop - 1,
-            len(personas),
-        )
-        with local_only():
-            part = extract(model, PersonaSet(personas[i] for i in block), questions, **kwargs)
-    # Labels and shapes travel as objects; the tensors as raw bytes through the tensor backend
-    # (NCCL between GPUs: pickling ~70 MB of activations through gloo took ~0.8 s on 2 H200s).
-    meta = (
-        None
-        if part is None
-        else (
-            {h: (tuple(part[h].shape), part[h].dtype) for h in part.hooks},
-            part.n_tokens,
-            part.manifest,
-            part.layers,
-            part.questions,
-        )
-    )
-    gathered: list[Any] = [None] * n
-    dist.all_gather_object(gathered, meta)
-    parts = [p for p in gathered if p is not None]
-    shapes, _, manifest, layers, questions_ = parts[0]
-    tensors = {
-        h: _all_gather_rows(
-            None if part is None else part[h], [None if p is None else p[0][h] for p in gathered]
-        )
-        for h in shapes
-    }
-    manifest = {
-        **manifest,
-        "persona_hash": personas.content_hash(),
-        "n_prompts": sum(p[1].numel() for p in parts),
-        "ranks": n,
-        "shards": [p[2]["cache_key"] for p in parts],
-    }
-    manifest["cache_key"] = cache_key(manifest)
-    return ActivationSet(
-        tensors,
-        personas=personas,
-        questions=questions_,
-        layers=layers,
-        n_tokens=torch.cat([p[1] for p in parts], dim=0),
-        manifest=manifest,
-    )
+
+def gather_rows(
+    mine: Mapping[str, Tensor] | None, positions: Sequence[Sequence[int]], n_rows: int
+) -> dict[str, Tensor]:
+    """Returns every rank's rows put at their positions, on every rank (on the CPU).
+
+    Rank ``r`` passes ``mine[name]`` with one row per entry of ``positions[r]`` (None when it
+    has none); row ``k`` of rank ``r`` lands at ``out[name][positions[r][k]]``. Every rank passes
+    the same ``positions``, which together name each of the ``n_rows`` rows once. Rows are
+    copied as raw bytes, never converted: the result holds exactly what each rank computed.
+    Labels and shapes travel as objects; the tensors through the tensor backend (NCCL between
+    GPUs: pickling ~70 MB of activations through gloo took ~0.8 s on 2 H200s).
+
+    Raises:
+        ValueError: If ``mine`` does not hold one row per position of this rank.
+    """
+    r = rank()
+    if mine is not None:
+        for name, t in mine.items():
+            if len(t) != len(positions[r]):
+                invalid(
+                    "mine",
+                    "gather_rows",
+                    f"one row per position of rank {r} ({len(positions[r])})",
+                    f"{len(t)} rows of {name!r}",
+                )
+    meta = None if mine is None else {k: (tuple(t.shape[1:]), t.dtype) for k, t in mine.items()}
+    metas = gather_objects(meta)
+    present = next(m for m in metas if m is not None)
+    where = torch.as_tensor([p for share in positions for p in share], dtype=torch.long)
+    out = {}
+    for name, (tail, dtype) in present.items():
+        shapes = [
+            None if m is None else ((len(positions[i]), *tail), dtype) for i, m in enumerate(metas)
+        ]
+        rows = _all_gather_rows(None if mine is None else mine[name], shapes)
+        out[name] = torch.empty((n_rows, *tail), dtype=dtype)
+        out[name][where] = rows
+    return out
 
 
 def _all_gather_rows(mine: torch.Tensor | None, shapes: list[Any]) -> torch.Tensor:

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import itertools
 import logging
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +49,6 @@ from persona_geometry.hooks import HF_HOOK_POINTS, find_layers, hook_name, recor
 from persona_geometry.models import ModelHandle, dtype_name, load_model, model_fingerprint
 from persona_geometry.packing import (
     PACKED_PATHS,
-    Pack,
     build_pack,
     group_prefix_lengths,
     pack_budget,
@@ -129,10 +132,14 @@ def extract_activations(
     batched and one-prompt-at-a-time bfloat16 runs, against 3e-7 in float32. Treat bfloat16
     cosine differences below 1e-3 as batching noise, or extract in float32.
 
-    Under ``torchrun`` (or with ``torch.distributed`` initialised), each rank extracts one
-    contiguous block of the personas and the blocks are gathered: every rank returns the same,
-    whole set, with tensors equal to a one-process run (float32 on CPU: byte for byte); each
-    block has its own cache entry and chunked resume (``persona_geometry.distributed``).
+    Under ``torchrun`` (or with ``torch.distributed`` initialised), every rank plans the units
+    of work one process would run (its packs, or on the padded and TransformerLens paths its
+    batches), runs a contiguous run of them with about equal tokens, and the rows are gathered
+    at their prompt positions: every rank returns the same, whole set, with tensors equal to a
+    one-process run of the same settings (each pack or batch is the same forward; float32 on
+    CPU: byte for byte) and one process's manifest plus ``ranks`` and ``shards``. Each rank's
+    share resumes from its own chunks; the finished set is cached under one process's key
+    (``persona_geometry.distributed``).
 
     Args:
         model: A ``ModelHandle`` from ``load_model``; a model folder or Hugging Face id (loaded
@@ -189,30 +196,6 @@ def extract_activations(
             names the parameter.
         TypeError: If ``model`` is none of the accepted kinds.
     """
-    if distributed.world_size() > 1 and distributed.init_process_group():
-        # Under torchrun: persona blocks across the ranks, gathered on every rank (distributed.py).
-        return distributed.extract_across_ranks(
-            extract_activations,
-            model,
-            _check_personas(personas),
-            _check_questions(questions),
-            hooks=hooks,
-            layers=layers,
-            engine=engine,
-            batch_tokens=batch_tokens,
-            max_batch_size=max_batch_size,
-            chunk_prompts=chunk_prompts,
-            chat_template=chat_template,
-            cache_dir=cache_dir,
-            layer_template=layer_template,
-            dtype=dtype,
-            device=device,
-            share_prefix=share_prefix,
-            pack=pack,
-            max_memory_gib=max_memory_gib,
-            compile_blocks=compile_blocks,
-            progress=progress,
-        )
     req = _validate(
         model, personas, questions, hooks=hooks, engine=engine, batch_tokens=batch_tokens,
         max_batch_size=max_batch_size, chunk_prompts=chunk_prompts, dtype=dtype, device=device,
@@ -228,6 +211,8 @@ def extract_activations(
         req, prompts, layers=layers, layer_template=layer_template, share_prefix=share_prefix
     )
     manifest = _manifest(req, prompts, plan)
+    if distributed.world_size() > 1 and distributed.init_process_group():
+        return _extract_across_ranks(req, prompts, plan, manifest, cache_dir, progress=progress)
 
     from persona_geometry.store import PartialRun, load_cached
 
@@ -245,17 +230,7 @@ def extract_activations(
 
     try:
         flat = _run(req, prompts, plan, partial, progress=progress)
-        P, Q = len(req.personas), len(req.questions)
-        acts = ActivationSet(
-            {
-                hook: flat[hook].reshape(P, Q, *flat[hook].shape[1:]) for hook in req.hooks
-            },  # in the order asked for
-            personas=req.personas,
-            questions=req.questions,
-            layers=plan.layers,
-            n_tokens=torch.tensor(prompts.n_tokens(), dtype=torch.long),
-            manifest=manifest,
-        )
+        acts = _assemble(req, prompts, plan, flat, manifest)
     except BaseException:
         if partial is not None:
             partial.close()  # the finished chunks stay for a resume
@@ -263,6 +238,129 @@ def extract_activations(
     if partial is not None:
         partial.finish(acts)
     return acts
+
+
+def _assemble(
+    req: _Request,
+    prompts: PromptSet,
+    plan: _Plan,
+    flat: dict[str, Tensor],
+    manifest: dict[str, Any],
+) -> ActivationSet:
+    """Returns the ``ActivationSet`` of ``{hook: [prompt, layer, d_model]}`` in prompt order."""
+    P, Q = len(req.personas), len(req.questions)
+    return ActivationSet(
+        {
+            hook: flat[hook].reshape(P, Q, *flat[hook].shape[1:]) for hook in req.hooks
+        },  # in the order asked for
+        personas=req.personas,
+        questions=req.questions,
+        layers=plan.layers,
+        n_tokens=torch.tensor(prompts.n_tokens(), dtype=torch.long),
+        manifest=manifest,
+    )
+
+
+def _extract_across_ranks(
+    req: _Request,
+    prompts: PromptSet,
+    plan: _Plan,
+    manifest: dict[str, Any],
+    cache_dir: str | os.PathLike[str] | None,
+    *,
+    progress: bool,
+) -> ActivationSet:
+    """Returns the whole set on every rank, each rank computing a share of one process's work.
+
+    Every rank plans the units one process would run over all prompts (the same chunks, and in
+    them the same packs or padded batches), takes a contiguous run of them with near-equal
+    tokens (``distributed.balanced_shares``), and runs it; the rows are gathered at their prompt
+    positions (``distributed.gather_rows``). Each unit is the same forward as in one process,
+    so the set equals the one-process set, and its manifest is one process's (rank 0's, for its
+    creation time) plus ``ranks`` and ``shards`` (each share's resume key, prompts, tokens, and
+    seconds to compute, before the gather).
+
+    With a cache: a set every rank finds cached is loaded; otherwise each share resumes from its
+    own chunks (``<share key>.partial``, keyed by the whole set's fields and the share's prompt
+    positions), and once gathered the whole set is saved under the one-process key (by rank 0,
+    and by any rank that does not see it: a cache folder not shared between nodes) and the
+    shares' chunks are removed. A run resumed on another number of ranks has other shares, so
+    it starts over.
+    """
+    from persona_geometry.activations import _MANIFEST, save_activations
+    from persona_geometry.store import PartialRun, entry_lock, load_cached
+
+    n, r = distributed.world_size(), distributed.rank()
+    manifest = distributed.gather_objects(manifest)[0]  # one creation time on every rank
+    if cache_dir is not None:
+        cached = load_cached(cache_dir, manifest)
+        if all(distributed.gather_objects(cached is not None)):
+            log.info("loaded cached activations %s from %s", manifest["cache_key"], cache_dir)
+            return cached
+    ids = [p.input_ids for p in prompts]
+    units = _plan_units(req, plan, ids, set())  # one process's plan
+    split = distributed.balanced_shares([u.tokens for u in units], n)
+    shares = [[units[i] for i in s] for s in split]
+    positions = [sorted(i for u in share for i in u.prompts) for share in shares]
+    keys = [_share_manifest(manifest, k, n, positions[k])["cache_key"] for k in range(n)]
+    log.info(
+        "rank %d of %d: extracting %d of %d prompts (%d of %d units of work)",
+        r, n, len(positions[r]), len(ids), len(shares[r]), len(units),
+    )  # fmt: skip
+    partial = None
+    if cache_dir is not None and shares[r]:
+        partial = PartialRun(cache_dir, _share_manifest(manifest, r, n, positions[r]))
+    try:
+        start = time.perf_counter()
+        mine = (
+            _run(req, prompts, plan, partial, progress=progress, share=shares[r])
+            if shares[r]
+            else None
+        )
+        seconds = distributed.gather_objects(round(time.perf_counter() - start, 3))
+        flat = distributed.gather_rows(mine, positions, len(ids))
+    except BaseException:
+        if partial is not None:
+            partial.close()  # the finished chunks stay for a resume
+        raise
+    manifest = {
+        **manifest,
+        "ranks": n,
+        "shards": [
+            {"cache_key": k, "n_prompts": len(p), "tokens": sum(u.tokens for u in s), "seconds": t}
+            for k, p, s, t in zip(keys, positions, shares, seconds, strict=True)
+        ],
+    }
+    acts = _assemble(req, prompts, plan, flat, manifest)
+    if cache_dir is not None:
+        folder = Path(cache_dir) / manifest["cache_key"]
+        for turn in (r == 0, r != 0):  # rank 0 first, then whoever does not see its entry
+            if turn and not (folder / _MANIFEST).is_file():
+                with entry_lock(cache_dir, manifest["cache_key"]):
+                    save_activations(acts, folder)
+            distributed.barrier()
+        if partial is not None:
+            shutil.rmtree(partial.folder, ignore_errors=True)
+            partial.close()
+    return acts
+
+
+def _share_manifest(
+    manifest: dict[str, Any], rank: int, ranks: int, positions: Sequence[int]
+) -> dict[str, Any]:
+    """Returns the manifest of one rank's share: the whole set's, keyed by the share's prompts."""
+    from persona_geometry.store import cache_key
+
+    share = {
+        **manifest,
+        "prompt_ids_hash": stable_hash(
+            {"prompt_ids_hash": manifest["prompt_ids_hash"], "positions": list(positions)}
+        ),
+        "n_prompts": len(positions),
+        "share": {"rank": rank, "ranks": ranks},
+    }
+    share["cache_key"] = cache_key(share)
+    return share
 
 
 @dataclass(frozen=True)
@@ -535,12 +633,88 @@ def _manifest(req: _Request, prompts: PromptSet, plan: _Plan) -> dict[str, Any]:
 
 # --- step 3: run ----------------------------------------------------------------------------
 def _run(
-    req: _Request, prompts: PromptSet, plan: _Plan, partial: Any, *, progress: bool
+    req: _Request,
+    prompts: PromptSet,
+    plan: _Plan,
+    partial: Any,
+    *,
+    progress: bool,
+    share: Sequence[_Unit] | None = None,
 ) -> dict[str, Tensor]:
     """Returns ``{hook: [prompt, layer, d_model]}`` in prompt order, computing what the cache
-    lacks."""
+    lacks.
+
+    With ``share`` (a rank's run of one process's units of work), only its prompts, in
+    ascending position order; ``partial`` then holds the share's chunks, indexed by row.
+    """
     ids = [p.input_ids for p in prompts]
-    done = partial.done() if partial is not None else set()
+    if share is None:
+        rows = list(range(len(ids)))
+        done = partial.done() if partial is not None else set()
+        units = _plan_units(req, plan, ids, done)
+    else:
+        rows = sorted(i for u in share for i in u.prompts)
+        done = {rows[k] for k in partial.done()} if partial is not None else set()
+        # A share's chunks hold whole units, so a unit is done or not.
+        units = [u for u in share if u.prompts[0] not in done]
+    row_of = {prompt: k for k, prompt in enumerate(rows)}
+    chunks = [list(c) for _, c in itertools.groupby(units, key=lambda u: u.chunk)]
+    results: list[tuple[list[int], dict[str, Tensor]]] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(rows),
+        initial=len(rows) - sum(len(u.prompts) for u in units),
+        unit="prompt",
+        desc=f"extract ({plan.forward})",
+        disable=not progress,
+    )
+    pad_id = _pad_id(req.tokenizer)
+    try:
+        # No engine (no bridge, no prefix pass) when every chunk is already on disk.
+        with _engine(req, plan) if chunks else nullcontext() as forward:
+            for chunk in chunks:
+                # Packs are built one at a time, as they run.
+                work = (
+                    (u.prompts, build_pack(ids, u.work, pad_id=pad_id) if plan.packed else u.work)
+                    for u in chunk
+                )
+                order, out = _run_chunk(forward, [i for u in chunk for i in u.prompts], work, bar)
+                order = [row_of[i] for i in order]  # ascending, like the prompts
+                if partial is not None:
+                    partial.write(order, out)
+                else:
+                    results.append((order, out))
+    finally:
+        bar.close()
+
+    if partial is not None:
+        return partial.assemble(len(rows), req.hooks)
+    if len(results) == 1:
+        return results[0][1]  # one chunk of every row, already in order
+    flat = {}
+    for hook in req.hooks:
+        first = results[0][1][hook]
+        flat[hook] = torch.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+        for order, out in results:
+            flat[hook][torch.as_tensor(order)] = out[hook]
+    return flat
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One forward of an extraction: a pack (packed paths) or a padded batch."""
+
+    chunk: int  # the chunk it belongs to
+    prompts: list[int]  # prompt positions, in the order the forward returns their rows
+    tokens: int  # tokens it computes (what the ranks of a sharded run balance)
+    work: Any  # a PackPlan (built when it runs), or the batch's token ids
+
+
+def _plan_units(
+    req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], done: set[int]
+) -> list[_Unit]:
+    """Returns the units of work still to run, chunk by chunk, in the order they run."""
     if plan.packed:
         # Persona-major order keeps each persona's prompts together, so they share a pack.
         remaining = [i for i in range(len(ids)) if i not in done]
@@ -550,44 +724,8 @@ def _run(
         ]
     else:
         chunks = _plan_chunks(ids, done, plan.chunk_prompts)
-    results: list[tuple[list[int], dict[str, Tensor]]] = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=len(ids),
-        initial=len(done),
-        unit="prompt",
-        desc=f"extract ({plan.forward})",
-        disable=not progress,
-    )
-    try:
-        # No engine (no bridge, no prefix pass) when every chunk is already on disk.
-        with _engine(req, plan) if chunks else nullcontext() as forward:
-            for chunk in chunks:
-                work = (
-                    _pack_work(req, plan, ids, chunk)
-                    if plan.packed
-                    else _batch_work(req, plan, ids, chunk)
-                )
-                order, out = _run_chunk(forward, chunk, work, bar)
-                if partial is not None:
-                    partial.write(order, out)
-                else:
-                    results.append((order, out))
-    finally:
-        bar.close()
-
-    if partial is not None:
-        return partial.assemble(len(ids), req.hooks)
-    if len(results) == 1:
-        return results[0][1]  # one chunk of every prompt, already in prompt order
-    flat = {}
-    for hook in req.hooks:
-        first = results[0][1][hook]
-        flat[hook] = torch.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
-        for order, out in results:
-            flat[hook][torch.as_tensor(order)] = out[hook]
-    return flat
+    work = _pack_work if plan.packed else _batch_work
+    return [unit for c, chunk in enumerate(chunks) for unit in work(req, plan, ids, chunk, c)]
 
 
 @contextmanager
@@ -604,9 +742,9 @@ def _engine(req: _Request, plan: _Plan) -> Iterator[Callable[[Any], dict[str, Te
 
 
 def _batch_work(
-    req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int]
-) -> list[tuple[list[int], Any]]:
-    """Returns the chunk's padded batches: (prompt positions, their token ids)."""
+    req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int], index: int
+) -> list[_Unit]:
+    """Returns the chunk's padded batches (their work: the prompts' token ids)."""
     shared = plan.shared
     # What a batch's token budget counts: the tokens it computes (the suffix, with a shared prefix).
     costs = [
@@ -615,14 +753,15 @@ def _batch_work(
     work = []
     for batch in plan_batches(costs, plan.batch_tokens, req.max_batch_size):
         positions = [chunk[j] for j in batch]
-        work.append((positions, [ids[i] for i in positions]))
+        tokens = len(batch) * max(costs[j] for j in batch)
+        work.append(_Unit(index, positions, tokens, [ids[i] for i in positions]))
     return work
 
 
 def _pack_work(
-    req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int]
-) -> Iterator[tuple[list[int], Pack]]:
-    """Yields the chunk's packs, built one at a time: (prompt positions, pack)."""
+    req: _Request, plan: _Plan, ids: Sequence[Sequence[int]], chunk: list[int], index: int
+) -> list[_Unit]:
+    """Returns the chunk's packs (their work: the pack's plan)."""
     Q = len(req.questions)
     groups: list[list[int]] = []
     for i in chunk:  # chunks are in persona-major order
@@ -631,10 +770,10 @@ def _pack_work(
         else:
             groups.append([i])
     lens = [plan.prefix_lens[g[0] // Q] for g in groups]
-    pad_id = _pad_id(req.handle.tokenizer)
-    for p in plan_packs(ids, groups, lens, plan.batch_tokens, req.max_batch_size):
-        built = build_pack(ids, p, pad_id=pad_id)
-        yield list(built.prompts), built
+    return [
+        _Unit(index, p.prompts, p.n_tokens, p)
+        for p in plan_packs(ids, groups, lens, plan.batch_tokens, req.max_batch_size)
+    ]
 
 
 # --- validation -----------------------------------------------------------------------------

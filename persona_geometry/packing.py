@@ -22,8 +22,8 @@ masks need:
 - ``block_mask``: a FlexAttention ``BlockMask`` computed block by block from the intervals
   (no ``T × T`` tensor is ever built), for GPUs: only the blocks near the diagonal run.
 
-Packing is a function of a list of prompts and groups, so a rank of a sharded run packs its
-own share (``plan_packs(ids, groups_of_this_rank, ...)``).
+Packing is a pure function of the prompts and groups, so every rank of a sharded run plans the
+same packs as one process and runs a share of them (``extract_activations`` under torchrun).
 """
 
 from __future__ import annotations

@@ -103,17 +103,22 @@ def test_torchrun_extract_on_two_ranks_equals_one_process(model, tmp_path):
     from persona_geometry.personas import PersonaSet
 
     (tmp_path / "personas.yaml").write_text(yaml.safe_dump({"personas": STUDY_PERSONAS[:3]}))
-    _torchrun("extract", "--model", str(model), "--personas", "personas.yaml", "--out", "acts", "--cache-dir", "cache", "--dtype", "float32", "--device", "cpu", cwd=tmp_path)
+    # 256-token packs: 6 packs of 60 prompts, a persona's 20 questions across two of them, so the
+    # ranks' shares cut through a persona.
+    _torchrun("extract", "--model", str(model), "--personas", "personas.yaml", "--out", "acts", "--cache-dir", "cache", "--dtype", "float32", "--device", "cpu", "--batch-tokens", "256", cwd=tmp_path)
     two = ActivationSet.load(tmp_path / "acts")
-    assert two.manifest["ranks"] == 2 and len(two.manifest["shards"]) == 2
-    one = extract_activations(load_model(model, dtype="float32", device="cpu"), PersonaSet.load(tmp_path / "personas.yaml"), progress=False)
+    one = extract_activations(load_model(model, dtype="float32", device="cpu"), PersonaSet.load(tmp_path / "personas.yaml"), batch_tokens=256, progress=False)
     assert two.personas == one.personas and two.questions == one.questions
     assert torch.equal(two.n_tokens, one.n_tokens)
-    # Each rank batches only its own personas, so kernels see other batch shapes: float32
-    # rounding, within the engine's documented batching tolerance.
-    torch.testing.assert_close(two["resid_post"], one["resid_post"], rtol=0, atol=1e-5)
-    # Every rank's block sits in the cache under its own key.
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(two.manifest["shards"])
+    # Each rank ran its share of one process's packs, each the same forward: byte for byte.
+    assert torch.equal(two["resid_post"], one["resid_post"])
+    shards = two.manifest["shards"]
+    assert two.manifest["ranks"] == 2 and len(shards) == 2 and all(s["n_prompts"] % 20 for s in shards)
+    assert sum(s["n_prompts"] for s in shards) == 60
+    # One process's manifest (its key fields and cache key), plus the ranks and shards.
+    assert {k: v for k, v in two.manifest.items() if k not in ("created", "ranks", "shards")} == {k: v for k, v in one.manifest.items() if k != "created"}
+    # The whole set sits in the cache under one process's key; the shares' chunks are gone.
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == [one.manifest["cache_key"]]
 
 
 def test_torchrun_study_on_two_ranks_equals_one_process(reference, model, tmp_path):
