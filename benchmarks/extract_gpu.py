@@ -268,13 +268,15 @@ def long_workload(n_personas: int, n_questions: int, seed: int = 0):
 
 def kernel_profile(fn, top: int = 15) -> dict:
     """Returns the CUDA time of one call of ``fn`` by kernel family and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     fn()
     _sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        _sync()
+        with record_function("benchmark_call"):
+            fn()
+            _sync()
+    timeline = gpu_timeline(prof.events())
     events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0 and e.device_type.name == "CUDA"]
     total = sum(e.device_time_total for e in events) or 1.0
     families: dict[str, float] = {}
@@ -290,9 +292,35 @@ def kernel_profile(fn, top: int = 15) -> dict:
         families[fam] = families.get(fam, 0.0) + e.device_time_total
     kernels = sorted(events, key=lambda e: -e.device_time_total)[:top]
     return {
+        **timeline,
         "cuda_time_ms": total / 1e3,
         "share_by_family": {k: v / total for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count} for e in kernels],
+    }
+
+
+def gpu_timeline(events) -> dict:
+    """Returns where the GPU idled during the profiled call: before its first kernel (host work
+    up front), between kernels, and after its last one."""
+    call = next(e for e in events if e.name == "benchmark_call")
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    if not spans:
+        return {}
+    busy, gap = 0.0, 0.0
+    start, end = spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy, gap = busy + end - start, gap + s - end
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return {
+        "call_ms": (call.time_range.end - call.time_range.start) / 1e3,
+        "gpu_busy_ms": busy / 1e3,
+        "idle_before_first_kernel_ms": (spans[0][0] - call.time_range.start) / 1e3,
+        "idle_between_kernels_ms": gap / 1e3,
+        "idle_after_last_kernel_ms": (call.time_range.end - end) / 1e3,
     }
 
 
