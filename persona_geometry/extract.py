@@ -23,6 +23,7 @@ import copy
 import datetime as _dt
 import itertools
 import logging
+import math
 import os
 import shutil
 import time
@@ -916,7 +917,8 @@ def _copy_rows(
             continue
         if hook not in flat:
             shape = (n_rows, *t.shape[1:])
-            pin = t.device.type == "cuda" and t.element_size() * shape.numel() <= _MAX_PINNED_BYTES
+            nbytes = t.element_size() * math.prod(shape)
+            pin = t.device.type == "cuda" and nbytes <= _MAX_PINNED_BYTES
             flat[hook] = torch.empty(shape, dtype=t.dtype, pin_memory=pin)
         a, b = order[0], order[-1] + 1
         if b - a == len(order):
