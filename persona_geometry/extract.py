@@ -182,7 +182,7 @@ def extract_activations(
             (norms, rotary embedding, MLP and residual adds fused; the hooks stay outside).
             ``None`` (default) compiles on a GPU (FlexAttention path) and not on the CPU. The
             first call in a process compiles for about ten seconds (less with inductor's
-            on-disk cache warm); every later call runs 10-25% faster on a 7B model
+            on-disk cache warm); every later call runs about 15% faster on a 7B model
             (``benchmarks/extract_gpu.py``). ``False`` for a one-off small extraction.
         progress: Show a progress bar with prompts/s.
 
