@@ -9,11 +9,11 @@ one); ``resid_post`` at all 28 layers, last token. Two workloads, each in one ru
 
 Methods, per workload:
 
-1. ``toolkit``: ``extract_activations`` with its defaults (packed, prefix-tree mask, FlexAttention);
+1. ``toolkit``: ``extract_activations`` with its defaults (packed, prefix-tree mask, FlexAttention,
+   each decoder block through ``torch.compile`` on a GPU; the first call compiles);
 2. ``toolkit_full_prompts``: the same without prefix sharing (every prompt in full);
 3. ``toolkit_padded``: ``pack=False``, the padded engines (shared-prefix KV cache);
-4. ``toolkit_compiled`` (and ``toolkit_full_prompts_compiled``): with ``compile_blocks=True``
-   (each decoder block through ``torch.compile``; the first call compiles);
+4. ``toolkit_uncompiled`` (and ``toolkit_full_prompts_uncompiled``): ``compile_blocks=False``;
 5. ``best_plain_hf``: what a careful user writes with Hugging Face alone: length-sorted batches
    under a token budget, left padding, position ids from the mask, last-token hooks on the
    blocks, forward cut after the last block;
@@ -268,14 +268,19 @@ def long_workload(n_personas: int, n_questions: int, seed: int = 0):
 
 def kernel_profile(fn, top: int = 15) -> dict:
     """Returns the CUDA time of one call of ``fn`` by kernel family and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     fn()
     _sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        _sync()
-    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0 and e.device_type.name == "CUDA"]
+        with record_function("benchmark_call"):
+            fn()
+            _sync()
+    timeline = gpu_timeline(prof.events())
+    events = [
+        e for e in prof.key_averages()
+        if getattr(e, "device_time_total", 0) > 0 and e.device_type.name == "CUDA" and e.key != "benchmark_call"
+    ]  # fmt: skip
     total = sum(e.device_time_total for e in events) or 1.0
     families: dict[str, float] = {}
     for e in events:
@@ -284,14 +289,41 @@ def kernel_profile(fn, top: int = 15) -> dict:
             "gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "nvjet", "matmul", "cublas"))
             else "flex_attention" if "flex" in n or "triton_tem" in n
             else "copy" if "copy" in n or "memcpy" in n or "memset" in n
+            else "fused elementwise/norm/rotary (compiled)" if n.startswith("triton_")
             else "elementwise/norm/rotary"
         )
         families[fam] = families.get(fam, 0.0) + e.device_time_total
     kernels = sorted(events, key=lambda e: -e.device_time_total)[:top]
     return {
+        **timeline,
         "cuda_time_ms": total / 1e3,
         "share_by_family": {k: v / total for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count} for e in kernels],
+    }
+
+
+def gpu_timeline(events) -> dict:
+    """Returns where the GPU idled during the profiled call: before its first kernel (host work
+    up front), between kernels, and after its last one."""
+    call = next(e for e in events if e.name == "benchmark_call")
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    if not spans:
+        return {}
+    busy, gap = 0.0, 0.0
+    start, end = spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy, gap = busy + end - start, gap + s - end
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return {
+        "call_ms": (call.time_range.end - call.time_range.start) / 1e3,
+        "gpu_busy_ms": busy / 1e3,
+        "idle_before_first_kernel_ms": (spans[0][0] - call.time_range.start) / 1e3,
+        "idle_between_kernels_ms": gap / 1e3,
+        "idle_after_last_kernel_ms": (call.time_range.end - end) / 1e3,
     }
 
 
@@ -451,10 +483,13 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
         def toolkit(**kw):
             acts = extract_activations(handle, personas, questions, progress=False, **kw)
             w.setdefault("manifest", {})[json.dumps(kw, sort_keys=True)] = {
-                k: acts.manifest[k] for k in ("forward", "batch_tokens", "chunk_prompts", "share_prefix")
+                k: acts.manifest[k] for k in ("forward", "batch_tokens", "chunk_prompts", "share_prefix", "compile_blocks")
             }
             return acts["resid_post"].reshape(len(ids), n_layers, -1)
 
+        t0 = time.perf_counter()
+        render_prompts(tokenizer, personas, questions)
+        w["render_prompts_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         run("toolkit", toolkit, reps_=reps if not big else 2, warmup=2 if not big else 1)
         w["toolkit_first_calls_s_incl_compile"] = time.perf_counter() - t0
@@ -465,11 +500,9 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
         if not big:
             run("hf_hidden_states", lambda: hf_hidden_states_one_batch(model, tokenizer, texts))
             run("one_at_a_time", lambda: one_at_a_time(model, tokenizer, texts, model.model.layers), reps_=1, warmup=0, need=30)
-        if "compiled" not in skip and budget.left() > (30 if big else 120):
-            t0 = time.perf_counter()
-            run("toolkit_compiled", lambda: toolkit(compile_blocks=True), reps_=reps if not big else 2, warmup=2 if not big else 1)
-            w["toolkit_compiled_first_calls_s_incl_compile"] = time.perf_counter() - t0
-            run("toolkit_full_prompts_compiled", lambda: toolkit(share_prefix=False, compile_blocks=True), need=25 if big else 0, **heavy)
+        if "uncompiled" not in skip:
+            run("toolkit_uncompiled", lambda: toolkit(compile_blocks=False), reps_=reps if not big else 2, need=30 if big else 0)
+            run("toolkit_full_prompts_uncompiled", lambda: toolkit(share_prefix=False, compile_blocks=False), need=25 if big else 0, **heavy)
         run("toolkit_padded", lambda: toolkit(pack=False), need=15 if big else 0, **heavy)
         if "transformer_lens" not in skip and budget.left() > (60 if big else 20):
             try:
@@ -504,10 +537,10 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
                         w[f"bf16_rel_diff_vs_best_plain_hf_{m}"] = ((outs[m].float() - ref).norm() / ref.norm()).item()
         if "toolkit_full_prompts" in times:
             w["roofline_fraction_full_prompts"] = w["ideal_s"] / times["toolkit_full_prompts"]
-        if "toolkit_compiled" in times:
-            w["roofline_fraction_unique_tokens_compiled"] = w["ideal_unique_s"] / times["toolkit_compiled"]
-        if "toolkit_full_prompts_compiled" in times:
-            w["roofline_fraction_full_prompts_compiled"] = w["ideal_s"] / times["toolkit_full_prompts_compiled"]
+        if "toolkit_uncompiled" in times:
+            w["roofline_fraction_unique_tokens_uncompiled"] = w["ideal_unique_s"] / times["toolkit_uncompiled"]
+        if "toolkit_full_prompts_uncompiled" in times:
+            w["roofline_fraction_full_prompts_uncompiled"] = w["ideal_s"] / times["toolkit_full_prompts_uncompiled"]
         outs.clear()
         save()
         return bridge
@@ -563,7 +596,7 @@ def print_table(result: dict) -> None:
         print("method                    time (s)   peak above weights (GiB)")
         for m, p in w.get("peak_mem_above_weights_gb", {}).items():
             print(f"{m:25s} {w[m + '_s']:8.3f}   {p:8.2f}")
-        for k in ("roofline_fraction_unique_tokens", "roofline_fraction_full_prompts", "roofline_fraction_unique_tokens_compiled", "roofline_fraction_full_prompts_compiled"):
+        for k in ("roofline_fraction_unique_tokens", "roofline_fraction_full_prompts", "roofline_fraction_unique_tokens_uncompiled", "roofline_fraction_full_prompts_uncompiled"):
             if k in w:
                 print(f"{k}: {w[k]:.2f}")
 

@@ -23,6 +23,7 @@ import copy
 import datetime as _dt
 import itertools
 import logging
+import math
 import os
 import shutil
 import time
@@ -102,7 +103,7 @@ def extract_activations(
     share_prefix: bool = True,
     pack: bool | None = None,
     max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB,
-    compile_blocks: bool = False,
+    compile_blocks: bool | None = None,
     progress: bool = True,
 ) -> ActivationSet:
     """Returns the last-token activations of every persona × question prompt, per layer.
@@ -179,8 +180,10 @@ def extract_activations(
             (activations of one forward, the mask, and the results of one chunk).
         compile_blocks: Packed engine: run each decoder block through ``torch.compile``
             (norms, rotary embedding, MLP and residual adds fused; the hooks stay outside).
-            The first call in a process compiles for tens of seconds, so this pays for large
-            or repeated extractions (``benchmarks/extract_gpu.py`` measures it).
+            ``None`` (default) compiles on a GPU (FlexAttention path) and not on the CPU. The
+            first call in a process compiles for about ten seconds (less with inductor's
+            on-disk cache warm); every later call runs about 15% faster on a 7B model
+            (``benchmarks/extract_gpu.py``). ``False`` for a one-off small extraction.
         progress: Show a progress bar with prompts/s.
 
     Returns:
@@ -376,7 +379,7 @@ class _Request:
     chunk_prompts: int
     pack: bool | None
     max_memory_bytes: float
-    compile_blocks: bool
+    compile_blocks: bool | None
 
     @property
     def tokenizer(self) -> Any:
@@ -422,7 +425,7 @@ def _validate(
     device: str | torch.device | None,
     pack: bool | None,
     max_memory_gib: float,
-    compile_blocks: bool,
+    compile_blocks: bool | None,
 ) -> _Request:
     """Returns the checked arguments, with the model loaded when a path or id was given."""
     hooks = _check_hooks(hooks)
@@ -441,8 +444,8 @@ def _validate(
         or not max_memory_gib > 0
     ):
         invalid("max_memory_gib", _FUNC, "a positive number of GiB", max_memory_gib)
-    if not isinstance(compile_blocks, bool):
-        invalid("compile_blocks", _FUNC, "True or False", compile_blocks, exc=TypeError)
+    if compile_blocks is not None and not isinstance(compile_blocks, bool):
+        invalid("compile_blocks", _FUNC, "None, True or False", compile_blocks, exc=TypeError)
     personas = _check_personas(personas)
     questions = _check_questions(questions)
 
@@ -577,7 +580,12 @@ def _plan(
         prefix_lens = group_prefix_lengths(ids, groups) if share_prefix else [0] * len(groups)
         return _Plan(
             **common,
-            compile_blocks=req.compile_blocks,
+            # On by default on a GPU: fused norms and MLP pay from the second call on.
+            compile_blocks=(
+                req.compile_blocks
+                if req.compile_blocks is not None
+                else path == "packed_flex" and req.handle.device.type == "cuda"
+            ),
             forward=path,
             batch_tokens=budget,
             chunk_prompts=chunk,
@@ -652,7 +660,7 @@ def _run(
         units = [u for u in share if u.prompts[0] not in done]
     row_of = {prompt: k for k, prompt in enumerate(rows)}
     chunks = [list(c) for _, c in itertools.groupby(units, key=lambda u: u.chunk)]
-    results: list[tuple[list[int], dict[str, Tensor]]] = []
+    flat: dict[str, Tensor] = {}
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -675,22 +683,15 @@ def _run(
                 order, out = _run_chunk(forward, [i for u in chunk for i in u.prompts], work, bar)
                 order = [row_of[i] for i in order]  # ascending, like the prompts
                 if partial is not None:
-                    partial.write(order, out)
+                    partial.write(order, {hook: _to_host(t) for hook, t in out.items()})
                 else:
-                    results.append((order, out))
+                    _copy_rows(flat, order, out, len(rows))
+        _finish_copies(flat)
     finally:
         bar.close()
 
     if partial is not None:
         return partial.assemble(len(rows), req.hooks)
-    if len(results) == 1:
-        return results[0][1]  # one chunk of every row, already in order
-    flat = {}
-    for hook in req.hooks:
-        first = results[0][1][hook]
-        flat[hook] = torch.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
-        for order, out in results:
-            flat[hook][torch.as_tensor(order)] = out[hook]
     return flat
 
 
@@ -864,12 +865,11 @@ def _run_chunk(
     bar: Any,
 ) -> tuple[list[int], dict[str, Float[Tensor, "prompt layer d_model"]]]:
     """Returns the chunk's prompt positions in ascending order and ``{hook: [prompt, layer,
-    d_model]}`` on the CPU, in that order.
+    d_model]}`` on the model's device, in that order.
 
     Each unit of work (a padded batch or a pack) returns the rows of its prompts, which are
-    scattered into a per-chunk buffer on the model's device, and the buffer crosses to the host
-    once, into page-locked memory: one fast copy instead of a host-side scatter per batch. Rows
-    come back in prompt order, so a run that fits one chunk needs no reordering at all.
+    scattered into a per-chunk buffer on the model's device, so the chunk crosses to the host
+    in one copy (``_copy_rows``) instead of a host-side scatter per batch.
     """
     order = sorted(chunk)
     row_of = {prompt: row for row, prompt in enumerate(order)}
@@ -891,7 +891,47 @@ def _run_chunk(
             )
             buffers[hook].index_copy_(0, on_device, t)
         bar.update(len(prompts))
-    return order, {hook: _to_host(t) for hook, t in buffers.items()}
+    return order, buffers
+
+
+# Results up to this size are gathered in page-locked host memory, where a GPU's chunks land
+# without the host waiting; larger ones in ordinary memory (pinning tens of GiB starves the OS).
+_MAX_PINNED_BYTES = 8 * 2**30
+
+
+def _copy_rows(
+    flat: dict[str, Tensor], order: list[int], out: dict[str, Tensor], n_rows: int
+) -> None:
+    """Copies one chunk's rows (``order``, ascending) into ``flat[hook]`` on the host, made on
+    the first chunk.
+
+    A chunk of consecutive rows (every packed chunk of a fresh run) is one device-to-host copy
+    straight into its slice of the result; from a GPU into page-locked memory it does not wait,
+    so it overlaps the next chunk's forward and nothing is left to reassemble at the end (on
+    the 1,500 long prompts of ``benchmarks/extract_gpu.py`` the reassembly took 69 ms with the
+    GPU idle). Other chunks are scattered on the host. Call ``_finish_copies`` before reading.
+    """
+    for hook, t in out.items():
+        if hook not in flat and len(order) == n_rows and t.device.type == "cpu":
+            flat[hook] = t  # one chunk of every row, already in order: nothing to copy
+            continue
+        if hook not in flat:
+            shape = (n_rows, *t.shape[1:])
+            nbytes = t.element_size() * math.prod(shape)
+            pin = t.device.type == "cuda" and nbytes <= _MAX_PINNED_BYTES
+            flat[hook] = torch.empty(shape, dtype=t.dtype, pin_memory=pin)
+        a, b = order[0], order[-1] + 1
+        if b - a == len(order):
+            flat[hook][a:b].copy_(t, non_blocking=True)
+        else:
+            flat[hook][torch.as_tensor(order)] = _to_host(t)
+
+
+def _finish_copies(flat: dict[str, Tensor]) -> None:
+    """Waits for the device-to-host copies of ``_copy_rows``."""
+    if any(t.is_pinned() for t in flat.values()) and torch.cuda.is_available():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(device)
 
 
 def _to_host(t: Tensor) -> Tensor:

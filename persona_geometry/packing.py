@@ -471,27 +471,68 @@ def use_attention(model: Any, implementation: str) -> Iterator[None]:
 _COMPILED: dict[type, Any] = {}
 
 
+def _is_transformers_hook(hook: Any) -> bool:
+    fn = getattr(hook, "func", hook)  # functools.partial
+    return str(getattr(fn, "__module__", "") or "").startswith("transformers.")
+
+
+@contextmanager
+def _without_transformers_hooks(blocks: Sequence[Any]) -> Iterator[None]:
+    """Detaches the forward hooks transformers puts on the blocks' submodules, for the ``with``
+    block.
+
+    transformers records ``output_attentions`` and the like through forward hooks on the
+    attention and MLP modules that read a ``ContextVar``. They do nothing unless the caller asks
+    for those outputs (a packed forward never does), but ``torch.compile`` (torch < 2.13) cannot
+    trace ``ContextVar.get``: each hook split every compiled block into three graphs, and the
+    norms and residual adds around the splits ran unfused (``benchmarks/extract_gpu.py``). Other
+    hooks (this package's recorder, a user's) stay.
+    """
+    removed: list[tuple[dict[int, Any], int, Any]] = []
+    try:
+        for block in blocks:
+            for module in block.modules():
+                if module is block:
+                    continue  # the blocks' own hooks run outside the compiled forward
+                for table in (module._forward_hooks, module._forward_pre_hooks):
+                    for key, hook in list(table.items()):
+                        if _is_transformers_hook(hook):
+                            removed.append((table, key, hook))
+                            del table[key]
+        yield
+    finally:
+        # Back in their original order: a hook table is an ordered dict keyed by creation.
+        for table, key, hook in reversed(removed):
+            table[key] = hook
+        for table in {id(t): t for t, _, _ in removed}.values():
+            for key in sorted(table):
+                table.move_to_end(key)
+
+
 @contextmanager
 def compiled_blocks(blocks: Sequence[Any]) -> Iterator[None]:
     """Runs each block's ``forward`` through ``torch.compile`` (dynamic shapes) in the ``with``
     block.
 
     Only the block's own ``forward`` is compiled: the forward hooks that record activations and
-    stop the forward run outside it. One compiled function serves every block of a class; the
-    blocks get their plain ``forward`` back on exit.
+    stop the forward run outside it, and transformers' output-capturing hooks on the blocks'
+    submodules are detached meanwhile (``_without_transformers_hooks``), so each block is one
+    graph. One compiled function serves every block of a class; the blocks get their plain
+    ``forward`` and their hooks back on exit.
     """
     installed = []
-    try:
-        for block in blocks:
-            cls = type(block)
-            if cls not in _COMPILED:
-                _COMPILED[cls] = torch.compile(cls.forward, dynamic=True)
-            block.forward = functools.partial(_COMPILED[cls], block)
-            installed.append(block)
-        yield
-    finally:
-        for block in installed:
-            block.__dict__.pop("forward", None)
+    with _without_transformers_hooks(blocks):
+        try:
+            for block in blocks:
+                cls = type(block)
+                if cls not in _COMPILED:
+                    _COMPILED[cls] = torch.compile(cls.forward, dynamic=True)
+                block.forward = functools.partial(_COMPILED[cls], block)
+                installed.append(block)
+            yield
+        finally:
+            for block in installed:
+                block.__dict__.pop("forward", None)
 
 
 @contextmanager

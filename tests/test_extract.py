@@ -267,3 +267,18 @@ def test_a_path_is_loaded_with_load_model(tiny_llama_path, llama):
     ref = extract_activations(llama, PERSONAS, QUESTIONS[:1], progress=False)
     assert torch.equal(acts["resid_post"], ref["resid_post"])
     assert acts.manifest["weights_id"] == llama.weights_id
+
+
+def test_chunk_rows_land_at_their_positions_whether_consecutive_or_not():
+    from persona_geometry.extract import _copy_rows, _finish_copies
+
+    full = torch.arange(6 * 2 * 3, dtype=torch.float32).reshape(6, 2, 3)
+    flat: dict = {}
+    for order in ([0, 1], [3, 5], [2, 4]):  # a run of rows, then two scattered chunks
+        _copy_rows(flat, order, {"resid_post": full[order].clone()}, 6)
+    _finish_copies(flat)
+    assert torch.equal(flat["resid_post"], full)
+    whole = full.clone()
+    one: dict = {}
+    _copy_rows(one, list(range(6)), {"resid_post": whole}, 6)
+    assert one["resid_post"] is whole  # one chunk of every row on the CPU: no copy

@@ -307,3 +307,43 @@ def test_compiled_blocks_give_the_same_activations_and_are_restored(tiny_qwen_pa
     assert all("forward" not in b.__dict__ for b in blocks)
     for hook in ("resid_pre", "resid_post"):
         assert (compiled[hook] - plain[hook]).abs().max().item() <= 1e-5
+
+
+def test_compiled_blocks_are_one_graph_after_transformers_installed_its_output_hooks(tiny_qwen_path, monkeypatch):
+    """Once a model has returned ``output_hidden_states`` / ``output_attentions``, transformers
+    keeps forward hooks on its attention and MLP modules that read a ``ContextVar``, which
+    torch.compile cannot trace: each block split into three graphs. compile_blocks detaches
+    them while it runs (one graph, no break) and gives them back (the outputs still work)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from persona_geometry import packing
+
+    monkeypatch.setattr(packing, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    handle = load_model(tiny_qwen_path, dtype="float32", device="cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = handle.model(ids, output_hidden_states=True).hidden_states
+    hooks = {name: list(m._forward_hooks.values()) for name, m in handle.model.named_modules() if m._forward_hooks}
+    assert hooks  # transformers installed its capturing hooks
+    torch._dynamo.reset()
+    counters.clear()
+    plain = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, compile_blocks=False, progress=False)
+    compiled = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, compile_blocks=True, progress=False)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert (compiled["resid_post"] - plain["resid_post"]).abs().max().item() <= 1e-5
+    after_hooks = {name: list(m._forward_hooks.values()) for name, m in handle.model.named_modules() if m._forward_hooks}
+    assert after_hooks == hooks  # the same hooks, in the same order
+    with torch.no_grad():
+        after = handle.model(ids, output_hidden_states=True).hidden_states
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_compile_blocks_defaults_to_on_for_flex_attention_on_a_gpu_only(tiny_qwen_path):
+    handle = load_model(tiny_qwen_path, dtype="float32", device="cpu")
+    acts = extract_activations(handle, PERSONAS[:1], QUESTIONS[:2], chat_template=TEMPLATE, progress=False)
+    assert acts.manifest["forward"] == "packed_sdpa" and acts.manifest["compile_blocks"] is False
+    with pytest.raises(TypeError, match="compile_blocks"):
+        extract_activations(handle, PERSONAS[:1], QUESTIONS[:2], chat_template=TEMPLATE, compile_blocks="yes", progress=False)
