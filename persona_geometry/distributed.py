@@ -5,7 +5,7 @@
 tensors where there is a GPU), pins each rank to its own GPU, and gives an extraction what it
 needs to run across the ranks (``extract_activations`` does the rest): every rank plans the
 units of work one process would run (its packs, or its padded batches), ``balanced_shares``
-gives each rank a contiguous run of those units with near-equal tokens, and ``gather_rows``
+gives each rank a set of those units with near-equal tokens, and ``gather_rows``
 puts every rank's rows at their prompt positions on every rank, as raw bytes. Each unit is the
 same forward as in one process, so the gathered set is the one-process set (float32 on CPU:
 byte for byte).
@@ -17,10 +17,9 @@ byte for byte).
 
 from __future__ import annotations
 
-import bisect
 import contextvars
 import datetime as _dt
-import itertools
+import heapq
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -154,13 +153,17 @@ def block_of(n_items: int, n_blocks: int, index: int) -> range:
     return range(start, start + base + (index < extra))
 
 
-def balanced_shares(costs: Sequence[int], n_shares: int) -> list[range]:
-    """Returns ``n_shares`` contiguous runs of ``range(len(costs))`` with near-equal summed costs.
+def balanced_shares(costs: Sequence[int], n_shares: int) -> list[list[int]]:
+    """Returns ``n_shares`` shares of ``range(len(costs))`` with near-equal summed costs.
 
-    Share ``k`` ends where the running total comes closest to ``(k + 1) / n_shares`` of the whole
-    (the earlier position on a tie), so every position is in exactly one share, in order, and a
-    share's cost is within the largest single cost of ``sum(costs) / n_shares``. Shares may be
-    empty (more shares than positions). The same costs always give the same shares.
+    Longest processing time first: positions in decreasing cost (the earlier on a tie), each
+    to the share with the least cost so far (the lower share on a tie). Every position is in
+    exactly one share and each share is in increasing order; a share's cost is within the
+    largest single cost of ``sum(costs) / n_shares`` and at most 4/3 of the best possible
+    split's. Shares need not be contiguous: a unit's rows land at their prompt positions
+    whoever computes them, and contiguous runs of a few large packs split unevenly (2,400 long
+    prompts on two H200s: 93k against 100k tokens). Shares may be empty (more shares than
+    positions). The same costs always give the same shares.
 
     Raises:
         ValueError: If ``n_shares`` is not a positive int or a cost is negative.
@@ -168,18 +171,13 @@ def balanced_shares(costs: Sequence[int], n_shares: int) -> list[range]:
     n_shares = check_positive_int(n_shares, "n_shares", "balanced_shares")
     if any(c < 0 for c in costs):
         invalid("costs", "balanced_shares", "non-negative numbers", min(costs))
-    # Integer arithmetic throughout: n_shares * running total against k * total.
-    running = [n_shares * c for c in itertools.accumulate(costs, initial=0)]
-    total = running[-1] // n_shares
-    bounds = [0]
-    for k in range(1, n_shares):
-        target = k * total
-        j = bisect.bisect_left(running, target)
-        if j > 0 and target - running[j - 1] <= running[j] - target:
-            j -= 1
-        bounds.append(max(j, bounds[-1]))
-    bounds.append(len(costs))
-    return [range(a, b) for a, b in itertools.pairwise(bounds)]
+    loads = [(0, k) for k in range(n_shares)]  # a heap of (cost so far, share)
+    shares: list[list[int]] = [[] for _ in range(n_shares)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, k = heapq.heappop(loads)
+        shares[k].append(i)
+        heapq.heappush(loads, (load + costs[i], k))
+    return [sorted(share) for share in shares]
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -225,17 +223,20 @@ def gather_rows(
         shapes = [
             None if m is None else ((len(positions[i]), *tail), dtype) for i, m in enumerate(metas)
         ]
-        rows = _all_gather_rows(None if mine is None else mine[name], shapes)
-        out[name] = torch.empty((n_rows, *tail), dtype=dtype)
-        out[name][where] = rows
+        out[name] = _all_gather_rows(None if mine is None else mine[name], shapes, where, n_rows)
     return out
 
 
-def _all_gather_rows(mine: torch.Tensor | None, shapes: list[Any]) -> torch.Tensor:
-    """Returns every rank's tensor concatenated along rows, in rank order (on the CPU).
+def _all_gather_rows(
+    mine: torch.Tensor | None, shapes: list[Any], where: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """Returns every rank's rows placed at ``where`` (every rank's positions, in rank order),
+    on the CPU.
 
     ``shapes`` holds each rank's ``(shape, dtype)`` (None for a rank with no rows). The tensors
-    travel as bytes, padded to the longest rank's, on the current GPU when the group has NCCL.
+    travel as bytes, padded to the longest rank's, on the current GPU when the group has NCCL;
+    there the rows are also put in place, and the whole set crosses to the host once, into
+    page-locked memory (a host-side scatter of the gathered rows cost ~0.1 s on 2,400 prompts).
     """
     import torch.distributed as dist
 
@@ -252,5 +253,9 @@ def _all_gather_rows(mine: torch.Tensor | None, shapes: list[Any]) -> torch.Tens
         buffer[: len(mine)] = as_bytes.to(device)
     out = [torch.empty_like(buffer) for _ in shapes]
     dist.all_gather(out, buffer)
-    whole = torch.cat([o[:r] for o, r in zip(out, rows, strict=True)]).cpu()
-    return whole.view(dtype).reshape(sum(rows), *tail)
+    placed = torch.empty((n_rows, width), dtype=torch.uint8, device=device)
+    placed[where.to(device)] = torch.cat([o[:r] for o, r in zip(out, rows, strict=True)])
+    if device.type == "cuda":
+        host = torch.empty(placed.shape, dtype=torch.uint8, pin_memory=True)
+        placed = host.copy_(placed)
+    return placed.view(dtype).reshape(n_rows, *tail)

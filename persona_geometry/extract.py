@@ -274,8 +274,8 @@ def _extract_across_ranks(
     """Returns the whole set on every rank, each rank computing a share of one process's work.
 
     Every rank plans the units one process would run over all prompts (the same chunks, and in
-    them the same packs or padded batches), takes a contiguous run of them with near-equal
-    tokens (``distributed.balanced_shares``), and runs it; the rows are gathered at their prompt
+    them the same packs or padded batches), takes a share of them with near-equal tokens
+    (``distributed.balanced_shares``), and runs it; the rows are gathered at their prompt
     positions (``distributed.gather_rows``). Each unit is the same forward as in one process,
     so the set equals the one-process set, and its manifest is one process's (rank 0's, for its
     creation time) plus ``ranks`` and ``shards`` (each share's resume key, prompts, tokens, and
