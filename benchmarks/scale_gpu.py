@@ -244,7 +244,7 @@ def main() -> int:
     p.add_argument("--work")
     p.add_argument("--personas", type=int)
     p.add_argument("--train-rows", type=int)
-    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--batch-tokens", type=int, default=None, help="pack cap; default: the library's (from its memory budget)")
     p.add_argument("--long-personas", type=int, default=100, help="x 24 questions, long system prompts")
     args = p.parse_args()
     if args.personas is None:
@@ -273,7 +273,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
            "--phase", "ranks", "--out", str(out), "--model", args.model, "--work", str(work),
-           "--personas", str(args.personas), "--long-personas", str(args.long_personas), "--train-rows", str(args.train_rows), "--batch-tokens", str(args.batch_tokens)]  # fmt: skip
+           "--personas", str(args.personas), "--long-personas", str(args.long_personas), "--train-rows", str(args.train_rows)]
+    cmd += ["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else []  # fmt: skip
     if args.smoke:
         cmd.append("--smoke")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
