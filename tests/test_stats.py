@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from persona_geometry.stats import bonferroni, correlate, holm, p_from_r, pearson, spearman
@@ -37,3 +39,12 @@ def test_corrections_are_the_hand_computed_bonferroni_and_holm():
     np.testing.assert_allclose(bonferroni(p), [0.05, 0.2, 0.15, 1.0, 0.05])
     # Holm by hand: sorted 0.01, 0.01, 0.03, 0.04, 0.2 times 5, 4, 3, 2, 1, then running max.
     np.testing.assert_allclose(holm(p), [0.05, 0.09, 0.09, 0.2, 0.05])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40), st.booleans())
+def test_holm_equals_statsmodels_to_the_last_bit(p, ties):
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.array(p + p[: len(p) // 2] if ties else p)  # repeated values exercise the order of ties
+    np.testing.assert_array_equal(holm(p), multipletests(p, method="holm")[1])
