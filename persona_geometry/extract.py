@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import importlib.util
 import itertools
 import logging
 import math
@@ -180,10 +181,10 @@ def extract_activations(
             (activations of one forward, the mask, and the results of one chunk).
         compile_blocks: Packed engine: run each decoder block through ``torch.compile``
             (norms, rotary embedding, MLP and residual adds fused; the hooks stay outside).
-            ``None`` (default) compiles on a GPU (FlexAttention path) and not on the CPU. The
-            first call in a process compiles for about ten seconds (less with inductor's
-            on-disk cache warm); every later call runs about 15% faster on a 7B model
-            (``benchmarks/extract_gpu.py``). ``False`` for a one-off small extraction.
+            ``None`` (default) compiles on a GPU (FlexAttention path, Triton installed) and not
+            on the CPU. On a 7B model the first call in a process spends 8-10 s compiling and
+            every later call runs about 15% faster (``benchmarks/extract_gpu.py``): pass
+            ``False`` for a one-off small extraction.
         progress: Show a progress bar with prompts/s.
 
     Returns:
@@ -584,7 +585,9 @@ def _plan(
             compile_blocks=(
                 req.compile_blocks
                 if req.compile_blocks is not None
-                else path == "packed_flex" and req.handle.device.type == "cuda"
+                else path == "packed_flex"
+                and req.handle.device.type == "cuda"
+                and importlib.util.find_spec("triton") is not None  # what inductor needs there
             ),
             forward=path,
             batch_tokens=budget,

@@ -488,25 +488,31 @@ def _without_transformers_hooks(blocks: Sequence[Any]) -> Iterator[None]:
     norms and residual adds around the splits ran unfused (``benchmarks/extract_gpu.py``). Other
     hooks (this package's recorder, a user's) stay.
     """
-    removed: list[tuple[dict[int, Any], int, Any]] = []
+    # (table, its hooks in their original order) for every table a hook was taken from.
+    touched: list[tuple[Any, list[tuple[int, Any]]]] = []
     try:
         for block in blocks:
             for module in block.modules():
                 if module is block:
                     continue  # the blocks' own hooks run outside the compiled forward
                 for table in (module._forward_hooks, module._forward_pre_hooks):
-                    for key, hook in list(table.items()):
-                        if _is_transformers_hook(hook):
-                            removed.append((table, key, hook))
-                            del table[key]
+                    if any(_is_transformers_hook(h) for h in table.values()):
+                        touched.append((table, list(table.items())))
+                        for key, hook in list(table.items()):
+                            if _is_transformers_hook(hook):
+                                del table[key]
         yield
     finally:
-        # Back in their original order: a hook table is an ordered dict keyed by creation.
-        for table, key, hook in reversed(removed):
-            table[key] = hook
-        for table in {id(t): t for t, _, _ in removed}.values():
-            for key in sorted(table):
-                table.move_to_end(key)
+        # The taken hooks back in their places (a hook registered with prepend=True stays first);
+        # hooks others added or removed meanwhile stay added or removed.
+        for table, items in touched:
+            taken = {k: h for k, h in items if _is_transformers_hook(h)}
+            current = dict(table)
+            before = [k for k, _ in items if k in taken or k in current]
+            merged = [(k, taken.get(k, current.get(k))) for k in before]
+            merged += [(k, h) for k, h in current.items() if k not in dict(items)]
+            table.clear()
+            table.update(merged)
 
 
 @contextmanager

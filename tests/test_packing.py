@@ -326,6 +326,8 @@ def test_compiled_blocks_are_one_graph_after_transformers_installed_its_output_h
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         before = handle.model(ids, output_hidden_states=True).hidden_states
+    for block in find_layers(handle.model)[1]:  # a user's hook, first in line
+        block.self_attn.register_forward_hook(lambda *a: None, prepend=True)
     hooks = {name: list(m._forward_hooks.values()) for name, m in handle.model.named_modules() if m._forward_hooks}
     assert hooks  # transformers installed its capturing hooks
     torch._dynamo.reset()
