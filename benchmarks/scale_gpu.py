@@ -146,6 +146,8 @@ def ranks(args) -> None:
         result["extract"][label] = _extract_phase(handle, ps, qs, kw, out / f"one_gpu_{label}")
         if rank == 0:
             (out / "ranks.json").write_text(json.dumps(result, indent=2))  # kept if training fails
+    if args.only_extract:
+        return
     two = None
     del handle, two
     if torch.cuda.is_available():
@@ -246,6 +248,7 @@ def main() -> int:
     p.add_argument("--train-rows", type=int)
     p.add_argument("--batch-tokens", type=int, default=None, help="pack cap; default: the library's (from its memory budget)")
     p.add_argument("--long-personas", type=int, default=100, help="x 24 questions, long system prompts")
+    p.add_argument("--only-extract", action="store_true", help="the torchrun extraction phase alone")
     args = p.parse_args()
     if args.personas is None:
         args.personas = 8 if args.smoke else 120
@@ -275,8 +278,8 @@ def main() -> int:
            "--phase", "ranks", "--out", str(out), "--model", args.model, "--work", str(work),
            "--personas", str(args.personas), "--long-personas", str(args.long_personas), "--train-rows", str(args.train_rows)]
     cmd += ["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else []  # fmt: skip
-    if args.smoke:
-        cmd.append("--smoke")
+    cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--only-extract"] if args.only_extract else []
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t = time.perf_counter()
     done = subprocess.run(cmd, env=env)
@@ -286,7 +289,7 @@ def main() -> int:
     if done.returncode != 0:
         report["ranks_error"] = f"torchrun exited with {done.returncode}"
     out.write_text(json.dumps(report, indent=2))  # the rank phase's numbers, in case the next phase fails
-    if (work / "one_gpu_short").is_dir():
+    if (work / "one_gpu_short").is_dir() and not args.only_extract:
         report["device_map"] = device_map_phase(args)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
