@@ -35,3 +35,24 @@ def test_extract_command_reports_bad_input_in_one_line(tiny_qwen_path, tmp_path,
     # Checked against config.json before the weights load: one line, no loading bar.
     assert err == ["persona-geometry extract: error: The '--layers' parameter of extract must be ints in [-4, 3]. Got 9 instead."]
     assert not (tmp_path / "x").exists()
+
+
+def test_extract_command_turns_block_compilation_on_and_off(tiny_qwen_path, tmp_path, monkeypatch):
+    """--compile-blocks / --no-compile-blocks reach extract_activations (compiled with the eager
+    backend here, to skip code generation); without either, the CPU runs uncompiled."""
+    import functools
+
+    from persona_geometry import packing
+
+    monkeypatch.setattr(packing, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    personas = builtin_personas().select(["helpful_assistant"])
+    personas.save(tmp_path / "personas.yaml")
+    (tmp_path / "questions.txt").write_text("What is rain?\n")
+    common = ["extract", "--model", str(tiny_qwen_path), "--personas", str(tmp_path / "personas.yaml"),
+              "--questions", str(tmp_path / "questions.txt"), "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+    for flag, want in (("--compile-blocks", True), ("--no-compile-blocks", False), (None, False)):
+        out = tmp_path / f"acts_{flag}"
+        assert main([*common, *([flag] if flag else []), "--out", str(out)]) == 0
+        assert ActivationSet.load(out).manifest["compile_blocks"] is want
+    assert list(packing._COMPILED)  # the compiled run compiled

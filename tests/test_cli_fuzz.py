@@ -67,6 +67,7 @@ BAD_STUDIES: dict[str, tuple[dict, str]] = {
     "engine": ({"extract": {"engine": "vllm"}}, "engine"),
     "batch_tokens_zero": ({"extract": {"batch_tokens": 0}}, "batch_tokens"),
     "batch_tokens_text": ({"extract": {"batch_tokens": "many"}}, "batch_tokens"),
+    "compile_blocks_text": ({"extract": {"compile_blocks": "yes"}}, "compile_blocks"),
     "geometry_hook": ({"geometry": {"hook": "resid_pre"}}, "hook"),
     "geometry_reference_unknown": ({"geometry": {"reference": "nobody"}}, "reference"),
     "centering_number": ({"geometry": {"centering": 3}}, "centering"),

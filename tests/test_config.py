@@ -19,12 +19,13 @@ def test_defaults_are_the_reference_recipe():
 def test_round_trip_through_yaml(tmp_path):
     import yaml
 
-    c = StudyConfig.from_dict({"model": {"name": "m", "dtype": "bfloat16"}, "extract": {"layers": [3, 5]}, "analysis": {"holdout": ["villain"]}})
+    c = StudyConfig.from_dict({"model": {"name": "m", "dtype": "bfloat16"}, "extract": {"layers": [3, 5], "compile_blocks": False}, "analysis": {"holdout": ["villain"]}})
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(c.to_dict()))
     again = StudyConfig.load(path)
     assert again.to_dict() == c.to_dict()
     assert again.extract.layers == (3, 5) and again.analysis.holdout == ("villain",)
+    assert again.extract.compile_blocks is False and StudyConfig.from_dict({"model": {"name": "m"}}).extract.compile_blocks is None
 
 
 @pytest.mark.parametrize(

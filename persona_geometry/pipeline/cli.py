@@ -294,6 +294,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         layers=list(extract.layers) if extract.layers is not None else None,
         engine=extract.engine,
         **({"batch_tokens": extract.batch_tokens} if extract.batch_tokens is not None else {}),
+        compile_blocks=extract.compile_blocks,
         chat_template=template,
         cache_dir=args.cache_dir,
     )

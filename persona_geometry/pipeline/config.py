@@ -173,8 +173,13 @@ class ExtractConfig(ConfigDict):
     layers: tuple[int, ...] | None = setting(None, help="block indices (negative count from the end)", shown="all", metavar="L,L")
     engine: str = setting("hf", choices=ENGINES, help="extraction engine")
     batch_tokens: int | None = setting(None, help="most padded tokens per batch", shown="the engine's default")
+    compile_blocks: bool | None = setting(
+        None, help="run each decoder block through torch.compile (packed engine)", shown="on a GPU"
+    )
 
     def __post_init__(self) -> None:
+        if self.compile_blocks is not None and not isinstance(self.compile_blocks, bool):
+            invalid("compile_blocks", "ExtractConfig", "true, false or null", self.compile_blocks, exc=TypeError)
         if isinstance(self.hooks, tuple) and not self.hooks:
             invalid("hooks", "ExtractConfig", f"a non-empty list from {list(HOOK_POINTS)}", list(self.hooks))
         check_choices(self)

@@ -655,6 +655,8 @@ def _extract_unit(config: StudyConfig, inputs: _Inputs, out: Path, unit: Unit, *
     )
     if config.extract.batch_tokens is not None:
         common["batch_tokens"] = config.extract.batch_tokens
+    if config.extract.compile_blocks is not None:
+        common["compile_blocks"] = config.extract.compile_blocks
     # The extraction cache already holds each block, saved atomically: the unit records where.
     acts = extract_activations(_model(config), PersonaSet(personas[i] for i in range(start, stop)), inputs.questions, **common)
     return {label: str(out / "cache" / acts.manifest["cache_key"])}
