@@ -561,18 +561,10 @@ class StudyComparison:
         (plotly)."""
         import plotly.graph_objects as go
 
-        palette = (
-            "#1f77b4",
-            "#d62728",
-            "#2ca02c",
-            "#ff7f0e",
-            "#9467bd",
-            "#8c564b",
-            "#e377c2",
-            "#7f7f7f",
-            "#bcbd22",
-            "#17becf",
-        )
+        from persona_geometry.analysis.figures import _PALETTE
+
+        # The figures' palette with red second, so that two studies contrast.
+        palette = (_PALETTE[0], _PALETTE[3], _PALETTE[2], _PALETTE[1], *_PALETTE[4:])
         name = "Spearman ρ" if self.statistic == "spearman" else "Pearson r"
         fig = go.Figure()
         for i, s in enumerate(self.studies):

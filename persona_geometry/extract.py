@@ -136,7 +136,7 @@ def extract_activations(
 
     Under ``torchrun`` (or with ``torch.distributed`` initialised), every rank plans the units
     of work one process would run (its packs, or on the padded and TransformerLens paths its
-    batches), runs a contiguous run of them with about equal tokens, and the rows are gathered
+    batches), runs a share of them with about equal tokens, and the rows are gathered
     at their prompt positions: every rank returns the same, whole set, with tensors equal to a
     one-process run of the same settings (each pack or batch is the same forward; float32 on
     CPU: byte for byte) and one process's manifest plus ``ranks`` and ``shards``. Each rank's
@@ -648,7 +648,7 @@ def _run(
     """Returns ``{hook: [prompt, layer, d_model]}`` in prompt order, computing what the cache
     lacks.
 
-    With ``share`` (a rank's run of one process's units of work), only its prompts, in
+    With ``share`` (a rank's share of one process's units of work), only its prompts, in
     ascending position order; ``partial`` then holds the share's chunks, indexed by row.
     """
     ids = [p.input_ids for p in prompts]
@@ -932,7 +932,7 @@ def _copy_rows(
 
 def _finish_copies(flat: dict[str, Tensor]) -> None:
     """Waits for the device-to-host copies of ``_copy_rows``."""
-    if any(t.is_pinned() for t in flat.values()) and torch.cuda.is_available():
+    if torch.cuda.is_available() and any(t.is_pinned() for t in flat.values()):
         for device in range(torch.cuda.device_count()):
             torch.cuda.synchronize(device)
 

@@ -483,8 +483,8 @@ def _without_transformers_hooks(blocks: Sequence[Any]) -> Iterator[None]:
 
     transformers records ``output_attentions`` and the like through forward hooks on the
     attention and MLP modules that read a ``ContextVar``. They do nothing unless the caller asks
-    for those outputs (a packed forward never does), but ``torch.compile`` (torch < 2.13) cannot
-    trace ``ContextVar.get``: each hook split every compiled block into three graphs, and the
+    for those outputs (a packed forward never does), but ``torch.compile`` cannot trace
+    ``ContextVar.get``: each hook split every compiled block into three graphs, and the
     norms and residual adds around the splits ran unfused (``benchmarks/extract_gpu.py``). Other
     hooks (this package's recorder, a user's) stay.
     """
@@ -507,12 +507,12 @@ def _without_transformers_hooks(blocks: Sequence[Any]) -> Iterator[None]:
         # hooks others added or removed meanwhile stay added or removed.
         for table, items in touched:
             taken = {k: h for k, h in items if _is_transformers_hook(h)}
-            current = dict(table)
-            before = [k for k, _ in items if k in taken or k in current]
-            merged = [(k, taken.get(k, current.get(k))) for k in before]
-            merged += [(k, h) for k, h in current.items() if k not in dict(items)]
+            current = {**dict(table), **taken}
+            order = [k for k, _ in items]
+            merged = [(k, current.pop(k)) for k in order if k in current]
             table.clear()
             table.update(merged)
+            table.update(current)  # added meanwhile: after the others
 
 
 @contextmanager

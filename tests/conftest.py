@@ -174,6 +174,22 @@ def marker_rows(n: int) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def count_model_loads(monkeypatch) -> list:
+    """Returns the list that every later ``persona_geometry.models.load_model`` call appends its
+    model argument to (the real loader still runs)."""
+    import persona_geometry.models as models
+
+    calls = []
+    real = models.load_model
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counting)
+    return calls
+
+
 # --- the activation store ----------------------------------------------------------------------
 class ForwardCounter:
     """Counts forward passes through block 0; optionally raises on the n-th one."""

@@ -21,7 +21,7 @@ import yaml
 from persona_geometry.pipeline.config import StudyConfig
 from persona_geometry.pipeline.study import _extracted, run_study, study_units
 
-from conftest import STUDY_PERSONAS, write_study
+from conftest import STUDY_PERSONAS, count_model_loads, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -204,20 +204,6 @@ def _copy_until_train(src, dst):
     shutil.copytree(src, dst, ignore=lambda folder, names: [n for n in names if folder == str(src) and n in ("eval", "sweep", "report")])
 
 
-def _count_loads(monkeypatch):
-    import persona_geometry.models as models
-
-    calls = []
-    real = models.load_model
-
-    def counting(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(models, "load_model", counting)
-    return calls
-
-
 def test_eval_units_share_one_base_model_and_equal_the_unit_by_unit_path(reference, monkeypatch, tmp_path):
     """The eval stage loads the base once for all adapters; each unit's files equal evaluating it alone."""
     from persona_geometry.pipeline.study import run_unit
@@ -232,7 +218,7 @@ def test_eval_units_share_one_base_model_and_equal_the_unit_by_unit_path(referen
     units = study_units(together, "eval")
     assert len(units) == 4
 
-    loads = _count_loads(monkeypatch)
+    loads = count_model_loads(monkeypatch)
     result = run_study(together, stages=["eval"], progress=False)
     assert sorted(result.computed) == sorted(u.name for u in units)
     assert len(loads) == 1  # one base model for the four adapters

@@ -11,6 +11,8 @@ from persona_geometry.sampling import (
     generate_completions,
 )
 
+from conftest import count_model_loads
+
 QUESTIONS = ["Why is the sky blue?", "How do I boil an egg?"]
 
 
@@ -88,16 +90,7 @@ def test_an_adapter_sampled_alone_or_with_others_gives_the_same_completions(tiny
 
 
 def test_the_base_model_is_loaded_once_for_all_adapters(tiny_qwen_path, prompt_ids, two_adapters, monkeypatch):
-    import persona_geometry.models as models
-
-    calls = []
-    real = models.load_model
-
-    def counting(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(models, "load_model", counting)
+    calls = count_model_loads(monkeypatch)
     s = SamplingSettings(n_completions=1, temperature=0, max_new_tokens=2)
     generate_adapter_completions(tiny_qwen_path, prompt_ids[:2], s, two_adapters, backend="hf", progress=False)
     assert calls == [tiny_qwen_path]
