@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,14 @@ def render_prompts(
     special tokens again (the template already holds any BOS), exactly as
     ``apply_chat_template(tokenize=True)`` does.
 
+    The template renders once per persona, not once per prompt: each persona's conversation is
+    rendered with a sentinel question, the text is cut at the sentinel, and every question goes
+    in between. That assumes the template writes the question verbatim, the same way whatever
+    the persona. It is tested, against real renders, on every question with the first persona
+    and on every persona with the first question; where the sentinel does not appear exactly
+    once or any of those texts differs, every prompt is rendered for real. The texts are those
+    of rendering each conversation on its own either way.
+
     Args:
         tokenizer: A Hugging Face tokenizer.
         personas: The personas, in order.
@@ -141,20 +149,19 @@ def render_prompts(
     personas = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
     questions = tuple(check_unique_names(list(questions), "questions", "render_prompts"))
     template = chat_template_of(tokenizer, chat_template)
-    q = len(questions)
-    conversations = [
-        chat_messages(persona, question) for persona in personas for question in questions
-    ]
-    # One batched call each: the template renders in one loop and the fast tokenizer encodes
-    # all texts at once, which matters when the forward itself takes a fraction of a second.
-    # (Rendering batches of personas while the batch before tokenised on a worker thread gained
-    # nothing on two CPU cores: 307 against 313 ms for 2,400 long prompts, 17 against 16 ms for
-    # the built-in 240.)
-    texts = list(
-        tokenizer.apply_chat_template(
-            conversations, chat_template=template, tokenize=False, add_generation_prompt=True
+
+    def render(conversations: list[list[dict[str, str]]]) -> list[str]:
+        # One batched call: the template renders in one loop.
+        return list(
+            tokenizer.apply_chat_template(
+                conversations, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
         )
-    )
+
+    q = len(questions)
+    texts = _render_once_per_persona(render, personas, questions)
+    if texts is None:
+        texts = render([chat_messages(p, question) for p in personas for question in questions])
     all_ids = tokenize_groups(tokenizer, texts, q)
     prompts = [
         Prompt(persona=personas[i // q].name, question_index=i % q, text=text, input_ids=tuple(ids))
@@ -168,20 +175,75 @@ def render_prompts(
     )
 
 
+def _render_once_per_persona(
+    render: Callable[[list[list[dict[str, str]]]], list[str]],
+    personas: PersonaSet,
+    questions: tuple[str, ...],
+) -> list[str] | None:
+    """Returns the persona-major prompt texts, each persona's conversation rendered once around
+    a sentinel question, or None where that does not reproduce the real renders checked.
+
+    ``2P + Q - 1`` renders instead of ``P × Q``: 169 instead of 1,500 on
+    ``benchmarks/extract_gpu.py``'s long prompts. Where that is no saving (one persona or at
+    most two questions), returns None at once.
+    """
+    n_p, n_q = len(personas), len(questions)
+    if n_p * n_q <= 2 * n_p + n_q - 1:
+        return None
+    # Mixed-case letters and digits: no template escapes them, and one that changes the
+    # question's case or content loses the sentinel rather than misplace it.
+    sentinel = next(
+        s
+        for s in (f"Qz{k}xSentinel7Question" for k in itertools.count())
+        if not any(s in p.system_prompt for p in personas)
+    )
+    first = personas[0]
+    rendered = render(
+        [chat_messages(p, sentinel) for p in personas]
+        + [chat_messages(first, question) for question in questions]
+        + [chat_messages(p, questions[0]) for p in personas[1:]]
+    )
+    marked, real = rendered[:n_p], rendered[n_p:]
+    cuts = []
+    for persona, text in zip(personas, marked, strict=True):
+        if text.count(sentinel) != 1:
+            log.debug(
+                "rendering every prompt: the sentinel question appears %d times in persona "
+                "%r's render",
+                text.count(sentinel),
+                persona.name,
+            )
+            return None
+        cuts.append(text.split(sentinel))
+    texts = [head + question + tail for head, tail in cuts for question in questions]
+    checked = list(range(n_q)) + [p * n_q for p in range(1, n_p)]
+    for i, text in zip(checked, real, strict=True):
+        if texts[i] != text:
+            log.debug(
+                "rendering every prompt: the template does not render question %d of persona %r "
+                "verbatim between the same head and tail",
+                i % n_q,
+                personas[i // n_q].name,
+            )
+            return None
+    return texts
+
+
 def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> list[list[int]]:
     """Returns the token ids of ``texts`` (no special tokens added), equal to tokenising each in
     full; runs of ``group_size`` texts that share a long prefix (one persona's prompts)
-    tokenise that prefix once.
+    tokenise that prefix once, and each distinct rest once.
 
     A fast tokenizer splits its input at added tokens (``<|im_end|>``, ``<|im_start|>``, …)
     before anything else, and tokenises the pieces between them independently. So where a
     group's common text prefix ends just after an added token that neither strips the
     whitespace after it nor is normalised, the ids are those of the prefix followed by those
     of the rest, and the prefix (a persona's system prompt) is tokenised once instead of once
-    per question: 5× fewer tokens on ``benchmarks/extract_gpu.py``'s long prompts. The first
-    text of every group is also tokenised in full and compared; on any difference (a
-    pre-tokenizer that treats the first piece of an input specially, say) every text is
-    tokenised in full.
+    per question: 5× fewer tokens on ``benchmarks/extract_gpu.py``'s long prompts. The rests
+    (a question and the end of the template) repeat across groups; each distinct one is
+    tokenised once (the same string gives the same ids). The first text of every group is also
+    tokenised in full and compared; on any difference (a pre-tokenizer that treats the first
+    piece of an input specially, say) every text is tokenised in full.
     """
     full = lambda batch: tokenizer(list(batch), add_special_tokens=False)["input_ids"]  # noqa: E731
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -196,11 +258,17 @@ def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> li
     groups = [texts[i : i + group_size] for i in range(0, len(texts), group_size)]
     cuts = []
     for group in groups:
-        common = os.path.commonprefix(list(group))
+        common = _common_prefix(group)
         cuts.append(max((common.rfind(b) + len(b) for b in boundaries if b in common), default=0))
     if not any(cuts):
         return full(texts)
-    encode = lambda batch: [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]  # noqa: E731
+
+    def encode(batch: list[str]) -> list[list[int]]:
+        unique = list(dict.fromkeys(batch))
+        encoded = backend.encode_batch(unique, add_special_tokens=False)
+        ids = {text: e.ids for text, e in zip(unique, encoded, strict=True)}
+        return [ids[text] for text in batch]
+
     heads = encode([g[0][:cut] for g, cut in zip(groups, cuts, strict=True)])
     tails = encode([t[cut:] for g, cut in zip(groups, cuts, strict=True) for t in g])
     ids = [heads[k // group_size] + tails[k] for k in range(len(texts))]
@@ -208,6 +276,20 @@ def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> li
         log.debug("tokenising every prompt in full: the shared prefix does not split cleanly")
         return full(texts)
     return ids
+
+
+def _common_prefix(texts: Sequence[str]) -> str:
+    """Returns the longest common prefix of ``texts``, by bisection on slices (in C, unlike
+    ``os.path.commonprefix``'s loop over characters)."""
+    first, last = min(texts), max(texts)  # Every text's prefix lies between these two.
+    low, high = 0, min(len(first), len(last))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if first[:mid] == last[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return first[:low]
 
 
 def left_pad(
