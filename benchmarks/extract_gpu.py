@@ -35,6 +35,7 @@ Usage (on a CUDA machine; ``--smoke`` checks the script on the CPU with a tiny s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import gc
@@ -98,6 +99,30 @@ def gemm_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+def block_gemms_by_tokens(shape: dict, tokens: range, reps: int = 10) -> list[dict]:
+    """Returns the bf16 rate of one decoder block's seven projections (``F.linear``, as
+    transformers runs them) at each pack length: tile and wave quantisation make it a staircase."""
+    d, inner = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
+    weights = [torch.randn(o, i, device=DEVICE, dtype=torch.bfloat16) for o, i in ((d, d), (kv, d), (kv, d), (d, d), (inner, d), (inner, d), (d, inner))]
+    flops_per_token = 2 * sum(w.numel() for w in weights)
+    out = []
+    for n in tokens:
+        x = torch.randn(n, d, device=DEVICE, dtype=torch.bfloat16)
+        h = torch.randn(n, inner, device=DEVICE, dtype=torch.bfloat16)
+        inputs = [x] * 6 + [h]
+        for rep in range(reps + 1):
+            if rep == 1:  # the first pass warms up
+                _sync()
+                t0 = time.perf_counter()
+            for a, w in zip(inputs, weights, strict=True):
+                torch.nn.functional.linear(a, w)
+        _sync()
+        dt = (time.perf_counter() - t0) / reps
+        out.append({"tokens": n, "ms": dt * 1e3, "tflops": flops_per_token * n / dt / 1e12})
+    return out
+
+
 def timed(fn, *, warmup: int = 1, reps: int = 3) -> tuple[float, float, object]:
     """Returns (median seconds, peak GPU GiB above the baseline, last result) of ``fn()``."""
     out = None
@@ -109,13 +134,30 @@ def timed(fn, *, warmup: int = 1, reps: int = 3) -> tuple[float, float, object]:
     base = _allocated()
     times = []
     for _ in range(reps):
+        # The previous result goes first, as a user's would: keeping it alive made every other
+        # call page-lock a fresh result (602 MB on the long workload: +0.34 s in one run).
+        out = None
         _sync()
         t0 = time.perf_counter()
         out = fn()
         _sync()
         times.append(time.perf_counter() - t0)
     peak = _peak()
+    LAST_TIMES[:] = times
     return statistics.median(times), (peak - base) / 2**30, out
+
+
+LAST_TIMES: list[float] = []  # every timed call of the last ``timed``
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
 
 
 def non_embedding_params(model) -> int:
@@ -306,24 +348,36 @@ def gpu_timeline(events) -> dict:
     """Returns where the GPU idled during the profiled call: before its first kernel (host work
     up front), between kernels, and after its last one."""
     call = next(e for e in events if e.name == "benchmark_call")
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    # Kernels and copies only: the GPU-side span of the call's own annotation covers them all
+    # and would hide every gap (it did until the fourth session's runs).
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type.name == "CUDA" and e.name != "benchmark_call" and not getattr(e, "is_user_annotation", False)
+    )
     if not spans:
         return {}
     busy, gap = 0.0, 0.0
-    start, end = spans[0]
-    for s, e in spans[1:]:
+    gaps = []
+    start, end, last = spans[0]
+    for s, e, name in spans[1:]:
         if s > end:
             busy, gap = busy + end - start, gap + s - end
+            gaps.append((s - end, last, name))
             start, end = s, e
         else:
             end = max(end, e)
+        last = name
     busy += end - start
+    gaps.sort(reverse=True)
     return {
         "call_ms": (call.time_range.end - call.time_range.start) / 1e3,
         "gpu_busy_ms": busy / 1e3,
         "idle_before_first_kernel_ms": (spans[0][0] - call.time_range.start) / 1e3,
         "idle_between_kernels_ms": gap / 1e3,
         "idle_after_last_kernel_ms": (call.time_range.end - end) / 1e3,
+        "gaps_between_kernels": len(gaps),
+        "largest_gaps": [{"us": round(g, 1), "after": a[:60], "before": b[:60]} for g, a, b in gaps[:8]],
     }
 
 
@@ -427,6 +481,9 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
     params = non_embedding_params(model)
     result["non_embedding_params"] = params
     n_layers = len(model.model.layers)
+    if "gemm_sweep" not in skip and DEVICE == "cuda":
+        result["block_gemms_by_tokens"] = block_gemms_by_tokens(QWEN7B, range(4096, 12289, 128))
+        save()
     result["workloads"] = {}
     result["tried"] = {}
     bridge = None
@@ -477,6 +534,7 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
             times[method], peaks[method], outs[method] = t, p, o
             print(f"  {method}: {t:.3f}s, peak above weights {p:.2f} GiB", flush=True)
             w[f"{method}_s"] = t
+            w.setdefault("each_call_s", {})[method] = LAST_TIMES[:]
             w.setdefault("peak_mem_above_weights_gb", {})[method] = p
             save()
 
@@ -491,8 +549,17 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
         render_prompts(tokenizer, personas, questions)
         w["render_prompts_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run("toolkit", toolkit, reps_=reps if not big else 2, warmup=2 if not big else 1)
+        run("toolkit", toolkit, reps_=reps if not big else 3, warmup=2 if not big else 1)
         w["toolkit_first_calls_s_incl_compile"] = time.perf_counter() - t0
+        if "untrimmed" not in skip:
+            # The last block's MLP on every token, as before the fourth session (rows_only off).
+            from persona_geometry import packing
+
+            def untrimmed():
+                with _patched(packing, "rows_only", lambda block: contextlib.nullcontext()):
+                    return toolkit()
+
+            run("toolkit_untrimmed", untrimmed, reps_=reps if not big else 3, warmup=1)
         # Heavy baselines on the long workload: one timed call (shapes were compiled on builtin).
         heavy = dict(reps_=1, warmup=0) if big else {}
         run("toolkit_full_prompts", lambda: toolkit(share_prefix=False), need=25 if big else 0, **heavy)
@@ -537,6 +604,8 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
                         w[f"bf16_rel_diff_vs_best_plain_hf_{m}"] = ((outs[m].float() - ref).norm() / ref.norm()).item()
         if "toolkit_full_prompts" in times:
             w["roofline_fraction_full_prompts"] = w["ideal_s"] / times["toolkit_full_prompts"]
+        if "toolkit_untrimmed" in times:
+            w["roofline_fraction_unique_tokens_untrimmed"] = w["ideal_unique_s"] / times["toolkit_untrimmed"]
         if "toolkit_uncompiled" in times:
             w["roofline_fraction_unique_tokens_uncompiled"] = w["ideal_unique_s"] / times["toolkit_uncompiled"]
         if "toolkit_full_prompts_uncompiled" in times:

@@ -999,11 +999,7 @@ def _hf_engine(
         model, layers, points=hooks, layer_template=plan.layer_template
     ) as recorder:
         if plan.packed:
-            compiled = (
-                find_layers(model, plan.layer_template)[1][: max(layers) + 1]
-                if plan.compile_blocks
-                else []
-            )
+            blocks = find_layers(model, plan.layer_template)[1][: max(layers) + 1]
             with packed_engine(
                 model,
                 base,
@@ -1011,7 +1007,10 @@ def _hf_engine(
                 path=plan.forward,
                 device=handle.device,
                 dtype=handle.dtype,
-                compile_blocks=compiled,
+                compile_blocks=blocks if plan.compile_blocks else [],
+                # The last block's output is read at the last tokens only (its input, when
+                # only resid_pre is asked for, and then the block does not run at all).
+                last_block=blocks[-1] if "resid_post" in hooks else None,
             ) as forward:
                 yield forward
             return
