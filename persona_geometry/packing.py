@@ -573,7 +573,9 @@ class _RowsOnly(torch.nn.Module):
 
     def set_rows(self, rows: Int[Tensor, " n"]) -> None:
         """Sets the positions the next forward runs on (their count may change every pack)."""
-        self.rows = rows
+        # One row, repeated: torch.compile specialises a length of 1 (a recompile of the block
+        # for a pack of one prompt), and the same row twice gives the same values.
+        self.rows = rows.repeat(2) if rows.numel() == 1 else rows
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         rows = self.rows.to(x.device, non_blocking=True)

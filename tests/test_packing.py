@@ -393,9 +393,11 @@ def test_compiled_blocks_are_one_graph_after_transformers_installed_its_output_h
     # Two graphs: the blocks, and the last block with its MLP on the last tokens (rows_only).
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     assert (compiled["resid_post"] - plain["resid_post"]).abs().max().item() <= 1e-5
-    # Other packs (other rows, another length) compile nothing new.
+    # Other packs (other rows, another length, a single prompt) compile nothing new.
     extract_activations(handle, PERSONAS[1:], QUESTIONS[:3], chat_template=TEMPLATE, compile_blocks=True, progress=False)
+    one = extract_activations(handle, PERSONAS[:1], QUESTIONS[2:3], chat_template=TEMPLATE, compile_blocks=True, progress=False)
     assert counters["stats"]["unique_graphs"] == 2
+    assert (one["resid_post"][0, 0] - plain["resid_post"][0, 2]).abs().max().item() <= 1e-5
     after_hooks = {name: list(m._forward_hooks.values()) for name, m in handle.model.named_modules() if m._forward_hooks}
     assert after_hooks == hooks  # the same hooks, in the same order
     with torch.no_grad():
