@@ -99,18 +99,46 @@ def gemm_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def block_gemms_by_tokens(shape: dict, tokens: range, reps: int = 10) -> list[dict]:
+def sustained_gemm_tflops(n: int = 8192, seconds: float = 3.0) -> dict:
+    """Returns the n×n×n bf16 matmul rate over the first 0.1 s and over the last second of
+    ``seconds`` of back-to-back products: whether the clocks hold under a load as long as
+    the long workload's."""
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    marks = []
+    _sync()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(4):
+            a @ b
+        _sync()
+        marks.append(time.perf_counter() - t0)
+    flops = 4 * 2 * n**3
+    first = [m for m in marks if m <= 0.1]
+    late = [m for m in marks if m >= seconds - 1.0]
+    return {
+        "first_0.1s_tflops": flops * len(first) / first[-1] / 1e12 if first else None,
+        "last_1s_tflops": flops * (len(late) - 1) / (late[-1] - late[0]) / 1e12,
+        "seconds": seconds,
+    }
+
+
+def block_gemms_by_tokens(shape: dict, tokens: list[int], reps: int = 10) -> list[dict]:
     """Returns the bf16 rate of one decoder block's seven projections (``F.linear``, as
-    transformers runs them) at each pack length: tile and wave quantisation make it a staircase."""
+    transformers runs them) at each pack length, in a shuffled order with a control length
+    (4096) every eighth point, so a drift of the clocks shows apart from the shapes."""
     d, inner = shape["hidden_size"], shape["intermediate_size"]
     kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
     weights = [torch.randn(o, i, device=DEVICE, dtype=torch.bfloat16) for o, i in ((d, d), (kv, d), (kv, d), (d, d), (inner, d), (inner, d), (d, inner))]
     flops_per_token = 2 * sum(w.numel() for w in weights)
+    order = list(tokens)
+    random.Random(0).shuffle(order)
+    order = [n for k, n in enumerate(order) for n in ([4096, n] if k % 8 == 0 else [n])]
     out = []
-    for n in tokens:
-        x = torch.randn(n, d, device=DEVICE, dtype=torch.bfloat16)
-        h = torch.randn(n, inner, device=DEVICE, dtype=torch.bfloat16)
-        inputs = [x] * 6 + [h]
+    x_all = torch.randn(max(order), d, device=DEVICE, dtype=torch.bfloat16)
+    h_all = torch.randn(max(order), inner, device=DEVICE, dtype=torch.bfloat16)
+    for n in order:
+        inputs = [x_all[:n]] * 6 + [h_all[:n]]
         for rep in range(reps + 1):
             if rep == 1:  # the first pass warms up
                 _sync()
@@ -120,6 +148,32 @@ def block_gemms_by_tokens(shape: dict, tokens: range, reps: int = 10) -> list[di
         _sync()
         dt = (time.perf_counter() - t0) / reps
         out.append({"tokens": n, "ms": dt * 1e3, "tflops": flops_per_token * n / dt / 1e12})
+    return out
+
+
+def split_gemms(shape: dict, tokens: list[int], reps: int = 10) -> list[dict]:
+    """Returns one block's projections at ``tokens`` rows in one GEMM each against the same rows
+    in two halves (written in place), per projection: whether cutting a pack's rows pays."""
+    d, inner = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
+    out = []
+    for name, (o, i) in {"q_o": (d, d), "k_v": (kv, d), "gate_up": (inner, d), "down": (d, inner)}.items():
+        w = torch.randn(o, i, device=DEVICE, dtype=torch.bfloat16)
+        for n in tokens:
+            x = torch.randn(n, i, device=DEVICE, dtype=torch.bfloat16)
+            y = torch.empty(n, o, device=DEVICE, dtype=torch.bfloat16)
+            h = n // 2
+            row = {"projection": name, "tokens": n}
+            for label, pieces in (("one_ms", [slice(0, n)]), ("halves_ms", [slice(0, h), slice(h, n)])):
+                for rep in range(reps + 1):
+                    if rep == 1:  # the first pass warms up
+                        _sync()
+                        t0 = time.perf_counter()
+                    for rows in pieces:
+                        torch.mm(x[rows], w.t(), out=y[rows])
+                _sync()
+                row[label] = (time.perf_counter() - t0) / reps * 1e3
+            out.append(row)
     return out
 
 
@@ -308,6 +362,41 @@ def long_workload(n_personas: int, n_questions: int, seed: int = 0):
     return personas, questions
 
 
+def host_stages(fn) -> dict:
+    """Returns when each host stage of one ``extract_activations`` call started and how long it
+    took (ms from the call's start; a stage run several times: its first run and its count)."""
+    from persona_geometry import extract, packing
+
+    stages: dict = {}
+    t_call = [0.0]
+    patches = []
+    for module, names in (
+        (extract, ("_validate", "render_prompts", "_plan", "_manifest", "_plan_units", "build_pack", "_run", "_run_chunk", "_assemble", "_finish_copies")),
+        (packing, ("block_mask",)),
+    ):
+        for name in names:
+            original = getattr(module, name)
+
+            def wrapped(*a, __original=original, __name=name, **k):
+                t = time.perf_counter()
+                try:
+                    return __original(*a, **k)
+                finally:
+                    entry = stages.setdefault(__name, {"start_ms": (t - t_call[0]) * 1e3, "ms": (time.perf_counter() - t) * 1e3, "calls": 0})
+                    entry["calls"] += 1
+
+            patches.append(_patched(module, name, wrapped))
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        _sync()
+        t_call[0] = time.perf_counter()
+        fn()
+        _sync()
+        stages["call_ms"] = (time.perf_counter() - t_call[0]) * 1e3
+    return stages
+
+
 def kernel_profile(fn, top: int = 15) -> dict:
     """Returns the CUDA time of one call of ``fn`` by kernel family and the top kernels."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -482,7 +571,9 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
     result["non_embedding_params"] = params
     n_layers = len(model.model.layers)
     if "gemm_sweep" not in skip and DEVICE == "cuda":
-        result["block_gemms_by_tokens"] = block_gemms_by_tokens(QWEN7B, range(4096, 12289, 128))
+        result["sustained_gemm"] = sustained_gemm_tflops()
+        result["block_gemms_by_tokens"] = block_gemms_by_tokens(QWEN7B, list(range(2048, 12289, 128)))
+        result["split_gemms"] = split_gemms(QWEN7B, [4480, 8448, 8960, 9344])
         save()
     result["workloads"] = {}
     result["tried"] = {}
@@ -548,6 +639,9 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
         t0 = time.perf_counter()
         render_prompts(tokenizer, personas, questions)
         w["render_prompts_s"] = time.perf_counter() - t0
+        if "toolkit" not in skip:
+            toolkit()  # compiles; then one call with its host stages timed
+            w["host_stages_ms"] = host_stages(toolkit)
         t0 = time.perf_counter()
         run("toolkit", toolkit, reps_=reps if not big else 3, warmup=2 if not big else 1)
         w["toolkit_first_calls_s_incl_compile"] = time.perf_counter() - t0
