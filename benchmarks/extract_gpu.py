@@ -35,6 +35,7 @@ Usage (on a CUDA machine; ``--smoke`` checks the script on the CPU with a tiny s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import gc
@@ -98,6 +99,84 @@ def gemm_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+def sustained_gemm_tflops(n: int = 8192, seconds: float = 3.0) -> dict:
+    """Returns the n×n×n bf16 matmul rate over the first 0.1 s and over the last second of
+    ``seconds`` of back-to-back products: whether the clocks hold under a load as long as
+    the long workload's."""
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    marks = []
+    _sync()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(4):
+            a @ b
+        _sync()
+        marks.append(time.perf_counter() - t0)
+    flops = 4 * 2 * n**3
+    first = [m for m in marks if m <= 0.1]
+    late = [m for m in marks if m >= seconds - 1.0]
+    return {
+        "first_0.1s_tflops": flops * len(first) / first[-1] / 1e12 if first else None,
+        "last_1s_tflops": flops * (len(late) - 1) / (late[-1] - late[0]) / 1e12,
+        "seconds": seconds,
+    }
+
+
+def block_gemms_by_tokens(shape: dict, tokens: list[int], reps: int = 10) -> list[dict]:
+    """Returns the bf16 rate of one decoder block's seven projections (``F.linear``, as
+    transformers runs them) at each pack length, in a shuffled order with a control length
+    (4096) every eighth point, so a drift of the clocks shows apart from the shapes."""
+    d, inner = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
+    weights = [torch.randn(o, i, device=DEVICE, dtype=torch.bfloat16) for o, i in ((d, d), (kv, d), (kv, d), (d, d), (inner, d), (inner, d), (d, inner))]
+    flops_per_token = 2 * sum(w.numel() for w in weights)
+    order = list(tokens)
+    random.Random(0).shuffle(order)
+    order = [n for k, n in enumerate(order) for n in ([4096, n] if k % 8 == 0 else [n])]
+    out = []
+    x_all = torch.randn(max(order), d, device=DEVICE, dtype=torch.bfloat16)
+    h_all = torch.randn(max(order), inner, device=DEVICE, dtype=torch.bfloat16)
+    for n in order:
+        inputs = [x_all[:n]] * 6 + [h_all[:n]]
+        for rep in range(reps + 1):
+            if rep == 1:  # the first pass warms up
+                _sync()
+                t0 = time.perf_counter()
+            for a, w in zip(inputs, weights, strict=True):
+                torch.nn.functional.linear(a, w)
+        _sync()
+        dt = (time.perf_counter() - t0) / reps
+        out.append({"tokens": n, "ms": dt * 1e3, "tflops": flops_per_token * n / dt / 1e12})
+    return out
+
+
+def split_gemms(shape: dict, tokens: list[int], reps: int = 10) -> list[dict]:
+    """Returns one block's projections at ``tokens`` rows in one GEMM each against the same rows
+    in two halves (written in place), per projection: whether cutting a pack's rows pays."""
+    d, inner = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
+    out = []
+    for name, (o, i) in {"q_o": (d, d), "k_v": (kv, d), "gate_up": (inner, d), "down": (d, inner)}.items():
+        w = torch.randn(o, i, device=DEVICE, dtype=torch.bfloat16)
+        for n in tokens:
+            x = torch.randn(n, i, device=DEVICE, dtype=torch.bfloat16)
+            y = torch.empty(n, o, device=DEVICE, dtype=torch.bfloat16)
+            h = n // 2
+            row = {"projection": name, "tokens": n}
+            for label, pieces in (("one_ms", [slice(0, n)]), ("halves_ms", [slice(0, h), slice(h, n)])):
+                for rep in range(reps + 1):
+                    if rep == 1:  # the first pass warms up
+                        _sync()
+                        t0 = time.perf_counter()
+                    for rows in pieces:
+                        torch.mm(x[rows], w.t(), out=y[rows])
+                _sync()
+                row[label] = (time.perf_counter() - t0) / reps * 1e3
+            out.append(row)
+    return out
+
+
 def timed(fn, *, warmup: int = 1, reps: int = 3) -> tuple[float, float, object]:
     """Returns (median seconds, peak GPU GiB above the baseline, last result) of ``fn()``."""
     out = None
@@ -109,13 +188,30 @@ def timed(fn, *, warmup: int = 1, reps: int = 3) -> tuple[float, float, object]:
     base = _allocated()
     times = []
     for _ in range(reps):
+        # The previous result goes first, as a user's would: keeping it alive made every other
+        # call page-lock a fresh result (602 MB on the long workload: +0.34 s in one run).
+        out = None
         _sync()
         t0 = time.perf_counter()
         out = fn()
         _sync()
         times.append(time.perf_counter() - t0)
     peak = _peak()
+    LAST_TIMES[:] = times
     return statistics.median(times), (peak - base) / 2**30, out
+
+
+LAST_TIMES: list[float] = []  # every timed call of the last ``timed``
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
 
 
 def non_embedding_params(model) -> int:
@@ -266,6 +362,41 @@ def long_workload(n_personas: int, n_questions: int, seed: int = 0):
     return personas, questions
 
 
+def host_stages(fn) -> dict:
+    """Returns when each host stage of one ``extract_activations`` call started and how long it
+    took (ms from the call's start; a stage run several times: its first run and its count)."""
+    from persona_geometry import extract, packing
+
+    stages: dict = {}
+    t_call = [0.0]
+    patches = []
+    for module, names in (
+        (extract, ("_validate", "render_prompts", "_plan", "_manifest", "_plan_units", "build_pack", "_run", "_run_chunk", "_assemble", "_finish_copies")),
+        (packing, ("block_mask",)),
+    ):
+        for name in names:
+            original = getattr(module, name)
+
+            def wrapped(*a, __original=original, __name=name, **k):
+                t = time.perf_counter()
+                try:
+                    return __original(*a, **k)
+                finally:
+                    entry = stages.setdefault(__name, {"start_ms": (t - t_call[0]) * 1e3, "ms": (time.perf_counter() - t) * 1e3, "calls": 0})
+                    entry["calls"] += 1
+
+            patches.append(_patched(module, name, wrapped))
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        _sync()
+        t_call[0] = time.perf_counter()
+        fn()
+        _sync()
+        stages["call_ms"] = (time.perf_counter() - t_call[0]) * 1e3
+    return stages
+
+
 def kernel_profile(fn, top: int = 15) -> dict:
     """Returns the CUDA time of one call of ``fn`` by kernel family and the top kernels."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -306,24 +437,36 @@ def gpu_timeline(events) -> dict:
     """Returns where the GPU idled during the profiled call: before its first kernel (host work
     up front), between kernels, and after its last one."""
     call = next(e for e in events if e.name == "benchmark_call")
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    # Kernels and copies only: the GPU-side span of the call's own annotation covers them all
+    # and would hide every gap (it did until the fourth session's runs).
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type.name == "CUDA" and e.name != "benchmark_call" and not getattr(e, "is_user_annotation", False)
+    )
     if not spans:
         return {}
     busy, gap = 0.0, 0.0
-    start, end = spans[0]
-    for s, e in spans[1:]:
+    gaps = []
+    start, end, last = spans[0]
+    for s, e, name in spans[1:]:
         if s > end:
             busy, gap = busy + end - start, gap + s - end
+            gaps.append((s - end, last, name))
             start, end = s, e
         else:
             end = max(end, e)
+        last = name
     busy += end - start
+    gaps.sort(reverse=True)
     return {
         "call_ms": (call.time_range.end - call.time_range.start) / 1e3,
         "gpu_busy_ms": busy / 1e3,
         "idle_before_first_kernel_ms": (spans[0][0] - call.time_range.start) / 1e3,
         "idle_between_kernels_ms": gap / 1e3,
         "idle_after_last_kernel_ms": (call.time_range.end - end) / 1e3,
+        "gaps_between_kernels": len(gaps),
+        "largest_gaps": [{"us": round(g, 1), "after": a[:60], "before": b[:60]} for g, a, b in gaps[:8]],
     }
 
 
@@ -427,6 +570,11 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
     params = non_embedding_params(model)
     result["non_embedding_params"] = params
     n_layers = len(model.model.layers)
+    if "gemm_sweep" not in skip and DEVICE == "cuda":
+        result["sustained_gemm"] = sustained_gemm_tflops()
+        result["block_gemms_by_tokens"] = block_gemms_by_tokens(QWEN7B, list(range(2048, 12289, 128)))
+        result["split_gemms"] = split_gemms(QWEN7B, [4480, 8448, 8960, 9344])
+        save()
     result["workloads"] = {}
     result["tried"] = {}
     bridge = None
@@ -477,6 +625,7 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
             times[method], peaks[method], outs[method] = t, p, o
             print(f"  {method}: {t:.3f}s, peak above weights {p:.2f} GiB", flush=True)
             w[f"{method}_s"] = t
+            w.setdefault("each_call_s", {})[method] = LAST_TIMES[:]
             w.setdefault("peak_mem_above_weights_gb", {})[method] = p
             save()
 
@@ -490,9 +639,21 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
         t0 = time.perf_counter()
         render_prompts(tokenizer, personas, questions)
         w["render_prompts_s"] = time.perf_counter() - t0
+        if "toolkit" not in skip:
+            toolkit()  # compiles; then one call with its host stages timed
+            w["host_stages_ms"] = host_stages(toolkit)
         t0 = time.perf_counter()
-        run("toolkit", toolkit, reps_=reps if not big else 2, warmup=2 if not big else 1)
+        run("toolkit", toolkit, reps_=reps if not big else 3, warmup=2 if not big else 1)
         w["toolkit_first_calls_s_incl_compile"] = time.perf_counter() - t0
+        if "untrimmed" not in skip:
+            # The last block's MLP on every token, as before the fourth session (rows_only off).
+            from persona_geometry import packing
+
+            def untrimmed():
+                with _patched(packing, "rows_only", lambda block: contextlib.nullcontext()):
+                    return toolkit()
+
+            run("toolkit_untrimmed", untrimmed, reps_=reps if not big else 3, warmup=1)
         # Heavy baselines on the long workload: one timed call (shapes were compiled on builtin).
         heavy = dict(reps_=1, warmup=0) if big else {}
         run("toolkit_full_prompts", lambda: toolkit(share_prefix=False), need=25 if big else 0, **heavy)
@@ -537,6 +698,8 @@ def measure_7b(result: dict, workdir: Path, skip: set[str], reps: int, workloads
                         w[f"bf16_rel_diff_vs_best_plain_hf_{m}"] = ((outs[m].float() - ref).norm() / ref.norm()).item()
         if "toolkit_full_prompts" in times:
             w["roofline_fraction_full_prompts"] = w["ideal_s"] / times["toolkit_full_prompts"]
+        if "toolkit_untrimmed" in times:
+            w["roofline_fraction_unique_tokens_untrimmed"] = w["ideal_unique_s"] / times["toolkit_untrimmed"]
         if "toolkit_uncompiled" in times:
             w["roofline_fraction_unique_tokens_uncompiled"] = w["ideal_unique_s"] / times["toolkit_uncompiled"]
         if "toolkit_full_prompts_uncompiled" in times:

@@ -124,6 +124,34 @@ def test_one_question_per_persona_and_no_sharing(handle):
     _check_against_reference(handle, unshared, PERSONAS, QUESTIONS)
 
 
+def test_the_last_block_read_runs_its_mlp_on_the_last_tokens_only(handle):
+    """The last block whose output is read runs its MLP on one row per prompt, the blocks
+    before it on every token; the activations still equal one prompt at a time, and the block
+    gets its own MLP back."""
+    blocks = find_layers(handle.model)[1]
+    mlps = [b.mlp for b in blocks]
+    rows: dict[int, int] = {}
+
+    def count(i):
+        return lambda module, args: rows.__setitem__(i, rows.get(i, 0) + args[0].shape[-2])
+
+    hooks = [m.register_forward_pre_hook(count(i)) for i, m in enumerate(mlps)]
+    try:
+        acts = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, layers=[0, 1], progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    prompts = render_prompts(handle.tokenizer, PERSONAS, QUESTIONS, chat_template=TEMPLATE)
+    ids = [p.input_ids for p in prompts]
+    groups = [list(range(k * len(QUESTIONS), (k + 1) * len(QUESTIONS))) for k in range(len(PERSONAS))]
+    unique = sum(n + sum(len(ids[i]) - n for i in g) for g, n in zip(groups, group_prefix_lengths(ids, groups), strict=True))
+    assert len(blocks) > 2 and 2 not in rows  # the forward stopped after block 1
+    assert rows[1] == len(prompts) and rows[0] >= unique
+    assert [b.mlp for b in blocks] == mlps
+    ref = reference(handle.model, ids, len(blocks))[:, [0, 1]]
+    assert (acts["resid_post"].reshape(ref.shape) - ref).abs().max().item() <= 1e-5
+
+
 def test_peft_adapter_is_extracted_packed(tiny_qwen_path):
     from peft import LoraConfig, get_peft_model
 
@@ -254,24 +282,52 @@ def test_block_mask_tiles_agree_with_the_dense_mask():
             ids.append(tuple(prefix + torch.randint(1, 50, (int(torch.randint(1, 70, (1,), generator=g)),), generator=g).tolist()))
         groups.append(group)
     plans = plan_packs(ids, groups, group_prefix_lengths(ids, groups), budget=1000)
-    pack = build_pack(ids, plans[0], pad_id=0)
-    assert pack.length % BLOCK == 0 and pack.length >= 3 * BLOCK
-    dense = dense_mask(pack)[0, 0]
-    nb = pack.length // BLOCK
-    tiles = dense.reshape(nb, BLOCK, nb, BLOCK).sum((1, 3))
-    assert torch.equal(block_counts(pack), tiles)
-    bm = block_mask(pack)
-    rebuilt = torch.zeros_like(dense)
-    q = torch.arange(pack.length)
-    for i in range(nb):
-        rows = slice(i * BLOCK, (i + 1) * BLOCK)
-        for j in bm.full_kv_indices[0, 0, i, : bm.full_kv_num_blocks[0, 0, i]].tolist():
-            rebuilt[rows, j * BLOCK : (j + 1) * BLOCK] = True
-        for j in bm.kv_indices[0, 0, i, : bm.kv_num_blocks[0, 0, i]].tolist():
-            kv = torch.arange(j * BLOCK, (j + 1) * BLOCK)
-            rebuilt[rows, j * BLOCK : (j + 1) * BLOCK] = bm.mask_mod(torch.tensor(0), torch.tensor(0), q[rows, None], kv[None, :])
-    assert torch.equal(rebuilt, dense)
-    assert int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()) < nb * (nb + 1) // 2  # sparse: not every causal tile
+    padded = build_pack(ids, plans[0], pad_id=0, pad_to=BLOCK)
+    unpadded = build_pack(ids, plans[0], pad_id=0)  # the default: a last, partial tile
+    assert padded.length % BLOCK == 0 and padded.length >= 3 * BLOCK
+    assert unpadded.length == unpadded.n_real == padded.n_real and unpadded.length % BLOCK
+    for pack in (padded, unpadded):
+        # Past the end of a partial tile, tokens that see only themselves.
+        dense = torch.eye(padded.length, dtype=torch.bool)
+        dense[: pack.length, : pack.length] = dense_mask(pack)[0, 0]
+        nb = padded.length // BLOCK
+        tiles = dense.reshape(nb, BLOCK, nb, BLOCK).sum((1, 3))
+        assert torch.equal(block_counts(pack), tiles)
+        # The listed tiles and the mask_mod rebuild the mask (mask_mod reads past a partial tile).
+        bm = block_mask(pack)
+        rebuilt = torch.zeros_like(dense)
+        q = torch.arange(padded.length)
+        for i in range(nb):
+            rows = slice(i * BLOCK, (i + 1) * BLOCK)
+            for j in bm.full_kv_indices[0, 0, i, : bm.full_kv_num_blocks[0, 0, i]].tolist():
+                rebuilt[rows, j * BLOCK : (j + 1) * BLOCK] = True
+            for j in bm.kv_indices[0, 0, i, : bm.kv_num_blocks[0, 0, i]].tolist():
+                kv = torch.arange(j * BLOCK, (j + 1) * BLOCK)
+                rebuilt[rows, j * BLOCK : (j + 1) * BLOCK] = bm.mask_mod(torch.tensor(0), torch.tensor(0), q[rows, None], kv[None, :])
+        assert torch.equal(rebuilt, dense)
+        assert bm.seq_lengths == (pack.length, pack.length)
+        assert int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()) < nb * (nb + 1) // 2  # sparse: not every causal tile
+
+
+def test_flex_attention_under_the_block_mask_equals_attention_under_the_dense_mask():
+    """FlexAttention (eager, on the CPU) with ``block_mask`` against SDPA with ``dense_mask``, on a
+    pack of several groups whose length is no multiple of the 128-token tile."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    g = torch.Generator().manual_seed(1)
+    ids, groups = [], []
+    for k in range(6):
+        prefix = torch.randint(1, 50, (10 + 17 * k,), generator=g).tolist()
+        groups.append([len(ids) + j for j in range(k % 3 + 1)])
+        ids += [tuple(prefix + torch.randint(1, 50, (5 + 11 * j,), generator=g).tolist()) for j in range(k % 3 + 1)]
+    pack = build_pack(ids, plan_packs(ids, groups, group_prefix_lengths(ids, groups), budget=4096)[0], pad_id=0)
+    T = pack.length
+    assert T % BLOCK and T > 2 * BLOCK
+    q = torch.randn(1, 4, T, 32, generator=g)
+    k, v = torch.randn(2, 1, 2, T, 32, generator=g)
+    got = flex_attention(q, k, v, block_mask=block_mask(pack), enable_gqa=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(pack), enable_gqa=True)
+    assert (got - want).abs().max().item() <= 1e-5
 
 
 def test_pack_budget_fits_memory_and_caps_dense_packs():
@@ -334,8 +390,14 @@ def test_compiled_blocks_are_one_graph_after_transformers_installed_its_output_h
     counters.clear()
     plain = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, compile_blocks=False, progress=False)
     compiled = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, compile_blocks=True, progress=False)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    # Two graphs: the blocks, and the last block with its MLP on the last tokens (rows_only).
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     assert (compiled["resid_post"] - plain["resid_post"]).abs().max().item() <= 1e-5
+    # Other packs (other rows, another length, a single prompt) compile nothing new.
+    extract_activations(handle, PERSONAS[1:], QUESTIONS[:3], chat_template=TEMPLATE, compile_blocks=True, progress=False)
+    one = extract_activations(handle, PERSONAS[:1], QUESTIONS[2:3], chat_template=TEMPLATE, compile_blocks=True, progress=False)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert (one["resid_post"][0, 0] - plain["resid_post"][0, 2]).abs().max().item() <= 1e-5
     after_hooks = {name: list(m._forward_hooks.values()) for name, m in handle.model.named_modules() if m._forward_hooks}
     assert after_hooks == hooks  # the same hooks, in the same order
     with torch.no_grad():
