@@ -107,7 +107,15 @@ def test_torchrun_extract_on_two_ranks_equals_one_process(model, tmp_path):
     # ranks' shares cut through a persona.
     _torchrun("extract", "--model", str(model), "--personas", "personas.yaml", "--out", "acts", "--cache-dir", "cache", "--dtype", "float32", "--device", "cpu", "--batch-tokens", "256", cwd=tmp_path)
     two = ActivationSet.load(tmp_path / "acts")
-    one = extract_activations(load_model(model, dtype="float32", device="cpu"), PersonaSet.load(tmp_path / "personas.yaml"), batch_tokens=256, progress=False)
+    # torchrun gives each rank OMP_NUM_THREADS=1; the CPU's GEMMs of few rows (the last block's
+    # MLP runs on one row per prompt) round differently with two threads, so one process runs
+    # with one too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = extract_activations(load_model(model, dtype="float32", device="cpu"), PersonaSet.load(tmp_path / "personas.yaml"), batch_tokens=256, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert two.personas == one.personas and two.questions == one.questions
     assert torch.equal(two.n_tokens, one.n_tokens)
     # Each rank ran its share of one process's packs, each the same forward: byte for byte.
