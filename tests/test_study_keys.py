@@ -138,3 +138,40 @@ def test_a_stage_key_follows_the_recorded_outputs_of_the_stages_it_reads(tmp_pat
     record("data", "data-key", "rewritten")
     assert _stage_key(tmp_path, "train", "settings") != after["train"]
     assert _stage_key(tmp_path, "sweep", "settings") == after["sweep"]  # the sweep reads eval, not data directly
+
+
+def test_a_data_unit_recorded_over_by_its_stage_is_cached_and_a_changed_data_setting_redoes_it(tmp_path):
+    """The data unit and the data stage keep their records in one folder. A second process that
+    reaches the data unit after the first finished the whole stage (what it finds once it gets the
+    unit's lock) must see the unit done and delete nothing; new data settings still redo it."""
+    import dataclasses
+
+    from persona_geometry.pipeline.study import run_study, run_unit, study_units
+    from persona_geometry.tiny import build_tiny_model
+
+    config = _config(tmp_path, build_tiny_model(tmp_path / "m"))
+    first = run_study(config, stages=["data"], progress=False)
+    assert first.ran == ("data",) and first.computed == ("data",)
+    data = tmp_path / "out" / "data"
+
+    def stats():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in data.iterdir() if p.name != ".stage.json"}
+
+    before = stats()
+    source = study_inputs(config).sources[0]
+    assert {"responses.jsonl", f"{source}.jsonl", "unit.log"} <= set(before)
+    (unit,) = study_units(config, "data")
+    files = run_unit(config, unit)  # the stage's record, written after the unit's, is in the unit's folder
+    assert files == {k: v for k, v in first.files.items() if k == "responses" or k.startswith("data:")}
+    assert stats() == before, "the finished data unit was deleted and redone"
+    # A changed data setting is other work: the unit redoes it, and the stage runs again on it.
+    changed = config.with_overrides(data=dataclasses.replace(config.data, n_source=4))
+    (new_unit,) = study_units(changed, "data")
+    assert new_unit.key != unit.key
+    rows = len((data / f"{source}.jsonl").read_text().splitlines())
+    run_unit(changed, new_unit)
+    assert (data / f"{source}.jsonl").stat().st_mtime_ns != before[f"{source}.jsonl"][1]
+    assert len((data / f"{source}.jsonl").read_text().splitlines()) == rows - 4
+    again = run_study(changed, stages=["data"], progress=False)
+    assert again.ran == ("data",) and again.computed == ()  # the stage records it; the unit is cached
+    assert run_study(changed, stages=["data"], progress=False).skipped == ("data",)

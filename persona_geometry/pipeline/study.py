@@ -161,6 +161,29 @@ def _stage_record(folder: Path, key: str) -> KeyedFolder:
     return KeyedFolder(folder, key, record=_MARKER_FILE)
 
 
+class _UnitRecord(KeyedFolder):
+    """A unit's ``.stage.json`` record, which may be its stage's record of the same work.
+
+    The data stage's one unit writes into the stage's own folder, so the stage's record, written
+    when the stage finishes, replaces the unit's. The stage names the unit's key in it
+    (``unit_key``): a unit reads such a record as its own finished one, not as a stale record to
+    clear, or a second process reaching the unit after the first finished the stage would delete
+    the data the first is training from. Any other key is still stale.
+    """
+
+    def info(self) -> dict[str, Any]:
+        """Returns the stored record, a stage's record of this unit's work carrying the unit's key."""
+        record = super().info()
+        if record.get("key") != self.key and record.get("unit_key") == self.key:
+            return {**record, "key": self.key}
+        return record
+
+
+def _unit_record(unit: Unit) -> KeyedFolder:
+    """Returns a unit's record: its key, attempts, where it ran and its output files (``_UnitRecord``)."""
+    return _UnitRecord(Path(unit.folder), unit.key, record=_MARKER_FILE)
+
+
 def run_study(
     config: StudyConfig,
     *,
@@ -240,9 +263,11 @@ def run_study(
             continue
         log.info("stage %s: running (%s)", stage, ex.name)
         start = time.perf_counter()
+        shared: dict[str, str] = {}  # the key of the unit whose folder is the stage's (data): see _UnitRecord
         if stage in UNIT_STAGES:
             units = study_units(config, stage, inputs=inputs)
-            before = {u.name: _stage_record(Path(u.folder), u.key).done() and not force for u in units}
+            shared = next(({"unit_key": u.key} for u in units if Path(u.folder) == out / stage), {})
+            before = {u.name: _unit_record(u).done() and not force for u in units}
             # train.data_parallel under torchrun: every rank trains each adapter together (DDP).
             collective = stage == "train" and config.train.data_parallel and ex.name == "torchrun"
             run = partial(run_unit, config, force=force, progress=progress and len(units) == 1, collective=collective)
@@ -262,7 +287,7 @@ def run_study(
         seconds[stage] = time.perf_counter() - start
         log.info("stage %s: done in %.1f s", stage, seconds[stage])
         if ex.assembles:
-            marker.finish(stage=stage, files=produced, outputs=_outputs_token(produced), seconds=round(seconds[stage], 2))
+            marker.finish(stage=stage, files=produced, outputs=_outputs_token(produced), seconds=round(seconds[stage], 2), **shared)
         files.update(produced)
         ran.append(stage)
     if hasattr(ex, "finish"):
@@ -430,7 +455,7 @@ def unit_outputs(unit: Unit) -> dict[str, str]:
     Raises:
         ValueError: If the unit has not finished with its current key.
     """
-    record = _stage_record(Path(unit.folder), unit.key)
+    record = _unit_record(unit)
     if not record.done():
         raise ValueError(f"Unit {unit.name} has not finished (no current record in {unit.folder}).")
     return dict(record.info().get("files", {}))
@@ -487,7 +512,7 @@ def _unit_lock(config: StudyConfig, unit: Unit) -> Iterator[None]:
 
 def _run_unit_locked(config: StudyConfig, unit: Unit, *, force: bool, progress: bool) -> dict[str, str]:
     folder = Path(unit.folder)
-    record = _stage_record(folder, unit.key)
+    record = _unit_record(unit)
     if record.done() and not force:
         log.info("unit %s: cached", unit.name)
         return dict(record.info().get("files", {}))
@@ -509,7 +534,7 @@ def _run_collective(config: StudyConfig, unit: Unit, *, force: bool, progress: b
     from persona_geometry import distributed
 
     folder = Path(unit.folder)
-    record = _stage_record(folder, unit.key)
+    record = _unit_record(unit)
     cached = record.done() and not force  # every rank reads the record before rank 0 touches it
     distributed.barrier()
     if cached:
@@ -558,7 +583,7 @@ def run_units(config: StudyConfig, units: Sequence[Unit], *, force: bool = False
     with ExitStack() as locks:
         for u in units:  # in the units' order, so two processes locking overlapping groups never deadlock
             locks.enter_context(_unit_lock(config, u))
-        pending = [u for u in units if force or not _stage_record(Path(u.folder), u.key).done()]
+        pending = [u for u in units if force or not _unit_record(u).done()]
         if len(pending) > 1 and all(u.stage == "eval" for u in pending) and config.eval.backend == "hf":
             _eval_units_together(config, pending, force=force, progress=progress)
             force = False  # just computed: read back below
@@ -574,7 +599,7 @@ def _eval_units_together(config: StudyConfig, units: list[Unit], *, force: bool,
     inputs = study_inputs(config)
     out = Path(config.out)
     e = config.eval
-    records = {u.name: _stage_record(Path(u.folder), u.key) for u in units}
+    records = {u.name: _unit_record(u) for u in units}
     where = {u.name: _begin(u, records[u.name], force=force) for u in units}
     with ExitStack() as logs:
         for u in units:
