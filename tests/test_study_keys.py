@@ -107,7 +107,7 @@ def test_two_runs_on_one_folder_train_each_adapter_once(tmp_path):
     study = yaml.safe_load((tmp_path / "study.yaml").read_text())
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({**study, "marker": {"sources": ["villain", "librarian"]}}))
     cmd = [sys.executable, "-m", "persona_geometry.pipeline.cli", "run", str(tmp_path / "study.yaml"),
-           "--stages", "data,train", "--executor", "inprocess", "--no-progress"]  # fmt: skip
+           "--stages", "data,train", "--executor", "inprocess", "--no-progress", "-v"]  # fmt: skip
     runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     done = [r.communicate(timeout=600) for r in runs]
     assert [r.returncode for r in runs] == [0, 0], [d[1][-2000:] for d in done]
@@ -118,6 +118,12 @@ def test_two_runs_on_one_folder_train_each_adapter_once(tmp_path):
         started = [line for line in log.read_text().splitlines() if ": running on " in line]
         assert len(started) == 1, (log, started)  # one process ran it, once
         assert int(started[0].split("(pid ")[1].split(",")[0]) in {r.pid for r in runs}
+    # A redone unit's log holds only the redo: the processes' own logs say whether a unit ran twice
+    # (the waiting one once cleared the data the other was training from, and redid it).
+    logged = "\n".join(d[1] for d in done)
+    for unit in ("data", "train/villain/seed42", "train/librarian/seed42"):
+        assert logged.count(f"unit {unit}: running on ") == 1, (unit, logged[-3000:])
+    assert "made for other inputs" not in logged
 
 
 def test_a_stage_key_follows_the_recorded_outputs_of_the_stages_it_reads(tmp_path):
