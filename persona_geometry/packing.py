@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import typing
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -42,7 +43,6 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from persona_geometry._validation import check_positive_int, invalid
-from persona_geometry.prompts import common_prefix
 
 __all__ = [
     "BLOCK",
@@ -167,7 +167,13 @@ def group_prefix_lengths(
     for group in groups:
         n = 0
         if len(group) >= 2:
-            n = len(common_prefix([tuple(ids[i]) for i in group]))
+            # Of the lexicographically first and last prompts (what commonprefix compares), as
+            # given: copying every prompt to a list took 10 ms for 1,500 long prompts. (Bisecting
+            # on slices, as prompts.common_prefix does for texts, gained nothing here: finding
+            # the first and last prompts is most of the time.)
+            first = min(ids[i] for i in group)
+            last = max(ids[i] for i in group)
+            n = len(os.path.commonprefix([first, last]))
             n = min(n, min(len(ids[i]) for i in group) - 1)
         lengths.append(n if n >= _MIN_PREFIX_TOKENS else 0)
     return lengths
