@@ -134,22 +134,31 @@ class Pack:
         )
 
 
-def _to_device(tensors: Sequence[Tensor], device: torch.device | str) -> list[Tensor]:
+def _to_device(
+    tensors: Sequence[Tensor], device: torch.device | str, *, together: bool | None = None
+) -> list[Tensor]:
     """Returns ``tensors`` on ``device``; from the host to a GPU as one copy per dtype through a
     page-locked buffer, without waiting (from pageable memory a copy waits for the work queued
     before it, and each small copy cost ~80 µs of host time before the built-in study's one
-    forward could start)."""
-    if torch.device(device).type != "cuda" or any(t.device.type != "cpu" for t in tensors):
+    forward could start). ``together`` forces (or avoids) the single copy on any device.
+
+    Each tensor comes back as a tensor of its own, not a view into the copied buffer:
+    torch.compile specialises a storage offset of 0 or 1, so views at varying offsets
+    recompiled the blocks (8 s inside a timed call on the H200).
+    """
+    cuda = torch.device(device).type == "cuda"
+    on_host = all(t.device.type == "cpu" for t in tensors)
+    if not (together if together is not None else cuda and on_host):
         return [t.to(device) for t in tensors]
     moved: list[Tensor | None] = [None] * len(tensors)
     for dtype in {t.dtype for t in tensors}:
         which = [k for k, t in enumerate(tensors) if t.dtype == dtype]
         sizes = [tensors[k].numel() for k in which]
-        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
+        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=cuda and on_host)
         torch.cat([tensors[k].reshape(-1) for k in which], out=host)
         flat = host.to(device, non_blocking=True)
         for k, piece in zip(which, flat.split(sizes), strict=True):
-            moved[k] = piece.view(tensors[k].shape)
+            moved[k] = piece.view(tensors[k].shape).clone()
     return moved  # type: ignore[return-value]
 
 

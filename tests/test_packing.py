@@ -383,6 +383,8 @@ def test_compiled_blocks_are_one_graph_after_transformers_installed_its_output_h
 
     monkeypatch.setattr(packing, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    # Packs cross as on a GPU: one copy per dtype, split into tensors.
+    monkeypatch.setattr(packing, "_to_device", functools.partial(packing._to_device, together=True))
     handle = load_model(tiny_qwen_path, dtype="float32", device="cpu")
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -401,6 +403,7 @@ def test_compiled_blocks_are_one_graph_after_transformers_installed_its_output_h
     # Other packs (other rows, another length, a single prompt) compile nothing new.
     extract_activations(handle, PERSONAS[1:], QUESTIONS[:3], chat_template=TEMPLATE, compile_blocks=True, progress=False)
     one = extract_activations(handle, PERSONAS[:1], QUESTIONS[2:3], chat_template=TEMPLATE, compile_blocks=True, progress=False)
+    extract_activations(handle, PERSONAS[:1], QUESTIONS[:1], chat_template=TEMPLATE, compile_blocks=True, progress=False)  # a few tokens
     assert counters["stats"]["unique_graphs"] == 2
     assert (one["resid_post"][0, 0] - plain["resid_post"][0, 2]).abs().max().item() <= 1e-5
     after_hooks = {name: list(m._forward_hooks.values()) for name, m in handle.model.named_modules() if m._forward_hooks}
