@@ -6,15 +6,24 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from persona_geometry._validation import check_unique_names, invalid
 from persona_geometry.personas import Persona, PersonaSet
 from persona_geometry.provenance import stable_hash
 
-__all__ = ["Prompt", "PromptSet", "render_prompts", "chat_messages", "chat_template_of", "left_pad"]
+__all__ = [
+    "Prompt",
+    "PromptSet",
+    "chat_messages",
+    "chat_template_of",
+    "common_prefix",
+    "left_pad",
+    "render_prompts",
+]
 
 log = logging.getLogger(__name__)
+_S = TypeVar("_S", str, tuple[int, ...])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,7 +267,7 @@ def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> li
     groups = [texts[i : i + group_size] for i in range(0, len(texts), group_size)]
     cuts = []
     for group in groups:
-        common = _common_prefix(group)
+        common = common_prefix(group)
         cuts.append(max((common.rfind(b) + len(b) for b in boundaries if b in common), default=0))
     if not any(cuts):
         return full(texts)
@@ -278,10 +287,10 @@ def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> li
     return ids
 
 
-def _common_prefix(texts: Sequence[str]) -> str:
-    """Returns the longest common prefix of ``texts``, by bisection on slices (in C, unlike
-    ``os.path.commonprefix``'s loop over characters)."""
-    first, last = min(texts), max(texts)  # Every text's prefix lies between these two.
+def common_prefix(seqs: Sequence[_S]) -> _S:
+    """Returns the longest common prefix of ``seqs`` (strings, or tuples of token ids), by
+    bisection on slices (in C, unlike ``os.path.commonprefix``'s loop over elements)."""
+    first, last = min(seqs), max(seqs)  # Every sequence's prefix lies between these two.
     low, high = 0, min(len(first), len(last))
     while low < high:
         mid = (low + high + 1) // 2

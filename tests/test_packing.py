@@ -270,12 +270,14 @@ def test_budgets_split_groups_and_repeat_the_prefix():
         plan_packs(IDS, GROUPS, [0], budget=10)
 
 
-def test_block_mask_tiles_agree_with_the_dense_mask():
+@pytest.mark.parametrize("seed", range(6))
+def test_block_mask_tiles_agree_with_the_dense_mask(seed):
     """Many groups over several 128-token tiles: every tile is listed as full, partial or absent rightly."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     ids, groups = [], []
+    longest = [90, 90, 300, 20, 600, 200][seed]  # groups within a tile, across several
     for _ in range(9):
-        prefix = torch.randint(1, 50, (int(torch.randint(2, 90, (1,), generator=g)),), generator=g).tolist()
+        prefix = torch.randint(1, 50, (int(torch.randint(2, longest, (1,), generator=g)),), generator=g).tolist()
         group = []
         for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
             group.append(len(ids))
@@ -284,8 +286,8 @@ def test_block_mask_tiles_agree_with_the_dense_mask():
     plans = plan_packs(ids, groups, group_prefix_lengths(ids, groups), budget=1000)
     padded = build_pack(ids, plans[0], pad_id=0, pad_to=BLOCK)
     unpadded = build_pack(ids, plans[0], pad_id=0)  # the default: a last, partial tile
-    assert padded.length % BLOCK == 0 and padded.length >= 3 * BLOCK
-    assert unpadded.length == unpadded.n_real == padded.n_real and unpadded.length % BLOCK
+    assert padded.length % BLOCK == 0 and padded.length >= 2 * BLOCK
+    assert unpadded.length == unpadded.n_real == padded.n_real
     for pack in (padded, unpadded):
         # Past the end of a partial tile, tokens that see only themselves.
         dense = torch.eye(padded.length, dtype=torch.bool)
@@ -306,7 +308,10 @@ def test_block_mask_tiles_agree_with_the_dense_mask():
                 rebuilt[rows, j * BLOCK : (j + 1) * BLOCK] = bm.mask_mod(torch.tensor(0), torch.tensor(0), q[rows, None], kv[None, :])
         assert torch.equal(rebuilt, dense)
         assert bm.seq_lengths == (pack.length, pack.length)
-        assert int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()) < nb * (nb + 1) // 2  # sparse: not every causal tile
+        listed = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
+        assert listed == int((tiles > 0).sum())
+        if seed == 0:
+            assert listed < nb * (nb + 1) // 2  # sparse: not every causal tile
 
 
 def test_flex_attention_under_the_block_mask_equals_attention_under_the_dense_mask():
@@ -378,6 +383,8 @@ def test_compiled_blocks_are_one_graph_after_transformers_installed_its_output_h
 
     monkeypatch.setattr(packing, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    # Packs cross as on a GPU: one copy per dtype, split into tensors.
+    monkeypatch.setattr(packing, "_to_device", functools.partial(packing._to_device, together=True))
     handle = load_model(tiny_qwen_path, dtype="float32", device="cpu")
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -396,6 +403,7 @@ def test_compiled_blocks_are_one_graph_after_transformers_installed_its_output_h
     # Other packs (other rows, another length, a single prompt) compile nothing new.
     extract_activations(handle, PERSONAS[1:], QUESTIONS[:3], chat_template=TEMPLATE, compile_blocks=True, progress=False)
     one = extract_activations(handle, PERSONAS[:1], QUESTIONS[2:3], chat_template=TEMPLATE, compile_blocks=True, progress=False)
+    extract_activations(handle, PERSONAS[:1], QUESTIONS[:1], chat_template=TEMPLATE, compile_blocks=True, progress=False)  # a few tokens
     assert counters["stats"]["unique_graphs"] == 2
     assert (one["resid_post"][0, 0] - plain["resid_post"][0, 2]).abs().max().item() <= 1e-5
     after_hooks = {name: list(m._forward_hooks.values()) for name, m in handle.model.named_modules() if m._forward_hooks}

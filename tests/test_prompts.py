@@ -11,7 +11,7 @@ import random
 import pytest
 
 from persona_geometry import Persona, builtin_personas, builtin_questions, render_prompts
-from persona_geometry.prompts import _common_prefix, tokenize_groups
+from persona_geometry.prompts import common_prefix, tokenize_groups
 
 
 def _full(tokenizer, texts):
@@ -202,7 +202,9 @@ def test_common_prefix_equals_os_path_commonprefix():
     for _ in range(300):
         stem = "".join(rng.choices("ab ", k=rng.randint(0, 40)))
         texts = [stem + "".join(rng.choices("ab", k=rng.randint(0, 5))) for _ in range(rng.randint(1, 4))]
-        assert _common_prefix(texts) == os.path.commonprefix(texts)
+        assert common_prefix(texts) == os.path.commonprefix(texts)
+        as_ids = [tuple(map(ord, t)) for t in texts]  # token ids: tuples, not strings
+        assert common_prefix(as_ids) == tuple(os.path.commonprefix([list(x) for x in as_ids]))
 
 
 @pytest.mark.parametrize("group_size", [1, 4])
