@@ -334,9 +334,11 @@ def _tiled_intervals(pack: Pack, block: int) -> tuple[Tensor, Tensor, Tensor]:
 def block_counts(pack: Pack, block: int = BLOCK) -> Int[Tensor, "q_block kv_block"]:
     """Returns how many (query, key) pairs each ``block × block`` tile of the mask allows.
 
-    Computed from the intervals, one ``[T, T / block]`` pass: a tile is full when it allows
-    ``block²`` pairs, empty at 0. A pack whose length is no multiple of ``block`` counts its
-    last, partial tiles as if tokens that see only themselves filled them: never full.
+    Computed from the intervals, one ``[T, span]`` pass over the key tiles each token's keys
+    can reach (from its group's start to itself): a tile is full when it allows ``block²``
+    pairs, empty at 0. A pack whose length is no multiple of ``block`` counts its last,
+    partial tiles as if tokens that see only themselves filled them: never full. (On a GPU
+    pack, reading the span waits for the device: the engine lists a pack's tiles on the host.)
     """
     lo1, hi1, lo2 = _tiled_intervals(pack, block)
     T = len(lo1)
