@@ -139,9 +139,9 @@ def extract_activations(
     batches), runs a share of them with about equal tokens, and the rows are gathered
     at their prompt positions: every rank returns the same, whole set, with tensors equal to a
     one-process run of the same settings (each pack or batch is the same forward; float32 on
-    CPU: byte for byte) and one process's manifest plus ``ranks`` and ``shards``. Each rank's
-    share resumes from its own chunks; the finished set is cached under one process's key
-    (``persona_geometry.distributed``).
+    CPU with the same number of threads: byte for byte) and one process's manifest plus
+    ``ranks`` and ``shards``. Each rank's share resumes from its own chunks; the finished set
+    is cached under one process's key (``persona_geometry.distributed``).
 
     Args:
         model: A ``ModelHandle`` from ``load_model``; a model folder or Hugging Face id (loaded

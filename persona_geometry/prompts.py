@@ -78,7 +78,6 @@ class PromptSet:
         """
         import array
         import hashlib
-        import itertools
         import sys
 
         lengths = array.array("q", (len(p.input_ids) for p in self.prompts))
