@@ -567,10 +567,15 @@ def _without_transformers_hooks(blocks: Sequence[Any]) -> Iterator[None]:
     # (table, its hooks in their original order) for every table a hook was taken from.
     touched: list[tuple[Any, list[tuple[int, Any]]]] = []
     try:
-        for block in blocks:
-            for module in block.modules():
-                if module is block:
-                    continue  # the blocks' own hooks run outside the compiled forward
+        # The blocks' own hooks run outside the compiled forward: their submodules only, walked
+        # by hand (Module.modules() took 0.4 ms for the 364 of a 28-block model, every call).
+        stack = [m for block in blocks for m in block._modules.values()]
+        while stack:
+            module = stack.pop()
+            if module is None:
+                continue
+            stack.extend(module._modules.values())
+            if module._forward_hooks or module._forward_pre_hooks:
                 for table in (module._forward_hooks, module._forward_pre_hooks):
                     if any(_is_transformers_hook(h) for h in table.values()):
                         touched.append((table, list(table.items())))
