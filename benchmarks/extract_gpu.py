@@ -371,7 +371,7 @@ def host_stages(fn) -> dict:
     t_call = [0.0]
     patches = []
     for module, names in (
-        (extract, ("_validate", "render_prompts", "_plan", "_manifest", "_plan_units", "build_pack", "_run", "_run_chunk", "_assemble", "_finish_copies")),
+        (extract, ("_validate", "render_prompts_unchecked", "render_prompts", "_plan", "_manifest", "_plan_units", "build_pack", "_run", "_run_chunk", "_assemble", "_finish_copies")),
         (packing, ("block_mask",)),
     ):
         for name in names:

@@ -61,7 +61,13 @@ from persona_geometry.packing import (
 )
 from persona_geometry.personas import Persona, PersonaSet, builtin_personas
 from persona_geometry.prefix_cache import SharedPrefixes, prefix_engine, shared_prefixes
-from persona_geometry.prompts import PromptSet, chat_template_of, left_pad, render_prompts
+from persona_geometry.prompts import (
+    PromptSet,
+    chat_template_of,
+    left_pad,
+    render_prompts,
+    render_prompts_unchecked,
+)
 from persona_geometry.provenance import package_versions, stable_hash
 from persona_geometry.questions import builtin_questions
 from persona_geometry.settings import ENGINES
@@ -203,25 +209,26 @@ def extract_activations(
         max_batch_size=max_batch_size, chunk_prompts=chunk_prompts, dtype=dtype, device=device,
         pack=pack, max_memory_gib=max_memory_gib, compile_blocks=compile_blocks,
     )  # fmt: skip
-    prompts = render_prompts(
-        req.tokenizer,
-        req.personas,
-        req.questions,
-        chat_template=chat_template_of(req.tokenizer, chat_template, func=_FUNC),
-    )
-    plan = _plan(
-        req, prompts, layers=layers, layer_template=layer_template, share_prefix=share_prefix
-    )
+    template = chat_template_of(req.tokenizer, chat_template, func=_FUNC)
     sharded = distributed.world_size() > 1 and distributed.init_process_group()
+    plan_args = dict(layers=layers, layer_template=layer_template, share_prefix=share_prefix)
     if cache_dir is None and not sharded:
-        # Nothing to look up first: the manifest (which hashes every prompt's token ids, 60 ms
-        # for 1,500 long prompts) is made while the device runs the forwards.
-        made: list[dict[str, Any]] = []
-        flat = _run(
-            req, prompts, plan, None, progress=progress,
-            meanwhile=lambda: made.append(_manifest(req, prompts, plan)),
-        )  # fmt: skip
-        return _assemble(req, prompts, plan, flat, made[0])
+        # Nothing to look up first, so the device starts before the host has checked the
+        # prompts' rendering (render_prompts_unchecked): the checks run while the first
+        # forward does, and so do the manifest (which hashes every prompt's token ids, 60 ms
+        # for 1,500 long prompts) and the result's assembly.
+        prompts, checks = render_prompts_unchecked(
+            req.tokenizer, req.personas, req.questions, chat_template=template
+        )
+        plan = _plan(req, prompts, **plan_args)
+        try:
+            return _run_and_assemble(req, prompts, plan, progress=progress, check=checks)
+        except _PromptsChanged:
+            log.info("rendering every prompt and starting again: %s", _PromptsChanged.__doc__)
+    prompts = render_prompts(req.tokenizer, req.personas, req.questions, chat_template=template)
+    plan = _plan(req, prompts, **plan_args)
+    if cache_dir is None and not sharded:
+        return _run_and_assemble(req, prompts, plan, progress=progress)
 
     manifest = _manifest(req, prompts, plan)
     if sharded:
@@ -251,6 +258,26 @@ def extract_activations(
     if partial is not None:
         partial.finish(acts)
     return acts
+
+
+def _run_and_assemble(
+    req: _Request,
+    prompts: PromptSet,
+    plan: _Plan,
+    *,
+    progress: bool,
+    check: Callable[[], bool] | None = None,
+) -> ActivationSet:
+    """Runs every forward (no cache) and returns the result, its manifest and assembly made
+    while the device works."""
+    done: list[ActivationSet] = []
+    _run(
+        req, prompts, plan, None, progress=progress, check=check,
+        meanwhile=lambda flat: done.append(
+            _assemble(req, prompts, plan, flat, _manifest(req, prompts, plan))
+        ),
+    )  # fmt: skip
+    return done[0]
 
 
 def _assemble(
@@ -647,6 +674,11 @@ def _manifest(req: _Request, prompts: PromptSet, plan: _Plan) -> dict[str, Any]:
 
 
 # --- step 3: run ----------------------------------------------------------------------------
+class _PromptsChanged(Exception):
+    """the prompts rendered once per persona (``render_prompts_unchecked``) failed the checks
+    run while the first forward ran."""
+
+
 def _run(
     req: _Request,
     prompts: PromptSet,
@@ -655,15 +687,18 @@ def _run(
     *,
     progress: bool,
     share: Sequence[_Unit] | None = None,
-    meanwhile: Callable[[], Any] | None = None,
+    check: Callable[[], bool] | None = None,
+    meanwhile: Callable[[dict[str, Tensor]], Any] | None = None,
 ) -> dict[str, Tensor]:
     """Returns ``{hook: [prompt, layer, d_model]}`` in prompt order, computing what the cache
     lacks.
 
     With ``share`` (a rank's share of one process's units of work), only its prompts, in
     ascending position order; ``partial`` then holds the share's chunks, indexed by row.
-    ``meanwhile`` runs once every forward is launched, before waiting for the results: on a
-    GPU, host work there overlaps the device's.
+    ``check`` runs once the first forward is launched, and on False the run stops with
+    ``_PromptsChanged``. ``meanwhile`` gets the results once every forward is launched, before
+    their copies to the host are waited for. On a GPU, host work in both overlaps the
+    device's.
     """
     ids = [p.input_ids for p in prompts]
     if share is None:
@@ -688,9 +723,21 @@ def _run(
         disable=not progress,
     )
     pad_id = _pad_id(req.tokenizer)
+    pending = [check] if check is not None else []
+
+    def run_check() -> None:
+        if pending and not pending.pop()():
+            raise _PromptsChanged
+
     try:
         # No engine (no bridge, no prefix pass) when every chunk is already on disk.
-        with _engine(req, plan) if chunks else nullcontext() as forward:
+        with _engine(req, plan) if chunks else nullcontext() as engine:
+
+            def forward(work: Any) -> dict[str, Tensor]:
+                out = engine(work)
+                run_check()  # while the first forward runs
+                return out
+
             for chunk in chunks:
                 # Packs are built one at a time, as they run.
                 work = (
@@ -703,8 +750,9 @@ def _run(
                     partial.write(order, {hook: _to_host(t) for hook, t in out.items()})
                 else:
                     _copy_rows(flat, order, out, len(rows))
+        run_check()  # no forward ran
         if meanwhile is not None:
-            meanwhile()
+            meanwhile(flat)
         _finish_copies(flat)
     finally:
         bar.close()
@@ -888,13 +936,17 @@ def _run_chunk(
 
     Each unit of work (a padded batch or a pack) returns the rows of its prompts, which are
     scattered into a per-chunk buffer on the model's device, so the chunk crosses to the host
-    in one copy (``_copy_rows``) instead of a host-side scatter per batch.
+    in one copy (``_copy_rows``) instead of a host-side scatter per batch. A chunk of one unit
+    whose rows are in order (the built-in study's one pack) comes back as the unit returned it.
     """
     order = sorted(chunk)
     row_of = {prompt: row for row, prompt in enumerate(order)}
     buffers: dict[str, Tensor] = {}
     for prompts, item in work:
         out = forward(item)
+        if not buffers and list(prompts) == order:
+            bar.update(len(prompts))
+            return order, out  # one unit of the whole chunk, in order: nothing to scatter
         rows = torch.as_tensor([row_of[i] for i in prompts])
         for hook, t in out.items():
             if hook not in buffers:

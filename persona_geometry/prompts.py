@@ -154,9 +154,46 @@ def render_prompts(
         ValueError: If there are no personas or questions, names or questions repeat, or no chat
             template is available.
     """
+    return _render(tokenizer, personas, questions, chat_template, defer_checks=False)[0]
+
+
+def render_prompts_unchecked(
+    tokenizer: Any,
+    personas: PersonaSet | Sequence[Persona],
+    questions: Sequence[str],
+    *,
+    chat_template: str | None = None,
+) -> tuple[PromptSet, Callable[[], bool]]:
+    """Returns ``render_prompts``' prompts before its checks, and a function that runs them.
+
+    The checks (real renders of ``P + Q - 1`` prompts, each group's first text tokenised in
+    full) are most of ``render_prompts``' time; a caller with other work to start (a GPU
+    forward) runs them meanwhile. Where the function returns True, the prompts are those of
+    ``render_prompts``; where it returns False, they may differ and must not be used: call
+    ``render_prompts``, which then renders every prompt. A template that once failed its checks
+    is checked before anything is returned from then on (the function then returns True).
+    """
+    return _render(tokenizer, personas, questions, chat_template, defer_checks=True)
+
+
+# Templates whose prompts failed a deferred check: rendered checked first from then on, so no
+# caller starts work on prompts that are thrown away more than once per template.
+_FAILED_DEFERRED: set[str] = set()
+
+
+def _render(
+    tokenizer: Any,
+    personas: PersonaSet | Sequence[Persona],
+    questions: Sequence[str],
+    chat_template: str | None,
+    *,
+    defer_checks: bool,
+) -> tuple[PromptSet, Callable[[], bool]]:
     personas = personas if isinstance(personas, PersonaSet) else PersonaSet(personas)
     questions = tuple(check_unique_names(list(questions), "questions", "render_prompts"))
     template = chat_template_of(tokenizer, chat_template)
+    template_hash = stable_hash(template)
+    defer_checks = defer_checks and template_hash not in _FAILED_DEFERRED
 
     def render(conversations: list[list[dict[str, str]]]) -> list[str]:
         # One batched call: the template renders in one loop.
@@ -166,34 +203,53 @@ def render_prompts(
             )
         )
 
+    def render_every_prompt() -> list[str]:
+        return render([chat_messages(p, question) for p in personas for question in questions])
+
     q = len(questions)
-    texts = _render_once_per_persona(render, personas, questions)
-    if texts is None:
-        texts = render([chat_messages(p, question) for p in personas for question in questions])
-    all_ids = tokenize_groups(tokenizer, texts, q)
+    once = _render_once_per_persona(render, personas, questions)
+    texts, texts_ok = once if once is not None else (render_every_prompt(), _passed)
+    if not defer_checks and not texts_ok():
+        texts, texts_ok = render_every_prompt(), _passed
+    all_ids, ids_ok = _tokenize_groups(tokenizer, texts, q)
+    if not defer_checks and not ids_ok():
+        all_ids, ids_ok = _tokenize_all(tokenizer, texts), _passed
     prompts = [
         Prompt(persona=personas[i // q].name, question_index=i % q, text=text, input_ids=tuple(ids))
         for i, (text, ids) in enumerate(zip(texts, all_ids, strict=True))
     ]
-    return PromptSet(
+    prompt_set = PromptSet(
         personas=personas,
         questions=questions,
         prompts=tuple(prompts),
-        chat_template_hash=stable_hash(template),
+        chat_template_hash=template_hash,
     )
+
+    def checks() -> bool:
+        ok = texts_ok() and ids_ok()
+        if not ok:
+            _FAILED_DEFERRED.add(template_hash)
+        return ok
+
+    return prompt_set, checks
+
+
+def _passed() -> bool:
+    return True
 
 
 def _render_once_per_persona(
     render: Callable[[list[list[dict[str, str]]]], list[str]],
     personas: PersonaSet,
     questions: tuple[str, ...],
-) -> list[str] | None:
+) -> tuple[list[str], Callable[[], bool]] | None:
     """Returns the persona-major prompt texts, each persona's conversation rendered once around
-    a sentinel question, or None where that does not reproduce the real renders checked.
+    a sentinel question, and a check against real renders; None where the sentinel does not
+    appear exactly once in every render.
 
-    ``2P + Q - 1`` renders instead of ``P × Q``: 169 instead of 1,500 on
-    ``benchmarks/extract_gpu.py``'s long prompts. Where that is no saving (one persona or at
-    most two questions), returns None at once.
+    ``P`` renders, and ``P + Q - 1`` more in the check, instead of ``P × Q``: 169 instead of
+    1,500 on ``benchmarks/extract_gpu.py``'s long prompts. Where that is no saving (one
+    persona or at most two questions), returns None at once.
     """
     n_p, n_q = len(personas), len(questions)
     if n_p * n_q <= 2 * n_p + n_q - 1:
@@ -205,15 +261,10 @@ def _render_once_per_persona(
         for s in (f"Qz{k}xSentinel7Question" for k in itertools.count())
         if not any(s in p.system_prompt for p in personas)
     )
-    first = personas[0]
-    rendered = render(
-        [chat_messages(p, sentinel) for p in personas]
-        + [chat_messages(first, question) for question in questions]
-        + [chat_messages(p, questions[0]) for p in personas[1:]]
-    )
-    marked, real = rendered[:n_p], rendered[n_p:]
     cuts = []
-    for persona, text in zip(personas, marked, strict=True):
+    for persona, text in zip(
+        personas, render([chat_messages(p, sentinel) for p in personas]), strict=True
+    ):
         if text.count(sentinel) != 1:
             log.debug(
                 "rendering every prompt: the sentinel question appears %d times in persona "
@@ -224,17 +275,28 @@ def _render_once_per_persona(
             return None
         cuts.append(text.split(sentinel))
     texts = [head + question + tail for head, tail in cuts for question in questions]
-    checked = list(range(n_q)) + [p * n_q for p in range(1, n_p)]
-    for i, text in zip(checked, real, strict=True):
-        if texts[i] != text:
-            log.debug(
-                "rendering every prompt: the template does not render question %d of persona %r "
-                "verbatim between the same head and tail",
-                i % n_q,
-                personas[i // n_q].name,
-            )
-            return None
-    return texts
+
+    def check() -> bool:
+        """Whether every question with the first persona and every persona with the first
+        question render as the texts have them."""
+        first = personas[0]
+        real = render(
+            [chat_messages(first, question) for question in questions]
+            + [chat_messages(p, questions[0]) for p in personas[1:]]
+        )
+        checked = list(range(n_q)) + [p * n_q for p in range(1, n_p)]
+        for i, text in zip(checked, real, strict=True):
+            if texts[i] != text:
+                log.debug(
+                    "rendering every prompt: the template does not render question %d of "
+                    "persona %r verbatim between the same head and tail",
+                    i % n_q,
+                    personas[i // n_q].name,
+                )
+                return False
+        return True
+
+    return texts, check
 
 
 def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> list[list[int]]:
@@ -253,7 +315,19 @@ def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> li
     tokenised in full and compared; on any difference (a pre-tokenizer that treats the first
     piece of an input specially, say) every text is tokenised in full.
     """
-    full = lambda batch: tokenizer(list(batch), add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids, check = _tokenize_groups(tokenizer, texts, group_size)
+    return ids if check() else _tokenize_all(tokenizer, texts)
+
+
+def _tokenize_all(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _tokenize_groups(
+    tokenizer: Any, texts: Sequence[str], group_size: int
+) -> tuple[list[list[int]], Callable[[], bool]]:
+    """``tokenize_groups`` before its check: the ids, and a function that compares each group's
+    first text with its full tokenisation (``log``s and returns False on a difference)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     boundaries = [
@@ -262,14 +336,14 @@ def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> li
         if t.content and not getattr(t, "rstrip", False) and not getattr(t, "normalized", False)
     ]
     if backend is None or not boundaries or group_size < 2 or len(texts) % group_size:
-        return full(texts)
+        return _tokenize_all(tokenizer, texts), _passed
     groups = [texts[i : i + group_size] for i in range(0, len(texts), group_size)]
     cuts = []
     for group in groups:
         common = common_prefix(group)
         cuts.append(max((common.rfind(b) + len(b) for b in boundaries if b in common), default=0))
     if not any(cuts):
-        return full(texts)
+        return _tokenize_all(tokenizer, texts), _passed
 
     def encode(batch: list[str]) -> list[list[int]]:
         unique = list(dict.fromkeys(batch))
@@ -280,10 +354,15 @@ def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> li
     heads = encode([g[0][:cut] for g, cut in zip(groups, cuts, strict=True)])
     tails = encode([t[cut:] for g, cut in zip(groups, cuts, strict=True) for t in g])
     ids = [heads[k // group_size] + tails[k] for k in range(len(texts))]
-    if full([g[0] for g in groups]) != [ids[i] for i in range(0, len(texts), group_size)]:
-        log.debug("tokenising every prompt in full: the shared prefix does not split cleanly")
-        return full(texts)
-    return ids
+
+    def check() -> bool:
+        firsts = [ids[i] for i in range(0, len(texts), group_size)]
+        if _tokenize_all(tokenizer, [g[0] for g in groups]) != firsts:
+            log.debug("tokenising every prompt in full: the shared prefix does not split cleanly")
+            return False
+        return True
+
+    return ids, check
 
 
 def common_prefix(seqs: Sequence[_S]) -> _S:

@@ -24,8 +24,9 @@ PERSONAS = builtin_personas().select(["helpful_assistant", "kindergarten_teacher
 QUESTIONS = [builtin_questions()[i] for i in (0, 3, 7, 12)]
 
 
-def reference(handle: ModelHandle, personas=PERSONAS, questions=QUESTIONS) -> torch.Tensor:
-    """Returns ``[persona, question, layer, d_model]`` from unpadded single-prompt forwards.
+def reference(handle: ModelHandle, personas=PERSONAS, questions=QUESTIONS, ids=None) -> torch.Tensor:
+    """Returns ``[persona, question, layer, d_model]`` from unpadded single-prompt forwards (of
+    ``ids``, persona-major, if given; else of ``render_prompts``' prompts).
 
     Layer l < L-1 is ``hidden_states[l + 1]``; the last block's output comes from a hook on
     that block, because HF's last hidden state has the final norm applied.
@@ -33,15 +34,16 @@ def reference(handle: ModelHandle, personas=PERSONAS, questions=QUESTIONS) -> to
     model = handle.model
     _, blocks = find_layers(model)
     n_layers = len(blocks)
-    prompts = render_prompts(handle.tokenizer, personas, questions)
+    if ids is None:
+        ids = [p.input_ids for p in render_prompts(handle.tokenizer, personas, questions)]
     rows = []
     captured = {}
-    for prompt in prompts:
+    for input_ids in ids:
         captured.clear()
         h = blocks[-1].register_forward_hook(lambda m, a, o: captured.__setitem__("out", o[0] if isinstance(o, tuple) else o))
         try:
             with torch.no_grad():
-                hs = model(torch.tensor([prompt.input_ids]), output_hidden_states=True).hidden_states
+                hs = model(torch.tensor([list(input_ids)]), output_hidden_states=True).hidden_states
         finally:
             h.remove()
         assert len(hs) == n_layers + 1
@@ -282,3 +284,53 @@ def test_chunk_rows_land_at_their_positions_whether_consecutive_or_not():
     one: dict = {}
     _copy_rows(one, list(range(6)), {"resid_post": whole}, 6)
     assert one["resid_post"] is whole  # one chunk of every row on the CPU: no copy
+
+
+def test_prompts_that_fail_the_checks_run_while_the_first_forward_runs_are_rendered_again(qwen, monkeypatch, caplog):
+    """Extraction starts on prompts rendered once per persona and checks them while the first
+    forward runs; a template that renders a question differently for one persona fails the
+    check, and the extraction starts again on every prompt rendered alone."""
+    import logging
+
+    from persona_geometry import prompts as prompts_module
+
+    monkeypatch.setattr(prompts_module, "_FAILED_DEFERRED", set())
+    template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['role'] == 'user' and 'pirate' in messages[0]['content'] %}"
+        "{{ message['content'] | trim }}{% else %}{{ message['content'] }}{% endif %}"
+        "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    # The pirate first: the checks render every question with the first persona.
+    personas = [dataclasses.replace(PERSONAS[1], system_prompt="You are a pirate."), PERSONAS[0], PERSONAS[2]]
+    questions = [QUESTIONS[0], "  " + QUESTIONS[1] + "  ", QUESTIONS[2]]
+    texts = [
+        qwen.tokenizer.apply_chat_template(
+            [{"role": "system", "content": p.system_prompt}, {"role": "user", "content": q}],
+            chat_template=template, tokenize=False, add_generation_prompt=True,
+        )
+        for p in personas for q in questions
+    ]  # fmt: skip
+    ids = qwen.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    first_block = find_layers(qwen.model)[1][0]
+    forwards = []
+    hook = first_block.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    try:
+        runs = []
+        for _ in range(2):
+            forwards.clear()
+            with caplog.at_level(logging.INFO, logger="persona_geometry.extract"):
+                caplog.clear()
+                acts = extract_activations(qwen, personas, questions, chat_template=template, batch_tokens=128, progress=False)
+            again = [r for r in caplog.records if "starting again" in r.getMessage()]
+            runs.append((len(forwards), len(again), acts))
+    finally:
+        hook.remove()
+    (first, again_first, acts), (second, again_second, acts2) = runs
+    assert second >= 2  # several packs, so the check stopped the first run early
+    assert (again_first, again_second) == (1, 0)
+    assert first == second + 1  # one pack thrown away, once: the template is checked first after
+    assert acts.n_tokens.flatten().tolist() == [len(x) for x in ids]
+    ref = reference(qwen, personas, questions, ids=ids)
+    assert (acts["resid_post"] - ref).abs().max().item() <= 1e-5
+    assert torch.equal(acts["resid_post"], acts2["resid_post"])

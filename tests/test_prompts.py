@@ -11,7 +11,7 @@ import random
 import pytest
 
 from persona_geometry import Persona, builtin_personas, builtin_questions, render_prompts
-from persona_geometry.prompts import common_prefix, tokenize_groups
+from persona_geometry.prompts import common_prefix, render_prompts_unchecked, tokenize_groups
 
 
 def _full(tokenizer, texts):
@@ -138,9 +138,12 @@ def test_a_template_that_does_not_render_the_question_verbatim_falls_back(tiny_t
     assert [p.text for p in prompts] == texts
     assert [list(p.input_ids) for p in prompts] == ids
     n_p, n_q = len(personas), len(questions)
-    assert counting.rendered == (2 * n_p + n_q - 1) + n_p * n_q  # the attempt, then every prompt
     reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rendering every")]
     expected = {"shouts": "appears 0 times", "repeats the question": "appears 2 times"}.get(name, "verbatim")
+    # The attempt (the sentinel renders, then the check's unless the sentinel failed), then
+    # every prompt.
+    attempt = n_p + (n_p + n_q - 1 if expected == "verbatim" else 0)
+    assert counting.rendered == attempt + n_p * n_q
     assert len(reasons) == 1 and expected in reasons[0]
 
 
@@ -227,3 +230,66 @@ def test_content_hash_sees_every_id_and_where_each_prompt_ends(tiny_tokenizer):
     assert base != with_ids([1], [2, 3], [4, 5], [6])  # same ids, another cut
     assert base != with_ids([1, 2], [3], [4, 5], [7])
     assert prompts.content_hash() != base
+
+
+def test_unchecked_prompts_are_render_prompts_with_the_checks_left_for_later(tiny_tokenizer):
+    personas, questions = _long_set(4, 5)
+    counting = _Counting(tiny_tokenizer)
+    prompts, checks = render_prompts_unchecked(counting, personas, questions)
+    n_p, n_q = len(personas), len(questions)
+    assert (counting.rendered, counting.full_texts) == (n_p, 0)  # the sentinel renders only
+    assert checks() is True
+    assert (counting.rendered, counting.full_texts) == (2 * n_p + n_q - 1, n_p)  # then checked
+    texts, ids = _one_at_a_time(tiny_tokenizer, personas, questions)
+    assert [p.text for p in prompts] == texts
+    assert [list(p.input_ids) for p in prompts] == ids
+    assert prompts == render_prompts(tiny_tokenizer, personas, questions)
+
+
+def test_unchecked_prompts_that_fail_a_check_say_so_and_their_template_is_checked_first_after(tiny_tokenizer, monkeypatch):
+    from persona_geometry import prompts as prompts_module
+
+    monkeypatch.setattr(prompts_module, "_FAILED_DEFERRED", set())
+    template = _CHATML_USER.replace("USER", "{{ " + _TEMPLATES["trims for a pirate"] + " }}")
+    personas = [
+        Persona(name="pirate", system_prompt="You are a pirate."),
+        Persona(name="plain", system_prompt="You are a helpful assistant."),
+        Persona(name="cook", system_prompt="You are a cook."),
+    ]
+    questions = ["What is the sea?", "Tell me more.", "  Why?  "]
+    texts, ids = _one_at_a_time(tiny_tokenizer, personas, questions, template)
+    prompts, checks = render_prompts_unchecked(tiny_tokenizer, personas, questions, chat_template=template)
+    assert [p.text for p in prompts] != texts  # what the checks are there to catch
+    assert checks() is False
+    counting = _Counting(tiny_tokenizer)
+    prompts, checks = render_prompts_unchecked(counting, personas, questions, chat_template=template)
+    n_p, n_q = len(personas), len(questions)
+    assert counting.rendered == (2 * n_p + n_q - 1) + n_p * n_q  # checked before returning
+    assert [p.text for p in prompts] == texts
+    assert [list(p.input_ids) for p in prompts] == ids
+    assert checks() is True
+
+
+def test_unchecked_prompts_whose_split_tokenisation_differs_fail_their_checks(monkeypatch):
+    """The tokenisation half of the checks: a pre-tokenizer that marks the first piece of an
+    input tokenises a split prompt differently (see the test above for tokenize_groups)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from persona_geometry import prompts as prompts_module
+
+    monkeypatch.setattr(prompts_module, "_FAILED_DEFERRED", set())
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    corpus = ["you are a helpful pirate", "what is the sea", "hello there friend"] * 5
+    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", additional_special_tokens=["<s>", "</s>"])
+    template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    personas = [Persona(name=f"p{k}", system_prompt=f"you are pirate {k}") for k in range(3)]
+    questions = ["what is the sea", "hello there", "friend"]
+    prompts, checks = render_prompts_unchecked(fast, personas, questions, chat_template=template)
+    full = _full(fast, [p.text for p in prompts])
+    assert [list(p.input_ids) for p in prompts] != full
+    assert checks() is False
+    prompts, checks = render_prompts_unchecked(fast, personas, questions, chat_template=template)
+    assert [list(p.input_ids) for p in prompts] == full and checks() is True
