@@ -214,8 +214,9 @@ def _render(
     all_ids, ids_ok = _tokenize_groups(tokenizer, texts, q)
     if not defer_checks and not ids_ok():
         all_ids, ids_ok = _tokenize_all(tokenizer, texts), _passed
+    names = [p.name for p in personas]
     prompts = [
-        Prompt(persona=personas[i // q].name, question_index=i % q, text=text, input_ids=tuple(ids))
+        Prompt(persona=names[i // q], question_index=i % q, text=text, input_ids=tuple(ids))
         for i, (text, ids) in enumerate(zip(texts, all_ids, strict=True))
     ]
     prompt_set = PromptSet(
@@ -345,15 +346,16 @@ def _tokenize_groups(
     if not any(cuts):
         return _tokenize_all(tokenizer, texts), _passed
 
-    def encode(batch: list[str]) -> list[list[int]]:
-        unique = list(dict.fromkeys(batch))
-        encoded = backend.encode_batch(unique, add_special_tokens=False)
-        ids = {text: e.ids for text, e in zip(unique, encoded, strict=True)}
-        return [ids[text] for text in batch]
-
-    heads = encode([g[0][:cut] for g, cut in zip(groups, cuts, strict=True)])
-    tails = encode([t[cut:] for g, cut in zip(groups, cuts, strict=True) for t in g])
-    ids = [heads[k // group_size] + tails[k] for k in range(len(texts))]
+    heads = [g[0][:cut] for g, cut in zip(groups, cuts, strict=True)]
+    tails = [t[cut:] for g, cut in zip(groups, cuts, strict=True) for t in g]
+    # Each distinct piece once, in one call (without the character offsets, where the backend
+    # can leave them out: the ids are the same).
+    unique = list(dict.fromkeys(heads + tails))
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encoded = dict(
+        zip(unique, (e.ids for e in encode(unique, add_special_tokens=False)), strict=True)
+    )
+    ids = [encoded[heads[k // group_size]] + encoded[tails[k]] for k in range(len(texts))]
 
     def check() -> bool:
         firsts = [ids[i] for i in range(0, len(texts), group_size)]
