@@ -419,8 +419,9 @@ def kernel_profile(fn, top: int = 15) -> dict:
         fam = (
             "gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "nvjet", "matmul", "cublas"))
             else "flex_attention" if "flex" in n or "triton_tem" in n
-            else "copy" if "copy" in n or "memcpy" in n or "memset" in n
+            # Compiled kernels before copies: inductor names the RMSNorms "..._to_copy_mean_...".
             else "fused elementwise/norm/rotary (compiled)" if n.startswith("triton_")
+            else "copy" if "copy" in n or "memcpy" in n or "memset" in n
             else "elementwise/norm/rotary"
         )
         families[fam] = families.get(fam, 0.0) + e.device_time_total
