@@ -224,7 +224,10 @@ def extract_activations(
         try:
             return _run_and_assemble(req, prompts, plan, progress=progress, check=checks)
         except _PromptsChanged:
-            log.info("rendering every prompt and starting again: %s", _PromptsChanged.__doc__)
+            log.info(
+                "rendering every prompt and starting again: the prompts rendered once per "
+                "persona failed the checks run while the first forward ran"
+            )
     prompts = render_prompts(req.tokenizer, req.personas, req.questions, chat_template=template)
     plan = _plan(req, prompts, **plan_args)
     if cache_dir is None and not sharded:
@@ -675,8 +678,8 @@ def _manifest(req: _Request, prompts: PromptSet, plan: _Plan) -> dict[str, Any]:
 
 # --- step 3: run ----------------------------------------------------------------------------
 class _PromptsChanged(Exception):
-    """the prompts rendered once per persona (``render_prompts_unchecked``) failed the checks
-    run while the first forward ran."""
+    """Raised by ``_run`` when the prompts' checks (``render_prompts_unchecked``), run while the
+    first forward ran, failed: the prompts differ from ``render_prompts``'."""
 
 
 def _run(

@@ -20,6 +20,8 @@ __all__ = [
     "common_prefix",
     "left_pad",
     "render_prompts",
+    "render_prompts_unchecked",
+    "tokenize_groups",
 ]
 
 log = logging.getLogger(__name__)
