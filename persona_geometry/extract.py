@@ -753,7 +753,7 @@ def _run(
                     partial.write(order, {hook: _to_host(t) for hook, t in out.items()})
                 else:
                     _copy_rows(flat, order, out, len(rows))
-        run_check()  # no forward ran
+        run_check()  # when no forward ran
         if meanwhile is not None:
             meanwhile(flat)
         _finish_copies(flat)

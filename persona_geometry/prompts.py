@@ -211,11 +211,13 @@ def _render(
     q = len(questions)
     once = _render_once_per_persona(render, personas, questions)
     texts, texts_ok = once if once is not None else (render_every_prompt(), _passed)
-    if not defer_checks and not texts_ok():
-        texts, texts_ok = render_every_prompt(), _passed
+    if not defer_checks:  # checked now, and not again by the function returned
+        texts = texts if texts_ok() else render_every_prompt()
+        texts_ok = _passed
     all_ids, ids_ok = _tokenize_groups(tokenizer, texts, q)
-    if not defer_checks and not ids_ok():
-        all_ids, ids_ok = _tokenize_all(tokenizer, texts), _passed
+    if not defer_checks:
+        all_ids = all_ids if ids_ok() else _tokenize_all(tokenizer, texts)
+        ids_ok = _passed
     names = [p.name for p in personas]
     prompts = [
         Prompt(persona=names[i // q], question_index=i % q, text=text, input_ids=tuple(ids))

@@ -293,3 +293,19 @@ def test_unchecked_prompts_whose_split_tokenisation_differs_fail_their_checks(mo
     assert checks() is False
     prompts, checks = render_prompts_unchecked(fast, personas, questions, chat_template=template)
     assert [list(p.input_ids) for p in prompts] == full and checks() is True
+
+
+def test_unchecked_prompts_of_a_template_checked_up_front_are_not_checked_twice(tiny_tokenizer, monkeypatch):
+    from persona_geometry import prompts as prompts_module
+    from persona_geometry.provenance import stable_hash
+
+    template = prompts_module.chat_template_of(tiny_tokenizer, None)
+    monkeypatch.setattr(prompts_module, "_FAILED_DEFERRED", {stable_hash(template)})  # once failed
+    personas, questions = _long_set(3, 4)
+    counting = _Counting(tiny_tokenizer)
+    prompts, checks = render_prompts_unchecked(counting, personas, questions)
+    n_p, n_q = len(personas), len(questions)
+    assert (counting.rendered, counting.full_texts) == (2 * n_p + n_q - 1, n_p)  # checked up front
+    assert checks() is True
+    assert (counting.rendered, counting.full_texts) == (2 * n_p + n_q - 1, n_p)  # not again
+    assert prompts == render_prompts(tiny_tokenizer, personas, questions)
