@@ -373,6 +373,7 @@ def host_stages(fn) -> dict:
     for module, names in (
         (extract, ("_validate", "render_prompts_unchecked", "render_prompts", "_plan", "_manifest", "_plan_units", "build_pack", "_run", "_run_chunk", "_assemble", "_finish_copies")),
         (packing, ("block_mask",)),
+        (extract._Landing, ("land", "finish")),
     ):
         for name in names:
             original = getattr(module, name)
@@ -397,7 +398,7 @@ def host_stages(fn) -> dict:
     return stages
 
 
-def kernel_profile(fn, top: int = 15) -> dict:
+def kernel_profile(fn, top: int = 30) -> dict:
     """Returns the CUDA time of one call of ``fn`` by kernel family and the top kernels."""
     from torch.profiler import ProfilerActivity, profile, record_function
 

@@ -137,10 +137,13 @@ class LastTokenRecorder:
         self._batch_size = 0
         self._dtype = torch.float32
         self._index: Tensor | None = None
+        self._on_layer: Callable[[int, dict[str, Tensor]], None] | None = None
         # The last hook to fire in a forward: the last layer's output, or its input if only
         # resid_pre is asked for (then that block need not run at all).
         last = max(self.layers)
-        self._last = (last, "resid_post" if "resid_post" in self.points else "resid_pre")
+        # The point whose hook fires last in each block: its store completes a position.
+        self._closing = "resid_post" if "resid_post" in self.points else "resid_pre"
+        self._last = (last, self._closing)
 
     def _store(self, point: str, position: int, layer: int, hidden: Tensor) -> None:
         # copy_ into a preallocated buffer: slicing alone would keep the whole [batch, pos, d_model]
@@ -160,6 +163,8 @@ class LastTokenRecorder:
             last = hidden[0].index_select(0, self._index.to(hidden.device, non_blocking=True))
         buffer[:, position].copy_(last)
         self._filled += 1
+        if self._on_layer is not None and point == self._closing:
+            self._on_layer(position, self._buffers)
         if self.stop_early and (layer, point) == self._last:
             raise _StopForward
 
@@ -184,19 +189,23 @@ class LastTokenRecorder:
         *,
         dtype: torch.dtype = torch.float32,
         index: Tensor | None = None,
+        on_layer: Callable[[int, dict[str, Tensor]], None] | None = None,
     ) -> dict[str, Float[Tensor, "batch layer d_model"]]:
         """Returns ``{point: [batch, layer, d_model]}`` captured while ``forward()`` runs.
 
         The buffers live on the device of the hidden states, in ``dtype`` (float32 by default:
         bfloat16 values upcast exactly). By default each row's last position is kept; with
         ``index`` (a packed forward of one sequence), the positions ``index`` of that sequence,
-        ``batch_size == len(index)``.
+        ``batch_size == len(index)``. ``on_layer(position, buffers)`` is called as each
+        position (an index into ``layers``) is complete in every buffer, while the forward is
+        being launched: on a GPU, the work queued by then fills it.
         """
         if index is not None and len(index) != batch_size:
             invalid(
                 "index", "LastTokenRecorder.run", f"{batch_size} positions (batch_size)", len(index)
             )
         self._index = index
+        self._on_layer = on_layer
         self._buffers = {}
         self._filled = 0
         self._batch_size = batch_size
@@ -212,7 +221,7 @@ class LastTokenRecorder:
                 "blocks found "
                 "are not the ones the model runs (pass layer_template=...)."
             )
-        buffers, self._buffers, self._index = self._buffers, {}, None
+        buffers, self._buffers, self._index, self._on_layer = self._buffers, {}, None, None
         return buffers
 
 

@@ -32,7 +32,7 @@ import functools
 import itertools
 import os
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +61,7 @@ __all__ = [
     "plan_packs",
     "pretrained_model",
     "rows_only",
+    "split_across_devices",
     "use_attention",
 ]
 
@@ -459,8 +460,9 @@ def packed_path(model: Any, device: torch.device) -> str | None:
     impl = getattr(config, "_attn_implementation", None)
     # A BlockMask is no tensor: accelerate's hooks cannot move it to the device of each block, so
     # a model split across devices (``device_map``) takes a dense mask, which they move.
-    flex = getattr(pm, "_supports_flex_attn", False) and _flex_available() and not _split(pm)
-    if (impl == "flex_attention" and not _split(pm)) or (device.type == "cuda" and flex):
+    split = split_across_devices(pm)
+    flex = getattr(pm, "_supports_flex_attn", False) and _flex_available() and not split
+    if (impl == "flex_attention" and not split) or (device.type == "cuda" and flex):
         return "packed_flex"
     if impl in ("sdpa", "eager"):
         return f"packed_{impl}"
@@ -469,9 +471,9 @@ def packed_path(model: Any, device: torch.device) -> str | None:
     return None
 
 
-def _split(model: Any) -> bool:
+def split_across_devices(model: Any) -> bool:
     """Returns whether a ``device_map`` placed the model's modules on more than one device."""
-    placement = getattr(model, "hf_device_map", None) or {}
+    placement = getattr(pretrained_model(model), "hf_device_map", None) or {}
     return len({str(d) for d in placement.values()}) > 1
 
 
@@ -689,7 +691,7 @@ def packed_engine(
     last_block: Any = None,
 ) -> Iterator[Any]:
     """Yields a forward of one ``Pack``: ``{hook: [prompt, layer, d_model]}`` in ``pack.prompts``
-    order.
+    order (``forward(pack, on_layer=None)``; ``on_layer`` as in ``LastTokenRecorder.run``).
 
     The model runs with the path's attention implementation (switched back on exit).
 
@@ -714,7 +716,9 @@ def packed_engine(
         "packed_eager": "eager",
     }[path]
 
-    def forward(pack: Pack) -> dict[str, Tensor]:
+    def forward(
+        pack: Pack, on_layer: Callable[[int, dict[str, Tensor]], None] | None = None
+    ) -> dict[str, Tensor]:
         if path == "packed_flex":
             mask = block_mask(pack, device=device)  # listed on the host, no kernels
         p = pack.to(device)
@@ -732,6 +736,7 @@ def packed_engine(
                 ),
                 len(p.prompts),
                 index=p.last,
+                on_layer=on_layer,
             )
 
     with (

@@ -286,6 +286,56 @@ def test_chunk_rows_land_at_their_positions_whether_consecutive_or_not():
     assert one["resid_post"] is whole  # one chunk of every row on the CPU: no copy
 
 
+@pytest.mark.parametrize(
+    ("batch_tokens", "layers"), [(None, None), (256, None), (256, [0, -1])], ids=["one-pack", "packs", "two-layers"]
+)
+def test_packed_rows_land_on_the_host_as_each_pack_finishes(qwen, monkeypatch, batch_tokens, layers):
+    """A packed run on a GPU copies each pack's rows straight into its slice of the result, and
+    the last pack's rows while its last two blocks run (those two layers after): run here on the
+    CPU, with the layers not yet computed when the early copy leaves poisoned, the result equals
+    the run without it and one prompt at a time, and the two tail layers were put in place."""
+    from persona_geometry import extract as extract_module
+
+    landings = []
+
+    def cpu_landing(req, plan, units):
+        landing = extract_module._Landing(torch.device("cpu"), sum(len(u.prompts) for u in units))
+        early = landing.early
+
+        def poisoned_early(a, b):
+            on_layer = early(a, b)
+
+            def poison_then_copy(position, buffers):
+                for t in buffers.values():
+                    t[:, position + 1 :] = float("nan")  # not computed yet when the copy leaves
+                on_layer(position, buffers)
+
+            return poison_then_copy
+
+        landing.early = poisoned_early
+        finish = landing.finish
+        landing.finish = lambda: (landings.append(len(landing._patches)), finish())
+        return landing
+
+    kwargs = dict(hooks=["resid_post", "resid_pre"], batch_tokens=batch_tokens, layers=layers, progress=False)
+    plain = extract_activations(qwen, PERSONAS, QUESTIONS, **kwargs)
+    monkeypatch.setattr(extract_module._Landing, "for_run", staticmethod(cpu_landing))
+    landed = extract_activations(qwen, PERSONAS, QUESTIONS, **kwargs)
+    n_layers = len(landed.layers)
+    # Every hook's tail patched when the early copy ran (more than two layers), none otherwise.
+    assert landings == [2 if n_layers > 2 else 0]
+    assert landed.manifest["forward"] == plain.manifest["forward"] == "packed_sdpa"
+    if batch_tokens is not None:
+        assert landed.manifest["batch_tokens"] == 256  # several packs
+    for hook in ("resid_post", "resid_pre"):
+        assert not landed[hook].is_inference()  # the user's to modify
+        assert not landed[hook].isnan().any()
+        assert torch.equal(landed[hook], plain[hook])
+    full = reference(qwen)
+    picked = full[:, :, list(landed.layers)]
+    assert (landed["resid_post"] - picked).abs().max().item() <= 1e-5
+
+
 def test_prompts_that_fail_the_checks_run_while_the_first_forward_runs_are_rendered_again(qwen, monkeypatch, caplog):
     """Extraction starts on prompts rendered once per persona and checks them while the first
     forward runs; a template that renders a question differently for one persona fails the
