@@ -32,6 +32,7 @@ import functools
 import itertools
 import os
 import typing
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -529,19 +530,55 @@ def pack_budget(
     return max(BLOCK, tokens)
 
 
+# Models whose attention implementations were switched before, with those implementations: a
+# model that has one config for all its parts switches again by setting it on that config.
+_SWITCHED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def use_attention(model: Any, implementation: str) -> Iterator[None]:
-    """Switches the model to an attention implementation for the ``with`` block, then back."""
+    """Switches the model to an attention implementation for the ``with`` block, then back.
+
+    The first switch of a model to an implementation goes through ``set_attn_implementation``
+    (which checks the implementation is available and walks every submodule: 0.5 ms on a
+    28-block model, each way, every call). A model whose parts all share its one config (the
+    decoder-only models) is switched from then on by setting that config's implementation, as
+    ``set_attn_implementation`` itself does.
+    """
     pm = pretrained_model(model)
     before = pm.config._attn_implementation
     if before == implementation:
         yield
         return
+    switched = _SWITCHED.get(pm)
+    if switched is not None and {implementation, before} <= switched:
+        pm.config._attn_implementation_internal = implementation
+        try:
+            yield
+        finally:
+            pm.config._attn_implementation_internal = before
+        return
     pm.set_attn_implementation(implementation)
+    exact = pm.config._attn_implementation == implementation  # not adjusted by transformers
     try:
         yield
     finally:
         pm.set_attn_implementation(before)
+        if exact and _one_config(pm):
+            _SWITCHED.setdefault(pm, set()).update((implementation, before))
+
+
+def _one_config(pm: Any) -> bool:
+    """Returns whether every part of the model reads its attention implementation from its one
+    config: no sub-configs, every ``PreTrainedModel`` inside holding that same config."""
+    from transformers import PreTrainedModel
+
+    config = pm.config
+    return (
+        not getattr(config, "sub_configs", None)
+        and hasattr(config, "_attn_implementation_internal")
+        and all(m.config is config for m in pm.modules() if isinstance(m, PreTrainedModel))
+    )
 
 
 # One compiled block forward per block class, shared by every block and every call, so it

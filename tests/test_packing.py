@@ -203,6 +203,60 @@ def test_models_without_custom_masks_fall_back_and_pack_true_refuses(tiny_qwen_p
         extract_activations(base, PERSONAS[:2], QUESTIONS[:2], chat_template=TEMPLATE, pack=True, progress=False)
 
 
+def test_the_attention_switch_is_checked_once_then_set_on_the_one_config(tiny_qwen_path, monkeypatch):
+    """A packed extraction switches the model's attention for its forward and back after: the
+    first time through set_attn_implementation, later by setting the model's one config. A
+    model whose parts hold configs of their own goes through set_attn_implementation every
+    time, and every part is switched."""
+    import copy
+
+    from persona_geometry import extract as extract_module
+    from persona_geometry.packing import use_attention
+
+    handle = load_model(tiny_qwen_path, dtype="float32", device="cpu")
+    model = handle.model
+    cls = type(model)
+    calls = []
+    original = cls.set_attn_implementation
+    monkeypatch.setattr(cls, "set_attn_implementation", lambda self, impl, **kw: (calls.append(impl), original(self, impl, **kw))[1])
+    seen = []
+    # The eager path on a model loaded with sdpa: each extraction switches it, and back.
+    monkeypatch.setattr(extract_module, "packed_path", lambda m, d: "packed_eager")
+    monkeypatch.setattr(extract_module, "packed_engine", _recording(extract_module.packed_engine, model, seen))
+    first = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, progress=False)
+    assert calls == ["eager", "sdpa"]
+    second = extract_activations(handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, progress=False)
+    assert calls == ["eager", "sdpa"]  # not called again
+    # (The first extraction may run twice: this template fails the deferred render checks.)
+    assert set(seen) == {"eager"} and model.config._attn_implementation == "sdpa"
+    assert first.manifest["forward"] == second.manifest["forward"] == "packed_eager"
+    assert torch.equal(first["resid_post"], second["resid_post"])
+    _check_against_reference(handle, second, PERSONAS, QUESTIONS)
+
+    # Parts with configs of their own: set_attn_implementation every time, every part switched.
+    model = load_model(tiny_qwen_path, dtype="float32", device="cpu").model
+    model.model.config = copy.deepcopy(model.config)
+    calls.clear()
+    for _ in range(2):
+        with use_attention(model, "eager"):
+            assert model.config._attn_implementation == model.model.config._attn_implementation == "eager"
+        assert model.config._attn_implementation == model.model.config._attn_implementation == "sdpa"
+    assert calls == ["eager", "sdpa", "eager", "sdpa"]
+
+
+def _recording(engine, model, seen):
+    """``packed_engine`` that records the implementation block 0's attention reads in it."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def wrapped(*args, **kwargs):
+        with engine(*args, **kwargs) as forward:
+            seen.append(model.model.layers[0].self_attn.config._attn_implementation)
+            yield forward
+
+    return wrapped
+
+
 # --- layout and masks --------------------------------------------------------------------------
 IDS = [
     (1, 2, 3, 4, 5, 6),  # group 0 shares (1, 2, 3, 4)
