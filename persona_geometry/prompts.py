@@ -321,7 +321,7 @@ def tokenize_groups(tokenizer: Any, texts: Sequence[str], group_size: int) -> li
     piece of an input specially, say) every text is tokenised in full.
     """
     ids, check = _tokenize_groups(tokenizer, texts, group_size)
-    return ids if check() else _tokenize_all(tokenizer, texts)
+    return [list(x) for x in ids] if check() else _tokenize_all(tokenizer, texts)
 
 
 def _tokenize_all(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -330,9 +330,10 @@ def _tokenize_all(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 
 def _tokenize_groups(
     tokenizer: Any, texts: Sequence[str], group_size: int
-) -> tuple[list[list[int]], Callable[[], bool]]:
-    """``tokenize_groups`` before its check: the ids, and a function that compares each group's
-    first text with its full tokenisation (``log``s and returns False on a difference)."""
+) -> tuple[Sequence[Sequence[int]], Callable[[], bool]]:
+    """``tokenize_groups`` before its check: the ids (tuples where the groups split, made in one
+    copy: 1,500 long prompts hold 600k ids), and a function that compares each group's first
+    text with its full tokenisation (``log``s and returns False on a difference)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     boundaries = [
@@ -357,13 +358,13 @@ def _tokenize_groups(
     unique = list(dict.fromkeys(heads + tails))
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     encoded = dict(
-        zip(unique, (e.ids for e in encode(unique, add_special_tokens=False)), strict=True)
+        zip(unique, (tuple(e.ids) for e in encode(unique, add_special_tokens=False)), strict=True)
     )
     ids = [encoded[heads[k // group_size]] + encoded[tails[k]] for k in range(len(texts))]
 
     def check() -> bool:
         firsts = [ids[i] for i in range(0, len(texts), group_size)]
-        if _tokenize_all(tokenizer, [g[0] for g in groups]) != firsts:
+        if [tuple(x) for x in _tokenize_all(tokenizer, [g[0] for g in groups])] != firsts:
             log.debug("tokenising every prompt in full: the shared prefix does not split cleanly")
             return False
         return True
