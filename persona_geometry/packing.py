@@ -47,6 +47,7 @@ from persona_geometry._validation import check_positive_int, invalid
 
 __all__ = [
     "BLOCK",
+    "PACKED_FLEX_ATTENTION",
     "PACKED_PATHS",
     "Pack",
     "PackPlan",
@@ -58,6 +59,7 @@ __all__ = [
     "group_prefix_lengths",
     "pack_budget",
     "packed_engine",
+    "packed_flex_attention",
     "packed_path",
     "plan_packs",
     "pretrained_model",
@@ -530,6 +532,71 @@ def pack_budget(
     return max(BLOCK, tokens)
 
 
+# The attention implementation of the packed_flex path, registered with transformers.
+PACKED_FLEX_ATTENTION = "persona_geometry_flex"
+
+
+@functools.cache
+def packed_flex_attention() -> str:
+    """Registers the packed_flex path's attention with transformers and returns its name.
+
+    It is transformers' ``flex_attention`` without its copy of the keys and values: for a head
+    count that is no power of two (28 query heads over 4 key/value heads on a 7B Qwen2),
+    transformers repeats each key/value head for its query heads (``repeat_kv``) before
+    FlexAttention, where FlexAttention's own grouped-query attention reads them in place. The
+    same values to the bit, and one copy of every layer's keys and values less
+    (``benchmarks/extract_gpu.py``: long prompts 2.586 -> 2.571 s on an H200). What this path
+    never passes (a logit soft-cap, attention sinks, a position bias, dropout, a mask that is no
+    ``BlockMask``) goes to transformers' own function.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers import AttentionInterface
+    from transformers.integrations.flex_attention import (
+        compile_friendly_flex_attention,
+        flex_attention_forward,
+    )
+
+    def attention(
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Any,
+        scaling: float | None = None,
+        softcap: float | None = None,
+        s_aux: Tensor | None = None,
+        position_bias: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        plain = (
+            softcap is None
+            and s_aux is None
+            and position_bias is None
+            and not kwargs.get("dropout")
+            and not module.training
+            and isinstance(attention_mask, BlockMask)
+            and query.shape[1] % key.shape[1] == 0
+        )
+        if not plain:
+            return flex_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
+                s_aux=s_aux, position_bias=position_bias, **kwargs,
+            )  # fmt: skip
+        out = compile_friendly_flex_attention(
+            query,
+            key,
+            value,
+            block_mask=attention_mask,
+            enable_gqa=query.shape[1] != key.shape[1],
+            scale=scaling,
+            training=False,
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(PACKED_FLEX_ATTENTION, attention)
+    return PACKED_FLEX_ATTENTION
+
+
 # Models whose attention implementations were switched before, with those implementations: a
 # model that has one config for all its parts switches again by setting it on that config.
 _SWITCHED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
@@ -748,7 +815,7 @@ def packed_engine(
     if path not in PACKED_PATHS:
         invalid("path", "packed_engine", f"one of {list(PACKED_PATHS)}", path)
     implementation = {
-        "packed_flex": "flex_attention",
+        "packed_flex": packed_flex_attention(),
         "packed_sdpa": "sdpa",
         "packed_eager": "eager",
     }[path]

@@ -244,6 +244,55 @@ def test_the_attention_switch_is_checked_once_then_set_on_the_one_config(tiny_qw
     assert calls == ["eager", "sdpa", "eager", "sdpa"]
 
 
+def test_packed_flex_attention_equals_transformers_flex_attention_without_copying_keys(monkeypatch):
+    """The packed_flex path's attention: transformers' flex_attention to the bit, without its
+    repeat_kv copy for a head count that is no power of two (6 query heads over 2 key/value
+    heads); what the path never passes (a soft-cap here) goes to transformers' function."""
+    import transformers.integrations.flex_attention as hf_flex
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from persona_geometry.packing import PACKED_FLEX_ATTENTION, packed_flex_attention
+
+    assert packed_flex_attention() == PACKED_FLEX_ATTENTION
+    attention = ALL_ATTENTION_FUNCTIONS[PACKED_FLEX_ATTENTION]
+    copies = []
+    repeat_kv = hf_flex.repeat_kv
+    monkeypatch.setattr(hf_flex, "repeat_kv", lambda x, n: (copies.append(n), repeat_kv(x, n))[1])
+    pack = build_pack(IDS, plan_packs(IDS, GROUPS, group_prefix_lengths(IDS, GROUPS), 1000)[0], pad_id=0)
+    mask = block_mask(pack)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, pack.length, 32) for heads in (6, 2, 2))
+    module = torch.nn.Module().eval()
+    ours = attention(module, q, k, v, mask, scaling=0.2)[0]
+    assert copies == []
+    theirs = hf_flex.flex_attention_forward(module, q, k, v, mask, scaling=0.2)[0]
+    assert copies == [3, 3]  # transformers copies keys and values three times over
+    assert ours.shape == (1, pack.length, 6, 32) and torch.equal(ours, theirs)
+    capped = attention(module, q, k, v, mask, scaling=0.2, softcap=2.0)[0]
+    assert torch.equal(capped, hf_flex.flex_attention_forward(module, q, k, v, mask, scaling=0.2, softcap=2.0)[0])
+    assert not torch.equal(capped, ours)
+
+
+def test_the_packed_flex_path_matches_one_prompt_at_a_time(tmp_path, monkeypatch):
+    """The packed_flex path end to end on the CPU (its GPU default), on a model of 6 query heads
+    over 2 key/value heads: FlexAttention under the block mask, with the package's attention."""
+    from persona_geometry import extract as extract_module
+    from persona_geometry.packing import PACKED_FLEX_ATTENTION
+    from persona_geometry.tiny import TinyModelSpec, build_tiny_model
+
+    path = build_tiny_model(tmp_path / "q6", TinyModelSpec(hidden_size=192, num_attention_heads=6, num_key_value_heads=2))
+    handle = load_model(path, dtype="float32", device="cpu")
+    seen = []
+    monkeypatch.setattr(extract_module, "packed_path", lambda m, d: "packed_flex")
+    monkeypatch.setattr(extract_module, "packed_engine", _recording(extract_module.packed_engine, handle.model, seen))
+    acts = extract_activations(
+        handle, PERSONAS, QUESTIONS, chat_template=TEMPLATE, compile_blocks=False, progress=False
+    )
+    assert acts.manifest["forward"] == "packed_flex" and set(seen) == {PACKED_FLEX_ATTENTION}
+    assert handle.model.config._attn_implementation == "sdpa"  # switched back
+    _check_against_reference(handle, acts, PERSONAS, QUESTIONS)
+
+
 def _recording(engine, model, seen):
     """``packed_engine`` that records the implementation block 0's attention reads in it."""
     from contextlib import contextmanager
