@@ -365,15 +365,15 @@ def long_workload(n_personas: int, n_questions: int, seed: int = 0):
 def host_stages(fn) -> dict:
     """Returns when each host stage of one ``extract_activations`` call started and how long it
     took (ms from the call's start; a stage run several times: its first run and its count)."""
-    from persona_geometry import extract, packing
+    from persona_geometry import extract, landing, packing
 
     stages: dict = {}
     t_call = [0.0]
     patches = []
     for module, names in (
-        (extract, ("_validate", "render_prompts_unchecked", "render_prompts", "_plan", "_manifest", "_plan_units", "build_pack", "_run", "_run_chunk", "_assemble", "_finish_copies")),
+        (extract, ("_validate", "render_prompts_unchecked", "render_prompts", "_plan", "_manifest", "_plan_units", "build_pack", "_run", "_run_chunk", "_assemble", "finish_copies")),
         (packing, ("block_mask",)),
-        (extract._Landing, ("land", "finish")),
+        (landing.Landing, ("land", "finish")),
     ):
         for name in names:
             original = getattr(module, name)

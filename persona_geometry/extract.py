@@ -24,7 +24,6 @@ import datetime as _dt
 import importlib.util
 import itertools
 import logging
-import math
 import os
 import shutil
 import time
@@ -48,6 +47,7 @@ from persona_geometry._validation import (
 )
 from persona_geometry.activations import HOOK_POINTS, ActivationSet
 from persona_geometry.hooks import HF_HOOK_POINTS, find_layers, hook_name, record_last_token
+from persona_geometry.landing import MAX_PINNED_BYTES, Landing, copy_rows, finish_copies, to_host
 from persona_geometry.models import ModelHandle, dtype_name, load_model, model_fingerprint
 from persona_geometry.packing import (
     PACKED_PATHS,
@@ -728,7 +728,7 @@ def _run(
         if pending and not pending.pop()():
             raise _PromptsChanged
 
-    landing = _Landing.for_run(req, plan, units) if partial is None and share is None else None
+    landing = _landing_for(req, plan, units) if partial is None and share is None else None
     try:
         # No engine (no bridge, no prefix pass) when every chunk is already on disk.
         with _engine(req, plan) if chunks else nullcontext() as engine:
@@ -758,15 +758,15 @@ def _run(
                 order, out = _run_chunk(forward, [i for u in chunk for i in u.prompts], work, bar)
                 order = [row_of[i] for i in order]  # ascending, like the prompts
                 if partial is not None:
-                    partial.write(order, {hook: _to_host(t) for hook, t in out.items()})
+                    partial.write(order, {hook: to_host(t) for hook, t in out.items()})
                 else:
-                    _copy_rows(flat, order, out, len(rows))
+                    copy_rows(flat, order, out, len(rows))
         run_check()  # when no forward ran
         if meanwhile is not None:
             meanwhile(flat)
         if landing is not None:
             landing.finish()
-        _finish_copies(flat)
+        finish_copies(flat)
     finally:
         bar.close()
 
@@ -949,7 +949,7 @@ def _run_chunk(
 
     Each unit of work (a padded batch or a pack) returns the rows of its prompts, which are
     scattered into a per-chunk buffer on the model's device, so the chunk crosses to the host
-    in one copy (``_copy_rows``) instead of a host-side scatter per batch. A chunk of one unit
+    in one copy (``copy_rows``) instead of a host-side scatter per batch. A chunk of one unit
     whose rows are in order (the built-in study's one pack) comes back as the unit returned it.
     """
     order = sorted(chunk)
@@ -978,163 +978,25 @@ def _run_chunk(
     return order, buffers
 
 
-# Results up to this size are gathered in page-locked host memory, where a GPU's chunks land
-# without the host waiting; larger ones in ordinary memory (pinning tens of GiB starves the OS).
-_MAX_PINNED_BYTES = 8 * 2**30
-
-
-def _copy_rows(
-    flat: dict[str, Tensor], order: list[int], out: dict[str, Tensor], n_rows: int
-) -> None:
-    """Copies one chunk's rows (``order``, ascending) into ``flat[hook]`` on the host, made on
-    the first chunk.
-
-    A chunk of consecutive rows (every packed chunk of a fresh run) is one device-to-host copy
-    straight into its slice of the result; from a GPU into page-locked memory it does not wait,
-    so it overlaps the next chunk's forward and nothing is left to reassemble at the end (on
-    the 1,500 long prompts of ``benchmarks/extract_gpu.py`` the reassembly took 69 ms with the
-    GPU idle). Other chunks are scattered on the host. Call ``_finish_copies`` before reading.
-    """
-    for hook, t in out.items():
-        if hook not in flat and len(order) == n_rows and t.device.type == "cpu":
-            flat[hook] = t  # one chunk of every row, already in order: nothing to copy
-            continue
-        if hook not in flat:
-            shape = (n_rows, *t.shape[1:])
-            nbytes = t.element_size() * math.prod(shape)
-            pin = t.device.type == "cuda" and nbytes <= _MAX_PINNED_BYTES
-            flat[hook] = torch.empty(shape, dtype=t.dtype, pin_memory=pin)
-        a, b = order[0], order[-1] + 1
-        if b - a == len(order):
-            flat[hook][a:b].copy_(t, non_blocking=True)
-        else:
-            flat[hook][torch.as_tensor(order)] = _to_host(t)
-
-
-class _Landing:
-    """Where a packed GPU run's rows land: ``{hook: [prompt, layer, d_model]}`` in page-locked host
-    memory, copied there while the device computes.
-
-    Each pack's rows (a consecutive range of prompts) are copied straight into their slice of
-    the result on a side stream, so the copy overlaps the next pack's forward instead of
-    holding up the device (the long prompts of ``benchmarks/extract_gpu.py``: 0.6 GB). The last
-    pack has nothing after it to overlap with: its rows are copied while its last two blocks
-    run, all layers but those two already final, and the two are copied after the forward and
-    put in place on the host (the built-in study's one pack: 96 MB, 1.75 ms on an H200 after
-    the forward, against a 7 MB copy now).
-    """
-
-    # The last pack's layers that are copied after its forward.
-    TAIL = 2
-
-    def __init__(self, device: torch.device, n_rows: int) -> None:
-        self.device = device
-        self.n_rows = n_rows
-        # (On the CPU, where tests run it, every copy is done when it returns.)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.flat: dict[str, Tensor] = {}
-        self._early: set[str] = set()
-        self._patches: list[tuple[Tensor, Tensor]] = []
-
-    @classmethod
-    def for_run(cls, req: _Request, plan: _Plan, units: Sequence[_Unit]) -> _Landing | None:
-        """Returns a landing for a packed run on a GPU whose packs each hold a consecutive range of
-        prompts and whose results fit page-locked memory; None otherwise (``_copy_rows``)."""
-        device = req.handle.device if req.handle is not None else None
-        if not plan.packed or device is None or device.type != "cuda" or not units:
-            return None
-        if split_across_devices(req.handle.model):  # rows on the last block's device
-            return None
-        if any(u.prompts != list(range(u.prompts[0], u.prompts[-1] + 1)) for u in units):
-            return None
-        rows = sum(len(u.prompts) for u in units)
-        d_model = _d_model(pretrained_model(req.handle.model).config)
-        if 4 * rows * len(plan.layers) * len(req.hooks) * d_model > _MAX_PINNED_BYTES:
-            return None
-        return cls(device, rows)
-
-    def _host(self, hook: str, t: Tensor) -> Tensor:
-        if hook not in self.flat:
-            # A plain tensor, also when made in a hook during the forward (inference mode): the
-            # result is the user's to modify.
-            with torch.inference_mode(False):
-                self.flat[hook] = torch.empty(
-                    (self.n_rows, *t.shape[1:]), dtype=t.dtype, pin_memory=self.stream is not None
-                )
-        return self.flat[hook]
-
-    def _copy_on_side(self, out: dict[str, Tensor], a: int, b: int) -> None:
-        """Copies ``out`` into rows ``a:b`` on the side stream, after the work queued so far."""
-        if self.stream is None:
-            for hook, t in out.items():
-                self._host(hook, t)[a:b].copy_(t)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            for hook, t in out.items():
-                self._host(hook, t)[a:b].copy_(t, non_blocking=True)
-                t.record_stream(self.stream)  # not reused before the copy has read it
-
-    def early(self, a: int, b: int) -> Callable[[int, dict[str, Tensor]], None]:
-        """Returns the last pack's ``on_layer``: its rows leave once all but ``TAIL`` layers are
-        final."""
-
-        def on_layer(position: int, buffers: dict[str, Tensor]) -> None:
-            n = next(iter(buffers.values())).shape[1]
-            if n > self.TAIL and position == n - self.TAIL - 1:
-                self._copy_on_side(buffers, a, b)
-                self._early.update(buffers)
-
-        return on_layer
-
-    def land(self, out: dict[str, Tensor], a: int, b: int, *, last: bool) -> None:
-        """Copies one pack's rows (``a:b``) to the host without waiting."""
-        if not last:
-            self._copy_on_side(out, a, b)
-            return
-        for hook, t in out.items():
-            host = self._host(hook, t)
-            if hook not in self._early:
-                host[a:b].copy_(t, non_blocking=True)
-                continue
-            # The layers the early copy took before they were computed: a dense copy of their
-            # own, put in place by finish().
-            tail = t[:, -self.TAIL :].contiguous()
-            pinned = torch.empty(tail.shape, dtype=tail.dtype, pin_memory=self.stream is not None)
-            pinned.copy_(tail, non_blocking=True)
-            self._patches.append((host[a:b, -self.TAIL :], pinned))
-
-    def finish(self) -> None:
-        """Waits for every copy and puts the last pack's tail layers in place."""
-        if self.stream is not None:
-            torch.cuda.synchronize(self.device)
-        for view, pinned in self._patches:
-            view.copy_(pinned)
-        self._patches = []
+def _landing_for(req: _Request, plan: _Plan, units: Sequence[_Unit]) -> Landing | None:
+    """Returns a ``Landing`` for a packed run on one GPU whose packs each hold a consecutive range
+    of prompts and whose results fit page-locked memory; None otherwise (``copy_rows``)."""
+    device = req.handle.device if req.handle is not None else None
+    if not plan.packed or device is None or device.type != "cuda" or not units:
+        return None
+    if split_across_devices(req.handle.model):  # rows on the last block's device
+        return None
+    if any(u.prompts != list(range(u.prompts[0], u.prompts[-1] + 1)) for u in units):
+        return None
+    rows = sum(len(u.prompts) for u in units)
+    d_model = _d_model(pretrained_model(req.handle.model).config)
+    if 4 * rows * len(plan.layers) * len(req.hooks) * d_model > MAX_PINNED_BYTES:
+        return None
+    return Landing(device, rows)
 
 
 def _d_model(config: Any) -> int:
     return int(getattr(config, "hidden_size", None) or config.n_embd)
-
-
-def _finish_copies(flat: dict[str, Tensor]) -> None:
-    """Waits for the device-to-host copies of ``_copy_rows``."""
-    if torch.cuda.is_available() and any(t.is_pinned() for t in flat.values()):
-        for device in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(device)
-
-
-def _to_host(t: Tensor) -> Tensor:
-    """Returns ``t`` on the CPU; from a GPU through page-locked memory.
-
-    A device-to-pageable copy of one chunk (96 MB for the built-in study on a 7B model) took
-    73 ms on an H200, into page-locked memory 2 ms (benchmarks/extract_gpu.py).
-    """
-    if t.device.type != "cuda":
-        return t.to("cpu")
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t)
-    return host
 
 
 def _left_pad(

@@ -272,7 +272,8 @@ def test_a_path_is_loaded_with_load_model(tiny_llama_path, llama):
 
 
 def test_chunk_rows_land_at_their_positions_whether_consecutive_or_not():
-    from persona_geometry.extract import _copy_rows, _finish_copies
+    from persona_geometry.landing import copy_rows as _copy_rows
+    from persona_geometry.landing import finish_copies as _finish_copies
 
     full = torch.arange(6 * 2 * 3, dtype=torch.float32).reshape(6, 2, 3)
     flat: dict = {}
@@ -286,6 +287,34 @@ def test_chunk_rows_land_at_their_positions_whether_consecutive_or_not():
     assert one["resid_post"] is whole  # one chunk of every row on the CPU: no copy
 
 
+def test_the_tail_layers_go_to_their_place_in_one_strided_copy(monkeypatch):
+    """``copy_2d_async`` hands cudaMemcpy2DAsync the rows' pitches and width: emulated here with
+    one memmove per row (what the runtime does), the tail layers land in their place in the
+    result and nothing else changes; layouts whose rows are not contiguous are refused."""
+    import ctypes
+
+    from persona_geometry import landing
+
+    def memcpy_2d(dst, dpitch, src, spitch, width, height, kind, stream):
+        assert kind == 2 and width <= min(dpitch, spitch)
+        for row in range(height):
+            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+        return 0
+
+    monkeypatch.setattr(landing, "_cuda_memcpy_2d", lambda: memcpy_2d)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)
+    result = torch.zeros(10, 5, 7)
+    rows = torch.randn(3, 5, 7)
+    assert landing.copy_2d_async(result[4:7, -2:], rows[:, -2:])
+    expected = torch.zeros(10, 5, 7)
+    expected[4:7, -2:] = rows[:, -2:]
+    assert torch.equal(result, expected)
+    assert not landing.copy_2d_async(result[4:7, :, ::2], rows[:, :, ::2])  # rows not contiguous
+    assert not landing.copy_2d_async(result[4:7, -2:], rows[:, -3:-1].double())  # dtypes differ
+    monkeypatch.setattr(landing, "_cuda_memcpy_2d", lambda: None)  # no CUDA runtime found
+    assert not landing.copy_2d_async(result[4:7, -2:], rows[:, -2:])
+
+
 @pytest.mark.parametrize(
     ("batch_tokens", "layers"), [(None, None), (256, None), (256, [0, -1])], ids=["one-pack", "packs", "two-layers"]
 )
@@ -295,11 +324,12 @@ def test_packed_rows_land_on_the_host_as_each_pack_finishes(qwen, monkeypatch, b
     CPU, with the layers not yet computed when the early copy leaves poisoned, the result equals
     the run without it and one prompt at a time, and the two tail layers were put in place."""
     from persona_geometry import extract as extract_module
+    from persona_geometry.landing import Landing
 
     landings = []
 
     def cpu_landing(req, plan, units):
-        landing = extract_module._Landing(torch.device("cpu"), sum(len(u.prompts) for u in units))
+        landing = Landing(torch.device("cpu"), sum(len(u.prompts) for u in units))
         early = landing.early
 
         def poisoned_early(a, b):
@@ -319,7 +349,7 @@ def test_packed_rows_land_on_the_host_as_each_pack_finishes(qwen, monkeypatch, b
 
     kwargs = dict(hooks=["resid_post", "resid_pre"], batch_tokens=batch_tokens, layers=layers, progress=False)
     plain = extract_activations(qwen, PERSONAS, QUESTIONS, **kwargs)
-    monkeypatch.setattr(extract_module._Landing, "for_run", staticmethod(cpu_landing))
+    monkeypatch.setattr(extract_module, "_landing_for", cpu_landing)
     landed = extract_activations(qwen, PERSONAS, QUESTIONS, **kwargs)
     n_layers = len(landed.layers)
     # Every hook's tail patched when the early copy ran (more than two layers), none otherwise.
