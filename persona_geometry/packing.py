@@ -327,12 +327,35 @@ def dense_mask(pack: Pack, *, additive_dtype: torch.dtype | None = None) -> Tens
     return torch.where(allowed, zero, torch.finfo(additive_dtype).min)
 
 
-def _tiled_intervals(pack: Pack, block: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``lo1, hi1, lo2`` extended to a whole number of tiles by tokens that see only
-    themselves (FlexAttention may evaluate the mask past the end of a last, partial tile)."""
+def _tiled_intervals(pack: Pack, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns ``lo1, hi1, lo2`` on the host, extended to a whole number of tiles by tokens that
+    see only themselves (FlexAttention may evaluate the mask past the end of a last, partial
+    tile)."""
     T = pack.length
-    extra = torch.arange(T, -(-T // block) * block, device=pack.lo1.device)
-    return tuple(torch.cat([x, extra]) for x in (pack.lo1, pack.hi1, pack.lo2))  # type: ignore[return-value]
+    extra = np.arange(T, -(-T // block) * block)
+    return tuple(np.concatenate([x.cpu().numpy(), extra]) for x in (pack.lo1, pack.hi1, pack.lo2))  # type: ignore[return-value]
+
+
+def _tile_counts(lo1: np.ndarray, hi1: np.ndarray, lo2: np.ndarray, block: int) -> np.ndarray:
+    """``block_counts`` on the host arrays of ``_tiled_intervals``: ``[q_block, kv_block]``."""
+    T = len(lo1)
+    nb = T // block
+    q = np.arange(T)
+    # A token's keys lie between its group's start and itself: only the key tiles from its
+    # first key's tile to its own are counted ([T, span] instead of [T, T / block]).
+    first_tile = np.minimum(lo1, lo2) // block
+    span = int((q // block - first_tile).max()) + 1
+    j = first_tile[:, None] + np.arange(span)[None, :]
+    j0, j1 = j * block, j * block + block
+    first = np.maximum(np.minimum(hi1[:, None], j1) - np.maximum(lo1[:, None], j0), 0)
+    own = np.maximum(np.minimum(q[:, None] + 1, j1) - np.maximum(lo2[:, None], j0), 0)
+    # Tiles past the last one hold no key of the token (a count of 0): any index will do.
+    cell = (q // block)[:, None] * nb + np.minimum(j, nb - 1)
+    return (
+        np.bincount(cell.ravel(), weights=(first + own).ravel(), minlength=nb * nb)
+        .astype(np.int64)
+        .reshape(nb, nb)
+    )
 
 
 def block_counts(pack: Pack, block: int = BLOCK) -> Int[Tensor, "q_block kv_block"]:
@@ -341,26 +364,12 @@ def block_counts(pack: Pack, block: int = BLOCK) -> Int[Tensor, "q_block kv_bloc
     Computed from the intervals, one ``[T, span]`` pass over the key tiles each token's keys
     can reach (from its group's start to itself): a tile is full when it allows ``block²``
     pairs, empty at 0. A pack whose length is no multiple of ``block`` counts its last,
-    partial tiles as if tokens that see only themselves filled them: never full. (On a GPU
-    pack, reading the span waits for the device: the engine lists a pack's tiles on the host.)
+    partial tiles as if tokens that see only themselves filled them: never full. Counted on the
+    host (a few dozen small array operations: NumPy's are several times cheaper than torch's,
+    and a GPU pack would make the host wait to read its span); returned where the pack is.
     """
-    lo1, hi1, lo2 = _tiled_intervals(pack, block)
-    T = len(lo1)
-    nb = T // block
-    device = lo1.device
-    q = torch.arange(T, device=device)
-    # A token's keys lie between its group's start and itself: only the key tiles from its
-    # first key's tile to its own are counted ([T, span] instead of [T, T / block]).
-    first_tile = torch.minimum(lo1, lo2) // block
-    span = int((q // block - first_tile).max()) + 1
-    j = first_tile[:, None] + torch.arange(span, device=device)[None, :]
-    j0, j1 = j * block, j * block + block
-    first = (torch.minimum(hi1[:, None], j1) - torch.maximum(lo1[:, None], j0)).clamp(min=0)
-    own = (torch.minimum(q[:, None] + 1, j1) - torch.maximum(lo2[:, None], j0)).clamp(min=0)
-    # Tiles past the last one hold no key of the token (a count of 0): any index will do.
-    cell = (q // block)[:, None] * nb + j.clamp(max=nb - 1)
-    counts = torch.zeros(nb * nb, dtype=torch.long, device=device)
-    return counts.index_add_(0, cell.flatten(), (first + own).flatten()).reshape(nb, nb)
+    counts = _tile_counts(*_tiled_intervals(pack, block), block)
+    return torch.from_numpy(counts).to(pack.lo1.device)
 
 
 def block_mask(pack: Pack, block: int = BLOCK, *, device: torch.device | str | None = None):  # noqa: ANN201 (BlockMask: imported lazily)
@@ -368,38 +377,41 @@ def block_mask(pack: Pack, block: int = BLOCK, *, device: torch.device | str | N
     ``mask_mod``.
 
     Only tiles that allow some pair are listed; full tiles skip the ``mask_mod``. The tiles are
-    listed where the pack is; with ``device``, the mask's tensors then move there (to a GPU
-    without waiting: listing a host pack's tiles on the host launches no kernels, which took 3
+    listed on the host, and the mask's tensors go where the pack is, or to ``device`` (to a GPU
+    as one copy without waiting: listing a host pack's tiles launches no kernels, which took 3
     ms of host time before the built-in study's one forward could start). Forward only: the
     mask lists no tiles by query for a backward pass where torch allows leaving them out.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    counts = block_counts(pack, block)
+    lo1, hi1, lo2 = _tiled_intervals(pack, block)
+    counts = _tile_counts(lo1, hi1, lo2, block)
     full = counts == block * block
     partial = (counts > 0) & ~full
 
-    def listing(m: Tensor) -> tuple[Tensor, Tensor]:
-        num = m.sum(-1, dtype=torch.int32)
+    def listing(m: np.ndarray) -> tuple[Tensor, Tensor]:
+        num = m.sum(-1).astype(np.int32)
         # Listed tiles first, in increasing key order (a stable sort of "not listed").
-        idx = torch.argsort((~m).to(torch.int32), dim=-1, stable=True).to(torch.int32)
-        return num[None, None].contiguous(), idx[None, None].contiguous()
+        idx = np.argsort(~m, axis=-1, kind="stable").astype(np.int32)
+        return torch.from_numpy(num[None, None]), torch.from_numpy(idx[None, None])
 
-    lo1, hi1, lo2 = _tiled_intervals(pack, block)
+    kv_num, kv_idx = listing(partial)
+    full_num, full_idx = listing(full)
+    # int32 like the tile lists: one copy to the device for all seven.
+    tensors = [kv_num, kv_idx, full_num, full_idx] + [
+        torch.from_numpy(x.astype(np.int32)) for x in (lo1, hi1, lo2)
+    ]
+    target = device if device is not None else pack.lo1.device
+    kv_num, kv_idx, full_num, full_idx, lo1_t, hi1_t, lo2_t = _to_device(tensors, target)
 
     # Left alone by type-checking import hooks (the test suite's jaxtyping): FlexAttention traces
     # the function and refuses a wrapper's side effects.
     @typing.no_type_check
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return ((kv_idx >= lo1[q_idx]) & (kv_idx < hi1[q_idx])) | (
-            (kv_idx >= lo2[q_idx]) & (kv_idx <= q_idx)
+        return ((kv_idx >= lo1_t[q_idx]) & (kv_idx < hi1_t[q_idx])) | (
+            (kv_idx >= lo2_t[q_idx]) & (kv_idx <= q_idx)
         )
 
-    kv_num, kv_idx = listing(partial)
-    full_num, full_idx = listing(full)
-    if device is not None:
-        tensors = [kv_num, kv_idx, full_num, full_idx, lo1, hi1, lo2]
-        kv_num, kv_idx, full_num, full_idx, lo1, hi1, lo2 = _to_device(tensors, device)
     forward_only = {"compute_q_blocks": False} if _can_skip_q_blocks() else {}
     return BlockMask.from_kv_blocks(
         kv_num,
