@@ -749,18 +749,23 @@ def _run(
                     landing.land(out, a, b, last=last)
                     bar.update(b - a)
                 flat = landing.flat
-            for chunk in chunks if landing is None else []:
-                # Packs are built one at a time, as they run.
-                work = (
-                    (u.prompts, build_pack(ids, u.work, pad_id=pad_id) if plan.packed else u.work)
-                    for u in chunk
-                )
-                order, out = _run_chunk(forward, [i for u in chunk for i in u.prompts], work, bar)
-                order = [row_of[i] for i in order]  # ascending, like the prompts
-                if partial is not None:
-                    partial.write(order, {hook: to_host(t) for hook, t in out.items()})
-                else:
-                    copy_rows(flat, order, out, len(rows))
+            else:
+                for chunk in chunks:
+                    # Packs are built one at a time, as they run.
+                    work = (
+                        (
+                            u.prompts,
+                            build_pack(ids, u.work, pad_id=pad_id) if plan.packed else u.work,
+                        )
+                        for u in chunk
+                    )
+                    prompts_of_chunk = [i for u in chunk for i in u.prompts]
+                    order, out = _run_chunk(forward, prompts_of_chunk, work, bar)
+                    order = [row_of[i] for i in order]  # ascending, like the prompts
+                    if partial is not None:
+                        partial.write(order, {hook: to_host(t) for hook, t in out.items()})
+                    else:
+                        copy_rows(flat, order, out, len(rows))
         run_check()  # when no forward ran
         if meanwhile is not None:
             meanwhile(flat)
