@@ -210,14 +210,15 @@ def _rows_dense(t: Tensor) -> bool:
 
 @functools.cache
 def _cuda_memcpy_2d() -> Callable[..., int] | None:
-    """Returns ``cudaMemcpy2DAsync`` of the CUDA runtime this process loaded with torch, or None
-    (no CUDA, no ``/proc``, no such runtime)."""
-    if not torch.cuda.is_available():
+    """Returns ``cudaMemcpy2DAsync`` of the CUDA runtime this process loaded with torch (the one of
+    torch's CUDA major version), or None (no CUDA, no ``/proc``, no such runtime)."""
+    if not torch.cuda.is_available() or not torch.version.cuda:
         return None
     torch.cuda.init()
+    runtime = f"libcudart.so.{torch.version.cuda.split('.')[0]}"
     try:
         with open("/proc/self/maps", encoding="utf-8") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "libcudart.so" in line})
+            paths = sorted({line.split()[-1] for line in maps if runtime in line})
         function = ctypes.CDLL(paths[0]).cudaMemcpy2DAsync
     except (OSError, IndexError, AttributeError):
         return None
