@@ -53,6 +53,7 @@ from persona_geometry.packing import (
     PACKED_PATHS,
     build_pack,
     group_prefix_lengths,
+    hidden_size,
     pack_budget,
     packed_engine,
     packed_path,
@@ -611,7 +612,7 @@ def _plan(
     if path is not None:
         config = pretrained_model(req.handle.model).config
         # An eighth of the budget for the results of a chunk, the rest for the forward.
-        per_prompt = 4 * len(layer_list) * len(req.hooks) * _d_model(config)
+        per_prompt = 4 * len(layer_list) * len(req.hooks) * hidden_size(config)
         chunk = max(1, min(req.chunk_prompts, int(req.max_memory_bytes / 8 / per_prompt)))
         forward_bytes = req.max_memory_bytes - 2 * chunk * per_prompt
         budget = pack_budget(config, req.handle.dtype, path, forward_bytes, cap=req.batch_tokens)
@@ -994,14 +995,10 @@ def _landing_for(req: _Request, plan: _Plan, units: Sequence[_Unit]) -> Landing 
     if any(u.prompts != list(range(u.prompts[0], u.prompts[-1] + 1)) for u in units):
         return None
     rows = sum(len(u.prompts) for u in units)
-    d_model = _d_model(pretrained_model(req.handle.model).config)
+    d_model = hidden_size(pretrained_model(req.handle.model).config)
     if 4 * rows * len(plan.layers) * len(req.hooks) * d_model > MAX_PINNED_BYTES:
         return None
     return Landing(device, rows)
-
-
-def _d_model(config: Any) -> int:
-    return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
 def _left_pad(

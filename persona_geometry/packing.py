@@ -57,6 +57,7 @@ __all__ = [
     "compiled_blocks",
     "dense_mask",
     "group_prefix_lengths",
+    "hidden_size",
     "pack_budget",
     "packed_engine",
     "packed_flex_attention",
@@ -505,6 +506,11 @@ def _uses_mask_functions(cls: type) -> bool:
         return False
 
 
+def hidden_size(config: Any) -> int:
+    """Returns a Hugging Face config's model width (``hidden_size``, or GPT-2's ``n_embd``)."""
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
 def pack_budget(
     config: Any,
     dtype: torch.dtype,
@@ -522,7 +528,7 @@ def pack_budget(
     packs are also capped at ``max(1024, 2 × (d_model + d_mlp))`` tokens. The result is a
     multiple of ``BLOCK``, at least one block.
     """
-    d = int(getattr(config, "hidden_size", None) or config.n_embd)
+    d = hidden_size(config)
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
     heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
     elem = torch.tensor([], dtype=dtype).element_size()
